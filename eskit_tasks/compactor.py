@@ -1,0 +1,365 @@
+"""The Compactor: plan, replay, snapshot, verify, delete — for one stream at a time.
+
+Pure orchestration over the two ports; no Celery, no Redis. The order of the steps
+is the safety argument:
+
+1. plan     head H and compaction point P from the store; cut C from the policy.
+2. fence    take a new fencing token (not in dry-run): older compactions are now stale.
+3. replay   newest verified snapshot (at P) + events P+1..C, streamed and contiguous;
+            encode the state at C and prove the encoding round-trips; go on to H.
+4. store    write the snapshot at C, unverified (readers ignore it), under the token.
+5. verify   read it back, check its hash, decode it, and replay C+1..H on it: it must
+            equal the full replay at H.
+6. delete   one transaction that re-checks the token, the snapshot and the row count.
+
+Any failure before step 6 commits leaves every event in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from eskit_tasks.codec import StateCodec, state_hash
+from eskit_tasks.decider import Decider
+from eskit_tasks.errors import (
+    EskitError,
+    FencedError,
+    InvalidPolicyError,
+    StreamIntegrityError,
+    VersionGapError,
+)
+from eskit_tasks.events import RecordedEvent
+from eskit_tasks.loading import fold
+from eskit_tasks.policy import CompactionPolicy, plan_cut
+from eskit_tasks.ports import DeletionPlan, EventStore, Snapshot, SnapshotStore, StreamInfo
+from eskit_tasks.result import CompactionResult, Outcome
+from eskit_tasks.stores.common import label_of
+
+S = TypeVar("S")
+
+
+class _VerificationFailed(Exception):
+    """The snapshot does not rebuild the replayed state; carries what differed."""
+
+
+@dataclass
+class _Plan:
+    head: int
+    compacted_through: int
+    cut: int
+    token: int | None
+
+
+class _Counter:
+    """Counts the events (and their stored bytes) that pass through an iterator."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.bytes = 0
+
+    def wrap(self, events: Iterator[RecordedEvent]) -> Iterator[RecordedEvent]:
+        for event in events:
+            self.events += 1
+            self.bytes += event.stored_bytes
+            yield event
+
+
+class Compactor(Generic[S]):
+    """Compacts streams of one type under one policy.
+
+    ``compact`` never raises for a problem with the stream or the database: it returns
+    a :class:`CompactionResult` whose ``outcome`` says what happened, and deletes
+    nothing unless the outcome is ``compacted``.
+
+    Args:
+        store: The event store.
+        snapshot_store: The snapshot store in the same database.
+        decider: Folds the stream's events into a state.
+        state_type: Any type pydantic can serialise; snapshots are JSON through it.
+        policy: Retention rules; the default deletes everything up to the head.
+        clock: Returns "now" (timezone-aware) for the age rule; tests inject one.
+
+    Raises:
+        InvalidPolicyError: ``policy`` is not a CompactionPolicy.
+        SnapshotCodecError: pydantic cannot handle ``state_type``.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        snapshot_store: SnapshotStore,
+        decider: Decider[S],
+        state_type: type[S] | Any,
+        policy: CompactionPolicy | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if policy is None:
+            policy = CompactionPolicy()
+        if not isinstance(policy, CompactionPolicy):
+            raise InvalidPolicyError(f"policy must be a CompactionPolicy, got {policy!r}")
+        self.store = store
+        self.snapshot_store = snapshot_store
+        self.decider = decider
+        self.codec: StateCodec[S] = StateCodec(state_type)
+        self.policy = policy
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
+        """Compact one stream under the policy; see the module docstring for the steps."""
+        started = time.perf_counter()
+        fields: dict[str, Any] = {
+            "stream_type": stream_type,
+            "stream_id": stream_id,
+            "compaction_id": str(uuid.uuid4()),
+        }
+        token: int | None = None
+        try:
+            plan = self._plan(stream_type, stream_id, fields)
+            if plan is not None:
+                token = plan.token
+                self._run(stream_type, stream_id, plan, fields)
+        except FencedError as exc:
+            fields.update(outcome=Outcome.FENCED, error=str(exc))
+        except _VerificationFailed as exc:
+            fields.update(outcome=Outcome.VERIFICATION_FAILED, error=str(exc))
+            self._discard(stream_type, stream_id, fields, token)
+        except StreamIntegrityError as exc:
+            outcome = (
+                Outcome.FENCED
+                if self._lost_fence(stream_type, stream_id, token)
+                else Outcome.FAILED
+            )
+            fields.update(outcome=outcome, error=str(exc))
+        except EskitError as exc:
+            fields.update(outcome=Outcome.FAILED, error=str(exc))
+        except Exception as exc:  # a bug in a decider or codec must not kill a fleet worker
+            fields.update(
+                outcome=Outcome.FAILED,
+                error=f"{label_of(stream_type, stream_id)}: {type(exc).__name__}: {exc}",
+            )
+        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return CompactionResult(**fields)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _plan(self, stream_type: str, stream_id: str, fields: dict[str, Any]) -> _Plan | None:
+        info = self.store.stream_info(stream_type, stream_id)
+        if info is None or self._cut(stream_type, stream_id, info) is None:
+            fields.update(
+                outcome=Outcome.NOTHING_TO_COMPACT,
+                head_version=0 if info is None else info.head_version,
+                compacted_through_before=0 if info is None else info.compacted_through,
+            )
+            return None
+        token = None
+        if not self.policy.dry_run:
+            fenced = self.store.acquire_fence(stream_type, stream_id)
+            if fenced is None:
+                raise FencedError(f"{label_of(stream_type, stream_id)}: the stream disappeared")
+            info, token = fenced, fenced.fence_token
+        cut = self._cut(stream_type, stream_id, info)
+        fields.update(
+            head_version=info.head_version, compacted_through_before=info.compacted_through
+        )
+        if cut is None:
+            fields.update(outcome=Outcome.NOTHING_TO_COMPACT)
+            return None
+        return _Plan(info.head_version, info.compacted_through, cut, token)
+
+    def _cut(self, stream_type: str, stream_id: str, info: StreamInfo) -> int | None:
+        cutoff = self.policy.age_cutoff(self._clock())
+        newest_old_enough = None
+        if cutoff is not None:
+            found = self.store.newest_version_before(stream_type, stream_id, cutoff)
+            newest_old_enough = info.compacted_through if found is None else found
+        return plan_cut(
+            head=info.head_version,
+            compacted_through=info.compacted_through,
+            retain_last=self.policy.retain_last,
+            newest_old_enough=newest_old_enough,
+        )
+
+    def _run(self, stream_type: str, stream_id: str, plan: _Plan, fields: dict[str, Any]) -> None:
+        label = label_of(stream_type, stream_id)
+        c, head, p = plan.cut, plan.head, plan.compacted_through
+        fields.update(snapshot_version=c, events_retained=head - c)
+
+        # Replay: base (verified snapshot at P) + P+1..C, then the state at C must
+        # survive its own encoding, then on to H.
+        state = self._base_state(stream_type, stream_id, p)
+        doomed = _Counter()
+        state = self._fold(stream_type, stream_id, state, doomed, p, c)
+        encoded = self.codec.encode(state)
+        digest = state_hash(encoded)
+        fields.update(state_hash=digest, events_deleted=doomed.events, bytes_reclaimed=doomed.bytes)
+        at_cut = self.codec.decode(encoded)
+        if at_cut != state:
+            raise _VerificationFailed(
+                f"{label}: the state at version {c} does not survive a round trip through "
+                f"{self.codec._type_name()} (is the codec lossy?): {self._diff(state, at_cut)}"
+            )
+        full = self._fold(stream_type, stream_id, state, _Counter(), c, head)
+
+        if plan.token is None:  # dry run: verify in memory, write nothing
+            self._verify_tail(stream_type, stream_id, at_cut, full, c, head)
+            fields.update(outcome=Outcome.DRY_RUN)
+            return
+
+        self.snapshot_store.save(
+            stream_type,
+            stream_id,
+            Snapshot(c, encoded, digest, False, datetime.now(UTC)),
+            fence_token=plan.token,
+        )
+        stored = self.snapshot_store.read(stream_type, stream_id, c)
+        if stored is None or stored.state_hash != digest or state_hash(stored.state) != digest:
+            raise _VerificationFailed(
+                f"{label}: the snapshot read back at version {c} is "
+                f"{'missing' if stored is None else 'not the bytes written'}"
+            )
+        decoded = self.codec.decode(stored.state)
+        if decoded != at_cut:
+            raise _VerificationFailed(
+                f"{label}: the snapshot read back at version {c} decodes to a different "
+                f"state: {self._diff(at_cut, decoded)}"
+            )
+        self._verify_tail(stream_type, stream_id, decoded, full, c, head)
+
+        deleted = self.store.commit_compaction(
+            DeletionPlan(
+                stream_type=stream_type,
+                stream_id=stream_id,
+                fence_token=plan.token,
+                compacted_through_before=p,
+                through_version=c,
+                head_version=head,
+                expected_deleted=c - p,
+                state_hash=digest,
+                bytes_reclaimed=doomed.bytes,
+                compaction_id=fields["compaction_id"],
+            )
+        )
+        fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted)
+
+    def _base_state(self, stream_type: str, stream_id: str, compacted_through: int) -> S:
+        snap = self.snapshot_store.latest(stream_type, stream_id)
+        found = 0 if snap is None else snap.version
+        if found != compacted_through:
+            raise VersionGapError(
+                f"{label_of(stream_type, stream_id)}: compacted through {compacted_through} "
+                f"but the newest verified snapshot is at {found or 'none'}; refusing to replay",
+                stream_type=stream_type,
+                stream_id=stream_id,
+                version=compacted_through,
+            )
+        return self.decider.initial_state() if snap is None else self.codec.decode(snap.state)
+
+    def _fold(
+        self,
+        stream_type: str,
+        stream_id: str,
+        state: S,
+        counter: _Counter,
+        after: int,
+        through: int,
+    ) -> S:
+        if through == after:
+            return state
+        events = self.store.read(stream_type, stream_id, from_version=after + 1, to_version=through)
+        state, last = fold(
+            self.decider,
+            state,
+            counter.wrap(iter(events)),
+            after=after,
+            stream_type=stream_type,
+            stream_id=stream_id,
+        )
+        if last != through:
+            raise VersionGapError(
+                f"{label_of(stream_type, stream_id)}: expected events up to version "
+                f"{through}, the stream ends at {last}",
+                stream_type=stream_type,
+                stream_id=stream_id,
+                version=last + 1,
+            )
+        return state
+
+    def _verify_tail(
+        self, stream_type: str, stream_id: str, snapshot_state: S, full: S, c: int, head: int
+    ) -> None:
+        rebuilt = self._fold(stream_type, stream_id, snapshot_state, _Counter(), c, head)
+        if rebuilt != full:
+            raise _VerificationFailed(
+                f"{label_of(stream_type, stream_id)}: snapshot at {c} + events {c + 1}..{head} "
+                f"does not equal the full replay at {head}: {self._diff(full, rebuilt)}"
+            )
+
+    # -- failure handling --------------------------------------------------------------
+
+    def _lost_fence(self, stream_type: str, stream_id: str, token: int | None) -> bool:
+        """After a replay error: was it caused by a newer compaction deleting under us?"""
+        if token is None:
+            return False
+        try:
+            info = self.store.stream_info(stream_type, stream_id)
+        except EskitError:
+            return False
+        return info is not None and info.fence_token != token
+
+    def _discard(
+        self, stream_type: str, stream_id: str, fields: dict[str, Any], token: int | None
+    ) -> None:
+        if token is None or fields.get("snapshot_version") is None:
+            return
+        # Best effort: unverified snapshots are invisible to readers and replaced next time.
+        with contextlib.suppress(EskitError):
+            self.snapshot_store.discard(
+                stream_type, stream_id, fields["snapshot_version"], fence_token=token
+            )
+
+    def _diff(self, expected: Any, actual: Any) -> str:
+        return describe_difference(_plain(self.codec, expected), _plain(self.codec, actual))
+
+
+def _plain(codec: StateCodec[Any], value: Any) -> Any:
+    try:
+        return codec._adapter.dump_python(value)
+    except Exception:  # only used to describe a difference; fall back to the value
+        return value
+
+
+def describe_difference(expected: Any, actual: Any, *, limit: int = 3) -> str:
+    """A short, human description of how two states differ (for error messages)."""
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        parts = []
+        for key in list(expected.keys() | actual.keys()):
+            if key not in actual:
+                parts.append(f"{key!r} missing")
+            elif key not in expected:
+                parts.append(f"unexpected {key!r}")
+            elif expected[key] != actual[key] or type(expected[key]) is not type(actual[key]):
+                parts.append(
+                    f"{key!r}: expected {_short(expected[key])}, got {_short(actual[key])}"
+                )
+            if len(parts) >= limit:
+                break
+        if parts:
+            return "; ".join(parts)
+        # keys differ in type only, e.g. 1 vs "1"
+        return (
+            f"expected keys {_short(sorted(map(repr, expected)))}, got "
+            f"{_short(sorted(map(repr, actual)))}"
+        )
+    return f"expected {_short(expected)}, got {_short(actual)}"
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -1,0 +1,85 @@
+"""Exceptions raised by eskit-tasks.
+
+Every exception derives from :class:`EskitError`, so one ``except`` catches all
+of them. Driver errors (SQLAlchemy, psycopg, sqlite3) never reach the caller:
+the stores translate them at the boundary and chain the original with ``from``.
+
+    EskitError
+    ├── ConfigurationError              bad input, raised before any I/O
+    │   └── InvalidPolicyError          (also a ValueError)
+    ├── StoreError                      the event database
+    │   ├── DatabaseUnavailableError    cannot connect / connection lost
+    │   └── ConcurrencyError            expected_version does not match the head
+    ├── StreamIntegrityError            the stored stream cannot be replayed
+    │   ├── EventDecodeError            a payload is not valid JSON
+    │   ├── VersionGapError             versions are not contiguous
+    │   └── EvolveError                 the decider raised while folding an event
+    └── CompactionError                 a compaction was stopped before deleting
+        ├── FencedError                 a newer compaction owns the stream
+        ├── SnapshotCodecError          the state cannot be encoded or decoded
+        └── DeletionMismatchError       the delete would not match the plan
+"""
+
+from __future__ import annotations
+
+
+class EskitError(Exception):
+    """Raised for every error that eskit-tasks reports; the root of the tree."""
+
+
+class ConfigurationError(EskitError):
+    """Raised when an argument or setting is invalid; nothing has been touched."""
+
+
+class InvalidPolicyError(ConfigurationError, ValueError):
+    """Raised when a compaction policy has an invalid value (e.g. negative retain_last)."""
+
+
+class StoreError(EskitError):
+    """Raised when the event database fails or refuses an operation."""
+
+
+class DatabaseUnavailableError(StoreError):
+    """Raised when the database cannot be reached; the message names the host, never a password."""
+
+
+class ConcurrencyError(StoreError):
+    """Raised when an append's expected_version is not the stream's head version."""
+
+
+class StreamIntegrityError(EskitError):
+    """Raised when a stream cannot be replayed; the message names stream and version."""
+
+    def __init__(self, message: str, *, stream_type: str, stream_id: str, version: int) -> None:
+        super().__init__(message)
+        self.stream_type = stream_type
+        self.stream_id = stream_id
+        self.version = version
+
+
+class EventDecodeError(StreamIntegrityError):
+    """Raised when a stored event payload or metadata is not valid JSON."""
+
+
+class VersionGapError(StreamIntegrityError):
+    """Raised when a stream's versions are not contiguous where they must be."""
+
+
+class EvolveError(StreamIntegrityError):
+    """Raised when the decider's ``evolve`` raises while folding an event."""
+
+
+class CompactionError(EskitError):
+    """Raised inside a compaction that must stop before deleting anything."""
+
+
+class FencedError(CompactionError):
+    """Raised when a newer compaction took the stream's fencing token; this one must stop."""
+
+
+class SnapshotCodecError(CompactionError):
+    """Raised when a state cannot be encoded to JSON or decoded with the state type."""
+
+
+class DeletionMismatchError(CompactionError):
+    """Raised when the rows a delete would remove differ from the plan; it was rolled back."""

@@ -1,0 +1,50 @@
+"""Events as the application writes them and as the store hands them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. ``data`` and ``metadata`` must be JSON-serialisable.
+
+    Args:
+        type: The event's name, e.g. ``"Deposited"``.
+        data: The payload.
+        metadata: Anything about the event that is not domain data (causation, user, ...).
+    """
+
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not self.type:
+            raise TypeError(f"NewEvent.type must be a non-empty string, got {self.type!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event read back from a store, oldest first.
+
+    Every ``RecordedEvent`` is decoded afresh from storage, so a decider may keep
+    references to ``data`` without affecting the store.
+
+    Args:
+        version: Position in the stream, starting at 1 and contiguous.
+        type: The event's name.
+        data: The decoded payload.
+        metadata: The decoded metadata.
+        recorded_at: When the store committed the event (timezone-aware, UTC).
+        stored_bytes: Approximate size of the stored record; what deleting it reclaims.
+    """
+
+    version: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+    stored_bytes: int = 0

@@ -1,0 +1,83 @@
+"""What a compaction may delete: the retention policy and the cut it implies."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from eskit_tasks.errors import InvalidPolicyError
+
+
+class CompactionPolicy(BaseModel):
+    """Retention rules for one compaction. Invalid values raise :class:`InvalidPolicyError`
+    (a ``ValueError``) when the policy is built, before any I/O.
+
+    Args:
+        retain_last: Keep at least this many of the newest events as an audit trail.
+        retain_younger_than: Keep every event recorded less than this long ago.
+        dry_run: Plan, replay and verify in memory; write and delete nothing.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retain_last: int = 0
+    retain_younger_than: timedelta | None = None
+    dry_run: bool = False
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'policy'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise InvalidPolicyError(f"invalid compaction policy: {problems}") from None
+
+    @field_validator("retain_last")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    @field_validator("retain_younger_than")
+    @classmethod
+    def _non_negative_age(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value < timedelta(0):
+            raise ValueError(f"must not be negative, got {value}")
+        return value
+
+    def age_cutoff(self, now: datetime) -> datetime | None:
+        """Events recorded at or before this instant are old enough to delete."""
+        if self.retain_younger_than is None:
+            return None
+        return now - self.retain_younger_than
+
+
+def plan_cut(
+    *,
+    head: int,
+    compacted_through: int,
+    retain_last: int,
+    newest_old_enough: int | None,
+) -> int | None:
+    """Return the version C to compact through, or None when there is nothing to do.
+
+    C = min(head - retain_last, newest version old enough to delete). Only a C above
+    the previous compaction point means work.
+
+    Args:
+        head: The stream's head version.
+        compacted_through: The previous compaction point (0 if never compacted).
+        retain_last: Events to keep at the head.
+        newest_old_enough: Newest live version recorded before the age cutoff; None when
+            the policy has no age rule. Pass ``compacted_through`` when no live event is
+            old enough.
+    """
+    cut = head - retain_last
+    if newest_old_enough is not None:
+        cut = min(cut, newest_old_enough)
+    return cut if cut > compacted_through else None

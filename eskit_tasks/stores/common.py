@@ -1,0 +1,63 @@
+"""Rules both store families share, so the in-memory store cannot drift from SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from eskit_tasks.codec import dumps
+from eskit_tasks.errors import ConcurrencyError, ConfigurationError, FencedError
+from eskit_tasks.events import NewEvent
+from eskit_tasks.ports import DeletionPlan
+
+#: Approximate per-row overhead (key, version, timestamp) added to payload sizes.
+ROW_OVERHEAD_BYTES = 40
+
+
+def label_of(stream_type: str, stream_id: str) -> str:
+    """How messages name a stream."""
+    return f"{stream_type}/{stream_id}"
+
+
+def check_expected_version(expected_version: object) -> None:
+    """Reject an expected_version that is not an int >= 0, before any I/O."""
+    if (
+        isinstance(expected_version, bool)
+        or not isinstance(expected_version, int)
+        or expected_version < 0
+    ):
+        raise ConfigurationError(f"expected_version must be an int >= 0, got {expected_version!r}")
+
+
+def encode_events(label: str, events_: Sequence[NewEvent]) -> list[tuple[str, str, str]]:
+    """Encode payloads before any I/O; a non-serialisable payload is a ConfigurationError."""
+    rows = []
+    for n, ev in enumerate(events_, start=1):
+        if not isinstance(ev, NewEvent):
+            raise ConfigurationError(f"append to {label}: item {n} is not a NewEvent: {ev!r}")
+        try:
+            rows.append((ev.type, dumps(ev.data), dumps(ev.metadata)))
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"append to {label}: event {n} ({ev.type}) is not JSON-serialisable: {exc}"
+            ) from None
+    return rows
+
+
+def conflict(label: str, expected: int, actual: int) -> ConcurrencyError:
+    return ConcurrencyError(
+        f"{label}: expected version {expected}, but the head is {actual}; "
+        "reload the stream and decide again"
+    )
+
+
+def check_fence(label: str, plan: DeletionPlan, token: int, compacted_through: int) -> None:
+    if token != plan.fence_token:
+        raise FencedError(
+            f"{label}: fencing token {plan.fence_token} is stale (current {token}); "
+            "a newer compaction owns the stream, nothing deleted"
+        )
+    if compacted_through != plan.compacted_through_before:
+        raise FencedError(
+            f"{label}: compacted through {compacted_through} since this compaction planned "
+            f"from {plan.compacted_through_before}; nothing deleted"
+        )

@@ -1,0 +1,291 @@
+"""In-memory event and snapshot stores: the ports without I/O, for tests and demos.
+
+They keep the SQL stores' semantics exactly — payloads are stored as JSON text and
+decoded on every read, the head survives compaction, fencing and verification flags
+work the same — so the core's tests run against them unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import orjson
+
+from eskit_tasks.errors import (
+    CompactionError,
+    DeletionMismatchError,
+    EventDecodeError,
+    FencedError,
+)
+from eskit_tasks.events import NewEvent, RecordedEvent
+from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.stores.common import (
+    ROW_OVERHEAD_BYTES,
+    check_expected_version,
+    check_fence,
+    conflict,
+    encode_events,
+    label_of,
+)
+
+Key = tuple[str, str]
+
+
+@dataclass
+class _Record:
+    type: str
+    data: str
+    metadata: str
+    recorded_at: datetime
+
+
+@dataclass
+class _Stream:
+    head_version: int
+    compacted_through: int = 0
+    fence_token: int = 0
+    events: dict[int, _Record] = field(default_factory=dict)
+    snapshots: dict[int, tuple[Snapshot, int]] = field(default_factory=dict)
+
+
+class InMemoryDatabase:
+    """What an in-memory event store and snapshot store share (like one SQL database)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.streams: dict[Key, _Stream] = {}
+        self.log: list[CompactionRecord] = []
+
+    def corrupt_event(self, stream_type: str, stream_id: str, version: int, raw: str) -> None:
+        """Replace an event's stored payload text (tests of undecodable payloads)."""
+        with self.lock:
+            rec = self.streams[(stream_type, stream_id)].events[version]
+            rec.data = raw
+
+    def remove_event(self, stream_type: str, stream_id: str, version: int) -> None:
+        """Remove one stored event, leaving a version gap (tests of gap detection)."""
+        with self.lock:
+            del self.streams[(stream_type, stream_id)].events[version]
+
+
+class InMemoryEventStore:
+    """Event store in process memory; see :class:`eskit_tasks.ports.EventStore`.
+
+    Args:
+        engine: The database to use; a new one by default. Pass ``store.engine`` to
+            :class:`InMemorySnapshotStore`, as with the SQL stores.
+    """
+
+    def __init__(self, engine: InMemoryDatabase | None = None) -> None:
+        self.engine = engine or InMemoryDatabase()
+
+    def append(
+        self,
+        stream_type: str,
+        stream_id: str,
+        events_: Sequence[NewEvent],
+        *,
+        expected_version: int,
+    ) -> int:
+        check_expected_version(expected_version)
+        label = label_of(stream_type, stream_id)
+        rows = encode_events(label, events_)
+        now = datetime.now(UTC)
+        db = self.engine
+        with db.lock:
+            stream = db.streams.get((stream_type, stream_id))
+            actual = 0 if stream is None else stream.head_version
+            if actual != expected_version:
+                raise conflict(label, expected_version, actual)
+            if not rows:
+                return actual
+            if stream is None:
+                stream = db.streams[(stream_type, stream_id)] = _Stream(head_version=0)
+            for i, (t, d, m) in enumerate(rows, start=expected_version + 1):
+                stream.events[i] = _Record(t, d, m, now)
+            stream.head_version = expected_version + len(rows)
+            return stream.head_version
+
+    def head_version(self, stream_type: str, stream_id: str) -> int:
+        info = self.stream_info(stream_type, stream_id)
+        return 0 if info is None else info.head_version
+
+    def stream_info(self, stream_type: str, stream_id: str) -> StreamInfo | None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            return (
+                None
+                if s is None
+                else StreamInfo(s.head_version, s.compacted_through, s.fence_token)
+            )
+
+    def read(
+        self,
+        stream_type: str,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+    ) -> Iterator[RecordedEvent]:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            view = _sorted_range(s, from_version, to_version)
+        return self._decode(stream_type, stream_id, view)
+
+    @staticmethod
+    def _decode(
+        stream_type: str, stream_id: str, view: list[tuple[int, _Record]]
+    ) -> Iterator[RecordedEvent]:
+        for version, r in view:
+            try:
+                data, meta = orjson.loads(r.data), orjson.loads(r.metadata)
+            except orjson.JSONDecodeError as exc:
+                raise EventDecodeError(
+                    f"{label_of(stream_type, stream_id)} version {version}: stored payload is "
+                    f"not valid JSON ({exc})",
+                    stream_type=stream_type,
+                    stream_id=stream_id,
+                    version=version,
+                ) from None
+            yield RecordedEvent(
+                version,
+                r.type,
+                data,
+                meta,
+                r.recorded_at,
+                len(r.data) + len(r.metadata) + len(r.type) + ROW_OVERHEAD_BYTES,
+            )
+
+    def newest_version_before(
+        self, stream_type: str, stream_id: str, cutoff: datetime
+    ) -> int | None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            if s is None:
+                return None
+            old = [v for v, r in s.events.items() if r.recorded_at <= cutoff]
+            return max(old) if old else None
+
+    def acquire_fence(self, stream_type: str, stream_id: str) -> StreamInfo | None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            if s is None:
+                return None
+            s.fence_token += 1
+            return StreamInfo(s.head_version, s.compacted_through, s.fence_token)
+
+    def commit_compaction(self, plan: DeletionPlan) -> int:
+        label = label_of(plan.stream_type, plan.stream_id)
+        c = plan.through_version
+        db = self.engine
+        with db.lock:
+            s = db.streams.get((plan.stream_type, plan.stream_id))
+            if s is None:
+                raise DeletionMismatchError(f"{label}: the stream no longer exists")
+            check_fence(label, plan, s.fence_token, s.compacted_through)
+            snap = s.snapshots.get(c)
+            if snap is None or snap[0].state_hash != plan.state_hash:
+                raise DeletionMismatchError(
+                    f"{label}: the snapshot at version {c} is "
+                    f"{'missing' if snap is None else 'different from the verified one'}; "
+                    "nothing deleted"
+                )
+            doomed = [v for v in s.events if v <= c]
+            if len(doomed) != plan.expected_deleted:
+                raise DeletionMismatchError(
+                    f"{label}: deleting versions up to {c} would remove {len(doomed)} events, "
+                    f"the plan says {plan.expected_deleted}; rolled back, nothing deleted"
+                )
+            for v in doomed:
+                del s.events[v]
+            s.snapshots = {c: (replace(snap[0], verified=True), snap[1])}
+            db.log.append(
+                CompactionRecord(
+                    plan.compaction_id,
+                    plan.stream_type,
+                    plan.stream_id,
+                    s.compacted_through + 1,
+                    c,
+                    c,
+                    plan.head_version,
+                    plan.state_hash,
+                    len(doomed),
+                    plan.bytes_reclaimed,
+                    plan.fence_token,
+                    datetime.now(UTC),
+                )
+            )
+            s.compacted_through = c
+            return len(doomed)
+
+    def compaction_log(
+        self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
+    ) -> list[CompactionRecord]:
+        with self.engine.lock:
+            rows = [
+                r
+                for r in reversed(self.engine.log)
+                if (stream_type is None or r.stream_type == stream_type)
+                and (stream_id is None or r.stream_id == stream_id)
+            ]
+        return list(itertools.islice(rows, limit))
+
+
+class InMemorySnapshotStore:
+    """Snapshot store in process memory; see :class:`eskit_tasks.ports.SnapshotStore`."""
+
+    def __init__(self, engine: InMemoryDatabase) -> None:
+        self.engine = engine
+
+    def save(
+        self, stream_type: str, stream_id: str, snapshot: Snapshot, *, fence_token: int
+    ) -> None:
+        label = label_of(stream_type, stream_id)
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            if s is None:
+                raise CompactionError(f"{label}: cannot snapshot a stream that does not exist")
+            if s.fence_token != fence_token:
+                raise FencedError(
+                    f"{label}: fencing token {fence_token} is stale (current {s.fence_token}); "
+                    "a newer compaction owns the stream, snapshot not written"
+                )
+            if snapshot.version <= s.compacted_through:
+                raise FencedError(
+                    f"{label}: already compacted through {s.compacted_through}; a snapshot at "
+                    f"{snapshot.version} would not be newer, not written"
+                )
+            s.snapshots[snapshot.version] = (replace(snapshot, verified=False), fence_token)
+
+    def read(self, stream_type: str, stream_id: str, version: int) -> Snapshot | None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            hit = None if s is None else s.snapshots.get(version)
+            return None if hit is None else hit[0]
+
+    def latest(self, stream_type: str, stream_id: str) -> Snapshot | None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            if s is None:
+                return None
+            verified = [snap for snap, _ in s.snapshots.values() if snap.verified]
+            return max(verified, key=lambda snap: snap.version) if verified else None
+
+    def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            if s is None or s.fence_token != fence_token:
+                return
+            hit = s.snapshots.get(version)
+            if hit is not None and not hit[0].verified:
+                del s.snapshots[version]
+
+
+def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[tuple[int, _Record]]:
+    if s is None:
+        return []
+    return sorted((v, r) for v, r in s.events.items() if v >= lo and (hi is None or v <= hi))

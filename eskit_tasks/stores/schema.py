@@ -1,0 +1,111 @@
+"""Tables shared by the SQL event store and snapshot store (one database, one metadata).
+
+Streams get a surrogate integer key: events, snapshots and the audit log refer to it,
+which keeps their indexes small whatever the length of stream ids, and makes "this
+stream's rows" one integer comparison — no LIKE, no prefix match, no id collision.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData()
+
+# SQLite only turns an INTEGER PRIMARY KEY into an auto-incrementing rowid alias;
+# BIGINT there would be a plain column without defaults.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no timezone type, so values are
+    stored as naive UTC and given back their timezone on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; eskit-tasks stores UTC-aware datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+streams = sa.Table(
+    "eskit_streams",
+    metadata,
+    sa.Column("pk", BigId, primary_key=True, autoincrement=True),
+    sa.Column("stream_type", sa.Text, nullable=False),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    # The head survives the deletion of every event: optimistic concurrency keeps working.
+    sa.Column("head_version", sa.BigInteger, nullable=False),
+    # Events at or below this version were deleted by a committed compaction.
+    sa.Column("compacted_through", sa.BigInteger, nullable=False, server_default="0"),
+    # Bumped by every compaction that starts; a delete under an older value is refused.
+    sa.Column("fence_token", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("stream_type", "stream_id", name="eskit_streams_type_id_key"),
+)
+
+events = sa.Table(
+    "eskit_events",
+    metadata,
+    sa.Column("stream_pk", sa.BigInteger, primary_key=True),
+    sa.Column("version", sa.BigInteger, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    # JSON text: decoded with orjson, which is several times faster than a driver's
+    # jsonb loader, and identical on PostgreSQL and SQLite.
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("metadata", sa.Text, nullable=False),
+    sa.Column("recorded_at", UtcDateTime, nullable=False),
+    # Range scans of one stream read a clustered b-tree on SQLite.
+    sqlite_with_rowid=False,
+)
+
+snapshots = sa.Table(
+    "eskit_snapshots",
+    metadata,
+    sa.Column("stream_pk", sa.BigInteger, primary_key=True),
+    sa.Column("version", sa.BigInteger, primary_key=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("state_hash", sa.String(64), nullable=False),
+    # Readers use verified snapshots only; a compaction marks its snapshot verified in
+    # the same transaction that deletes the events it covers.
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("fence_token", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+compaction_log = sa.Table(
+    "eskit_compaction_log",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("compaction_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("stream_pk", sa.BigInteger, nullable=False, index=True),
+    sa.Column("stream_type", sa.Text, nullable=False),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("from_version", sa.BigInteger, nullable=False),
+    sa.Column("through_version", sa.BigInteger, nullable=False),
+    sa.Column("snapshot_version", sa.BigInteger, nullable=False),
+    sa.Column("head_version", sa.BigInteger, nullable=False),
+    sa.Column("state_hash", sa.String(64), nullable=False),
+    sa.Column("events_deleted", sa.BigInteger, nullable=False),
+    sa.Column("bytes_reclaimed", sa.BigInteger, nullable=False),
+    sa.Column("fence_token", sa.BigInteger, nullable=False),
+    sa.Column("compacted_at", UtcDateTime, nullable=False),
+)

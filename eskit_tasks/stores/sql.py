@@ -1,0 +1,480 @@
+"""The SQL event store and snapshot store (PostgreSQL via psycopg 3, or SQLite).
+
+Hot path: events are stored as JSON text and read with a streamed cursor in pages of
+``page_size`` rows, decoded with orjson. Memory is bounded by the page size, whatever
+the length of the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine
+
+from eskit_tasks.errors import (
+    CompactionError,
+    ConfigurationError,
+    DeletionMismatchError,
+    EventDecodeError,
+    FencedError,
+)
+from eskit_tasks.events import NewEvent, RecordedEvent
+from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.stores import dialects
+from eskit_tasks.stores.common import (
+    ROW_OVERHEAD_BYTES,
+    check_expected_version,
+    check_fence,
+    conflict,
+    encode_events,
+    label_of,
+)
+from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshots, streams
+
+#: Rows fetched per round trip when streaming events.
+DEFAULT_PAGE_SIZE = 5000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ensure_schema(engine: Engine) -> None:
+    with dialects.translate_errors(engine, "create tables"):
+        metadata.create_all(engine, checkfirst=True)
+
+
+def _stream_pk(conn: Connection, stream_type: str, stream_id: str, *, lock: bool = False) -> Any:
+    query = sa.select(
+        streams.c.pk, streams.c.head_version, streams.c.compacted_through, streams.c.fence_token
+    ).where(streams.c.stream_type == stream_type, streams.c.stream_id == stream_id)
+    if lock:
+        query = query.with_for_update()
+    return conn.execute(query).one_or_none()
+
+
+class SqlEventStore:
+    """Event store on PostgreSQL or SQLite; see :class:`eskit_tasks.ports.EventStore`.
+
+    Args:
+        engine: A SQLAlchemy engine, best made by :meth:`from_url`, which configures
+            SQLite for concurrent readers (WAL) and serialised writers.
+        create_tables: Create the tables if they are missing.
+        page_size: Rows per fetch when streaming events.
+    """
+
+    def __init__(
+        self, engine: Engine, *, create_tables: bool = True, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> None:
+        if page_size < 1:
+            raise ConfigurationError(f"page_size must be at least 1, got {page_size}")
+        self.engine = engine
+        self.page_size = page_size
+        if create_tables:
+            _ensure_schema(engine)
+
+    @classmethod
+    def from_url(
+        cls, url: str | URL, *, page_size: int = DEFAULT_PAGE_SIZE, **engine_kwargs: Any
+    ) -> SqlEventStore:
+        """Connect to ``url`` (``sqlite:///file.db`` or ``postgresql+psycopg://...``) and
+        create the tables if they are missing.
+
+        Raises:
+            DatabaseUnavailableError: the database cannot be reached (message names the
+                host; the password is masked).
+            ConfigurationError: the URL is malformed or names an unsupported database.
+        """
+        return cls(dialects.create_engine(url, **engine_kwargs), page_size=page_size)
+
+    def __repr__(self) -> str:
+        return f"SqlEventStore({dialects.mask_url(self.engine.url)!r})"
+
+    # -- writing -----------------------------------------------------------------------
+
+    def append(
+        self,
+        stream_type: str,
+        stream_id: str,
+        events_: Sequence[NewEvent],
+        *,
+        expected_version: int,
+    ) -> int:
+        """Append events after ``expected_version``; see :class:`~eskit_tasks.ports.EventStore`.
+
+        Raises:
+            ConcurrencyError: the head is not ``expected_version`` (0: the stream exists).
+        """
+        check_expected_version(expected_version)
+        label = label_of(stream_type, stream_id)
+        rows = encode_events(label, events_)
+        now = _utcnow()
+        new_head = expected_version + len(rows)
+        with dialects.translate_errors(self.engine, f"append to {label}"):
+            if not rows:
+                actual = self.head_version(stream_type, stream_id)
+                if actual != expected_version:
+                    raise conflict(label, expected_version, actual)
+                return actual
+            with dialects.write_transaction(self.engine) as conn:
+                if expected_version == 0:
+                    insert = dialects.insert_ignoring_conflicts(self.engine, streams).values(
+                        stream_type=stream_type,
+                        stream_id=stream_id,
+                        head_version=new_head,
+                        created_at=now,
+                    )
+                    pk = conn.execute(insert.returning(streams.c.pk)).scalar_one_or_none()
+                else:
+                    pk = conn.execute(
+                        sa.update(streams)
+                        .where(
+                            streams.c.stream_type == stream_type,
+                            streams.c.stream_id == stream_id,
+                            streams.c.head_version == expected_version,
+                        )
+                        .values(head_version=new_head)
+                        .returning(streams.c.pk)
+                    ).scalar_one_or_none()
+                if pk is not None:
+                    conn.execute(
+                        events.insert(),
+                        [
+                            {
+                                "stream_pk": pk,
+                                "version": expected_version + i,
+                                "type": t,
+                                "data": d,
+                                "metadata": m,
+                                "recorded_at": now,
+                            }
+                            for i, (t, d, m) in enumerate(rows, start=1)
+                        ],
+                    )
+            if pk is None:
+                raise conflict(label, expected_version, self.head_version(stream_type, stream_id))
+        return new_head
+
+    # -- reading -----------------------------------------------------------------------
+
+    def head_version(self, stream_type: str, stream_id: str) -> int:
+        info = self.stream_info(stream_type, stream_id)
+        return 0 if info is None else info.head_version
+
+    def stream_info(self, stream_type: str, stream_id: str) -> StreamInfo | None:
+        with (
+            dialects.translate_errors(self.engine, f"read {label_of(stream_type, stream_id)}"),
+            self.engine.connect() as conn,
+        ):
+            row = _stream_pk(conn, stream_type, stream_id)
+        return None if row is None else StreamInfo(row[1], row[2], row[3])
+
+    def read(
+        self,
+        stream_type: str,
+        stream_id: str,
+        *,
+        from_version: int = 1,
+        to_version: int | None = None,
+    ) -> Iterator[RecordedEvent]:
+        """Yield live events oldest first, streamed ``page_size`` rows at a time.
+
+        One SELECT serves the whole iteration, so the events come from one consistent
+        view: a compaction committing meanwhile removes a prefix or nothing.
+
+        Raises:
+            EventDecodeError: a payload is not valid JSON (names stream and version).
+        """
+        query = (
+            sa.select(
+                events.c.version,
+                events.c.type,
+                events.c.data,
+                events.c.metadata,
+                events.c.recorded_at,
+            )
+            .join(streams, streams.c.pk == events.c.stream_pk)
+            .where(
+                streams.c.stream_type == stream_type,
+                streams.c.stream_id == stream_id,
+                events.c.version >= from_version,
+            )
+            .order_by(events.c.version)
+        )
+        if to_version is not None:
+            query = query.where(events.c.version <= to_version)
+        return self._stream(query, stream_type, stream_id)
+
+    def _stream(
+        self, query: sa.Select[Any], stream_type: str, stream_id: str
+    ) -> Iterator[RecordedEvent]:
+        label = label_of(stream_type, stream_id)
+        loads = orjson.loads
+        with dialects.translate_errors(self.engine, f"read {label}"), self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=self.page_size).execute(
+                query
+            )
+            for version, type_, data, meta, recorded_at in result:
+                try:
+                    payload, meta_obj = loads(data), loads(meta)
+                except orjson.JSONDecodeError as exc:
+                    raise EventDecodeError(
+                        f"{label} version {version}: stored payload is not valid JSON ({exc})",
+                        stream_type=stream_type,
+                        stream_id=stream_id,
+                        version=version,
+                    ) from None
+                yield RecordedEvent(
+                    version,
+                    type_,
+                    payload,
+                    meta_obj,
+                    recorded_at,
+                    len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
+                )
+
+    def newest_version_before(
+        self, stream_type: str, stream_id: str, cutoff: datetime
+    ) -> int | None:
+        query = (
+            sa.select(sa.func.max(events.c.version))
+            .join(streams, streams.c.pk == events.c.stream_pk)
+            .where(
+                streams.c.stream_type == stream_type,
+                streams.c.stream_id == stream_id,
+                events.c.recorded_at <= cutoff,
+            )
+        )
+        with (
+            dialects.translate_errors(self.engine, f"read {label_of(stream_type, stream_id)}"),
+            self.engine.connect() as conn,
+        ):
+            value = conn.execute(query).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def compaction_log(
+        self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
+    ) -> list[CompactionRecord]:
+        c = compaction_log.c
+        query = (
+            sa.select(
+                c.compaction_id,
+                c.stream_type,
+                c.stream_id,
+                c.from_version,
+                c.through_version,
+                c.snapshot_version,
+                c.head_version,
+                c.state_hash,
+                c.events_deleted,
+                c.bytes_reclaimed,
+                c.fence_token,
+                c.compacted_at,
+            )
+            .order_by(c.id.desc())
+            .limit(limit)
+        )
+        if stream_type is not None:
+            query = query.where(c.stream_type == stream_type)
+        if stream_id is not None:
+            query = query.where(c.stream_id == stream_id)
+        with (
+            dialects.translate_errors(self.engine, "read the compaction log"),
+            self.engine.connect() as conn,
+        ):
+            return [CompactionRecord(**row._mapping) for row in conn.execute(query)]
+
+    # -- compaction --------------------------------------------------------------------
+
+    def acquire_fence(self, stream_type: str, stream_id: str) -> StreamInfo | None:
+        with (
+            dialects.translate_errors(
+                self.engine, f"take a fencing token for {label_of(stream_type, stream_id)}"
+            ),
+            dialects.write_transaction(self.engine) as conn,
+        ):
+            row = conn.execute(
+                sa.update(streams)
+                .where(streams.c.stream_type == stream_type, streams.c.stream_id == stream_id)
+                .values(fence_token=streams.c.fence_token + 1)
+                .returning(
+                    streams.c.head_version, streams.c.compacted_through, streams.c.fence_token
+                )
+            ).one_or_none()
+        return None if row is None else StreamInfo(row[0], row[1], row[2])
+
+    def commit_compaction(self, plan: DeletionPlan) -> int:
+        """Delete events 1..C in one transaction, checking everything first.
+
+        Raises:
+            FencedError: a newer compaction took the token, or moved the compaction point.
+            DeletionMismatchError: snapshot missing/different, or the row count differs.
+        """
+        label = label_of(plan.stream_type, plan.stream_id)
+        c = plan.through_version
+        with (
+            dialects.translate_errors(self.engine, f"delete compacted events of {label}"),
+            dialects.write_transaction(self.engine) as conn,
+        ):
+            row = _stream_pk(conn, plan.stream_type, plan.stream_id, lock=True)
+            if row is None:
+                raise DeletionMismatchError(f"{label}: the stream no longer exists")
+            pk, head, compacted_through, token = row
+            check_fence(label, plan, token, compacted_through)
+            if c > head:
+                raise DeletionMismatchError(f"{label}: cannot compact through {c}, head is {head}")
+            snap = conn.execute(
+                sa.select(snapshots.c.state_hash).where(
+                    snapshots.c.stream_pk == pk, snapshots.c.version == c
+                )
+            ).scalar_one_or_none()
+            if snap != plan.state_hash:
+                raise DeletionMismatchError(
+                    f"{label}: the snapshot at version {c} is "
+                    f"{'missing' if snap is None else 'different from the verified one'}; "
+                    "nothing deleted"
+                )
+            deleted = conn.execute(
+                sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)
+            ).rowcount
+            if deleted != plan.expected_deleted:
+                raise DeletionMismatchError(
+                    f"{label}: deleting versions up to {c} would remove {deleted} events, "
+                    f"the plan says {plan.expected_deleted}; rolled back, nothing deleted"
+                )
+            conn.execute(
+                sa.update(snapshots)
+                .where(snapshots.c.stream_pk == pk, snapshots.c.version == c)
+                .values(verified=True)
+            )
+            conn.execute(
+                sa.delete(snapshots).where(snapshots.c.stream_pk == pk, snapshots.c.version < c)
+            )
+            conn.execute(
+                compaction_log.insert().values(
+                    compaction_id=plan.compaction_id,
+                    stream_pk=pk,
+                    stream_type=plan.stream_type,
+                    stream_id=plan.stream_id,
+                    from_version=compacted_through + 1,
+                    through_version=c,
+                    snapshot_version=c,
+                    head_version=plan.head_version,
+                    state_hash=plan.state_hash,
+                    events_deleted=deleted,
+                    bytes_reclaimed=plan.bytes_reclaimed,
+                    fence_token=plan.fence_token,
+                    compacted_at=_utcnow(),
+                )
+            )
+            conn.execute(sa.update(streams).where(streams.c.pk == pk).values(compacted_through=c))
+        return int(deleted)
+
+
+class SqlSnapshotStore:
+    """Snapshot store in the event store's database; see :class:`eskit_tasks.ports.SnapshotStore`.
+
+    Args:
+        engine: The event store's engine (``SqlSnapshotStore(store.engine)``).
+        create_tables: Create the tables if they are missing.
+    """
+
+    def __init__(self, engine: Engine, *, create_tables: bool = True) -> None:
+        self.engine = engine
+        if create_tables:
+            _ensure_schema(engine)
+
+    def __repr__(self) -> str:
+        return f"SqlSnapshotStore({dialects.mask_url(self.engine.url)!r})"
+
+    def save(
+        self, stream_type: str, stream_id: str, snapshot: Snapshot, *, fence_token: int
+    ) -> None:
+        label = label_of(stream_type, stream_id)
+        with (
+            dialects.translate_errors(self.engine, f"save a snapshot of {label}"),
+            dialects.write_transaction(self.engine) as conn,
+        ):
+            row = _stream_pk(conn, stream_type, stream_id, lock=True)
+            if row is None:
+                raise CompactionError(f"{label}: cannot snapshot a stream that does not exist")
+            pk, _head, compacted_through, token = row
+            if token != fence_token:
+                raise FencedError(
+                    f"{label}: fencing token {fence_token} is stale (current {token}); "
+                    "a newer compaction owns the stream, snapshot not written"
+                )
+            if snapshot.version <= compacted_through:
+                raise FencedError(
+                    f"{label}: already compacted through {compacted_through}; a snapshot at "
+                    f"{snapshot.version} would not be newer, not written"
+                )
+            # An unverified leftover at this version (a crashed or failed compaction) is
+            # replaced; verified snapshots only exist at the compaction point, below us.
+            conn.execute(
+                sa.delete(snapshots).where(
+                    snapshots.c.stream_pk == pk,
+                    snapshots.c.version == snapshot.version,
+                    snapshots.c.verified.is_(False),
+                )
+            )
+            conn.execute(
+                snapshots.insert().values(
+                    stream_pk=pk,
+                    version=snapshot.version,
+                    state=snapshot.state.decode(),
+                    state_hash=snapshot.state_hash,
+                    verified=False,
+                    fence_token=fence_token,
+                    created_at=snapshot.created_at,
+                )
+            )
+
+    def read(self, stream_type: str, stream_id: str, version: int) -> Snapshot | None:
+        return self._one(stream_type, stream_id, snapshots.c.version == version)
+
+    def latest(self, stream_type: str, stream_id: str) -> Snapshot | None:
+        return self._one(stream_type, stream_id, snapshots.c.verified.is_(True))
+
+    def _one(self, stream_type: str, stream_id: str, condition: Any) -> Snapshot | None:
+        s = snapshots.c
+        query = (
+            sa.select(s.version, s.state, s.state_hash, s.verified, s.created_at)
+            .join(streams, streams.c.pk == s.stream_pk)
+            .where(
+                streams.c.stream_type == stream_type, streams.c.stream_id == stream_id, condition
+            )
+            .order_by(s.version.desc())
+            .limit(1)
+        )
+        with (
+            dialects.translate_errors(
+                self.engine, f"read a snapshot of {label_of(stream_type, stream_id)}"
+            ),
+            self.engine.connect() as conn,
+        ):
+            row = conn.execute(query).one_or_none()
+        if row is None:
+            return None
+        return Snapshot(row[0], row[1].encode(), row[2], bool(row[3]), row[4])
+
+    def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
+        label = label_of(stream_type, stream_id)
+        with (
+            dialects.translate_errors(self.engine, f"discard a snapshot of {label}"),
+            dialects.write_transaction(self.engine) as conn,
+        ):
+            row = _stream_pk(conn, stream_type, stream_id, lock=True)
+            if row is None or row[3] != fence_token:
+                return  # a newer compaction owns the stream and its own snapshot
+            conn.execute(
+                sa.delete(snapshots).where(
+                    snapshots.c.stream_pk == row[0],
+                    snapshots.c.version == version,
+                    snapshots.c.verified.is_(False),
+                )
+            )
