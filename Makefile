@@ -1,0 +1,42 @@
+# One entry point for every check; CI (.ci/run) calls `make check`.
+# The virtualenv is created on first use and refreshed when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo lint format types test check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## demo: seed an SQLite file with long demo streams, compact them, print a summary
+demo: $(STAMP)
+	$(BIN)/python -m eskit_tasks.demo --database sqlite:///eskit-demo.db
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+## test: the whole test suite (needs PostgreSQL; see README)
+test: $(STAMP)
+	$(BIN)/pytest
+
+## check: lint, types and tests — what CI runs
+check: lint types test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis eskit-demo.db*
