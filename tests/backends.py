@@ -66,9 +66,9 @@ class MemoryBackend:
     backend = "memory"
 
     @pytest.fixture
-    def stores(self) -> Iterator[Stores]:
+    def stores(self) -> Stores:
         store = InMemoryEventStore()
-        yield Stores(
+        return Stores(
             store,
             InMemorySnapshotStore(store.engine),
             store.engine.corrupt_event,

@@ -218,24 +218,29 @@ class SqlEventStore:
             result = conn.execution_options(stream_results=True, yield_per=self.page_size).execute(
                 query
             )
-            for version, type_, data, meta, recorded_at in result:
-                try:
-                    payload, meta_obj = loads(data), loads(meta)
-                except orjson.JSONDecodeError as exc:
-                    raise EventDecodeError(
-                        f"{label} version {version}: stored payload is not valid JSON ({exc})",
-                        stream_type=stream_type,
-                        stream_id=stream_id,
-                        version=version,
-                    ) from None
-                yield RecordedEvent(
-                    version,
-                    type_,
-                    payload,
-                    meta_obj,
-                    recorded_at,
-                    len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
-                )
+            try:
+                for version, type_, data, meta, recorded_at in result:
+                    try:
+                        payload, meta_obj = loads(data), loads(meta)
+                    except orjson.JSONDecodeError as exc:
+                        raise EventDecodeError(
+                            f"{label} version {version}: stored payload is not valid JSON ({exc})",
+                            stream_type=stream_type,
+                            stream_id=stream_id,
+                            version=version,
+                        ) from None
+                    yield RecordedEvent(
+                        version,
+                        type_,
+                        payload,
+                        meta_obj,
+                        recorded_at,
+                        len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
+                    )
+            finally:
+                # An abandoned or failed iteration must close PostgreSQL's server-side
+                # cursor before the connection goes back to the pool.
+                result.close()
 
     def newest_version_before(
         self, stream_type: str, stream_id: str, cutoff: datetime

@@ -1,0 +1,565 @@
+"""What a compaction must guarantee (issue [1/5], points 1-11), on every backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from eskit_tasks import (
+    CompactionPolicy,
+    CompactionResult,
+    Compactor,
+    ConcurrencyError,
+    InvalidPolicyError,
+    NewEvent,
+    Outcome,
+    load_state,
+)
+from eskit_tasks.codec import StateCodec
+from tests.backends import Stores
+from tests.contracts.event_store import ODD_IDS, versions
+from tests.deciders import (
+    Ledger,
+    LedgerModel,
+    LossyTagger,
+    ModelLedger,
+    MutatingLedger,
+    deposits,
+    ledger_fold,
+)
+
+
+class Proxy:
+    """Delegates everything to ``target`` except the attributes given as overrides."""
+
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        self._target = target
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def compactor(stores: Stores, decider: Any = None, state_type: Any = dict, **policy: Any):
+    return Compactor(
+        store=stores.events,
+        snapshot_store=stores.snapshots,
+        decider=decider or Ledger(),
+        state_type=state_type,
+        policy=CompactionPolicy(**policy),
+    )
+
+
+def seed(stores: Stores, amounts: list[int], stream_id: str = "a-1", stream_type: str = "account"):
+    head = stores.events.head_version(stream_type, stream_id)
+    return stores.events.append(stream_type, stream_id, deposits(*amounts), expected_version=head)
+
+
+def state_of(stores: Stores, stream_id: str = "a-1", decider: Any = None, state_type: Any = dict):
+    return load_state(
+        stores.events, stores.snapshots, decider or Ledger(), state_type, "account", stream_id
+    )
+
+
+def untouched(stores: Stores, n: int, stream_id: str = "a-1") -> None:
+    """Assert that a compaction left no trace: all n events, no snapshot, no audit row."""
+    assert versions(stores, "account", stream_id) == list(range(1, n + 1))
+    assert stores.snapshots.latest("account", stream_id) is None
+    assert all(stores.snapshots.read("account", stream_id, v) is None for v in range(1, n + 1))
+    assert stores.events.compaction_log("account", stream_id) == []
+    info = stores.events.stream_info("account", stream_id)
+    assert info is not None and info.compacted_through == 0
+
+
+class CompactorContract:
+    # 1. head version preserved --------------------------------------------------------
+
+    def test_full_compaction_keeps_head_and_optimistic_concurrency(self, stores: Stores):
+        amounts = list(range(1, 21))
+        seed(stores, amounts)
+        result = compactor(stores).compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert (result.head_version, result.snapshot_version, result.events_deleted) == (20, 20, 20)
+        assert versions(stores, "account", "a-1") == []
+        assert stores.events.head_version("account", "a-1") == 20
+        assert state_of(stores) == (ledger_fold(amounts), 20)
+        for stale in (0, 19):
+            with pytest.raises(ConcurrencyError):
+                stores.events.append("account", "a-1", deposits(1), expected_version=stale)
+        assert stores.events.append("account", "a-1", deposits(21), expected_version=20) == 21
+        assert state_of(stores) == (ledger_fold([*amounts, 21]), 21)
+
+    # 2. the cut -----------------------------------------------------------------------
+
+    def test_retain_last_keeps_the_newest_events(self, stores: Stores):
+        seed(stores, list(range(10)))
+        result = compactor(stores, retain_last=3).compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert (result.snapshot_version, result.events_deleted, result.events_retained) == (7, 7, 3)
+        assert versions(stores, "account", "a-1") == [8, 9, 10]
+
+    def test_retain_last_covering_the_stream_is_nothing_to_compact(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+        token_before = stores.events.stream_info("account", "a-1").fence_token
+        result = compactor(stores, retain_last=3).compact("account", "a-1")
+        assert result.outcome == Outcome.NOTHING_TO_COMPACT
+        assert result.head_version == 3
+        untouched(stores, 3)
+        assert stores.events.stream_info("account", "a-1").fence_token == token_before
+
+    def test_age_rule_cuts_at_newest_event_old_enough(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+        old = list(stores.events.read("account", "a-1"))[-1].recorded_at
+        seed(stores, [4, 5])
+        young = list(stores.events.read("account", "a-1"))[-1].recorded_at
+        assert young > old
+        middle = old + (young - old) / 2
+        c = Compactor(
+            store=stores.events,
+            snapshot_store=stores.snapshots,
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_younger_than=timedelta(days=30)),
+            clock=lambda: middle + timedelta(days=30),
+        )
+        result = c.compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert result.snapshot_version == 3
+        assert versions(stores, "account", "a-1") == [4, 5]
+
+    def test_cut_is_the_minimum_of_both_rules(self, stores: Stores):
+        seed(stores, list(range(10)))
+        now = datetime.now(UTC)
+        by_count = Compactor(
+            store=stores.events,
+            snapshot_store=stores.snapshots,
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_last=4, retain_younger_than=timedelta(hours=1)),
+            clock=lambda: now + timedelta(hours=2),  # every event is old enough
+        )
+        assert by_count.compact("account", "a-1").snapshot_version == 6
+
+    def test_no_event_old_enough_is_nothing_to_compact(self, stores: Stores):
+        seed(stores, list(range(5)))
+        result = compactor(stores, retain_younger_than=timedelta(days=1)).compact("account", "a-1")
+        assert result.outcome == Outcome.NOTHING_TO_COMPACT
+        untouched(stores, 5)
+
+    # 3. replay ------------------------------------------------------------------------
+
+    def test_second_compaction_replays_from_the_snapshot_only(self, stores: Stores):
+        seed(stores, list(range(10)))
+        assert compactor(stores).compact("account", "a-1").outcome == Outcome.COMPACTED
+        seed(stores, [100, 200])
+        reads: list[tuple[int, int | None]] = []
+
+        def read(stream_type, stream_id, *, from_version=1, to_version=None):
+            reads.append((from_version, to_version))
+            return stores.events.read(
+                stream_type, stream_id, from_version=from_version, to_version=to_version
+            )
+
+        spy = Proxy(stores.events, read=read)
+        result = Compactor(
+            store=spy, snapshot_store=stores.snapshots, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert min(lo for lo, _ in reads) == 11
+        assert state_of(stores) == (ledger_fold([*range(10), 100, 200]), 12)
+
+    def test_replay_streams_events_instead_of_loading_the_stream(self, stores: Stores):
+        seed(stores, list(range(50)))
+        pulled = 0
+        pulled_at_evolve: list[int] = []
+
+        def read(stream_type, stream_id, **kw):
+            nonlocal pulled
+            for event in stores.events.read(stream_type, stream_id, **kw):
+                pulled += 1
+                yield event
+
+        class Watching(Ledger):
+            def evolve(self, state, event):
+                pulled_at_evolve.append(pulled)
+                return super().evolve(state, event)
+
+        spy = Proxy(stores.events, read=read)
+        result = Compactor(
+            store=spy, snapshot_store=stores.snapshots, decider=Watching(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED
+        # Each event is folded as soon as it is read: never more than one read ahead.
+        assert max(p - i for i, p in enumerate(pulled_at_evolve[:50], start=1)) == 0
+
+    @pytest.mark.parametrize(
+        ("damage", "message"),
+        [
+            ("gap", r"account/a-1: expected version 4, found 5"),
+            ("undecodable", r"account/a-1 version 4: stored payload is not valid JSON"),
+            ("evolve", r"account/a-1 version 4 \(Boom\): evolve raised RuntimeError"),
+        ],
+    )
+    def test_bad_stream_fails_naming_version_and_changes_nothing(self, stores, damage, message):
+        if damage == "evolve":
+            seed(stores, [1, 2, 3])
+            stores.events.append("account", "a-1", [NewEvent(type="Boom")], expected_version=3)
+            seed(stores, [5, 6])
+        else:
+            seed(stores, [1, 2, 3, 4, 5, 6])
+        if damage == "gap":
+            stores.remove_event("account", "a-1", 4)
+        before = versions(stores, "account", "a-1")
+        if damage == "undecodable":
+            stores.corrupt_event("account", "a-1", 4, '{"amount": ')
+        result = compactor(stores).compact("account", "a-1")
+        if damage == "undecodable":  # repair it, to read the stream back
+            stores.corrupt_event("account", "a-1", 4, '{"amount": 4}')
+        assert result.outcome == Outcome.FAILED
+        assert result.error is not None
+        assert re.search(message, result.error), result.error
+        assert versions(stores, "account", "a-1") == before
+        assert stores.snapshots.latest("account", "a-1") is None
+        assert stores.snapshots.read("account", "a-1", 6) is None
+        assert stores.events.compaction_log() == []
+
+    # 4. verification ------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        ("decider", "state_type"),
+        [(Ledger(), dict), (MutatingLedger(), dict), (ModelLedger(), LedgerModel)],
+        ids=["dict", "mutating", "pydantic-model"],
+    )
+    def test_state_hash_is_sha256_of_canonical_snapshot(self, stores, decider, state_type):
+        seed(stores, [3, 4, 5, 6])
+        result = compactor(stores, decider, state_type, retain_last=1).compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        stored = stores.snapshots.latest("account", "a-1")
+        assert stored is not None and stored.verified and stored.version == 3
+        assert result.state_hash == hashlib.sha256(stored.state).hexdigest()
+        expected = {"total": 12, "count": 3, "last": 3}
+        assert stored.state == json.dumps(expected, sort_keys=True, separators=(",", ":")).encode()
+        snap_state = StateCodec(state_type).decode(stored.state)
+        assert snap_state == (expected if state_type is dict else LedgerModel(**expected))
+        state, version = state_of(stores, decider=decider, state_type=state_type)
+        assert version == 4
+        assert state == (
+            ledger_fold([3, 4, 5, 6])
+            if state_type is dict
+            else LedgerModel(**ledger_fold([3, 4, 5, 6]))
+        )
+
+    def test_lossy_codec_is_verification_failed_and_deletes_nothing(self, stores: Stores):
+        stores.events.append(
+            "account",
+            "a-1",
+            [NewEvent(type="Tagged", data={"tag": t}) for t in "abc"],
+            expected_version=0,
+        )
+        result = compactor(stores, LossyTagger(), dict).compact("account", "a-1")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "round trip" in result.error and "'tags'" in result.error
+        untouched(stores, 3)
+
+    def test_nondeterministic_evolve_fails_tail_verification(self, stores: Stores):
+        class Counting(Ledger):
+            calls = 0
+
+            def evolve(self, state, event):
+                Counting.calls += 1
+                return {**super().evolve(state, event), "calls": Counting.calls}
+
+        seed(stores, list(range(6)))
+        result = compactor(stores, Counting(), dict, retain_last=2).compact("account", "a-1")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "snapshot at 4 + events 5..6 does not equal the full replay at 6" in result.error
+        assert "'calls'" in result.error
+        untouched(stores, 6)
+
+    def test_snapshot_that_reads_back_different_is_not_trusted(self, stores: Stores):
+        seed(stores, list(range(5)))
+
+        def read(stream_type, stream_id, version):
+            snap = stores.snapshots.read(stream_type, stream_id, version)
+            return (
+                None
+                if snap is None
+                else type(snap)(
+                    snap.version,
+                    snap.state.replace(b"10", b"11"),
+                    snap.state_hash,
+                    False,
+                    snap.created_at,
+                )
+            )
+
+        spy = Proxy(stores.snapshots, read=read)
+        result = Compactor(
+            store=stores.events, snapshot_store=spy, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "not the bytes written" in result.error
+        untouched(stores, 5)
+
+    # 5. the delete transaction --------------------------------------------------------
+
+    def test_audit_row_describes_the_deletion(self, stores: Stores):
+        seed(stores, list(range(8)))
+        first = compactor(stores, retain_last=3).compact("account", "a-1")
+        seed(stores, [1, 1])
+        second = compactor(stores, retain_last=1).compact("account", "a-1")
+        newest, oldest = stores.events.compaction_log("account", "a-1")
+        assert (oldest.compaction_id, oldest.from_version, oldest.through_version) == (
+            first.compaction_id,
+            1,
+            5,
+        )
+        assert (oldest.events_deleted, oldest.head_version, oldest.state_hash) == (
+            5,
+            8,
+            first.state_hash,
+        )
+        assert oldest.bytes_reclaimed == first.bytes_reclaimed > 0
+        assert (newest.from_version, newest.through_version, newest.snapshot_version) == (6, 9, 9)
+        assert (newest.events_deleted, newest.compaction_id) == (4, second.compaction_id)
+        assert newest.compacted_at >= oldest.compacted_at
+
+    def test_row_count_mismatch_rolls_back_to_failed(self, stores: Stores):
+        seed(stores, list(range(6)))
+
+        def save(stream_type, stream_id, snapshot, *, fence_token):
+            stores.snapshots.save(stream_type, stream_id, snapshot, fence_token=fence_token)
+            stores.remove_event(stream_type, stream_id, 2)  # rows vanish behind our back
+
+        spy = Proxy(stores.snapshots, save=save)
+        result = Compactor(
+            store=stores.events, snapshot_store=spy, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.FAILED
+        assert "would remove 5 events, the plan says 6" in result.error
+        assert versions(stores, "account", "a-1") == [1, 3, 4, 5, 6]
+        assert stores.snapshots.latest("account", "a-1") is None
+        assert stores.events.stream_info("account", "a-1").compacted_through == 0
+
+    # 6. fencing -----------------------------------------------------------------------
+
+    def test_compaction_overtaken_before_snapshot_write_is_fenced(self, stores: Stores):
+        seed(stores, list(range(10)))
+        rival: list[CompactionResult] = []
+
+        def save(stream_type, stream_id, snapshot, *, fence_token):
+            # This worker pauses here; meanwhile another one compacts the stream fully.
+            rival.append(compactor(stores).compact(stream_type, stream_id))
+            stores.snapshots.save(stream_type, stream_id, snapshot, fence_token=fence_token)
+
+        slow = Compactor(
+            store=stores.events,
+            snapshot_store=Proxy(stores.snapshots, save=save),
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_last=2),
+        )
+        result = slow.compact("account", "a-1")
+        assert rival[0].outcome == Outcome.COMPACTED
+        assert result.outcome == Outcome.FENCED
+        assert "stale" in result.error
+        latest = stores.snapshots.latest("account", "a-1")
+        assert latest is not None and latest.version == 10, "the newer snapshot stays"
+        assert [r.compaction_id for r in stores.events.compaction_log("account", "a-1")] == [
+            rival[0].compaction_id
+        ]
+        assert state_of(stores) == (ledger_fold(list(range(10))), 10)
+
+    def test_compaction_overtaken_before_delete_is_fenced(self, stores: Stores):
+        seed(stores, list(range(10)))
+        rival: list[CompactionResult] = []
+
+        def commit_compaction(plan):
+            rival.append(compactor(stores, retain_last=5).compact("account", "a-1"))
+            return stores.events.commit_compaction(plan)
+
+        slow = Compactor(
+            store=Proxy(stores.events, commit_compaction=commit_compaction),
+            snapshot_store=stores.snapshots,
+            decider=Ledger(),
+            state_type=dict,
+        )
+        result = slow.compact("account", "a-1")
+        assert rival[0].outcome == Outcome.COMPACTED
+        assert result.outcome == Outcome.FENCED
+        assert versions(stores, "account", "a-1") == [6, 7, 8, 9, 10]
+        assert len(stores.events.compaction_log("account", "a-1")) == 1
+        assert state_of(stores) == (ledger_fold(list(range(10))), 10)
+
+    def test_events_deleted_under_a_running_replay_is_fenced_not_failed(self, stores: Stores):
+        seed(stores, list(range(10)))
+        rival: list[CompactionResult] = []
+
+        def read(stream_type, stream_id, *, from_version=1, to_version=None):
+            if from_version > 1 and not rival:  # second segment: the rival deletes it first
+                rival.append(compactor(stores).compact(stream_type, stream_id))
+            return stores.events.read(
+                stream_type, stream_id, from_version=from_version, to_version=to_version
+            )
+
+        slow = Compactor(
+            store=Proxy(stores.events, read=read),
+            snapshot_store=stores.snapshots,
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_last=3),
+        )
+        result = slow.compact("account", "a-1")
+        assert rival[0].outcome == Outcome.COMPACTED
+        assert result.outcome == Outcome.FENCED, result.error
+
+    # 7. dry run -----------------------------------------------------------------------
+
+    def test_dry_run_reports_what_would_go_and_writes_nothing(self, stores: Stores):
+        seed(stores, list(range(12)))
+        token = stores.events.stream_info("account", "a-1").fence_token
+        result = compactor(stores, retain_last=2, dry_run=True).compact("account", "a-1")
+        assert result.outcome == Outcome.DRY_RUN, result.error
+        assert (result.snapshot_version, result.events_deleted, result.events_retained) == (
+            10,
+            10,
+            2,
+        )
+        assert result.bytes_reclaimed > 10 * len('{"amount":1}')
+        assert result.state_hash is not None
+        untouched(stores, 12)
+        assert stores.events.stream_info("account", "a-1").fence_token == token
+        real = compactor(stores, retain_last=2).compact("account", "a-1")
+        assert (real.events_deleted, real.bytes_reclaimed, real.state_hash) == (
+            result.events_deleted,
+            result.bytes_reclaimed,
+            result.state_hash,
+        )
+
+    def test_dry_run_still_detects_a_lossy_codec(self, stores: Stores):
+        stores.events.append(
+            "account", "a-1", [NewEvent(type="Tagged", data={"tag": "x"})], expected_version=0
+        )
+        result = compactor(stores, LossyTagger(), dict, dry_run=True).compact("account", "a-1")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+
+    # 8. isolation ---------------------------------------------------------------------
+
+    def test_only_the_one_stream_is_touched(self, stores: Stores):
+        neighbours = [
+            ("account", "a-10"),
+            ("account", "a_1"),
+            ("account", "a-"),
+            ("accounts", "a-1"),
+            ("Account", "a-1"),
+            ("account", "A-1"),
+        ]
+        for stream_type, stream_id in neighbours:
+            stores.events.append(stream_type, stream_id, deposits(1, 2, 3), expected_version=0)
+        seed(stores, [5, 5, 5])
+        assert compactor(stores).compact("account", "a-1").outcome == Outcome.COMPACTED
+        for stream_type, stream_id in neighbours:
+            assert versions(stores, stream_type, stream_id) == [1, 2, 3]
+            assert stores.snapshots.latest(stream_type, stream_id) is None
+            assert stores.events.compaction_log(stream_type, stream_id) == []
+
+    @pytest.mark.parametrize("stream_id", ODD_IDS)
+    def test_odd_ids_compact_like_any_other(self, stores: Stores, stream_id: str):
+        seed(stores, [1, 2, 3, 4], stream_id=stream_id)
+        seed(stores, [7], stream_id=stream_id + "%")
+        result = compactor(stores, retain_last=1).compact("account", stream_id)
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert result.stream_id == stream_id
+        assert versions(stores, "account", stream_id) == [4]
+        assert versions(stores, "account", stream_id + "%") == [1]
+        assert state_of(stores, stream_id) == (ledger_fold([1, 2, 3, 4]), 4)
+        [row] = stores.events.compaction_log("account", stream_id)
+        assert row.stream_id == stream_id
+
+    # 9. idempotence -------------------------------------------------------------------
+
+    def test_compacting_again_without_new_events_is_nothing_to_compact(self, stores: Stores):
+        seed(stores, list(range(5)))
+        assert compactor(stores, retain_last=1).compact("account", "a-1").outcome == "compacted"
+        again = compactor(stores, retain_last=1).compact("account", "a-1")
+        assert again.outcome == Outcome.NOTHING_TO_COMPACT
+        assert (again.head_version, again.compacted_through_before) == (5, 4)
+        assert len(stores.events.compaction_log("account", "a-1")) == 1
+
+    # 10. load_state -------------------------------------------------------------------
+
+    def test_load_state_is_the_same_before_and_after(self, stores: Stores):
+        amounts = [5, -2, 7, 1, 1, 9]
+        seed(stores, amounts)
+        before = state_of(stores)
+        assert before == (ledger_fold(amounts), 6)
+        compactor(stores, retain_last=2).compact("account", "a-1")
+        assert state_of(stores) == before
+        assert state_of(stores, "nobody") == (Ledger().initial_state(), 0)
+
+    def test_load_state_ignores_unverified_snapshots(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+
+        def commit_compaction(plan):
+            # Crash after the snapshot was written, before the delete committed.
+            raise RuntimeError("worker died")
+
+        result = Compactor(
+            store=Proxy(stores.events, commit_compaction=commit_compaction),
+            snapshot_store=stores.snapshots,
+            decider=Ledger(),
+            state_type=dict,
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.FAILED
+        assert stores.snapshots.read("account", "a-1", 3) is not None  # left behind, unverified
+        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
+        # and the next compaction replaces it and completes
+        assert compactor(stores).compact("account", "a-1").outcome == Outcome.COMPACTED
+        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
+
+    # 11. bad input --------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"retain_last": -1},
+            {"retain_last": "many"},
+            {"retain_younger_than": timedelta(seconds=-1)},
+            {"dry_run": "perhaps"},
+            {"keep": 3},
+        ],
+    )
+    def test_invalid_policy_is_a_value_error_before_any_io(self, stores: Stores, bad):
+        seed(stores, [1, 2])
+        with pytest.raises(ValueError, match="invalid compaction policy") as info:
+            compactor(stores, **bad)
+        assert isinstance(info.value, InvalidPolicyError)
+        untouched(stores, 2)
+
+    def test_policy_must_be_a_policy(self, stores: Stores):
+        with pytest.raises(InvalidPolicyError):
+            Compactor(
+                store=stores.events,
+                snapshot_store=stores.snapshots,
+                decider=Ledger(),
+                state_type=dict,
+                policy={"retain_last": 1},  # type: ignore[arg-type]
+            )
+
+    def test_unknown_stream_is_nothing_to_compact_with_head_zero(self, stores: Stores):
+        result = compactor(stores).compact("account", "nobody")
+        assert (result.outcome, result.head_version) == (Outcome.NOTHING_TO_COMPACT, 0)
+        assert stores.events.stream_info("account", "nobody") is None
+
+    def test_result_round_trips_as_json(self, stores: Stores):
+        seed(stores, [1, 2])
+        result = compactor(stores).compact("account", "a-1")
+        again = CompactionResult.model_validate_json(result.model_dump_json())
+        assert again == result
+        assert result.duration_ms > 0
+        assert len(result.compaction_id) == 36
