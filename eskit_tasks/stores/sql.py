@@ -44,7 +44,7 @@ def _utcnow() -> datetime:
 
 
 def _ensure_schema(engine: Engine) -> None:
-    with dialects.translate_errors(engine, "create tables"):
+    with dialects.translate_errors(engine, "open the event store"):
         metadata.create_all(engine, checkfirst=True)
 
 

@@ -1,0 +1,146 @@
+"""SQL-specific behaviour: connecting, URL handling, error translation, password masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from eskit_tasks import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    EskitError,
+    NewEvent,
+    SqlEventStore,
+    SqlSnapshotStore,
+    StoreError,
+)
+from tests.deciders import deposits
+
+SECRET = "s3cr3t-Pa55"  # noqa: S105 -- a fake password the tests look for in messages
+
+
+def test_unreachable_postgres_names_host_and_masks_password():
+    with pytest.raises(DatabaseUnavailableError) as info:
+        SqlEventStore.from_url(f"postgresql+psycopg://bob:{SECRET}@127.0.0.1:1/x")
+    message = str(info.value)
+    assert "127.0.0.1" in message and "port 1" in message
+    assert "bob:***@" in message
+    assert SECRET not in message
+    assert SECRET not in repr(info.value)
+
+
+def test_missing_database_is_unavailable_with_masked_password(postgres_url: str):
+    url = make_url(postgres_url).set(password=SECRET, database="eskit_no_such_db")
+    with pytest.raises(DatabaseUnavailableError, match="eskit_no_such_db") as info:
+        SqlEventStore.from_url(url)
+    assert SECRET not in str(info.value)
+
+
+def test_sqlite_file_that_cannot_be_opened_is_unavailable(tmp_path: Path):
+    with pytest.raises(DatabaseUnavailableError, match="unable to open"):
+        SqlEventStore.from_url(f"sqlite:///{tmp_path}/missing/dir/events.db")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (f"mysql://u:{SECRET}@h/db", "unsupported database 'mysql'"),
+        ("not a url", "not a database URL"),
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str, message: str):
+    with pytest.raises(ConfigurationError, match=message) as info:
+        SqlEventStore.from_url(url)
+    assert SECRET not in str(info.value)
+
+
+def test_bare_postgresql_url_uses_psycopg(postgres_url: str):
+    bare = make_url(postgres_url).set(drivername="postgresql")
+    store = SqlEventStore.from_url(bare.render_as_string(hide_password=False))
+    try:
+        assert store.engine.dialect.driver == "psycopg"
+        assert SECRET not in repr(store)
+    finally:
+        store.engine.dispose()
+
+
+def test_repr_masks_password(postgres_url: str):
+    url = make_url(postgres_url)
+    store = SqlEventStore.from_url(url)
+    try:
+        fake = SqlEventStore(sa.create_engine(url.set(password=SECRET)), create_tables=False)
+        assert SECRET not in repr(fake) and "***" in repr(fake)
+        assert SECRET not in repr(SqlSnapshotStore(fake.engine, create_tables=False))
+    finally:
+        store.engine.dispose()
+
+
+def test_tables_are_created_once_and_reused(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    first = SqlEventStore.from_url(url)
+    first.append("account", "a-1", deposits(1, 2), expected_version=0)
+    second = SqlEventStore.from_url(url)
+    SqlSnapshotStore(second.engine)
+    assert second.head_version("account", "a-1") == 2
+
+
+def test_driver_errors_are_translated_never_raw(tmp_path: Path):
+    store = SqlEventStore.from_url(f"sqlite:///{tmp_path / 'e.db'}")
+    store.append("account", "a-1", deposits(1), expected_version=0)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE eskit_events")
+    for call in (
+        lambda: list(store.read("account", "a-1")),
+        lambda: store.append("account", "a-1", deposits(2), expected_version=1),
+        lambda: store.newest_version_before("account", "a-1", sa.func.now()),
+    ):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert not isinstance(info.value, sa.exc.SQLAlchemyError)
+        assert isinstance(info.value.__cause__, sa.exc.SQLAlchemyError)
+
+
+def test_store_survives_terminated_connections(postgres_url: str):
+    store = SqlEventStore.from_url(postgres_url)
+    try:
+        store.append("account", "survivor", deposits(1), expected_version=0)
+        name = make_url(postgres_url).database
+        admin = make_url(postgres_url).set(drivername="postgresql", database="postgres")
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as c:
+            killed = c.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        # The pooled connection is dead; pre-ping replaces it transparently.
+        assert store.append("account", "survivor", deposits(2), expected_version=1) == 2
+    finally:
+        store.engine.dispose()
+
+
+def test_connection_lost_mid_read_is_database_unavailable(postgres_url: str):
+    store = SqlEventStore.from_url(postgres_url, page_size=10)
+    try:
+        store.append(
+            "account", "long", [NewEvent("Deposited", {"amount": 1})] * 500, expected_version=0
+        )
+        it = store.read("account", "long")
+        next(it)
+        name = make_url(postgres_url).database
+        admin = make_url(postgres_url).set(drivername="postgresql", database="postgres")
+        with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+        with pytest.raises(EskitError) as info:
+            list(it)
+        assert isinstance(info.value, DatabaseUnavailableError), info.value
+    finally:
+        store.engine.dispose()
