@@ -216,6 +216,8 @@ class Model:
 
         self.compacted_through = cut
         assert self.live_versions() == list(range(cut + 1, head + 1))
+        if before:  # the snapshot the stream was compacted to before is dropped
+            assert self.stores.snapshots.read(STREAM_TYPE, self.stream_id, before) is None
         assert token_before is not None
         token_after = self.fence_token()
         assert token_after is not None
@@ -304,8 +306,8 @@ class PropertyContract:
           C = head - retain_last with ``events_deleted == C - compacted_through_before``,
           ``events_retained == head - C`` and the hash of the model state at C;
         * after a real compaction the stored events are exactly C+1..head, the newest
-          verified snapshot is at C and decodes to the model state at C, the fencing token
-          moved and the audit log's newest row describes it;
+          verified snapshot is at C and decodes to the model state at C, the previous one
+          is dropped, the fencing token moved and the audit log's newest row describes it;
         * a dry run changes nothing: same live events, same token, no snapshot written;
         * compacting again right away gives ``nothing_to_compact`` (the same dry-run plan
           after a dry run) — only new events make more work;
@@ -354,7 +356,7 @@ class TestPropertiesMemory(MemoryBackend, PropertyContract):
 
 
 class TestPropertiesSqlite(SqliteBackend, PropertyContract):
-    max_examples = 15
+    max_examples = 20
 
 
 class TestPropertiesPostgres(PostgresBackend, PropertyContract):

@@ -187,6 +187,10 @@ class InMemoryEventStore:
             if s is None:
                 raise DeletionMismatchError(f"{label}: the stream no longer exists")
             check_fence(label, plan, s.fence_token, s.compacted_through)
+            if c > s.head_version:
+                raise DeletionMismatchError(
+                    f"{label}: cannot compact through {c}, head is {s.head_version}"
+                )
             snap = s.snapshots.get(c)
             if snap is None or snap[0].state_hash != plan.state_hash:
                 raise DeletionMismatchError(
