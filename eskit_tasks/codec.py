@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -15,8 +16,26 @@ S = TypeVar("S")
 
 
 def dumps(value: Any) -> str:
-    """Encode an event payload or metadata as compact JSON text."""
-    return orjson.dumps(value).decode()
+    """Encode an event payload or metadata as compact JSON text.
+
+    Raises:
+        TypeError: the value is not JSON: an unsupported type, or NaN/Infinity, which
+            orjson would silently store as ``null``.
+    """
+    encoded = orjson.dumps(value)
+    if b"null" in encoded and _has_non_finite(value):
+        raise TypeError("NaN and Infinity are not JSON; store them as strings or null")
+    return encoded.decode()
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def state_hash(encoded: bytes) -> str:

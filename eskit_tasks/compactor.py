@@ -31,6 +31,7 @@ from eskit_tasks.errors import (
     EskitError,
     FencedError,
     InvalidPolicyError,
+    SnapshotCodecError,
     StreamIntegrityError,
     VersionGapError,
 )
@@ -54,6 +55,18 @@ class _Plan:
     compacted_through: int
     cut: int
     token: int | None
+
+
+# Outcomes after which the snapshot written by this compaction must stay.
+_KEEPS_SNAPSHOT = (Outcome.COMPACTED,)
+
+
+@dataclass
+class _RunState:
+    """What one compaction has done so far, for cleaning up after a failure."""
+
+    token: int | None = None
+    snapshot_saved: bool = False
 
 
 class _Counter:
@@ -83,7 +96,11 @@ class Compactor(Generic[S]):
         decider: Folds the stream's events into a state.
         state_type: Any type pydantic can serialise; snapshots are JSON through it.
         policy: Retention rules; the default deletes everything up to the head.
-        clock: Returns "now" (timezone-aware) for the age rule; tests inject one.
+        clock: Returns "now" (timezone-aware) for the age rule. By default the store's
+            clock — on PostgreSQL the database's, the one that stamped the events.
+        guard: Called before the snapshot is written and before the delete; raising
+            (e.g. :class:`~eskit_tasks.errors.FencedError` when a lock was lost) stops the
+            compaction there. The database's fencing stays the last word.
 
     Raises:
         InvalidPolicyError: ``policy`` is not a CompactionPolicy.
@@ -99,6 +116,7 @@ class Compactor(Generic[S]):
         state_type: type[S] | Any,
         policy: CompactionPolicy | None = None,
         clock: Callable[[], datetime] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         if policy is None:
             policy = CompactionPolicy()
@@ -109,7 +127,8 @@ class Compactor(Generic[S]):
         self.decider = decider
         self.codec: StateCodec[S] = StateCodec(state_type)
         self.policy = policy
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock
+        self._guard = guard
 
     def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
         """Compact one stream under the policy; see the module docstring for the steps."""
@@ -119,33 +138,38 @@ class Compactor(Generic[S]):
             "stream_id": stream_id,
             "compaction_id": str(uuid.uuid4()),
         }
-        token: int | None = None
+        run = _RunState()
         try:
             plan = self._plan(stream_type, stream_id, fields)
             if plan is not None:
-                token = plan.token
-                self._run(stream_type, stream_id, plan, fields)
+                run.token = plan.token
+                self._run(stream_type, stream_id, plan, fields, run)
         except FencedError as exc:
-            fields.update(outcome=Outcome.FENCED, error=str(exc))
+            self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
-            fields.update(outcome=Outcome.VERIFICATION_FAILED, error=str(exc))
-            self._discard(stream_type, stream_id, fields, token)
+            self._failed(fields, Outcome.VERIFICATION_FAILED, exc)
         except StreamIntegrityError as exc:
-            outcome = (
-                Outcome.FENCED
-                if self._lost_fence(stream_type, stream_id, token)
-                else Outcome.FAILED
-            )
-            fields.update(outcome=outcome, error=str(exc))
-        except EskitError as exc:
-            fields.update(outcome=Outcome.FAILED, error=str(exc))
+            lost = self._lost_fence(stream_type, stream_id, run.token)
+            self._failed(fields, Outcome.FENCED if lost else Outcome.FAILED, exc)
         except Exception as exc:  # a bug in a decider or codec must not kill a fleet worker
-            fields.update(
-                outcome=Outcome.FAILED,
-                error=f"{label_of(stream_type, stream_id)}: {type(exc).__name__}: {exc}",
-            )
+            self._failed(fields, Outcome.FAILED, exc)
+        if run.snapshot_saved and fields["outcome"] not in _KEEPS_SNAPSHOT:
+            self._discard(stream_type, stream_id, fields, run.token)
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return CompactionResult(**fields)
+
+    @staticmethod
+    def _failed(fields: dict[str, Any], outcome: Outcome, exc: BaseException) -> None:
+        message = str(exc)
+        if not isinstance(exc, EskitError | _VerificationFailed):
+            message = f"{fields['stream_type']}/{fields['stream_id']}: {type(exc).__name__}: {exc}"
+        fields.update(
+            outcome=outcome,
+            error=message,
+            error_type=type(exc).__name__ if not isinstance(exc, _VerificationFailed) else None,
+            events_deleted=0,
+            bytes_reclaimed=0,
+        )
 
     # -- steps -------------------------------------------------------------------------
 
@@ -174,11 +198,12 @@ class Compactor(Generic[S]):
         return _Plan(info.head_version, info.compacted_through, cut, token)
 
     def _cut(self, stream_type: str, stream_id: str, info: StreamInfo) -> int | None:
-        cutoff = self.policy.age_cutoff(self._clock())
         newest_old_enough = None
-        if cutoff is not None:
-            found = self.store.newest_version_before(stream_type, stream_id, cutoff)
-            newest_old_enough = info.compacted_through if found is None else found
+        if self.policy.retain_younger_than is not None:
+            now = self._clock() if self._clock is not None else self.store.now()
+            cutoff = now - self.policy.retain_younger_than
+            young = self.store.oldest_version_after(stream_type, stream_id, cutoff)
+            newest_old_enough = info.head_version if young is None else young - 1
         return plan_cut(
             head=info.head_version,
             compacted_through=info.compacted_through,
@@ -186,7 +211,14 @@ class Compactor(Generic[S]):
             newest_old_enough=newest_old_enough,
         )
 
-    def _run(self, stream_type: str, stream_id: str, plan: _Plan, fields: dict[str, Any]) -> None:
+    def _run(
+        self,
+        stream_type: str,
+        stream_id: str,
+        plan: _Plan,
+        fields: dict[str, Any],
+        run: _RunState,
+    ) -> None:
         label = label_of(stream_type, stream_id)
         c, head, p = plan.cut, plan.head, plan.compacted_through
         fields.update(snapshot_version=c, events_retained=head - c)
@@ -196,10 +228,10 @@ class Compactor(Generic[S]):
         state = self._base_state(stream_type, stream_id, p)
         doomed = _Counter()
         state = self._fold(stream_type, stream_id, state, doomed, p, c)
-        encoded = self.codec.encode(state)
+        encoded = self._verifying(self.codec.encode, state)
         digest = state_hash(encoded)
-        fields.update(state_hash=digest, events_deleted=doomed.events, bytes_reclaimed=doomed.bytes)
-        at_cut = self.codec.decode(encoded)
+        fields.update(state_hash=digest)
+        at_cut = self._verifying(self.codec.decode, encoded)
         if at_cut != state:
             raise _VerificationFailed(
                 f"{label}: the state at version {c} does not survive a round trip through "
@@ -209,9 +241,13 @@ class Compactor(Generic[S]):
 
         if plan.token is None:  # dry run: verify in memory, write nothing
             self._verify_tail(stream_type, stream_id, at_cut, full, c, head)
-            fields.update(outcome=Outcome.DRY_RUN)
+            fields.update(
+                outcome=Outcome.DRY_RUN, events_deleted=doomed.events, bytes_reclaimed=doomed.bytes
+            )
             return
 
+        self._checkpoint()
+        run.snapshot_saved = True
         self.snapshot_store.save(
             stream_type,
             stream_id,
@@ -224,7 +260,7 @@ class Compactor(Generic[S]):
                 f"{label}: the snapshot read back at version {c} is "
                 f"{'missing' if stored is None else 'not the bytes written'}"
             )
-        decoded = self.codec.decode(stored.state)
+        decoded = self._verifying(self.codec.decode, stored.state)
         if decoded != at_cut:
             raise _VerificationFailed(
                 f"{label}: the snapshot read back at version {c} decodes to a different "
@@ -232,6 +268,7 @@ class Compactor(Generic[S]):
             )
         self._verify_tail(stream_type, stream_id, decoded, full, c, head)
 
+        self._checkpoint()
         deleted = self.store.commit_compaction(
             DeletionPlan(
                 stream_type=stream_type,
@@ -246,7 +283,21 @@ class Compactor(Generic[S]):
                 compaction_id=fields["compaction_id"],
             )
         )
-        fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted)
+        fields.update(
+            outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed.bytes
+        )
+
+    def _checkpoint(self) -> None:
+        if self._guard is not None:
+            self._guard()
+
+    @staticmethod
+    def _verifying(step: Callable[[Any], Any], value: Any) -> Any:
+        """Run an encode/decode step of the snapshot; a codec error fails verification."""
+        try:
+            return step(value)
+        except SnapshotCodecError as exc:
+            raise _VerificationFailed(str(exc)) from exc
 
     def _base_state(self, stream_type: str, stream_id: str, compacted_through: int) -> S:
         snap = self.snapshot_store.latest(stream_type, stream_id)
@@ -319,7 +370,7 @@ class Compactor(Generic[S]):
         if token is None or fields.get("snapshot_version") is None:
             return
         # Best effort: unverified snapshots are invisible to readers and replaced next time.
-        with contextlib.suppress(EskitError):
+        with contextlib.suppress(Exception):
             self.snapshot_store.discard(
                 stream_type, stream_id, fields["snapshot_version"], fence_token=token
             )

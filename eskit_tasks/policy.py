@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
 
 from eskit_tasks.errors import InvalidPolicyError
+
+# "30d", "12h", "90m", "45s", "2w": the short form operators write in configs and flags.
+_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class CompactionPolicy(BaseModel):
@@ -16,15 +21,16 @@ class CompactionPolicy(BaseModel):
 
     Args:
         retain_last: Keep at least this many of the newest events as an audit trail.
-        retain_younger_than: Keep every event recorded less than this long ago.
+        retain_younger_than: Keep every event recorded less than this long ago. A
+            ``timedelta``, seconds, an ISO 8601 duration (``P30D``) or ``"30d"``/``"12h"``.
         dry_run: Plan, replay and verify in memory; write and delete nothing.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    retain_last: int = 0
+    retain_last: StrictInt = 0
     retain_younger_than: timedelta | None = None
-    dry_run: bool = False
+    dry_run: StrictBool = False
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -41,6 +47,15 @@ class CompactionPolicy(BaseModel):
     def _non_negative(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    @field_validator("retain_younger_than", mode="before")
+    @classmethod
+    def _parse_age(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _AGE.fullmatch(value.strip())
+            if match:
+                return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
         return value
 
     @field_validator("retain_younger_than")
@@ -73,9 +88,9 @@ def plan_cut(
         head: The stream's head version.
         compacted_through: The previous compaction point (0 if never compacted).
         retain_last: Events to keep at the head.
-        newest_old_enough: Newest live version recorded before the age cutoff; None when
-            the policy has no age rule. Pass ``compacted_through`` when no live event is
-            old enough.
+        newest_old_enough: The version before the oldest event younger than the age
+            cutoff (the head when no event is that young); None when the policy has no
+            age rule.
     """
     cut = head - retain_last
     if newest_old_enough is not None:

@@ -146,10 +146,22 @@ class EventStore(Protocol):
         """Return the stream's bookkeeping, None if it does not exist."""
         ...
 
-    def newest_version_before(
+    def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
     ) -> int | None:
-        """Return the newest live version recorded at or before ``cutoff``, if any."""
+        """Return the oldest live version recorded after ``cutoff``, None if there is none.
+
+        The age rule keeps this version and everything after it. Asking for the first
+        *young* event, not the last old one, keeps the cut safe when timestamps are not
+        monotonic (clock skew): an old-looking event after a young one is kept too.
+
+        Raises:
+            ConfigurationError: ``cutoff`` is naive.
+        """
+        ...
+
+    def now(self) -> datetime:
+        """The current time on the clock that stamps ``recorded_at`` (the database's)."""
         ...
 
     def acquire_fence(self, stream_type: str, stream_id: str) -> StreamInfo | None:

@@ -47,6 +47,7 @@ class CompactionResult(BaseModel):
     state_hash: str | None = None
     duration_ms: float = 0.0
     error: str | None = None
+    error_type: str | None = None
     compaction_id: str
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class Stores:
     snapshots: SnapshotStore
     corrupt_event: Callable[[str, str, int, str], None]
     remove_event: Callable[[str, str, int], None]
+    set_recorded_at: Callable[[str, str, int, datetime], None]
     url: str | None = None
 
 
@@ -59,7 +61,16 @@ def _sql_stores(url: str) -> tuple[Stores, SqlEventStore]:
                 sa.delete(events).where(events.c.stream_pk == pk, events.c.version == version)
             )
 
-    return Stores(store, SqlSnapshotStore(engine), corrupt, remove, url), store
+    def set_recorded_at(stream_type: str, stream_id: str, version: int, moment: datetime) -> None:
+        with engine.begin() as conn:
+            pk = _pk(conn, stream_type, stream_id)
+            conn.execute(
+                sa.update(events)
+                .where(events.c.stream_pk == pk, events.c.version == version)
+                .values(recorded_at=moment)
+            )
+
+    return Stores(store, SqlSnapshotStore(engine), corrupt, remove, set_recorded_at, url), store
 
 
 class MemoryBackend:
@@ -73,6 +84,7 @@ class MemoryBackend:
             InMemorySnapshotStore(store.engine),
             store.engine.corrupt_event,
             store.engine.remove_event,
+            store.engine.set_recorded_at,
         )
 
 

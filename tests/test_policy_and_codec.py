@@ -62,6 +62,23 @@ def test_policy_defaults_and_cutoff():
     assert aged.age_cutoff(now) == datetime(2026, 1, 1, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("30d", timedelta(days=30)),
+        ("12h", timedelta(hours=12)),
+        ("90m", timedelta(minutes=90)),
+        ("1.5s", timedelta(seconds=1.5)),
+        ("2w", timedelta(weeks=2)),
+        ("P3D", timedelta(days=3)),
+        (3600, timedelta(hours=1)),
+        (timedelta(minutes=5), timedelta(minutes=5)),
+    ],
+)
+def test_retain_younger_than_accepts_operator_forms(given, expected):
+    assert CompactionPolicy(retain_younger_than=given).retain_younger_than == expected
+
+
 def test_policy_error_names_every_bad_field():
     with pytest.raises(InvalidPolicyError) as info:
         CompactionPolicy(retain_last=-2, retain_younger_than=timedelta(seconds=-5))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -48,14 +49,20 @@ def test_sqlite_file_that_cannot_be_opened_is_unavailable(tmp_path: Path):
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        (f"mysql://u:{SECRET}@h/db", "unsupported database 'mysql'"),
+        (f"mysql://u:{SECRET}@h/db", "unsupported database driver 'mysql'"),
         ("not a url", "not a database URL"),
+        (f"postgresql+nosuchdriver://u:{SECRET}@h/db", "unsupported database driver"),
+        (f"postgresql+asyncpg://u:{SECRET}@h/db", "unsupported database driver"),
+        (f"postgresql://u:{SECRET}@h:notaport/db", "not a database URL"),
+        (f"postgresql://u@h/db?password={SECRET}&sslmode=disable", "cannot reach|connection"),
     ],
 )
 def test_bad_urls_are_configuration_errors(url: str, message: str):
-    with pytest.raises(ConfigurationError, match=message) as info:
-        SqlEventStore.from_url(url)
+    with pytest.raises(EskitError, match=message) as info:
+        SqlEventStore.from_url(url, connect_args={"connect_timeout": 2})
+    assert isinstance(info.value, ConfigurationError | DatabaseUnavailableError)
     assert SECRET not in str(info.value)
+    assert SECRET not in repr(info.value)
 
 
 def test_bare_postgresql_url_uses_psycopg(postgres_url: str):
@@ -96,7 +103,7 @@ def test_driver_errors_are_translated_never_raw(tmp_path: Path):
     for call in (
         lambda: list(store.read("account", "a-1")),
         lambda: store.append("account", "a-1", deposits(2), expected_version=1),
-        lambda: store.newest_version_before("account", "a-1", sa.func.now()),
+        lambda: store.oldest_version_after("account", "a-1", store.now()),
     ):
         with pytest.raises(StoreError) as info:
             call()
@@ -144,3 +151,72 @@ def test_connection_lost_mid_read_is_database_unavailable(postgres_url: str):
         assert isinstance(info.value, DatabaseUnavailableError), info.value
     finally:
         store.engine.dispose()
+
+
+def test_bad_engine_options_are_configuration_errors(tmp_path: Path):
+    with pytest.raises(ConfigurationError, match="cannot create a database engine"):
+        SqlEventStore.from_url(f"sqlite:///{tmp_path / 'e.db'}", no_such_option=True)
+
+
+def test_password_in_query_string_is_masked_everywhere(postgres_url: str):
+    url = make_url(postgres_url)
+    with_query = url.set(password=None).update_query_dict({"password": SECRET})
+    store = SqlEventStore(sa.create_engine(with_query), create_tables=False)
+    assert SECRET not in repr(store)
+
+
+@pytest.mark.parametrize("bad_id", ["\ud800", "a\udfffb"])
+def test_lone_surrogates_in_ids_are_configuration_errors(tmp_path: Path, bad_id: str):
+    store = SqlEventStore.from_url(f"sqlite:///{tmp_path / 'e.db'}")
+    for call in (
+        lambda: store.append("account", bad_id, deposits(1), expected_version=0),
+        lambda: store.head_version("account", bad_id),
+        lambda: list(store.read("account", bad_id)),
+    ):
+        with pytest.raises(ConfigurationError, match="valid Unicode"):
+            call()
+
+
+def test_statement_errors_do_not_echo_parameters(tmp_path: Path):
+    store = SqlEventStore.from_url(f"sqlite:///{tmp_path / 'e.db'}")
+    store.append("account", "a-1", deposits(1), expected_version=0)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE eskit_events")
+    payload = [NewEvent("Deposited", {"card": "4111-1111-1111-1111"})]
+    with pytest.raises(StoreError) as info:
+        store.append("account", "a-1", payload, expected_version=1)
+    assert "4111" not in str(info.value)
+    assert "[SQL" not in str(info.value)
+
+
+def _open_store(url: str) -> str:
+    try:
+        SqlEventStore.from_url(url).engine.dispose()
+        return "ok"
+    except EskitError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_many_workers_creating_tables_at_once_all_succeed(kind, tmp_path: Path, postgres_url):
+    import multiprocessing
+
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        drop = None
+    else:
+        name = f"eskit_schema_race_{uuid.uuid4().hex[:8]}"
+        admin = make_url(postgres_url).set(drivername="postgresql", database="postgres")
+        libpq = admin.render_as_string(hide_password=False)
+        with psycopg.connect(libpq, autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        drop = (libpq, name)
+    try:
+        with multiprocessing.get_context("spawn").Pool(8) as pool:
+            outcomes = pool.map(_open_store, [url] * 8)
+        assert outcomes == ["ok"] * 8
+    finally:
+        if drop is not None:
+            with psycopg.connect(drop[0], autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{drop[1]}" WITH (FORCE)')

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from eskit_tasks.codec import dumps
 from eskit_tasks.errors import ConcurrencyError, ConfigurationError, FencedError
 from eskit_tasks.events import NewEvent
 from eskit_tasks.ports import DeletionPlan
 
+#: Versions are 64-bit signed integers in the database.
+MAX_VERSION = 2**63
 #: Approximate per-row overhead (key, version, timestamp) added to payload sizes.
 ROW_OVERHEAD_BYTES = 40
 
@@ -18,14 +21,22 @@ def label_of(stream_type: str, stream_id: str) -> str:
     return f"{stream_type}/{stream_id}"
 
 
+def check_aware(moment: datetime) -> None:
+    """Reject a naive datetime: eskit-tasks compares instants, never wall-clock readings."""
+    if not isinstance(moment, datetime) or moment.utcoffset() is None:
+        raise ConfigurationError(f"expected a timezone-aware datetime, got {moment!r}")
+
+
 def check_expected_version(expected_version: object) -> None:
     """Reject an expected_version that is not an int >= 0, before any I/O."""
     if (
         isinstance(expected_version, bool)
         or not isinstance(expected_version, int)
-        or expected_version < 0
+        or not 0 <= expected_version < MAX_VERSION
     ):
-        raise ConfigurationError(f"expected_version must be an int >= 0, got {expected_version!r}")
+        raise ConfigurationError(
+            f"expected_version must be an int from 0 to {MAX_VERSION - 1}, got {expected_version!r}"
+        )
 
 
 def encode_events(label: str, events_: Sequence[NewEvent]) -> list[tuple[str, str, str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from eskit_tasks import redact
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -30,6 +32,15 @@ from eskit_tasks.errors import (
 SQLITE_BUSY_TIMEOUT_S = 30
 #: Seconds to wait for a PostgreSQL connection before reporting it unreachable.
 PG_CONNECT_TIMEOUT_S = 10
+#: PostgreSQL, inside eskit's write transactions: give up waiting for a row lock after this.
+#: A worker paused while holding a stream's row lock cannot block appends for longer.
+PG_LOCK_TIMEOUT = "30s"
+#: PostgreSQL, inside write transactions: a client that stalls mid-transaction is cut off.
+PG_IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+#: The drivers eskit-tasks is tested with.
+SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite", "sqlite+pysqlite")
+#: Arbitrary constant key of the advisory lock that serialises table creation.
+_SCHEMA_LOCK_KEY = 0x65736B6974  # "eskit"
 #: Connection option that makes the next transaction on SQLite start as BEGIN IMMEDIATE.
 _WRITE_OPTION = "eskit_write"
 
@@ -39,48 +50,68 @@ _PG_CONNECTION_STATES = ("08", "57P01", "57P02", "57P03")
 
 
 def normalise_url(url: str | URL) -> URL:
-    """Parse ``url`` and pick psycopg 3 for a bare ``postgresql://`` or ``postgres://``."""
+    """Parse ``url`` and pick psycopg 3 for a bare ``postgresql://`` or ``postgres://``.
+
+    Raises:
+        ConfigurationError: not a URL, or not PostgreSQL/SQLite (message masked).
+    """
     try:
         parsed = make_url(url)
-    except exc.ArgumentError as e:
-        raise ConfigurationError(f"not a database URL: {mask_text(str(url))!r} ({e})") from None
+        port = parsed.port  # parsing the port validates it
+    except (exc.ArgumentError, ValueError) as e:
+        raise ConfigurationError(
+            f"not a database URL: {redact.mask_url(str(url))!r} ({redact.mask_url(str(e))})"
+        ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite") or parsed.drivername not in SUPPORTED_DRIVERS:
         raise ConfigurationError(
-            f"unsupported database {parsed.get_backend_name()!r} in "
-            f"{mask_url(parsed)}: use sqlite:///path.db or postgresql+psycopg://..."
+            f"unsupported database driver {parsed.drivername!r} in {mask_url(parsed)}: "
+            "use sqlite:///path.db or postgresql+psycopg://user:password@host:port/db"
         )
+    del port
     return parsed
 
 
 def mask_url(url: str | URL) -> str:
-    """Render a URL with its password replaced by ``***``."""
-    return make_url(url).render_as_string(hide_password=True)
+    """Render a URL with its password (and any ``password=`` parameter) as ``***``."""
+    if isinstance(url, str):
+        return redact.mask_url(url)
+    return redact.mask_url(url.render_as_string(hide_password=True))
 
 
-def mask_text(text: str) -> str:
-    """Best effort for a string that may be a malformed URL: hide what follows ``user:``."""
-    head, sep, tail = text.partition("://")
-    if not sep or "@" not in tail:
-        return text
-    creds, at, rest = tail.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{head}{sep}{user}:***{at}{rest}" if ":" in creds else text
+def secrets_of(url: URL) -> list[str]:
+    """The secret values a URL carries, to scrub from driver messages."""
+    found = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if key.lower() in ("password", "passwd", "pwd", "sslpassword"):
+            found.extend([value] if isinstance(value, str) else list(value))
+    return found
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """Create an engine configured for eskit-tasks' transaction discipline."""
+    """Create an engine configured for eskit-tasks' transaction discipline.
+
+    Raises:
+        ConfigurationError: the URL or an engine option is invalid (message masked).
+    """
     parsed = normalise_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed, **kwargs)
-    connect_args = dict(kwargs.pop("connect_args", {}))
-    if "connect_timeout" not in parsed.query:
-        connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
-    # pre_ping: a worker whose connection was terminated (failover, pg_terminate_backend)
-    # reconnects instead of failing its next compaction.
-    kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return _sqlite_engine(parsed, **kwargs)
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        if "connect_timeout" not in parsed.query:
+            connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        # pre_ping: a worker whose connection was terminated (failover,
+        # pg_terminate_backend) reconnects instead of failing its next compaction.
+        kwargs.setdefault("pool_pre_ping", True)
+        return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
+    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError, TypeError, ValueError) as e:
+        raise ConfigurationError(
+            f"cannot create a database engine for {mask_url(parsed)}: "
+            f"{redact.scrub(str(e), secrets_of(parsed))}"
+        ) from None
 
 
 def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
@@ -113,12 +144,39 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """Yield a connection inside a transaction that commits on success, rolls back on error."""
+    """Yield a connection inside a transaction that commits on success, rolls back on error.
+
+    SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: bounded waits for row locks and for a stalled
+    client, so a paused worker cannot hold a stream's row lock indefinitely.
+    """
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             conn.execution_options(**{_WRITE_OPTION: True})
         with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(
+                    f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'; "
+                    f"SET LOCAL idle_in_transaction_session_timeout = "
+                    f"'{PG_IDLE_IN_TRANSACTION_TIMEOUT}'"
+                )
             yield conn
+
+
+def create_tables(engine: Engine, metadata: sa.MetaData) -> None:
+    """Create missing tables; safe when many workers start at once on an empty database."""
+    with write_transaction(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalogs.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+        metadata.create_all(conn, checkfirst=True)
+
+
+def clock_expression(engine: Engine) -> Any:
+    """What stamps ``recorded_at``: the database's clock on PostgreSQL (one clock for every
+    worker host), the local clock on SQLite (the database is a local file)."""
+    if engine.dialect.name == "postgresql":
+        return sa.func.now()
+    return datetime.now(UTC)
 
 
 def insert_ignoring_conflicts(engine: Engine, table: sa.Table) -> Any:
@@ -142,7 +200,7 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
         raise
     except exc.DBAPIError as e:
         where = mask_url(engine.url)
-        reason = _scrub(str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else "", engine)
+        reason = _reason(str(e.orig), engine)
         if _is_connection_error(e):
             raise DatabaseUnavailableError(
                 f"{action}: cannot reach the database at {where}: {reason}. "
@@ -150,8 +208,21 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
             ) from e
         raise StoreError(f"{action} failed on {where}: {reason}") from e
     except exc.SQLAlchemyError as e:
-        where = mask_url(engine.url)
-        raise StoreError(f"{action} failed on {where}: {_scrub(str(e), engine)}") from e
+        # str(e) of a StatementError appends the SQL and its parameters (payloads): keep
+        # only the first line, which names the problem.
+        cause = getattr(e, "orig", None)
+        reason = _reason(str(cause) if cause is not None else str(e), engine)
+        raise StoreError(f"{action} failed on {mask_url(engine.url)}: {reason}") from e
+    except UnicodeEncodeError as e:
+        raise ConfigurationError(
+            f"{action}: stream types, ids and payloads must be valid Unicode text "
+            f"(found {e.reason} at position {e.start})"
+        ) from None
+
+
+def _reason(text: str, engine: Engine) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else "no details"
+    return redact.scrub(first, secrets_of(engine.url))
 
 
 def _is_connection_error(e: exc.DBAPIError) -> bool:
@@ -166,10 +237,3 @@ def _is_connection_error(e: exc.DBAPIError) -> bool:
         text = str(e.orig).lower()
         return "sqlite" not in type(e.orig).__module__ or "unable to open" in text
     return any(str(state).startswith(prefix) for prefix in _PG_CONNECTION_STATES)
-
-
-def _scrub(message: str, engine: Engine) -> str:
-    password = engine.url.password
-    if password:
-        message = message.replace(str(password), "***")
-    return message

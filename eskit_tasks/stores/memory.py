@@ -25,6 +25,7 @@ from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamInfo
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
+    check_aware,
     check_expected_version,
     check_fence,
     conflict,
@@ -65,6 +66,13 @@ class InMemoryDatabase:
         with self.lock:
             rec = self.streams[(stream_type, stream_id)].events[version]
             rec.data = raw
+
+    def set_recorded_at(
+        self, stream_type: str, stream_id: str, version: int, moment: datetime
+    ) -> None:
+        """Rewrite an event's timestamp (tests of clock skew)."""
+        with self.lock:
+            self.streams[(stream_type, stream_id)].events[version].recorded_at = moment
 
     def remove_event(self, stream_type: str, stream_id: str, version: int) -> None:
         """Remove one stored event, leaving a version gap (tests of gap detection)."""
@@ -160,15 +168,19 @@ class InMemoryEventStore:
                 len(r.data) + len(r.metadata) + len(r.type) + ROW_OVERHEAD_BYTES,
             )
 
-    def newest_version_before(
+    def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
     ) -> int | None:
+        check_aware(cutoff)
         with self.engine.lock:
             s = self.engine.streams.get((stream_type, stream_id))
             if s is None:
                 return None
-            old = [v for v, r in s.events.items() if r.recorded_at <= cutoff]
-            return max(old) if old else None
+            young = [v for v, r in s.events.items() if r.recorded_at > cutoff]
+            return min(young) if young else None
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
 
     def acquire_fence(self, stream_type: str, stream_id: str) -> StreamInfo | None:
         with self.engine.lock:

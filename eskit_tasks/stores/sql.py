@@ -8,7 +8,7 @@ the length of the stream.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -27,6 +27,7 @@ from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamIn
 from eskit_tasks.stores import dialects
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
+    check_aware,
     check_expected_version,
     check_fence,
     conflict,
@@ -39,13 +40,9 @@ from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshot
 DEFAULT_PAGE_SIZE = 5000
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _ensure_schema(engine: Engine) -> None:
     with dialects.translate_errors(engine, "open the event store"):
-        metadata.create_all(engine, checkfirst=True)
+        dialects.create_tables(engine, metadata)
 
 
 def _stream_pk(conn: Connection, stream_type: str, stream_id: str, *, lock: bool = False) -> Any:
@@ -112,7 +109,7 @@ class SqlEventStore:
         check_expected_version(expected_version)
         label = label_of(stream_type, stream_id)
         rows = encode_events(label, events_)
-        now = _utcnow()
+        now = dialects.clock_expression(self.engine)
         new_head = expected_version + len(rows)
         with dialects.translate_errors(self.engine, f"append to {label}"):
             if not rows:
@@ -142,7 +139,7 @@ class SqlEventStore:
                     ).scalar_one_or_none()
                 if pk is not None:
                     conn.execute(
-                        events.insert(),
+                        events.insert().values(recorded_at=now),
                         [
                             {
                                 "stream_pk": pk,
@@ -150,7 +147,6 @@ class SqlEventStore:
                                 "type": t,
                                 "data": d,
                                 "metadata": m,
-                                "recorded_at": now,
                             }
                             for i, (t, d, m) in enumerate(rows, start=1)
                         ],
@@ -242,16 +238,17 @@ class SqlEventStore:
                 # cursor before the connection goes back to the pool.
                 result.close()
 
-    def newest_version_before(
+    def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
     ) -> int | None:
+        check_aware(cutoff)
         query = (
-            sa.select(sa.func.max(events.c.version))
+            sa.select(sa.func.min(events.c.version))
             .join(streams, streams.c.pk == events.c.stream_pk)
             .where(
                 streams.c.stream_type == stream_type,
                 streams.c.stream_id == stream_id,
-                events.c.recorded_at <= cutoff,
+                events.c.recorded_at > cutoff,
             )
         )
         with (
@@ -260,6 +257,17 @@ class SqlEventStore:
         ):
             value = conn.execute(query).scalar_one_or_none()
         return None if value is None else int(value)
+
+    def now(self) -> datetime:
+        clock = dialects.clock_expression(self.engine)
+        if isinstance(clock, datetime):
+            return clock
+        with (
+            dialects.translate_errors(self.engine, "read the database clock"),
+            self.engine.connect() as conn,
+        ):
+            value: datetime = conn.execute(sa.select(clock)).scalar_one()
+        return value
 
     def compaction_log(
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
@@ -373,7 +381,7 @@ class SqlEventStore:
                     events_deleted=deleted,
                     bytes_reclaimed=plan.bytes_reclaimed,
                     fence_token=plan.fence_token,
-                    compacted_at=_utcnow(),
+                    compacted_at=dialects.clock_expression(self.engine),
                 )
             )
             conn.execute(sa.update(streams).where(streams.c.pk == pk).values(compacted_through=c))

@@ -151,6 +151,18 @@ class CompactorContract:
         assert result.outcome == Outcome.NOTHING_TO_COMPACT
         untouched(stores, 5)
 
+    def test_age_rule_keeps_old_looking_events_after_a_young_one(self, stores: Stores):
+        """Clock skew: version 5 carries an old timestamp but comes after young version 4.
+        The cut stops before the first young event, so nothing young is deleted."""
+        seed(stores, list(range(6)))
+        now = stores.events.now()
+        for version, age in [(1, 10), (2, 9), (3, 8), (4, 0), (5, 7), (6, 6)]:
+            stores.set_recorded_at("account", "a-1", version, now - timedelta(days=age))
+        result = compactor(stores, retain_younger_than="2d").compact("account", "a-1")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert result.snapshot_version == 3
+        assert versions(stores, "account", "a-1") == [4, 5, 6]
+
     # 3. replay ------------------------------------------------------------------------
 
     def test_second_compaction_replays_from_the_snapshot_only(self, stores: Stores):
@@ -228,6 +240,36 @@ class CompactorContract:
         assert stores.snapshots.read("account", "a-1", 6) is None
         assert stores.events.compaction_log() == []
 
+    def test_missing_verified_snapshot_at_the_compaction_point_fails(self, stores: Stores):
+        seed(stores, list(range(6)))
+        assert compactor(stores, retain_last=2).compact("account", "a-1").outcome == "compacted"
+        seed(stores, [6, 7])
+        hidden = Proxy(stores.snapshots, latest=lambda stream_type, stream_id: None)
+        result = Compactor(
+            store=stores.events, snapshot_store=hidden, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.FAILED
+        assert "compacted through 4 but the newest verified snapshot is at none" in result.error
+        assert versions(stores, "account", "a-1") == [5, 6, 7, 8]
+
+    def test_missing_head_event_fails(self, stores: Stores):
+        seed(stores, list(range(6)))
+        stores.remove_event("account", "a-1", 6)
+        result = compactor(stores, retain_last=2).compact("account", "a-1")
+        assert result.outcome == Outcome.FAILED
+        assert "expected events up to version 6, the stream ends at 5" in result.error
+        assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
+
+    def test_undecodable_base_snapshot_fails_without_deleting(self, stores: Stores):
+        seed(stores, [1, 2, 3, 4])
+        assert compactor(stores, retain_last=1).compact("account", "a-1").outcome == "compacted"
+        seed(stores, [5, 6])
+        # The state type changed in a way the stored snapshot cannot be decoded as.
+        result = compactor(stores, Ledger(), list).compact("account", "a-1")
+        assert result.outcome == Outcome.FAILED
+        assert "cannot decode snapshot as list" in result.error
+        assert versions(stores, "account", "a-1") == [4, 5, 6]
+
     # 4. verification ------------------------------------------------------------------
 
     @pytest.mark.parametrize(
@@ -264,6 +306,7 @@ class CompactorContract:
         result = compactor(stores, LossyTagger(), dict).compact("account", "a-1")
         assert result.outcome == Outcome.VERIFICATION_FAILED
         assert "round trip" in result.error and "'tags'" in result.error
+        assert (result.events_deleted, result.bytes_reclaimed) == (0, 0)
         untouched(stores, 3)
 
     def test_nondeterministic_evolve_fails_tail_verification(self, stores: Stores):
@@ -441,6 +484,21 @@ class CompactorContract:
             result.state_hash,
         )
 
+    def test_dry_run_verifies_the_tail_too(self, stores: Stores):
+        class Counting(Ledger):
+            calls = 0
+
+            def evolve(self, state, event):
+                Counting.calls += 1
+                return {**super().evolve(state, event), "calls": Counting.calls}
+
+        seed(stores, list(range(6)))
+        result = compactor(stores, Counting(), dict, retain_last=2, dry_run=True).compact(
+            "account", "a-1"
+        )
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert (result.events_deleted, result.bytes_reclaimed) == (0, 0)
+
     def test_dry_run_still_detects_a_lossy_codec(self, stores: Stores):
         stores.events.append(
             "account", "a-1", [NewEvent(type="Tagged", data={"tag": "x"})], expected_version=0
@@ -505,9 +563,32 @@ class CompactorContract:
     def test_load_state_ignores_unverified_snapshots(self, stores: Stores):
         seed(stores, [1, 2, 3])
 
+        class Crash(BaseException):
+            """The process dies: no cleanup code runs."""
+
         def commit_compaction(plan):
-            # Crash after the snapshot was written, before the delete committed.
-            raise RuntimeError("worker died")
+            raise Crash
+
+        with pytest.raises(Crash):
+            Compactor(
+                store=Proxy(stores.events, commit_compaction=commit_compaction),
+                snapshot_store=stores.snapshots,
+                decider=Ledger(),
+                state_type=dict,
+            ).compact("account", "a-1")
+        leftover = stores.snapshots.read("account", "a-1", 3)
+        assert leftover is not None and not leftover.verified
+        assert stores.snapshots.latest("account", "a-1") is None
+        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
+        # and the next compaction replaces it and completes
+        assert compactor(stores).compact("account", "a-1").outcome == Outcome.COMPACTED
+        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
+
+    def test_failure_after_the_snapshot_write_removes_the_snapshot(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+
+        def commit_compaction(plan):
+            raise RuntimeError("database said no")
 
         result = Compactor(
             store=Proxy(stores.events, commit_compaction=commit_compaction),
@@ -515,12 +596,10 @@ class CompactorContract:
             decider=Ledger(),
             state_type=dict,
         ).compact("account", "a-1")
-        assert result.outcome == Outcome.FAILED
-        assert stores.snapshots.read("account", "a-1", 3) is not None  # left behind, unverified
-        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
-        # and the next compaction replaces it and completes
-        assert compactor(stores).compact("account", "a-1").outcome == Outcome.COMPACTED
-        assert state_of(stores) == (ledger_fold([1, 2, 3]), 3)
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "RuntimeError")
+        assert "database said no" in result.error
+        assert (result.events_deleted, result.bytes_reclaimed) == (0, 0)
+        untouched(stores, 3)
 
     # 11. bad input --------------------------------------------------------------------
 
@@ -531,6 +610,10 @@ class CompactorContract:
             {"retain_last": "many"},
             {"retain_younger_than": timedelta(seconds=-1)},
             {"dry_run": "perhaps"},
+            {"dry_run": 1},
+            {"retain_last": True},
+            {"retain_last": 2.5},
+            {"retain_younger_than": "soon"},
             {"keep": 3},
         ],
     )

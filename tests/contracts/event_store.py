@@ -120,6 +120,17 @@ class EventStoreContract:
         assert stores.events.head_version("account", "a-1") == 0
         assert list(stores.events.read("account", "a-1")) == []
 
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), [1.0, float("-inf")]])
+    def test_non_finite_numbers_are_refused_not_stored_as_null(self, stores: Stores, bad):
+        with pytest.raises(ConfigurationError, match="NaN and Infinity are not JSON"):
+            stores.events.append(
+                "account", "a-1", [NewEvent(type="X", data={"v": bad})], expected_version=0
+            )
+        assert stores.events.head_version("account", "a-1") == 0
+        stores.events.append(
+            "account", "a-1", [NewEvent(type="X", data={"v": None})], expected_version=0
+        )
+
     def test_concurrent_appends_with_same_expected_version_one_wins(self, stores: Stores):
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         barrier = threading.Barrier(4)
@@ -187,12 +198,29 @@ class EventStoreContract:
             next(it)
         assert info.value.version == 2
 
-    def test_newest_version_before_cutoff(self, stores: Stores):
+    def test_oldest_version_after_cutoff(self, stores: Stores):
         stores.events.append("account", "a-1", deposits(1, 2), expected_version=0)
-        assert stores.events.newest_version_before("account", "a-1", datetime.now(UTC)) == 2
-        past = datetime.now(UTC) - timedelta(days=1)
-        assert stores.events.newest_version_before("account", "a-1", past) is None
-        assert stores.events.newest_version_before("account", "zz", datetime.now(UTC)) is None
+        now = stores.events.now()
+        assert stores.events.oldest_version_after("account", "a-1", now + timedelta(days=1)) is None
+        assert stores.events.oldest_version_after("account", "a-1", now - timedelta(days=1)) == 1
+        assert stores.events.oldest_version_after("account", "zz", now - timedelta(days=1)) is None
+
+    def test_store_clock_is_the_clock_that_stamps_events(self, stores: Stores):
+        before = stores.events.now()
+        stores.events.append("account", "a-1", deposits(1), expected_version=0)
+        after = stores.events.now()
+        [event] = stores.events.read("account", "a-1")
+        assert before.utcoffset() is not None
+        assert before - timedelta(seconds=1) <= event.recorded_at <= after + timedelta(seconds=1)
+
+    def test_naive_cutoff_is_a_configuration_error(self, stores: Stores):
+        stores.events.append("account", "a-1", deposits(1), expected_version=0)
+        with pytest.raises(ConfigurationError, match="timezone-aware"):
+            stores.events.oldest_version_after("account", "a-1", datetime.now())
+
+    def test_expected_version_beyond_64_bits_is_rejected(self, stores: Stores):
+        with pytest.raises(ConfigurationError, match="expected_version"):
+            stores.events.append("account", "a-1", deposits(1), expected_version=2**63)
 
     def test_fence_tokens_are_monotonic_per_stream(self, stores: Stores):
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
@@ -280,6 +308,21 @@ class EventStoreContract:
         assert info is not None and info.compacted_through == 0
         assert stores.snapshots.latest("account", "a-1") is None
         assert stores.events.compaction_log() == []
+
+    def test_commit_after_the_compaction_point_moved_is_fenced(self, stores: Stores):
+        plan = self._prepare(stores)
+        moved = DeletionPlan(**{**_fields(plan), "compacted_through_before": 2})
+        with pytest.raises(FencedError, match="compacted through 0 since"):
+            stores.events.commit_compaction(moved)
+        assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
+
+    def test_commit_beyond_the_head_is_refused(self, stores: Stores):
+        plan = self._prepare(stores, n=5, c=3)
+        beyond = DeletionPlan(**{**_fields(plan), "through_version": 6, "expected_deleted": 5})
+        with pytest.raises(DeletionMismatchError, match="head is 5"):
+            stores.events.commit_compaction(beyond)
+        info = stores.events.stream_info("account", "a-1")
+        assert info is not None and info.compacted_through == 0
 
     def test_compacted_stream_keeps_head_for_optimistic_concurrency(self, stores: Stores):
         plan = self._prepare(stores, n=3, c=3)

@@ -1,0 +1,45 @@
+"""Redis key prefixes, queue names and default timings used by the fleet."""
+
+from __future__ import annotations
+
+#: Prefix of every Redis key eskit-tasks writes.
+KEY_PREFIX = "eskit"
+#: Per-stream lock: ``eskit:lock:<sha256 of the stream key>``; value: ``<task id>|<nonce>``.
+LOCK_PREFIX = f"{KEY_PREFIX}:lock:"
+#: Run progress hash: ``eskit:run:<run id>``.
+RUN_PREFIX = f"{KEY_PREFIX}:run:"
+
+#: Queue for compact_stream tasks.
+COMPACTION_QUEUE = "compaction"
+#: Queue for fan_out tasks, so paging continues while the compaction queue is full.
+FANOUT_QUEUE = "compaction-fanout"
+
+#: Seconds a stream lock lives without renewal (a dead worker's lock frees itself this fast).
+LOCK_TTL_S = 60.0
+#: A held lock is renewed this often, as a fraction of its TTL.
+LOCK_RENEW_FRACTION = 1 / 3
+#: Seconds run progress stays readable in Redis after its last update.
+RUN_TTL_S = 7 * 24 * 3600
+#: Failed streams remembered per run (with their errors) for the summary.
+RUN_FAILED_KEEP = 1000
+
+#: Soft time limit of one compaction (raises inside the task so it can stop cleanly).
+TASK_SOFT_TIME_LIMIT_S = 50 * 60
+#: Hard time limit: the worker child is killed.
+TASK_TIME_LIMIT_S = 55 * 60
+#: Redis broker visibility timeout: an unacknowledged message is redelivered after this.
+#: Must exceed the hard time limit, or a slow but healthy task would run twice at once.
+VISIBILITY_TIMEOUT_S = 60 * 60
+
+#: Retries of a compact_stream copy that finds the lock held (or Redis unreachable).
+LOCKED_MAX_RETRIES = 5
+#: First retry delay in seconds; doubles each time up to LOCKED_RETRY_MAX_S.
+LOCKED_RETRY_BASE_S = 5.0
+LOCKED_RETRY_MAX_S = 300.0
+
+#: Candidate streams read per fan-out page.
+FANOUT_PAGE_SIZE = 500
+#: The fan-out waits while the compaction queue holds this many messages or more.
+FANOUT_HIGH_WATER = 2000
+#: Seconds before a fan-out that found the queue full looks again.
+FANOUT_BACKOFF_S = 5.0

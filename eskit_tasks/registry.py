@@ -1,0 +1,106 @@
+"""Which decider and state type fold each stream type, for workers.
+
+User modules call :func:`register_decider` at import time; workers import the modules
+listed in ``ESKIT_DECIDER_MODULES`` when they start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from eskit_tasks.codec import StateCodec
+from eskit_tasks.decider import Decider
+from eskit_tasks.errors import ConfigurationError
+
+
+class UnknownStreamTypeError(ConfigurationError):
+    """Raised when no decider is registered for a stream type."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A decider and the state type its snapshots decode to."""
+
+    decider: Decider[Any]
+    state_type: Any
+
+
+_lock = threading.Lock()
+_registry: dict[str, Registration] = {}
+
+
+def register_decider(stream_type: str, decider: Decider[Any], state_type: Any) -> None:
+    """Tell workers how to fold streams of ``stream_type``.
+
+    Registering the same type again replaces the earlier registration (module reloads).
+
+    Args:
+        stream_type: The stream type, as passed to ``append``.
+        decider: An object with ``initial_state``, ``evolve`` and ``decide``.
+        state_type: The state's type, as given to the Compactor.
+
+    Raises:
+        ConfigurationError: the decider lacks a method, or pydantic cannot serialise
+            ``state_type``.
+    """
+    if not isinstance(stream_type, str):
+        raise ConfigurationError(f"stream_type must be a string, got {stream_type!r}")
+    missing = [
+        m for m in ("initial_state", "evolve", "decide") if not callable(getattr(decider, m, None))
+    ]
+    if missing:
+        raise ConfigurationError(
+            f"decider for {stream_type!r} lacks {', '.join(missing)}: a decider needs "
+            "initial_state(), evolve(state, event) and decide(command, state)"
+        )
+    StateCodec(state_type)  # fail at registration, not in the middle of a fleet run
+    with _lock:
+        _registry[stream_type] = Registration(decider, state_type)
+
+
+def get_registration(stream_type: str) -> Registration:
+    """Return the registration for ``stream_type``.
+
+    Raises:
+        UnknownStreamTypeError: nothing is registered for it.
+    """
+    with _lock:
+        found = _registry.get(stream_type)
+        known = sorted(_registry)
+    if found is None:
+        raise UnknownStreamTypeError(
+            f"no decider registered for stream type {stream_type!r} (known: "
+            f"{', '.join(map(repr, known)) or 'none'}); add the module that calls "
+            "register_decider to ESKIT_DECIDER_MODULES"
+        )
+    return found
+
+
+def registered_types() -> list[str]:
+    with _lock:
+        return sorted(_registry)
+
+
+def unregister_decider(stream_type: str) -> None:
+    """Forget a registration (tests)."""
+    with _lock:
+        _registry.pop(stream_type, None)
+
+
+def import_decider_modules(modules: Iterable[str]) -> None:
+    """Import each module so that its register_decider calls run.
+
+    Raises:
+        ConfigurationError: a module cannot be imported.
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"cannot import decider module {name!r} from ESKIT_DECIDER_MODULES: {exc}"
+            ) from exc

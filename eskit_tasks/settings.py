@@ -1,0 +1,89 @@
+"""Settings of the fleet: the one place that reads the environment.
+
+Every value has a default that works on one machine (local Redis, an SQLite file);
+operators override them with environment variables. ``celeryconfig.py`` turns these
+into Celery settings.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eskit_tasks import constants as c
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.redact import mask_url
+
+
+class EskitSettings(BaseSettings):
+    """Fleet settings, from the environment variables named beside each field."""
+
+    model_config = SettingsConfigDict(env_prefix="ESKIT_", extra="ignore", frozen=True)
+
+    #: ESKIT_DATABASE_URL: the event database (PostgreSQL in production).
+    database_url: str = "sqlite:///eskit.db"
+    #: ESKIT_REDIS_URL: locks and run progress.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: CELERY_BROKER_URL: where tasks are queued (Redis or RabbitMQ).
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("CELERY_BROKER_URL", "ESKIT_BROKER_URL"),
+    )
+    #: CELERY_RESULT_BACKEND: where each task's CompactionResult is stored.
+    result_backend: str = Field(
+        "redis://127.0.0.1:6379/1",
+        validation_alias=AliasChoices("CELERY_RESULT_BACKEND", "ESKIT_RESULT_BACKEND"),
+    )
+    #: ESKIT_DECIDER_MODULES: comma-separated modules that call register_decider.
+    decider_modules: str = "eskit_tasks.demo"
+    #: ESKIT_COMPACTION_QUEUE / ESKIT_FANOUT_QUEUE: queue names.
+    compaction_queue: str = c.COMPACTION_QUEUE
+    fanout_queue: str = c.FANOUT_QUEUE
+    #: ESKIT_LOCK_TTL: seconds a stream lock lives without renewal.
+    lock_ttl: float = Field(c.LOCK_TTL_S, gt=0)
+    #: ESKIT_TASK_SOFT_TIME_LIMIT / ESKIT_TASK_TIME_LIMIT / ESKIT_VISIBILITY_TIMEOUT: seconds.
+    task_soft_time_limit: float = Field(c.TASK_SOFT_TIME_LIMIT_S, gt=0)
+    task_time_limit: float = Field(c.TASK_TIME_LIMIT_S, gt=0)
+    visibility_timeout: float = Field(c.VISIBILITY_TIMEOUT_S, gt=0)
+    #: ESKIT_LOCKED_MAX_RETRIES / ESKIT_LOCKED_RETRY_BASE: a copy that finds the lock held.
+    locked_max_retries: int = Field(c.LOCKED_MAX_RETRIES, ge=0)
+    locked_retry_base: float = Field(c.LOCKED_RETRY_BASE_S, ge=0)
+    #: ESKIT_FANOUT_PAGE_SIZE / ESKIT_FANOUT_HIGH_WATER / ESKIT_FANOUT_BACKOFF.
+    fanout_page_size: int = Field(c.FANOUT_PAGE_SIZE, gt=0)
+    fanout_high_water: int = Field(c.FANOUT_HIGH_WATER, gt=0)
+    fanout_backoff: float = Field(c.FANOUT_BACKOFF_S, ge=0)
+    #: ESKIT_RUN_TTL: seconds run progress stays in Redis.
+    run_ttl: int = Field(c.RUN_TTL_S, gt=0)
+
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> EskitSettings:
+        if not self.task_soft_time_limit < self.task_time_limit < self.visibility_timeout:
+            raise ValueError(
+                "need ESKIT_TASK_SOFT_TIME_LIMIT < ESKIT_TASK_TIME_LIMIT < "
+                f"ESKIT_VISIBILITY_TIMEOUT, got {self.task_soft_time_limit} / "
+                f"{self.task_time_limit} / {self.visibility_timeout}: a task still running "
+                "when its message becomes visible again would run twice"
+            )
+        if self.lock_ttl >= self.visibility_timeout:
+            raise ValueError("ESKIT_LOCK_TTL must be below ESKIT_VISIBILITY_TIMEOUT")
+        return self
+
+    @property
+    def decider_module_list(self) -> list[str]:
+        return [m.strip() for m in self.decider_modules.split(",") if m.strip()]
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if isinstance(value, str) else value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> EskitSettings:
+    """Read the settings once per process."""
+    try:
+        return EskitSettings()
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid eskit-tasks settings: {exc}") from None
