@@ -4,6 +4,9 @@ Take a snapshot of a stream's state at version C, prove that it rebuilds the rig
 state, then delete events 1..C — never losing one.
 """
 
+import importlib
+from typing import Any
+
 from eskit_tasks.compactor import Compactor
 from eskit_tasks.decider import Decider
 from eskit_tasks.errors import (
@@ -26,6 +29,7 @@ from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.loading import load_state
 from eskit_tasks.policy import CompactionPolicy
 from eskit_tasks.ports import CompactionRecord, EventStore, Snapshot, SnapshotStore, StreamInfo
+from eskit_tasks.registry import UnknownStreamTypeError, register_decider
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.stores import (
     InMemoryDatabase,
@@ -37,6 +41,28 @@ from eskit_tasks.stores import (
 
 __version__ = "0.1.0"
 
+# The fleet's names import Celery; they load on first use so that the library core
+# stays light. `celery -A eskit_tasks` finds the Celery app as `eskit_tasks.app`.
+_LAZY = {
+    "compact_all": "eskit_tasks.runs",
+    "CompactionRun": "eskit_tasks.runs",
+    "RunSummary": "eskit_tasks.runs",
+    "RunTimeoutError": "eskit_tasks.runs",
+    "RunNotFoundError": "eskit_tasks.runs",
+    "RunProgress": "eskit_tasks.progress",
+    "app": "eskit_tasks.celery_app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eskit_tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     # compaction
     "CompactionPolicy",
@@ -45,6 +71,15 @@ __all__ = [
     "Compactor",
     "Outcome",
     "load_state",
+    # the fleet
+    "CompactionRun",
+    "RunNotFoundError",
+    "RunProgress",
+    "RunSummary",
+    "RunTimeoutError",
+    "UnknownStreamTypeError",
+    "compact_all",
+    "register_decider",
     # events and deciders
     "Decider",
     "NewEvent",

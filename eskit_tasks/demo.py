@@ -22,6 +22,7 @@ from eskit_tasks.errors import EskitError
 from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.loading import load_state
 from eskit_tasks.policy import CompactionPolicy
+from eskit_tasks.registry import register_decider
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.stores.dialects import mask_url
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
@@ -73,6 +74,10 @@ class Account:
         return [
             NewEvent(type="Deposited" if kind == "deposit" else "Withdrawn", data={"cents": cents})
         ]
+
+
+# Workers that list this module in ESKIT_DECIDER_MODULES can compact the demo accounts.
+register_decider(STREAM_TYPE, Account(), AccountState)
 
 
 def seed(

@@ -32,6 +32,24 @@ class StreamInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Candidate:
+    """A stream a fan-out may compact.
+
+    Args:
+        key: The stream's position in the candidate order (its surrogate key); pass the
+            last one seen as ``after`` to get the next page.
+        stream_type: The stream's type.
+        stream_id: The stream's id.
+        live_events: Events appended since the last compaction (head - compaction point).
+    """
+
+    key: int
+    stream_type: str
+    stream_id: str
+    live_events: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """A stored state at a version.
 
@@ -182,6 +200,18 @@ class EventStore(Protocol):
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
     ) -> list[CompactionRecord]:
         """Return the newest audit rows first, optionally for one stream."""
+        ...
+
+    def candidates(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 500,
+        min_live_events: int = 1,
+        stream_types: Sequence[str] | None = None,
+    ) -> list[Candidate]:
+        """Return up to ``limit`` streams with at least ``min_live_events`` live events,
+        in key order after ``after`` (a keyset page: no OFFSET, no full scan per page)."""
         ...
 
 

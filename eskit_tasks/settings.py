@@ -7,6 +7,7 @@ into Celery settings.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -38,7 +39,7 @@ class EskitSettings(BaseSettings):
         validation_alias=AliasChoices("CELERY_RESULT_BACKEND", "ESKIT_RESULT_BACKEND"),
     )
     #: ESKIT_DECIDER_MODULES: comma-separated modules that call register_decider.
-    decider_modules: str = "eskit_tasks.demo"
+    decider_modules: str = ""
     #: ESKIT_COMPACTION_QUEUE / ESKIT_FANOUT_QUEUE: queue names.
     compaction_queue: str = c.COMPACTION_QUEUE
     fanout_queue: str = c.FANOUT_QUEUE
@@ -57,6 +58,12 @@ class EskitSettings(BaseSettings):
     fanout_backoff: float = Field(c.FANOUT_BACKOFF_S, ge=0)
     #: ESKIT_RUN_TTL: seconds run progress stays in Redis.
     run_ttl: int = Field(c.RUN_TTL_S, gt=0)
+    #: ESKIT_CELERY_CONFIG: the module with the Celery settings.
+    celery_config: str = "celeryconfig"
+    #: ESKIT_NIGHTLY_CRON: when beat starts the nightly fan-out (UTC, five cron fields).
+    nightly_cron: str = "0 3 * * *"
+    #: ESKIT_NIGHTLY_POLICY: the nightly fan-out's policy, as JSON keyword arguments.
+    nightly_policy: str = '{"min_events": 1000, "retain_last": 100}'
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> EskitSettings:
@@ -69,7 +76,20 @@ class EskitSettings(BaseSettings):
             )
         if self.lock_ttl >= self.visibility_timeout:
             raise ValueError("ESKIT_LOCK_TTL must be below ESKIT_VISIBILITY_TIMEOUT")
+        if len(self.nightly_cron.split()) != 5:
+            raise ValueError(f"ESKIT_NIGHTLY_CRON needs five fields, got {self.nightly_cron!r}")
+        try:
+            self.nightly_policy_kwargs  # noqa: B018 -- validates the JSON
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"ESKIT_NIGHTLY_POLICY is not JSON: {exc}") from None
         return self
+
+    @property
+    def nightly_policy_kwargs(self) -> dict[str, Any]:
+        value = json.loads(self.nightly_policy)
+        if not isinstance(value, dict):
+            raise ValueError("ESKIT_NIGHTLY_POLICY must be a JSON object")
+        return value
 
     @property
     def decider_module_list(self) -> list[str]:

@@ -15,7 +15,36 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests.services import free_port
+
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# The fleet tests run their own redis-servers (one for the broker and results, one for
+# locks and run progress, which a test may restart). Their ports and the fleet's
+# settings go into the environment now, before anything imports the Celery app, so this
+# process and every worker it starts agree on them. A developer's own CELERY_*/ESKIT_*
+# variables are overridden for the test run.
+BROKER_REDIS_PORT = free_port()
+STATE_REDIS_PORT = free_port()
+os.environ.update(
+    {
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{BROKER_REDIS_PORT}/0",
+        "CELERY_RESULT_BACKEND": f"redis://127.0.0.1:{BROKER_REDIS_PORT}/1",
+        "ESKIT_REDIS_URL": f"redis://127.0.0.1:{STATE_REDIS_PORT}/0",
+        "ESKIT_DECIDER_MODULES": "tests.fleet_deciders",
+        "ESKIT_CELERY_CONFIG": "celeryconfig",
+        "ESKIT_LOCK_TTL": "3",
+        "ESKIT_TASK_SOFT_TIME_LIMIT": "40",
+        "ESKIT_TASK_TIME_LIMIT": "45",
+        "ESKIT_VISIBILITY_TIMEOUT": "60",
+        "ESKIT_LOCKED_RETRY_BASE": "0.5",
+        "ESKIT_LOCKED_MAX_RETRIES": "6",
+        "ESKIT_FANOUT_BACKOFF": "0.5",
+        "ESKIT_DATABASE_URL": "postgresql+psycopg://set-by-the-fleet-fixture.invalid/x",
+    }
+)
+for _name in [n for n in os.environ if n.startswith("ESKIT_NIGHTLY")]:
+    del os.environ[_name]
 
 
 def _libpq(url: str) -> str:

@@ -60,7 +60,7 @@ def consistent(v: int) -> dict[str, int]:
 
 def _rng(seed: int) -> random.Random:
     """A seeded generator for the workload (which stream, how many events, ...)."""
-    return random.Random(seed)  # noqa: S311 - a test workload, not cryptography
+    return random.Random(seed)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from eskit_tasks.errors import (
     FencedError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, Snapshot, StreamInfo
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
     check_aware,
@@ -46,6 +46,7 @@ class _Record:
 
 @dataclass
 class _Stream:
+    key: int
     head_version: int
     compacted_through: int = 0
     fence_token: int = 0
@@ -60,6 +61,7 @@ class InMemoryDatabase:
         self.lock = threading.RLock()
         self.streams: dict[Key, _Stream] = {}
         self.log: list[CompactionRecord] = []
+        self.next_key = 0
 
     def corrupt_event(self, stream_type: str, stream_id: str, version: int, raw: str) -> None:
         """Replace an event's stored payload text (tests of undecodable payloads)."""
@@ -112,7 +114,8 @@ class InMemoryEventStore:
             if not rows:
                 return actual
             if stream is None:
-                stream = db.streams[(stream_type, stream_id)] = _Stream(head_version=0)
+                db.next_key += 1
+                stream = db.streams[(stream_type, stream_id)] = _Stream(db.next_key, 0)
             for i, (t, d, m) in enumerate(rows, start=expected_version + 1):
                 stream.events[i] = _Record(t, d, m, now)
             stream.head_version = expected_version + len(rows)
@@ -237,6 +240,25 @@ class InMemoryEventStore:
             )
             s.compacted_through = c
             return len(doomed)
+
+    def candidates(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 500,
+        min_live_events: int = 1,
+        stream_types: Sequence[str] | None = None,
+    ) -> list[Candidate]:
+        types = None if stream_types is None else set(stream_types)
+        with self.engine.lock:
+            found = [
+                Candidate(s.key, t, i, s.head_version - s.compacted_through)
+                for (t, i), s in self.engine.streams.items()
+                if s.key > after
+                and s.head_version - s.compacted_through >= min_live_events
+                and (types is None or t in types)
+            ]
+        return sorted(found, key=lambda c: c.key)[:limit]
 
     def compaction_log(
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100

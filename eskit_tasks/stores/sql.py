@@ -23,7 +23,7 @@ from eskit_tasks.errors import (
     FencedError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.ports import CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, Snapshot, StreamInfo
 from eskit_tasks.stores import dialects
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
@@ -268,6 +268,31 @@ class SqlEventStore:
         ):
             value: datetime = conn.execute(sa.select(clock)).scalar_one()
         return value
+
+    def candidates(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 500,
+        min_live_events: int = 1,
+        stream_types: Sequence[str] | None = None,
+    ) -> list[Candidate]:
+        """A keyset page over the streams' primary key; see the port."""
+        s = streams.c
+        live = (s.head_version - s.compacted_through).label("live")
+        query = (
+            sa.select(s.pk, s.stream_type, s.stream_id, live)
+            .where(s.pk > after, s.head_version - s.compacted_through >= min_live_events)
+            .order_by(s.pk)
+            .limit(limit)
+        )
+        if stream_types is not None:
+            query = query.where(s.stream_type.in_(list(stream_types)))
+        with (
+            dialects.translate_errors(self.engine, "list candidate streams"),
+            self.engine.connect() as conn,
+        ):
+            return [Candidate(int(r[0]), r[1], r[2], int(r[3])) for r in conn.execute(query)]
 
     def compaction_log(
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100

@@ -1,0 +1,100 @@
+"""Celery configuration for an eskit-tasks fleet — the operators' file.
+
+Read by the app with ``config_from_object`` (``ESKIT_CELERY_CONFIG`` names another
+module). Every value can be overridden from the environment through
+``eskit_tasks.settings`` (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, ESKIT_DATABASE_URL,
+ESKIT_REDIS_URL, ESKIT_* timings); edit this file for anything else.
+"""
+
+from __future__ import annotations
+
+from celery.schedules import crontab
+from kombu import Queue
+
+from eskit_tasks.settings import get_settings
+
+_s = get_settings()
+
+# -- where --------------------------------------------------------------------------
+broker_url = _s.broker_url
+result_backend = _s.result_backend
+
+# -- serialisation: JSON only ---------------------------------------------------------
+# Pickle would let anyone who can write to the broker run code on every worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# -- long tasks on a Redis broker ----------------------------------------------------
+# Acknowledge a message only after the compaction finished, so a worker that dies
+# mid-compaction does not lose the task: it is delivered again (compaction is idempotent).
+task_acks_late = True
+# ...and also when the worker child is killed (OOM, kill -9): requeue instead of failing.
+task_reject_on_worker_lost = True
+# Take one message at a time: a long compaction must not hold others hostage in its
+# prefetch buffer while idle workers wait.
+worker_prefetch_multiplier = 1
+# Soft limit raises inside the task so it can stop cleanly (nothing is deleted until the
+# final transaction); the hard limit kills the child. Both stay below the visibility
+# timeout, or Redis would hand a healthy running task to a second worker.
+task_soft_time_limit = _s.task_soft_time_limit
+task_time_limit = _s.task_time_limit
+# Redis has no real acknowledgements: an unacked message becomes visible again after this.
+broker_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# The result backend on Redis uses the same option for its own pub/sub bookkeeping.
+result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# If the worker loses the broker connection, stop running tasks whose message will be
+# redelivered anyway, instead of finishing them twice.
+worker_cancel_long_running_tasks_on_connection_loss = True
+# Retry connecting to the broker at start-up (containers start in any order).
+broker_connection_retry_on_startup = True
+
+# -- queues and routing --------------------------------------------------------------
+# A dedicated queue keeps compactions apart from other work on the same broker; the
+# fan-out has its own so paging continues while the compaction queue is full.
+task_queues = (Queue(_s.compaction_queue), Queue(_s.fanout_queue))
+task_default_queue = _s.compaction_queue
+task_routes = {
+    "eskit_tasks.compact_stream": {"queue": _s.compaction_queue},
+    "eskit_tasks.fan_out": {"queue": _s.fanout_queue},
+}
+
+# -- results -------------------------------------------------------------------------
+# Store STARTED so a shell can tell queued from running; keep results a week.
+task_track_started = True
+result_expires = 7 * 24 * 3600
+# Record task args in the backend so a result can be traced back to its stream.
+result_extended = True
+
+# -- events (Flower works out of the box) --------------------------------------------
+worker_send_task_events = True
+task_send_sent_event = True
+
+# -- schedule (celery beat) ----------------------------------------------------------
+# One nightly fan-out. Change the time with ESKIT_NIGHTLY_CRON ("minute hour day month
+# weekday", UTC) and the policy with ESKIT_NIGHTLY_POLICY (JSON), or edit below.
+timezone = "UTC"
+_minute, _hour, _day, _month, _weekday = _s.nightly_cron.split()
+beat_schedule = {
+    "eskit-nightly-compaction": {
+        "task": "eskit_tasks.fan_out",
+        "schedule": crontab(
+            minute=_minute,
+            hour=_hour,
+            day_of_month=_day,
+            month_of_year=_month,
+            day_of_week=_weekday,
+        ),
+        "kwargs": _s.nightly_policy_kwargs,
+    },
+}
+
+# -- single beat (optional) ----------------------------------------------------------
+# Two `celery beat` processes would enqueue every run twice (harmless — locks and
+# fencing make the copies no-ops — but wasteful). With the `redbeat` extra
+# (`pip install 'eskit-tasks[redbeat]'`) run `celery -A eskit_tasks beat -S
+# redbeat.RedBeatScheduler`: only the beat holding this Redis lock schedules.
+redbeat_redis_url = _s.redis_url
+redbeat_lock_key = "eskit:redbeat:lock"
+redbeat_lock_timeout = 5 * 60

@@ -1,0 +1,146 @@
+"""Starting and following fleet runs from a Python shell (or the CLI).
+
+>>> from eskit_tasks import compact_all
+>>> run = compact_all(min_events=1000, dry_run=True)
+>>> run.wait(timeout=600).done
+>>> run.summary()
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from eskit_tasks.errors import EskitError
+from eskit_tasks.progress import FailedStream, RunProgress, check_run_id, new_run_id
+from eskit_tasks.tasks import _check_run_args, fan_out, policy_kwargs, resources
+
+
+class RunTimeoutError(EskitError, TimeoutError):
+    """Raised when a run did not finish within the time given to ``wait``."""
+
+
+class RunNotFoundError(EskitError):
+    """Raised when no progress is stored for a run id (unknown, or expired)."""
+
+
+class RunSummary(BaseModel):
+    """Totals of a run plus the streams that failed, with their errors."""
+
+    run_id: str
+    finished: bool
+    candidates: int
+    done: int
+    outcomes: dict[str, int]
+    events_deleted: int
+    bytes_reclaimed: int
+    dry_run_events: int
+    dry_run_bytes: int
+    elapsed_s: float
+    failed_streams: list[FailedStream]
+    error: str | None = None
+
+
+class CompactionRun:
+    """A handle on a fleet run; cheap to create from a run id anywhere.
+
+    Args:
+        run_id: The id ``compact_all`` returned (``run.run_id``).
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = check_run_id(run_id)
+
+    def __repr__(self) -> str:
+        return f"CompactionRun({self.run_id!r})"
+
+    def progress(self) -> RunProgress:
+        """The run's counters now.
+
+        Raises:
+            RunNotFoundError: nothing is stored for this run (wrong id, or expired).
+        """
+        found = resources().progress.get(self.run_id)
+        if found is None:
+            raise RunNotFoundError(
+                f"no progress stored for run {self.run_id}: unknown id, or older than ESKIT_RUN_TTL"
+            )
+        return found
+
+    def wait(self, timeout: float | None = None, poll: float = 0.5) -> RunProgress:
+        """Block until every candidate has reported; return the final progress.
+
+        Raises:
+            RunTimeoutError: still running after ``timeout`` seconds (it keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            current = self.progress()
+            if current.finished:
+                return current
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RunTimeoutError(
+                    f"run {self.run_id} not finished after {timeout}s: {current.done} of "
+                    f"{current.candidates} streams reported"
+                    f"{'' if current.fanout_done else ', fan-out still paging'}"
+                )
+            time.sleep(poll)
+
+    def summary(self) -> RunSummary:
+        """Totals plus the failed streams and their errors."""
+        p = self.progress()
+        return RunSummary(
+            run_id=self.run_id,
+            finished=p.finished,
+            candidates=p.candidates,
+            done=p.done,
+            outcomes=p.outcomes,
+            events_deleted=p.events_deleted,
+            bytes_reclaimed=p.bytes_reclaimed,
+            dry_run_events=p.dry_run_events,
+            dry_run_bytes=p.dry_run_bytes,
+            elapsed_s=round(p.updated_at - p.started_at, 3),
+            failed_streams=resources().progress.failed_streams(self.run_id),
+            error=p.error,
+        )
+
+
+def compact_all(
+    *,
+    min_events: int = 1,
+    stream_types: list[str] | None = None,
+    max_streams: int | None = None,
+    retain_last: int = 0,
+    retain_younger_than: timedelta | float | str | None = None,
+    dry_run: bool = False,
+) -> CompactionRun:
+    """Start a fleet run: a fan-out over every candidate stream, compacted by the workers.
+
+    Args:
+        min_events: Only streams with at least this many events since their last
+            compaction.
+        stream_types: Only these stream types (default: all).
+        max_streams: At most this many streams in this run.
+        retain_last: Keep this many newest events per stream.
+        retain_younger_than: Keep events younger than this (timedelta, seconds, "30d").
+        dry_run: Verify in memory, delete nothing; the run reports what would go.
+
+    Raises:
+        InvalidPolicyError: a bad value; nothing was sent.
+    """
+    policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
+    _check_run_args(min_events, stream_types, max_streams)
+    run_id = new_run_id()
+    kwargs: dict[str, Any] = {
+        "run_id": run_id,
+        "min_events": min_events,
+        "stream_types": None if stream_types is None else list(stream_types),
+        "max_streams": max_streams,
+        **policy,
+    }
+    resources().progress.create(run_id, kwargs)
+    fan_out.apply_async(kwargs=kwargs)
+    return CompactionRun(run_id)
