@@ -40,8 +40,15 @@ worker_prefetch_multiplier = 1
 # timeout, or Redis would hand a healthy running task to a second worker.
 task_soft_time_limit = _s.task_soft_time_limit
 task_time_limit = _s.task_time_limit
-# Redis has no real acknowledgements: an unacked message becomes visible again after this.
-broker_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# Redis has no real acknowledgements: an unacked message becomes visible again after
+# the visibility timeout, found by a sweep every ESKIT_RESTORE_INTERVAL seconds (kombu's
+# default sweeps only every ~100 s). This is how the task of a worker killed with -9 is
+# redelivered.
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout,
+    "unacked_restore_interval": _s.restore_interval,
+    "unacked_restore_throttle": 1,
+}
 # The result backend on Redis uses the same option for its own pub/sub bookkeeping.
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
 # If the worker loses the broker connection, stop running tasks whose message will be

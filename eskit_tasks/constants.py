@@ -31,6 +31,10 @@ TASK_TIME_LIMIT_S = 55 * 60
 #: Must exceed the hard time limit, or a slow but healthy task would run twice at once.
 VISIBILITY_TIMEOUT_S = 60 * 60
 
+#: Seconds between the Redis broker's sweeps for unacknowledged messages past the
+#: visibility timeout (the messages of a worker that died).
+RESTORE_INTERVAL_S = 60.0
+
 #: Retries of a compact_stream copy that finds the lock held (or Redis unreachable).
 LOCKED_MAX_RETRIES = 5
 #: First retry delay in seconds; doubles each time up to LOCKED_RETRY_MAX_S.

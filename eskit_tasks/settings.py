@@ -49,6 +49,8 @@ class EskitSettings(BaseSettings):
     task_soft_time_limit: float = Field(c.TASK_SOFT_TIME_LIMIT_S, gt=0)
     task_time_limit: float = Field(c.TASK_TIME_LIMIT_S, gt=0)
     visibility_timeout: float = Field(c.VISIBILITY_TIMEOUT_S, gt=0)
+    #: ESKIT_RESTORE_INTERVAL: seconds between sweeps for messages whose worker vanished.
+    restore_interval: float = Field(c.RESTORE_INTERVAL_S, gt=0)
     #: ESKIT_LOCKED_MAX_RETRIES / ESKIT_LOCKED_RETRY_BASE: a copy that finds the lock held.
     locked_max_retries: int = Field(c.LOCKED_MAX_RETRIES, ge=0)
     locked_retry_base: float = Field(c.LOCKED_RETRY_BASE_S, ge=0)

@@ -37,6 +37,7 @@ os.environ.update(
         "ESKIT_TASK_SOFT_TIME_LIMIT": "40",
         "ESKIT_TASK_TIME_LIMIT": "45",
         "ESKIT_VISIBILITY_TIMEOUT": "60",
+        "ESKIT_RESTORE_INTERVAL": "1",
         "ESKIT_LOCKED_RETRY_BASE": "0.5",
         "ESKIT_LOCKED_MAX_RETRIES": "6",
         "ESKIT_FANOUT_BACKOFF": "0.5",
