@@ -81,6 +81,9 @@ class StreamLock:
         """
         if not self._lock.acquire(token=self.token):
             return False
+        self._stop.clear()
+        self._lost.clear()
+        self.lost_reason = None
         self._thread = threading.Thread(
             target=self._renew, name=f"eskit-lock-renew-{self.key[-8:]}", daemon=True
         )
@@ -145,7 +148,7 @@ class StreamLock:
                 self._mark_lost("renewal found the lock expired or taken over")
                 return
             except RedisError as exc:
-                self._mark_lost(f"renewal failed: {exc}")
+                self._mark_lost(f"Redis did not answer the renewal: {exc}")
                 return
 
     def _mark_lost(self, reason: str) -> None:

@@ -27,7 +27,7 @@ _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 # KEYS: hash, reported set, failed list.
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
-#       ttl, failed entry ('' if none), failed cap.
+#       ttl, failed entry ('' if none), failed cap, now.
 _REPORT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
@@ -61,6 +61,7 @@ return 1
 """
 
 _MAX_DEPTH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local seen = tonumber(ARGV[1])
 if seen > tonumber(redis.call('HGET', KEYS[1], 'max_queue_depth') or '0') then
   redis.call('HSET', KEYS[1], 'max_queue_depth', seen)

@@ -7,11 +7,14 @@ from collections.abc import Iterable
 
 MASK = "***"
 
-# user:password@ in any scheme://...
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
-# password=..., passwd=..., pwd=... in a query string or a libpq connection string
+# user:password@host in any scheme://... The password runs to the LAST "@" before the
+# path, as URL parsers (urllib, redis-py, kombu) read it, so "p@ss" is masked whole.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^\s/?#]*@")
+# password=..., db_password=..., pwd=... in a query string or a libpq connection
+# string, quoted ('my secret') or not.
 _QUERY_SECRET = re.compile(
-    r"(?P<key>\b(?:password|passwd|pwd|sslpassword|secret|token)=)[^&\s;]*", re.IGNORECASE
+    r"(?P<key>\b\w*(?:password|passwd|pwd|secret|token)=)(?:'[^']*'|\"[^\"]*\"|[^&\s;]*)",
+    re.IGNORECASE,
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from eskit_tasks.codec import StateCodec
 from eskit_tasks.decider import Decider
-from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.errors import ConfigurationError, SnapshotCodecError
 
 
 class UnknownStreamTypeError(ConfigurationError):
@@ -57,7 +57,13 @@ def register_decider(stream_type: str, decider: Decider[Any], state_type: Any) -
             f"decider for {stream_type!r} lacks {', '.join(missing)}: a decider needs "
             "initial_state(), evolve(state, event) and decide(command, state)"
         )
-    StateCodec(state_type)  # fail at registration, not in the middle of a fleet run
+    try:
+        StateCodec(state_type)  # fail at registration, not in the middle of a fleet run
+    except SnapshotCodecError as exc:
+        raise ConfigurationError(
+            f"state type {state_type!r} for {stream_type!r} cannot be stored as JSON: use a "
+            "pydantic model, a dataclass, a TypedDict or dict of JSON values"
+        ) from exc
     with _lock:
         _registry[stream_type] = Registration(decider, state_type)
 
@@ -100,7 +106,7 @@ def import_decider_modules(modules: Iterable[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError as exc:
+        except Exception as exc:  # a syntax error or a crash at import: same advice
             raise ConfigurationError(
                 f"cannot import decider module {name!r} from ESKIT_DECIDER_MODULES: {exc}"
             ) from exc

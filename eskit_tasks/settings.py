@@ -22,7 +22,10 @@ from eskit_tasks.redact import mask_url
 class EskitSettings(BaseSettings):
     """Fleet settings, from the environment variables named beside each field."""
 
-    model_config = SettingsConfigDict(env_prefix="ESKIT_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a validation error must not echo a URL with its password.
+    model_config = SettingsConfigDict(
+        env_prefix="ESKIT_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     #: ESKIT_DATABASE_URL: the event database (PostgreSQL in production).
     database_url: str = "sqlite:///eskit.db"

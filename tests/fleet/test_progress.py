@@ -1,0 +1,460 @@
+"""RunProgressStore against a real redis-server (the fleet's ``state`` server).
+
+Each test starts from an empty Redis. The store's updates are Lua scripts; these tests
+pin down what a fleet run's summary relies on: each stream counted once, the right
+counters per outcome, the fan-out cursor as a compare-and-set, and every key expiring.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from eskit_tasks import progress as progress_module
+from eskit_tasks.constants import RUN_PREFIX
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.progress import RunProgressStore, check_run_id, new_run_id
+from eskit_tasks.result import CompactionResult, Outcome
+from tests.services import RedisServer
+
+TTL = 600
+
+
+@pytest.fixture
+def client(redis_servers: tuple[RedisServer, RedisServer]) -> Iterator[redis.Redis]:
+    _, state = redis_servers
+    if state.proc is None:  # a previous test left it stopped
+        state.start()
+    state.flush()
+    c = redis.Redis.from_url(state.url(0))
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(client: redis.Redis) -> RunProgressStore:
+    return RunProgressStore(client, ttl=TTL)
+
+
+def result(
+    stream_id: str,
+    outcome: Outcome,
+    *,
+    deleted: int = 0,
+    nbytes: int = 0,
+    error: str | None = None,
+    stream_type: str = "ledger",
+) -> CompactionResult:
+    return CompactionResult(
+        stream_type=stream_type,
+        stream_id=stream_id,
+        outcome=outcome,
+        events_deleted=deleted,
+        bytes_reclaimed=nbytes,
+        error=error,
+        compaction_id=uuid.uuid4().hex,
+    )
+
+
+def run_keys(client: redis.Redis) -> list[bytes]:
+    return sorted(client.scan_iter(f"{RUN_PREFIX}*"))
+
+
+# --- create -------------------------------------------------------------------------------
+
+
+def test_create_starts_an_empty_record(store):
+    """A new run has zero counters, cursor 0, the policy as given, and is not finished."""
+    run = new_run_id()
+    assert store.get(run) is None
+    assert not store.exists(run)
+    store.create(run, {"min_events": 10, "dry_run": True})
+    got = store.get(run)
+    assert got is not None
+    assert got.run_id == run
+    assert got.policy == {"min_events": 10, "dry_run": True}
+    assert (got.candidates, got.done, got.outcomes, got.events_deleted) == (0, 0, {}, 0)
+    assert store.cursor(run) == 0
+    assert got.started_at > 0
+    assert not got.fanout_done
+    assert not got.finished
+
+
+def test_create_is_idempotent_and_never_resets_progress(store):
+    """A second create (a redelivered first fan-out page) keeps the original policy,
+    start time, cursor and counters."""
+    run = new_run_id()
+    store.create(run, {"min_events": 10})
+    before = store.get(run)
+    assert before is not None
+    assert store.advance(run, expected=0, new=7, found=3, done=False, depth=0)
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=5, nbytes=50))
+    time.sleep(0.01)
+    store.create(run, {"min_events": 999})
+    after = store.get(run)
+    assert after is not None
+    assert after.policy == {"min_events": 10}
+    assert after.started_at == before.started_at
+    assert store.cursor(run) == 7
+    assert (after.candidates, after.done, after.events_deleted) == (3, 1, 5)
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def test_report_counts_a_stream_once_even_if_reported_twice(store):
+    """A redelivered compact_stream task reports the same stream again: the second report
+    returns False and changes no counter, even with a different outcome or numbers."""
+    run = new_run_id()
+    store.create(run, {})
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)) is True
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)) is False
+    assert store.report(run, result("s1", Outcome.FAILED, error="later copy")) is False
+    got = store.get(run)
+    assert got is not None
+    assert got.done == 1
+    assert got.outcomes == {"compacted": 1}
+    assert (got.events_deleted, got.bytes_reclaimed) == (10, 100)
+    assert store.failed_streams(run) == []
+
+
+def test_report_tells_streams_apart_by_type_and_id(store):
+    """Same id under two types, and ids that concatenate alike, are different streams."""
+    run = new_run_id()
+    store.create(run, {})
+    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="a"))
+    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="b"))
+    assert store.report(run, result("c", Outcome.NOTHING_TO_COMPACT, stream_type="a:b"))
+    assert store.report(run, result("b:c", Outcome.NOTHING_TO_COMPACT, stream_type="a"))
+    got = store.get(run)
+    assert got is not None and got.done == 4
+
+
+def test_the_same_stream_counts_again_in_another_run(store):
+    """Deduplication is per run: a stream reported in run A still counts in run B."""
+    a, b = new_run_id(), new_run_id()
+    store.create(a, {})
+    store.create(b, {})
+    assert store.report(a, result("s1", Outcome.COMPACTED, deleted=1))
+    assert store.report(b, result("s1", Outcome.COMPACTED, deleted=1))
+    ga, gb = store.get(a), store.get(b)
+    assert ga is not None and gb is not None
+    assert (ga.done, gb.done) == (1, 1)
+
+
+def test_report_counts_each_outcome(store):
+    """outcomes maps each outcome value to how many streams ended that way."""
+    run = new_run_id()
+    store.create(run, {})
+    reported = {
+        Outcome.COMPACTED: 3,
+        Outcome.DRY_RUN: 2,
+        Outcome.NOTHING_TO_COMPACT: 4,
+        Outcome.FENCED: 1,
+        Outcome.LOCKED: 1,
+        Outcome.FAILED: 2,
+        Outcome.VERIFICATION_FAILED: 1,
+    }
+    for outcome, n in reported.items():
+        for i in range(n):
+            assert store.report(run, result(f"{outcome.value}-{i}", outcome, error="e"))
+    got = store.get(run)
+    assert got is not None
+    assert got.outcomes == {o.value: n for o, n in reported.items()}
+    assert got.done == sum(reported.values())
+    assert got.failed == 3  # failed + verification_failed
+
+
+def test_only_compacted_counts_as_deleted_and_only_dry_run_as_would_delete(store):
+    """events_deleted/bytes_reclaimed sum compacted streams only; dry_run_events/bytes sum
+    dry runs only; numbers carried by other outcomes are ignored."""
+    run = new_run_id()
+    store.create(run, {})
+    store.report(run, result("c1", Outcome.COMPACTED, deleted=100, nbytes=1000))
+    store.report(run, result("c2", Outcome.COMPACTED, deleted=20, nbytes=200))
+    store.report(run, result("d1", Outcome.DRY_RUN, deleted=7, nbytes=70))
+    store.report(run, result("d2", Outcome.DRY_RUN, deleted=3, nbytes=30))
+    for outcome in (Outcome.FAILED, Outcome.VERIFICATION_FAILED, Outcome.FENCED):
+        store.report(run, result(f"x-{outcome.value}", outcome, deleted=5000, nbytes=50000))
+    got = store.get(run)
+    assert got is not None
+    assert (got.events_deleted, got.bytes_reclaimed) == (120, 1200)
+    assert (got.dry_run_events, got.dry_run_bytes) == (10, 100)
+
+
+def test_failed_streams_keep_failed_and_verification_failed_with_their_errors(store):
+    """failed_streams lists the failed and verification_failed streams, in report order,
+    with outcome and error; other outcomes (fenced, locked, ...) are not listed."""
+    run = new_run_id()
+    store.create(run, {})
+    store.report(run, result("ok", Outcome.COMPACTED, deleted=1))
+    store.report(run, result("bad", Outcome.FAILED, error="EvolveError: boom at v3"))
+    store.report(run, result("fenced", Outcome.FENCED, error="newer compaction"))
+    store.report(
+        run, result("odd", Outcome.VERIFICATION_FAILED, error="hash mismatch", stream_type="x")
+    )
+    store.report(run, result("locked", Outcome.LOCKED))
+    got = [(f.stream_type, f.stream_id, f.outcome, f.error) for f in store.failed_streams(run)]
+    assert got == [
+        ("ledger", "bad", "failed", "EvolveError: boom at v3"),
+        ("x", "odd", "verification_failed", "hash mismatch"),
+    ]
+
+
+def test_failed_streams_are_capped_but_still_counted(store, monkeypatch):
+    """At most RUN_FAILED_KEEP failed streams are kept (the first ones); the outcome
+    counters still count every failure. The cap is read from eskit_tasks.progress at
+    each report call (patching eskit_tasks.constants would not change it)."""
+    monkeypatch.setattr(progress_module, "RUN_FAILED_KEEP", 3)
+    run = new_run_id()
+    store.create(run, {})
+    for i in range(7):
+        store.report(run, result(f"f{i}", Outcome.FAILED, error=f"error {i}"))
+    kept = store.failed_streams(run)
+    assert [f.stream_id for f in kept] == ["f0", "f1", "f2"]
+    got = store.get(run)
+    assert got is not None
+    assert got.outcomes == {"failed": 7}
+    assert got.failed == 7
+
+
+def test_a_duplicate_failed_report_is_not_listed_twice(store):
+    """A redelivered failing task does not add a second entry to failed_streams."""
+    run = new_run_id()
+    store.create(run, {})
+    store.report(run, result("bad", Outcome.FAILED, error="boom"))
+    store.report(run, result("bad", Outcome.FAILED, error="boom"))
+    assert [f.stream_id for f in store.failed_streams(run)] == ["bad"]
+
+
+def test_report_on_an_unknown_run_is_refused_and_creates_no_keys(store, client):
+    """A report for a run that was never created (or already expired) returns False and
+    writes nothing: no hash, no reported set, no failed list."""
+    run = new_run_id()
+    assert store.report(run, result("bad", Outcome.FAILED, error="boom")) is False
+    assert store.report(run, result("ok", Outcome.COMPACTED, deleted=3)) is False
+    assert run_keys(client) == []
+    assert client.dbsize() == 0
+    assert store.get(run) is None
+
+
+# --- advance (fan-out cursor) -------------------------------------------------------------
+
+
+def test_advance_moves_the_cursor_and_counts_candidates(store):
+    """advance(expected=current) moves the cursor, adds the page's candidates, records the
+    highest queue depth seen and, on the last page, fanout_done."""
+    run = new_run_id()
+    store.create(run, {})
+    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=40) is True
+    assert store.advance(run, expected=500, new=731, found=231, done=True, depth=12) is True
+    got = store.get(run)
+    assert got is not None
+    assert store.cursor(run) == 731
+    assert got.candidates == 731
+    assert got.max_queue_depth == 40
+    assert got.fanout_done
+
+
+def test_advance_is_a_compare_and_set_so_a_duplicate_page_counts_once(store):
+    """A fan-out page enqueued twice calls advance with the same expected cursor; the
+    second call returns False and adds no candidates, moves no cursor, sets no done."""
+    run = new_run_id()
+    store.create(run, {})
+    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=0)
+    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=0) is False
+    assert store.advance(run, expected=0, new=900, found=400, done=True, depth=9999) is False
+    got = store.get(run)
+    assert got is not None
+    assert store.cursor(run) == 500
+    assert got.candidates == 500
+    assert not got.fanout_done
+    assert got.max_queue_depth == 0
+
+
+def test_advance_on_an_unknown_run_returns_false_and_creates_nothing(store, client):
+    """No record, no cursor: the compare fails and no key appears."""
+    assert store.advance(new_run_id(), expected=0, new=5, found=5, done=True, depth=1) is False
+    assert client.dbsize() == 0
+
+
+def test_note_depth_keeps_the_maximum(store):
+    """note_depth raises max_queue_depth but never lowers it."""
+    run = new_run_id()
+    store.create(run, {})
+    store.note_depth(run, 2500)
+    store.note_depth(run, 2100)
+    got = store.get(run)
+    assert got is not None and got.max_queue_depth == 2500
+
+
+# --- finished -----------------------------------------------------------------------------
+
+
+def test_finished_only_when_fanout_done_and_every_candidate_reported(store):
+    """Not finished while the fan-out pages (even if every candidate so far reported);
+    not finished while candidates are missing; finished when both hold."""
+    run = new_run_id()
+    store.create(run, {})
+    store.advance(run, expected=0, new=2, found=2, done=False, depth=0)
+    store.report(run, result("s1", Outcome.COMPACTED, deleted=1))
+    store.report(run, result("s2", Outcome.COMPACTED, deleted=1))
+    got = store.get(run)
+    assert got is not None and got.done == got.candidates == 2
+    assert not got.finished  # more pages may come
+
+    store.advance(run, expected=2, new=3, found=1, done=True, depth=0)
+    got = store.get(run)
+    assert got is not None and got.fanout_done
+    assert not got.finished  # s3 has not reported
+
+    store.report(run, result("s3", Outcome.FAILED, error="boom"))
+    got = store.get(run)
+    assert got is not None and got.finished
+
+
+def test_a_run_without_candidates_is_finished_once_the_fanout_is_done(store):
+    run = new_run_id()
+    store.create(run, {})
+    store.advance(run, expected=0, new=0, found=0, done=True, depth=0)
+    got = store.get(run)
+    assert got is not None and got.finished
+
+
+def test_an_error_finishes_the_run_at_once(store):
+    """fail() records the error; the run is finished although nothing was fanned out."""
+    run = new_run_id()
+    store.create(run, {})
+    store.fail(run, "min_events must be an int >= 1, got 0")
+    got = store.get(run)
+    assert got is not None
+    assert got.error == "min_events must be an int >= 1, got 0"
+    assert not got.fanout_done
+    assert got.finished
+
+
+# --- expiry -------------------------------------------------------------------------------
+
+
+def test_every_key_of_a_run_has_a_ttl(store, client):
+    """After create, report (incl. a failure), advance, note_depth and fail, every key
+    of the run (hash, reported set, failed list) expires within the store's ttl."""
+    run = new_run_id()
+    store.create(run, {})
+    store.report(run, result("ok", Outcome.COMPACTED, deleted=1))
+    store.report(run, result("bad", Outcome.FAILED, error="boom"))
+    store.advance(run, expected=0, new=2, found=2, done=True, depth=3)
+    store.note_depth(run, 5000)
+    store.fail(run, "stopped")
+    keys = run_keys(client)
+    assert len(keys) == 3  # hash, :reported, :failed
+    for key in keys:
+        assert 0 < client.ttl(key) <= TTL, key
+    assert client.dbsize() == 3  # nothing outside the run's prefix
+
+
+def test_keys_of_a_run_share_one_cluster_hash_tag(store, client):
+    """All keys of a run carry ``{<run id>}``, so the Lua scripts touch one Cluster slot."""
+    run = new_run_id()
+    store.create(run, {})
+    store.report(run, result("bad", Outcome.FAILED, error="boom"))
+    keys = [k.decode() for k in run_keys(client)]
+    assert len(keys) == 3
+    assert all(f"{{{run}}}" in k for k in keys)
+
+
+def test_a_run_expires_after_its_ttl(client):
+    """With ttl=1 the run is gone (get() is None, no keys) a little over a second later,
+    and a late report does not resurrect it."""
+    short = RunProgressStore(client, ttl=1)
+    run = new_run_id()
+    short.create(run, {})
+    short.report(run, result("bad", Outcome.FAILED, error="boom"))
+    assert short.get(run) is not None
+    deadline = time.monotonic() + 5
+    while run_keys(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run_keys(client) == []
+    assert short.get(run) is None
+    assert short.report(run, result("late", Outcome.COMPACTED, deleted=1)) is False
+    assert client.dbsize() == 0
+
+
+def test_each_update_pushes_the_expiry_back(client):
+    """The ttl counts from the last update: a run that keeps reporting stays readable."""
+    short = RunProgressStore(client, ttl=2)
+    run = new_run_id()
+    short.create(run, {})
+    for i in range(5):  # 2.5 s in all, longer than the 2 s ttl
+        time.sleep(0.5)
+        assert short.report(run, result(f"s{i}", Outcome.COMPACTED, deleted=1))
+    got = short.get(run)
+    assert got is not None and got.done == 5
+
+
+def test_note_depth_on_an_unknown_run_leaves_no_immortal_key(store, client):
+    """note_depth on a run that is not (or no longer) in Redis must not create a key
+    without a TTL."""
+    store.note_depth(new_run_id(), 2500)
+    ttls = {key: client.ttl(key) for key in client.scan_iter("*")}
+    assert all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+# --- run ids ------------------------------------------------------------------------------
+
+
+def test_new_run_ids_pass_the_check():
+    run = new_run_id()
+    assert check_run_id(run) == run
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "*",
+        "../x",
+        "{a}",
+        "",
+        "0" * 31,
+        "0" * 33,
+        "A" * 32,  # upper case: new_run_id never makes it
+        "g" * 32,
+        "0" * 31 + "*",
+        "0" * 32 + "\n",
+        " " + "0" * 31,
+        "0" * 16 + "}" + "0" * 15,
+        "0" * 8 + "-" + "0" * 23,
+        None,
+        b"0" * 32,
+        1234,
+    ],
+)
+def test_check_run_id_rejects_anything_but_32_lowercase_hex_digits(bad):
+    """Run ids become Redis keys: patterns, paths, hash tags, wrong lengths, trailing
+    newlines and non-strings are refused with ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="not a run id"):
+        check_run_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["*", "{a}", "../x"])
+def test_store_methods_refuse_bad_run_ids_before_touching_redis(store, client, bad):
+    """Every store method validates the run id first; nothing is written."""
+    calls = [
+        lambda: store.create(bad, {}),
+        lambda: store.get(bad),
+        lambda: store.exists(bad),
+        lambda: store.cursor(bad),
+        lambda: store.report(bad, result("s", Outcome.COMPACTED)),
+        lambda: store.advance(bad, expected=0, new=1, found=1, done=True, depth=0),
+        lambda: store.note_depth(bad, 1),
+        lambda: store.fail(bad, "x"),
+        lambda: store.failed_streams(bad),
+    ]
+    for call in calls:
+        with pytest.raises(ConfigurationError):
+            call()
+    assert client.dbsize() == 0
