@@ -43,6 +43,18 @@ class MutatingLedger(Ledger):
         return state
 
 
+class CountingLedger(Ledger):
+    """Not deterministic: the state records how often evolve ran in this object's life,
+    so folding the same events twice gives different states."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def evolve(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        self.calls += 1
+        return {**super().evolve(state, event), "calls": self.calls}
+
+
 class LedgerModel(BaseModel):
     total: int = 0
     count: int = 0

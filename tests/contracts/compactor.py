@@ -24,6 +24,7 @@ from eskit_tasks.codec import StateCodec
 from tests.backends import Stores
 from tests.contracts.event_store import ODD_IDS, versions
 from tests.deciders import (
+    CountingLedger,
     Ledger,
     LedgerModel,
     LossyTagger,
@@ -310,15 +311,8 @@ class CompactorContract:
         untouched(stores, 3)
 
     def test_nondeterministic_evolve_fails_tail_verification(self, stores: Stores):
-        class Counting(Ledger):
-            calls = 0
-
-            def evolve(self, state, event):
-                Counting.calls += 1
-                return {**super().evolve(state, event), "calls": Counting.calls}
-
         seed(stores, list(range(6)))
-        result = compactor(stores, Counting(), dict, retain_last=2).compact("account", "a-1")
+        result = compactor(stores, CountingLedger(), dict, retain_last=2).compact("account", "a-1")
         assert result.outcome == Outcome.VERIFICATION_FAILED
         assert "snapshot at 4 + events 5..6 does not equal the full replay at 6" in result.error
         assert "'calls'" in result.error
@@ -485,15 +479,8 @@ class CompactorContract:
         )
 
     def test_dry_run_verifies_the_tail_too(self, stores: Stores):
-        class Counting(Ledger):
-            calls = 0
-
-            def evolve(self, state, event):
-                Counting.calls += 1
-                return {**super().evolve(state, event), "calls": Counting.calls}
-
         seed(stores, list(range(6)))
-        result = compactor(stores, Counting(), dict, retain_last=2, dry_run=True).compact(
+        result = compactor(stores, CountingLedger(), dict, retain_last=2, dry_run=True).compact(
             "account", "a-1"
         )
         assert result.outcome == Outcome.VERIFICATION_FAILED
