@@ -40,6 +40,9 @@ worker_prefetch_multiplier = 1
 # timeout, or Redis would hand a healthy running task to a second worker.
 task_soft_time_limit = _s.task_soft_time_limit
 task_time_limit = _s.task_time_limit
+# RabbitMQ instead closes a channel whose message stays unacknowledged longer than its
+# consumer_timeout (30 min by default): raise it above ESKIT_TASK_TIME_LIMIT in
+# rabbitmq.conf (consumer_timeout = 3600000) when compactions may run that long.
 # Redis has no real acknowledgements: an unacked message becomes visible again after
 # the visibility timeout, found by a sweep every ESKIT_RESTORE_INTERVAL seconds (kombu's
 # default sweeps only every ~100 s). This is how the task of a worker killed with -9 is
@@ -104,4 +107,3 @@ beat_schedule = {
 # redbeat.RedBeatScheduler`: only the beat holding this Redis lock schedules.
 redbeat_redis_url = _s.redis_url
 redbeat_lock_key = "eskit:redbeat:lock"
-redbeat_lock_timeout = 5 * 60

@@ -6,8 +6,11 @@ from __future__ import annotations
 KEY_PREFIX = "eskit"
 #: Per-stream lock: ``eskit:lock:<sha256 of the stream key>``; value: ``<task id>|<nonce>``.
 LOCK_PREFIX = f"{KEY_PREFIX}:lock:"
-#: Run progress hash: ``eskit:run:<run id>``.
+#: Run progress hash: ``eskit:run:{<run id>}``.
 RUN_PREFIX = f"{KEY_PREFIX}:run:"
+#: "This task's result is claimed": ``eskit:done:<hash of the task id>``; the first copy
+#: of a redelivered task to finish owns the result, the others store nothing.
+DONE_PREFIX = f"{KEY_PREFIX}:done:"
 
 #: Queue for compact_stream tasks.
 COMPACTION_QUEUE = "compaction"
@@ -43,6 +46,11 @@ LOCKED_RETRY_MAX_S = 300.0
 
 #: Candidate streams read per fan-out page.
 FANOUT_PAGE_SIZE = 500
+#: A page examines at most this many times FANOUT_PAGE_SIZE stream keys, so a table
+#: where few streams qualify is paged in bounded steps, never scanned in one query.
+FANOUT_SCAN_FACTOR = 20
+#: Retries of a fan-out page whose database, Redis or broker is unreachable.
+FANOUT_MAX_RETRIES = 10
 #: The fan-out waits while the compaction queue holds this many messages or more.
 FANOUT_HIGH_WATER = 2000
 #: Seconds before a fan-out that found the queue full looks again.

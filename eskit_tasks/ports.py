@@ -209,9 +209,15 @@ class EventStore(Protocol):
         limit: int = 500,
         min_live_events: int = 1,
         stream_types: Sequence[str] | None = None,
+        until: int | None = None,
     ) -> list[Candidate]:
         """Return up to ``limit`` streams with at least ``min_live_events`` live events,
-        in key order after ``after`` (a keyset page: no OFFSET, no full scan per page)."""
+        in key order with ``after < key <= until`` (a keyset page: no OFFSET; ``until``
+        bounds how many keys one page examines when few streams qualify)."""
+        ...
+
+    def max_stream_key(self) -> int:
+        """The largest stream key (0 when there are no streams): where paging ends."""
         ...
 
 

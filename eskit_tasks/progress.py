@@ -70,6 +70,10 @@ return 1
 """
 
 
+# Outcomes that need no attention; every other one is listed with its error.
+_FINE = (Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT)
+
+
 class RunProgress(BaseModel):
     """A run's counters, as read from Redis."""
 
@@ -101,7 +105,8 @@ class RunProgress(BaseModel):
 
 
 class FailedStream(BaseModel):
-    """A stream that ended failed or verification_failed in a run."""
+    """A stream a run did not compact because of a problem: failed, verification_failed,
+    fenced or locked, with the error."""
 
     stream_type: str
     stream_id: str
@@ -195,14 +200,15 @@ class RunProgressStore:
         self.client.hset(key, mapping={"error": error, "updated_at": time.time()})
         self.client.expire(key, self.ttl)
 
-    def report(self, run_id: str, result: CompactionResult) -> bool:
-        """Count one stream's result; False if that stream already reported in this run."""
+    def report(self, run_id: str, result: CompactionResult) -> bool | None:
+        """Count one stream's result; False if that stream already reported in this run,
+        None if the run has no progress (expired, or Redis lost it)."""
         digest = hashlib.sha256(
             f"{len(result.stream_type)}:{result.stream_type}|{result.stream_id}".encode()
         ).hexdigest()[:32]
         compacted = result.outcome == Outcome.COMPACTED
         dry = result.outcome == Outcome.DRY_RUN
-        failed = result.outcome in (Outcome.FAILED, Outcome.VERIFICATION_FAILED)
+        failed = result.outcome not in _FINE
         entry = (
             FailedStream(
                 stream_type=result.stream_type,
@@ -228,7 +234,7 @@ class RunProgressStore:
                 time.time(),
             ],
         )
-        return int(status) == 1
+        return None if int(status) == -1 else int(status) == 1
 
     def get(self, run_id: str) -> RunProgress | None:
         """Read a run's progress; None if unknown or expired."""

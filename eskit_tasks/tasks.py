@@ -11,29 +11,48 @@ harmless:
   its retries run out); one that finds it locked by its *own* id (a redelivered copy of
   a task still running, or of one whose worker died) retries after the lock's TTL and
   never stores a result over the copy that worked;
-* a fan-out page is claimed by moving the run's cursor atomically; a duplicate page
-  finds the cursor moved and stops.
+* a fan-out page moves the run's cursor atomically after enqueueing it; a page
+  delivered again later finds the cursor moved and stops (a copy running at the very
+  same time enqueues the page twice: the extra tasks find nothing to do and each
+  stream is counted once);
+* a copy of a compact_stream task that finishes after another copy of the same task id
+  stores nothing: the first to finish claims the result in Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
-from celery import Task, states
-from celery.exceptions import Ignore, MaxRetriesExceededError
+from celery import Task, signals, states
+from celery.exceptions import Ignore, MaxRetriesExceededError, Retry
 from celery.utils.log import get_task_logger
-from kombu.exceptions import ChannelError, OperationalError
+from kombu.exceptions import ChannelError
+from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from eskit_tasks.celery_app import app
 from eskit_tasks.compactor import Compactor
-from eskit_tasks.constants import LOCKED_RETRY_MAX_S
-from eskit_tasks.errors import ConfigurationError, EskitError, InvalidPolicyError
+from eskit_tasks.constants import (
+    DONE_PREFIX,
+    FANOUT_MAX_RETRIES,
+    FANOUT_SCAN_FACTOR,
+    LOCKED_RETRY_MAX_S,
+)
+from eskit_tasks.errors import (
+    CompactionError,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    EskitError,
+    InvalidPolicyError,
+)
 from eskit_tasks.locks import StreamLock
 from eskit_tasks.policy import CompactionPolicy
 from eskit_tasks.progress import RunProgressStore, check_run_id
@@ -118,7 +137,7 @@ def policy_kwargs(
 # -- compact_stream ---------------------------------------------------------------------
 
 
-@app.task(bind=True, name="eskit_tasks.compact_stream")
+@app.task(bind=True, name="eskit_tasks.compact_stream", max_retries=None)
 def compact_stream(
     self: Task[Any, Any],
     /,
@@ -135,40 +154,109 @@ def compact_stream(
         run_id: The fleet run this task belongs to, for progress.
         **policy: ``retain_last``, ``retain_younger_than`` (seconds or "30d"), ``dry_run``.
     """
-    if _already_finished(self):
-        raise Ignore()
     settings = get_settings()
-    import_decider_modules(settings.decider_module_list)
     res = resources()
-    result = _compact_locked(self, settings, res, stream_type, stream_id, policy)
+    if _already_finished(self, res):
+        raise Ignore()
+    copy = _Copy(self, res, settings, run_id)
+    try:
+        import_decider_modules(settings.decider_module_list)
+        result = _compact_locked(copy, stream_type, stream_id, policy)
+    except (Ignore, Retry):
+        raise
+    except Exception as exc:  # anything else still ends in a reported result
+        if isinstance(exc, DatabaseUnavailableError | RedisError):
+            copy.retry_later(_backoff(settings, self.request.retries))
+        result = CompactionResult(
+            stream_type=stream_type,
+            stream_id=stream_id,
+            outcome=Outcome.FAILED,
+            error=mask_url(f"{type(exc).__name__}: {exc}"),
+            error_type=type(exc).__name__,
+            compaction_id=str(uuid.uuid4()),
+        )
+    if not copy.claim_result():
+        raise Ignore()  # another copy of this very task finished first and owns the result
     if run_id is not None:
         _report(res, run_id, result)
-    log.info(
-        "compaction stream=%s/%s outcome=%s head=%s snapshot=%s deleted=%s retained=%s "
-        "bytes=%s duration_ms=%s compaction_id=%s run_id=%s",
-        stream_type,
-        stream_id,
-        result.outcome.value,
-        result.head_version,
-        result.snapshot_version,
-        result.events_deleted,
-        result.events_retained,
-        result.bytes_reclaimed,
-        result.duration_ms,
-        result.compaction_id,
-        run_id,
-    )
     return result.model_dump(mode="json")
 
 
+class TimeBudgetError(CompactionError):
+    """Raised before a write when the task is about to reach its soft time limit."""
+
+
+class _Copy:
+    """One delivery of a compact_stream task, and how it coordinates with other copies
+    of the same task id (redeliveries) through a "result claimed" key in Redis."""
+
+    def __init__(
+        self, task: Any, res: _Resources, settings: EskitSettings, run_id: str | None
+    ) -> None:
+        self.task = task
+        self.run_id = run_id
+        self.res = res
+        self.settings = settings
+        self.task_id: str = task.request.id or uuid.uuid4().hex
+        self.token = uuid.uuid4().hex
+        self.deadline = time.monotonic() + settings.task_soft_time_limit * 0.9
+
+    def retry_later(self, countdown: float, *, unlimited: bool = False) -> None:
+        """Re-send this task after ``countdown`` and end this delivery without storing
+        a state (``Ignore``), so no other copy's result is overwritten. Returns only when
+        the retries are used up."""
+        limit = None if unlimited else self.settings.locked_max_retries
+        try:
+            self.task.retry(countdown=countdown, max_retries=limit, throw=False)
+        except MaxRetriesExceededError:
+            return
+        raise Ignore()
+
+    def claim_result(self) -> bool:
+        """True if this copy may store the task's result: the first copy to finish owns
+        it. Without Redis it cannot coordinate and stores (the database stays safe)."""
+        key = done_key(self.task_id)
+        ttl = int(self.settings.visibility_timeout * 2)
+        try:
+            if self.res.redis.set(key, self.token, nx=True, ex=ttl):
+                return True
+            owner = self.res.redis.get(key)
+        except RedisError:
+            return True
+        return owner is not None and _text(owner) == self.token
+
+    def result_claimed_by_other(self) -> bool:
+        try:
+            owner = self.res.redis.get(done_key(self.task_id))
+        except RedisError:
+            return False
+        return owner is not None and _text(owner) != self.token
+
+    def guard(self, lock: StreamLock) -> Callable[[], None]:
+        def check() -> None:
+            lock.check()
+            if time.monotonic() > self.deadline:
+                raise TimeBudgetError(
+                    "stopped before writing: the task is near its soft time limit "
+                    f"({self.settings.task_soft_time_limit:.0f}s, ESKIT_TASK_SOFT_TIME_LIMIT)"
+                )
+
+        return check
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def done_key(task_id: str) -> str:
+    """Redis key claiming the result of a task id (hashed: task ids are data)."""
+    return DONE_PREFIX + hashlib.sha256(task_id.encode()).hexdigest()[:32]
+
+
 def _compact_locked(
-    task: Any,
-    settings: EskitSettings,
-    res: _Resources,
-    stream_type: str,
-    stream_id: str,
-    policy: dict[str, Any],
+    copy: _Copy, stream_type: str, stream_id: str, policy: dict[str, Any]
 ) -> CompactionResult:
+    task, settings, res = copy.task, copy.settings, copy.res
     compaction_id = str(uuid.uuid4())
 
     def early(outcome: Outcome, error: str, error_type: str) -> CompactionResult:
@@ -185,27 +273,27 @@ def _compact_locked(
         parsed = CompactionPolicy(**policy)
         registration = get_registration(stream_type)
     except (InvalidPolicyError, ConfigurationError) as exc:
-        return early(Outcome.FAILED, str(exc), type(exc).__name__)
+        _log_result(failed := early(Outcome.FAILED, str(exc), type(exc).__name__), copy.run_id)
+        return failed
+    store, snapshots = res.store, res.snapshots  # connect before taking the lock
 
-    owner = task.request.id or compaction_id
-    lock = StreamLock(res.redis, stream_type, stream_id, ttl=settings.lock_ttl, owner=owner)
+    lock = StreamLock(res.redis, stream_type, stream_id, ttl=settings.lock_ttl, owner=copy.task_id)
     try:
         acquired = lock.acquire()
         holder = None if acquired else lock.holder()
     except RedisError as exc:
-        _retry_later(task, settings, _backoff(settings, task.request.retries))
+        copy.retry_later(_backoff(settings, task.request.retries))
         return early(
             Outcome.FAILED,
             f"Redis for locks unreachable at {mask_url(settings.redis_url)}: {exc}",
             type(exc).__name__,
         )
     if not acquired:
-        if holder == owner:
+        if holder == copy.task_id:
             # A redelivered copy of this very task: the first copy is still running, or
             # died and its lock has not expired yet. Look again once it has.
-            _retry_later(task, settings, settings.lock_ttl + 1, unlimited=True)
-            raise Ignore()
-        _retry_later(task, settings, _backoff(settings, task.request.retries))
+            copy.retry_later(settings.lock_ttl + 1, unlimited=True)
+        copy.retry_later(_backoff(settings, task.request.retries))
         return early(
             Outcome.LOCKED,
             f"{stream_type}/{stream_id} is locked by task {holder}; gave up after "
@@ -213,55 +301,124 @@ def _compact_locked(
             "LockedError",
         )
     try:
+        if copy.result_claimed_by_other():
+            raise Ignore()  # a copy of this task finished while we waited for the lock
         result = Compactor(
-            store=res.store,
-            snapshot_store=res.snapshots,
+            store=store,
+            snapshot_store=snapshots,
             decider=registration.decider,
             state_type=registration.state_type,
             policy=parsed,
-            guard=lock.check,
+            guard=copy.guard(lock),
         ).compact(stream_type, stream_id)
+        _log_result(result, copy.run_id)
+        retry = result.error_type in _TRANSIENT
+        # Claim the result while still holding the lock, so a redelivered copy that
+        # takes the lock next sees that this task is done.
+        claimed = False if retry else copy.claim_result()
     finally:
         lock.release()
-    if result.outcome == Outcome.FAILED and result.error_type == "DatabaseUnavailableError":
-        _retry_later(task, settings, _backoff(settings, task.request.retries))
+    if retry:
+        copy.retry_later(_backoff(settings, task.request.retries))  # Ignore unless used up
+        claimed = copy.claim_result()
+    if not claimed:
+        raise Ignore()
     return result
 
 
-def _retry_later(
-    task: Any, settings: EskitSettings, countdown: float, *, unlimited: bool = False
-) -> None:
-    """Re-send this task after ``countdown`` and end this delivery without storing a
-    state (``Ignore``), so no result of another copy is overwritten. Returns only when
-    the retries are used up."""
-    limit = None if unlimited else settings.locked_max_retries
-    try:
-        task.retry(countdown=countdown, max_retries=limit, throw=False)
-    except MaxRetriesExceededError:
-        return
-    raise Ignore()
+# Failures worth another try: the database or Redis was unreachable, or the lock was
+# lost (Redis blipped) — the stream itself is fine.
+_TRANSIENT = ("DatabaseUnavailableError", "LockLostError")
 
 
 def _backoff(settings: EskitSettings, retries: int) -> float:
+    """Doubling delays with jitter, capped well below the visibility timeout (a delayed
+    message waits unacknowledged in a worker; past the timeout Redis would redeliver it)."""
+    cap = min(LOCKED_RETRY_MAX_S, settings.visibility_timeout / 3)
     base = settings.locked_retry_base * (2**retries)
     jitter = random.uniform(0.8, 1.2)  # noqa: S311 -- spreading retries, not security
-    return float(min(base, LOCKED_RETRY_MAX_S) * jitter)
+    return float(min(base, cap) * jitter)
 
 
-def _already_finished(task: Any) -> bool:
-    """True when a result is already stored for this task id (a redelivered copy)."""
+def _already_finished(task: Any, res: _Resources) -> bool:
+    """True when a copy of this task id already finished (a redelivered message)."""
     task_id = task.request.id
     if not task_id:
         return False
+    try:
+        if res.redis.exists(done_key(task_id)):
+            return True
+    except RedisError:
+        pass
     try:
         return task.AsyncResult(task_id).state in states.READY_STATES
     except Exception:  # the backend being down must not stop the compaction
         return False
 
 
+def _log_result(result: CompactionResult, run_id: str | None) -> None:
+    log.info(
+        "compaction stream=%s/%s outcome=%s head=%s snapshot=%s deleted=%s retained=%s "
+        "bytes=%s duration_ms=%s compaction_id=%s run_id=%s error=%s",
+        result.stream_type,
+        result.stream_id,
+        result.outcome.value,
+        result.head_version,
+        result.snapshot_version,
+        result.events_deleted,
+        result.events_retained,
+        result.bytes_reclaimed,
+        result.duration_ms,
+        result.compaction_id,
+        run_id,
+        result.error,
+    )
+
+
+@signals.task_failure.connect
+def _report_task_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    """A compact_stream that died with an exception (hard time limit, a bug) still counts
+    in its run, as failed, so ``run.wait()`` finishes."""
+    if getattr(sender, "name", None) != "eskit_tasks.compact_stream":
+        return
+    kwargs = kwargs or {}
+    run_id = kwargs.get("run_id")
+    args = list(args or [])
+    stream_type = args[0] if args else kwargs.get("stream_type")
+    stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
+    if not run_id or stream_type is None or stream_id is None:
+        return
+    _report(
+        resources(),
+        run_id,
+        CompactionResult(
+            stream_type=stream_type,
+            stream_id=stream_id,
+            outcome=Outcome.FAILED,
+            error=mask_url(f"task {task_id} died: {type(exception).__name__}: {exception}"),
+            error_type=type(exception).__name__,
+            compaction_id=str(uuid.uuid4()),
+        ),
+    )
+
+
 def _report(res: _Resources, run_id: str, result: CompactionResult) -> None:
     try:
-        res.progress.report(check_run_id(run_id), result)
+        if res.progress.report(check_run_id(run_id), result) is None:
+            log.warning(
+                "run %s has no progress in Redis (expired, or Redis restarted without "
+                "persistence): %s/%s not counted",
+                run_id,
+                result.stream_type,
+                result.stream_id,
+            )
     except (RedisError, EskitError) as exc:
         log.warning("could not record progress of run %s: %s", run_id, exc)
 
@@ -269,7 +426,7 @@ def _report(res: _Resources, run_id: str, result: CompactionResult) -> None:
 # -- fan_out ----------------------------------------------------------------------------
 
 
-@app.task(bind=True, name="eskit_tasks.fan_out")
+@app.task(bind=True, name="eskit_tasks.fan_out", max_retries=FANOUT_MAX_RETRIES)
 def fan_out(
     self: Task[Any, Any],
     /,
@@ -289,9 +446,9 @@ def fan_out(
     ``max_streams`` per run. While the compaction queue holds ``ESKIT_FANOUT_HIGH_WATER``
     messages or more, the fan-out waits and looks again; it re-sends itself for each
     next page, so memory stays bounded by one page whatever the number of candidates.
+    If the database, Redis or the broker is unreachable it retries with backoff; if that
+    keeps failing, the run is marked failed (``run.wait()`` returns with its error).
     """
-    settings = get_settings()
-    res = resources()
     if run_id is None:  # started by beat: derive the id from the task, so a redelivered
         run_id = _run_id_for(self.request.id)  # first page continues the same run
     run_id = check_run_id(run_id)
@@ -305,12 +462,36 @@ def fan_out(
         "dry_run": dry_run,
     }
     try:
-        policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
-        _check_run_args(min_events, stream_types, max_streams)
+        return _fan_out_page(args, cursor)
+    except (RedisError, KombuOperationalError, DatabaseUnavailableError) as exc:
+        try:
+            raise self.retry(exc=exc, countdown=_backoff(get_settings(), self.request.retries))
+        except MaxRetriesExceededError:
+            with contextlib.suppress(RedisError):
+                resources().progress.fail(run_id, mask_url(f"fan-out gave up: {exc}"))
+            raise
+
+
+def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
+    settings = get_settings()
+    res = resources()
+    run_id = args["run_id"]
+    try:
+        policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
+        _check_run_args(args["min_events"], args["stream_types"], args["max_streams"])
     except EskitError as exc:
         res.progress.create(run_id, args)
         res.progress.fail(run_id, str(exc))
         return {"run_id": run_id, "error": str(exc)}
+    if cursor != 0 and not res.progress.exists(run_id):
+        error = (
+            f"the progress of run {run_id} disappeared from Redis (expired, or Redis "
+            "restarted without persistence) while paging; start a new run. Compactions "
+            "already done are unaffected."
+        )
+        res.progress.create(run_id, args)
+        res.progress.fail(run_id, error)
+        return {"run_id": run_id, "error": error}
     res.progress.create(run_id, args)
     if res.progress.cursor(run_id) != cursor:
         return {"run_id": run_id, "duplicate_page": cursor}
@@ -322,19 +503,24 @@ def fan_out(
         return {"run_id": run_id, "waiting": depth}
 
     progress = res.progress.get(run_id)
-    found_so_far = 0 if progress is None else progress.candidates
-    budget = None if max_streams is None else max_streams - found_so_far
+    budget = (
+        None
+        if args["max_streams"] is None
+        else args["max_streams"] - (0 if progress is None else progress.candidates)
+    )
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
+    until = cursor + settings.fanout_page_size * FANOUT_SCAN_FACTOR
     page = (
         []
         if limit <= 0
         else res.store.candidates(
             after=cursor,
+            until=until,
             limit=limit,
-            min_live_events=max(min_events, retain_last + 1),
-            stream_types=stream_types,
+            min_live_events=max(args["min_events"], args["retain_last"] + 1),
+            stream_types=args["stream_types"],
         )
     )
     with app.producer_or_acquire() as producer:
@@ -344,14 +530,16 @@ def fan_out(
                 kwargs={"run_id": run_id, **policy},
                 producer=producer,
             )
-    new_cursor = page[-1].key if page else cursor
-    finished = len(page) < limit or (budget is not None and len(page) >= budget)
-    if (
-        res.progress.advance(
-            run_id, expected=cursor, new=new_cursor, found=len(page), done=finished, depth=depth
-        )
-        and not finished
-    ):
+    if page and len(page) == limit:
+        new_cursor, exhausted = page[-1].key, False
+    else:  # every key up to `until` was examined
+        new_cursor = until
+        exhausted = limit <= 0 or until >= res.store.max_stream_key()
+    finished = exhausted or (budget is not None and len(page) >= budget)
+    claimed = res.progress.advance(
+        run_id, expected=cursor, new=new_cursor, found=len(page), done=finished, depth=depth
+    )
+    if claimed and not finished:
         fan_out.apply_async(kwargs={**args, "cursor": new_cursor})
     return {"run_id": run_id, "enqueued": len(page), "cursor": new_cursor, "done": finished}
 
@@ -386,5 +574,5 @@ def queue_depth(queue: str) -> int:
             channel: Any = conn.default_channel
             declared = channel.queue_declare(queue=queue, passive=True)
             return int(declared.message_count)
-    except (ChannelError, OperationalError):
-        return 0
+    except ChannelError:
+        return 0  # not declared yet

@@ -248,6 +248,7 @@ class InMemoryEventStore:
         limit: int = 500,
         min_live_events: int = 1,
         stream_types: Sequence[str] | None = None,
+        until: int | None = None,
     ) -> list[Candidate]:
         types = None if stream_types is None else set(stream_types)
         with self.engine.lock:
@@ -255,10 +256,15 @@ class InMemoryEventStore:
                 Candidate(s.key, t, i, s.head_version - s.compacted_through)
                 for (t, i), s in self.engine.streams.items()
                 if s.key > after
+                and (until is None or s.key <= until)
                 and s.head_version - s.compacted_through >= min_live_events
                 and (types is None or t in types)
             ]
         return sorted(found, key=lambda c: c.key)[:limit]
+
+    def max_stream_key(self) -> int:
+        with self.engine.lock:
+            return self.engine.next_key
 
     def compaction_log(
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100

@@ -276,6 +276,7 @@ class SqlEventStore:
         limit: int = 500,
         min_live_events: int = 1,
         stream_types: Sequence[str] | None = None,
+        until: int | None = None,
     ) -> list[Candidate]:
         """A keyset page over the streams' primary key; see the port."""
         s = streams.c
@@ -288,11 +289,20 @@ class SqlEventStore:
         )
         if stream_types is not None:
             query = query.where(s.stream_type.in_(list(stream_types)))
+        if until is not None:
+            query = query.where(s.pk <= until)
         with (
             dialects.translate_errors(self.engine, "list candidate streams"),
             self.engine.connect() as conn,
         ):
             return [Candidate(int(r[0]), r[1], r[2], int(r[3])) for r in conn.execute(query)]
+
+    def max_stream_key(self) -> int:
+        with (
+            dialects.translate_errors(self.engine, "list candidate streams"),
+            self.engine.connect() as conn,
+        ):
+            return int(conn.execute(sa.select(sa.func.max(streams.c.pk))).scalar_one() or 0)
 
     def compaction_log(
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100

@@ -186,9 +186,9 @@ def test_only_compacted_counts_as_deleted_and_only_dry_run_as_would_delete(store
     assert (got.dry_run_events, got.dry_run_bytes) == (10, 100)
 
 
-def test_failed_streams_keep_failed_and_verification_failed_with_their_errors(store):
-    """failed_streams lists the failed and verification_failed streams, in report order,
-    with outcome and error; other outcomes (fenced, locked, ...) are not listed."""
+def test_failed_streams_list_every_stream_a_run_did_not_compact_because_of_a_problem(store):
+    """failed_streams lists failed, verification_failed, fenced and locked streams, in
+    report order, with outcome and error; compacted/dry_run/nothing_to_compact are not."""
     run = new_run_id()
     store.create(run, {})
     store.report(run, result("ok", Outcome.COMPACTED, deleted=1))
@@ -198,10 +198,14 @@ def test_failed_streams_keep_failed_and_verification_failed_with_their_errors(st
         run, result("odd", Outcome.VERIFICATION_FAILED, error="hash mismatch", stream_type="x")
     )
     store.report(run, result("locked", Outcome.LOCKED))
+    store.report(run, result("idle", Outcome.NOTHING_TO_COMPACT))
+    store.report(run, result("dry", Outcome.DRY_RUN))
     got = [(f.stream_type, f.stream_id, f.outcome, f.error) for f in store.failed_streams(run)]
     assert got == [
         ("ledger", "bad", "failed", "EvolveError: boom at v3"),
+        ("ledger", "fenced", "fenced", "newer compaction"),
         ("x", "odd", "verification_failed", "hash mismatch"),
+        ("ledger", "locked", "locked", None),
     ]
 
 
@@ -235,8 +239,8 @@ def test_report_on_an_unknown_run_is_refused_and_creates_no_keys(store, client):
     """A report for a run that was never created (or already expired) returns False and
     writes nothing: no hash, no reported set, no failed list."""
     run = new_run_id()
-    assert store.report(run, result("bad", Outcome.FAILED, error="boom")) is False
-    assert store.report(run, result("ok", Outcome.COMPACTED, deleted=3)) is False
+    assert store.report(run, result("bad", Outcome.FAILED, error="boom")) is None
+    assert store.report(run, result("ok", Outcome.COMPACTED, deleted=3)) is None
     assert run_keys(client) == []
     assert client.dbsize() == 0
     assert store.get(run) is None
@@ -380,7 +384,7 @@ def test_a_run_expires_after_its_ttl(client):
         time.sleep(0.1)
     assert run_keys(client) == []
     assert short.get(run) is None
-    assert short.report(run, result("late", Outcome.COMPACTED, deleted=1)) is False
+    assert short.report(run, result("late", Outcome.COMPACTED, deleted=1)) is None
     assert client.dbsize() == 0
 
 
