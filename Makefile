@@ -18,7 +18,7 @@ install: $(STAMP)
 
 ## demo: seed an SQLite file with long demo streams, compact them, print a summary
 demo: $(STAMP)
-	$(BIN)/python -m eskit_tasks.demo --database sqlite:///eskit-demo.db
+	$(BIN)/eskit-tasks demo --database sqlite:///eskit-demo.db
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,11 +14,11 @@ from collections.abc import Iterator, Sequence
 from enum import IntEnum
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from eskit_tasks.compactor import Compactor
 from eskit_tasks.errors import (
@@ -572,16 +572,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
         return int(code or 0)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.UsageError as exc:
-        command = exc.ctx.command_path.split(" ", 1)[-1] if exc.ctx else ""
+    except typer.Abort:
+        err.print("aborted")
+        return Exit.ERROR
+    except TyperException as exc:  # a usage error found by the argument parser
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path.split(" ", 1)[-1] if ctx is not None else ""
         hint = f" (see: eskit-tasks {command} --help)".replace("  ", " ")
         err.print(f"error: {exc.format_message()}{hint}")
         return Exit.USAGE
-    except click.Abort:
-        err.print("aborted")
-        return Exit.ERROR
     except ConfigurationError as exc:  # includes InvalidPolicyError: a bad value given
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.USAGE

@@ -1,0 +1,252 @@
+"""The eskit-tasks command line on SQLite: parsing, output, exit codes, error lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eskit_tasks import NewEvent, SqlEventStore
+from eskit_tasks.cli import Exit, main
+from tests.deciders import deposits
+
+SECRET = "Sup3rSecret"  # noqa: S105 -- a fake password the tests look for in output
+CLI = str(Path(sys.executable).with_name("eskit-tasks"))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+@pytest.fixture
+def ledgers(db: str) -> SqlEventStore:
+    """Streams of type `ledger` (decider in tests.fleet_deciders) of 3, 8 and 20 events."""
+    store = SqlEventStore.from_url(db)
+    for stream_id, n in [("small", 3), ("mid", 8), ("big", 20)]:
+        store.append("ledger", stream_id, deposits(*range(1, n + 1)), expected_version=0)
+    return store
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for command in ("init-db", "demo", "candidates", "compact", "compact-all", "status", "log"):
+        assert command in out
+
+
+def test_init_db_creates_tables_and_is_idempotent(capsys, db):
+    assert run(capsys, "init-db", "--database", db)[0] == 0
+    code, out, _ = run(capsys, "init-db", "--database", db, "--json")
+    assert code == 0
+    assert json.loads(out)["tables"] == "ready"
+
+
+def test_candidates_respect_the_policy_flags(capsys, db, ledgers):
+    code, out, _ = run(capsys, "candidates", "--database", db, "--min-events", "5", "--json")
+    assert code == 0
+    assert {(c["stream_id"], c["live_events"]) for c in json.loads(out)} == {
+        ("mid", 8),
+        ("big", 20),
+    }
+    code, out, _ = run(capsys, "candidates", "--database", db, "--retain-last", "10", "--json")
+    assert [c["stream_id"] for c in json.loads(out)] == ["big"]
+    code, out, _ = run(capsys, "candidates", "--database", db, "--stream-type", "other")
+    assert code == 0 and "0 candidates" in out
+
+
+def test_compact_one_stream_then_log_shows_it(capsys, db, ledgers):
+    code, out, _ = run(
+        capsys,
+        "compact",
+        "ledger",
+        "big",
+        "--database",
+        db,
+        "--retain-last",
+        "5",
+        "--decider-module",
+        "tests.fleet_deciders",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert (result["outcome"], result["events_deleted"], result["events_retained"]) == (
+        "compacted",
+        15,
+        5,
+    )
+    code, out, _ = run(capsys, "log", "--database", db, "--stream-id", "big", "--json")
+    [row] = json.loads(out)
+    assert (row["compaction_id"], row["through_version"]) == (result["compaction_id"], 15)
+    code, out, _ = run(capsys, "log", "--database", db)
+    assert code == 0 and "1 compactions" in out
+
+
+def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
+    code, out, _ = run(
+        capsys,
+        "compact-all",
+        "--local",
+        "--database",
+        db,
+        "--min-events",
+        "5",
+        "--dry-run",
+        "--decider-module",
+        "tests.fleet_deciders",
+        "--json",
+    )
+    assert code == 0
+    totals = json.loads(out)
+    assert totals["outcomes"] == {"dry_run": 2}
+    assert (totals["dry_run_events"], totals["events_deleted"]) == (28, 0)
+    assert ledgers.head_version("ledger", "big") == 20
+    assert len(list(ledgers.read("ledger", "big"))) == 20
+
+    code, out, _ = run(
+        capsys,
+        "compact-all",
+        "--local",
+        "--database",
+        db,
+        "--decider-module",
+        "tests.fleet_deciders",
+    )
+    assert code == 0
+    assert "streams compacted" in out and "31" in out  # 3 + 8 + 20 events deleted
+    assert list(ledgers.read("ledger", "big")) == []
+
+
+def test_failed_streams_exit_4_with_their_errors(capsys, db, ledgers):
+    ledgers.append("ghost", "g-1", deposits(1, 2), expected_version=0)
+    code, out, _ = run(
+        capsys,
+        "compact-all",
+        "--local",
+        "--database",
+        db,
+        "--decider-module",
+        "tests.fleet_deciders",
+        "--json",
+    )
+    assert code == Exit.FAILED_STREAMS == 4
+    totals = json.loads(out)
+    assert totals["outcomes"] == {"compacted": 3, "failed": 1}
+    [failed] = totals["failed_streams"]
+    assert failed["stream_id"] == "g-1"
+    assert "no decider registered for stream type 'ghost'" in failed["error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compact-all", "--local", "--retain-last", "-1"], "retain-last"),
+        (["compact-all", "--local", "--retain-younger-than", "soon"], "retain_younger_than"),
+        (["compact-all", "--local", "--min-events", "0"], "min-events"),
+        (["compact", "ledger"], "Missing argument"),
+        (["no-such-command"], "No such command"),
+        (["compact", "nobody-registered", "x"], "no decider registered"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(capsys, db, ledgers, args, message):
+    code, out, err = run(capsys, *args, "--database", db)
+    assert code == Exit.USAGE == 2
+    assert message in err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err + out
+
+
+def test_unreachable_database_exits_3_with_masked_password(capsys):
+    url = f"postgresql://bob:{SECRET}@127.0.0.1:1/x"
+    code, out, err = run(capsys, "candidates", "--database", url)
+    assert code == Exit.UNAVAILABLE == 3
+    assert "127.0.0.1" in err and "bob:***@" in err
+    assert SECRET not in err + out
+    assert "Traceback" not in err
+
+
+def test_unreachable_redis_exits_3(capsys, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from eskit_tasks.cli import _is_unreachable
+
+    assert _is_unreachable(RedisConnectionError("Error 111 connecting"))
+    code, _, err = run(capsys, "status", "0" * 32)
+    assert code in (Exit.UNAVAILABLE, Exit.ERROR)  # Redis of the test run may be down here
+    assert "Traceback" not in err
+
+
+def test_demo_command_runs_end_to_end_as_a_console_script(tmp_path):
+    env = {**os.environ, "COLUMNS": "120"}
+    done = subprocess.run(
+        [
+            CLI,
+            "demo",
+            "--database",
+            f"sqlite:///{tmp_path / 'demo.db'}",
+            "--streams",
+            "2",
+            "--events",
+            "500",
+            "--retain-last",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "streams compacted" in done.stdout
+    assert "state after compaction equals state before: yes" in done.stdout
+
+
+def test_python_dash_m_is_the_same_cli(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eskit_tasks",
+            "log",
+            "--database",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+def test_compact_all_local_end_to_end_as_a_console_script(tmp_path, db, ledgers):
+    ledgers.append("ledger", "extra", [NewEvent("Deposited", {"amount": 1})], expected_version=0)
+    env = {
+        **os.environ,
+        "ESKIT_DECIDER_MODULES": "tests.fleet_deciders",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    done = subprocess.run(
+        [CLI, "compact-all", "--local", "--database", db, "--retain-last", "1", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcomes"] == {"compacted": 3}
