@@ -55,3 +55,36 @@ FANOUT_MAX_RETRIES = 10
 FANOUT_HIGH_WATER = 2000
 #: Seconds before a fan-out that found the queue full looks again.
 FANOUT_BACKOFF_S = 5.0
+
+#: Address the worker's metrics port binds to (ESKIT_METRICS_ADDRESS): every interface,
+#: so Prometheus can scrape a worker in a container. The page holds counts only.
+METRICS_ADDRESS = "0.0.0.0"  # noqa: S104 -- see above
+#: Prefix of the temporary directory where a worker's prefork children write metrics.
+METRICS_DIR_PREFIX = "eskit-metrics-"
+#: Buckets of eskit_compaction_duration_seconds: 1 ms to 1 h, about 2.5x apart.
+COMPACTION_DURATION_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+)
+
+#: Logger of the one structured (JSON) line per compaction attempt.
+COMPACTION_LOGGER = "eskit_tasks.compaction"

@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eskit_tasks import constants as c
@@ -69,6 +69,20 @@ class EskitSettings(BaseSettings):
     nightly_cron: str = "0 3 * * *"
     #: ESKIT_NIGHTLY_POLICY: the nightly fan-out's policy, as JSON keyword arguments.
     nightly_policy: str = '{"min_events": 1000, "retain_last": 100}'
+    #: ESKIT_METRICS_PORT: serve Prometheus metrics from each worker on this port
+    #: (unset or empty: no metrics, nothing listens). See eskit_tasks.metrics.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: ESKIT_METRICS_ADDRESS: the address the metrics port binds to.
+    metrics_address: str = c.METRICS_ADDRESS
+    #: ESKIT_METRICS_DIR: where a worker's prefork children write their metrics; emptied
+    #: at start, so one directory per worker (default: a fresh temporary directory).
+    metrics_dir: str | None = None
+
+    @field_validator("metrics_port", "metrics_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``ESKIT_METRICS_PORT=`` (as compose files write an unset variable) means off."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> EskitSettings:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import random
 import time
@@ -38,9 +40,11 @@ from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from eskit_tasks import metrics
 from eskit_tasks.celery_app import app
 from eskit_tasks.compactor import Compactor
 from eskit_tasks.constants import (
+    COMPACTION_LOGGER,
     DONE_PREFIX,
     FANOUT_MAX_RETRIES,
     FANOUT_SCAN_FACTOR,
@@ -63,6 +67,8 @@ from eskit_tasks.settings import EskitSettings, get_settings
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 
 log = get_task_logger("eskit_tasks")
+#: One JSON line per compaction attempt (see _log_result).
+compaction_log = logging.getLogger(COMPACTION_LOGGER)
 
 
 class _Resources:
@@ -175,6 +181,7 @@ def compact_stream(
             error_type=type(exc).__name__,
             compaction_id=str(uuid.uuid4()),
         )
+        _record(result, run_id, copy.task_id)
     if not copy.claim_result():
         raise Ignore()  # another copy of this very task finished first and owns the result
     if run_id is not None:
@@ -273,7 +280,8 @@ def _compact_locked(
         parsed = CompactionPolicy(**policy)
         registration = get_registration(stream_type)
     except (InvalidPolicyError, ConfigurationError) as exc:
-        _log_result(failed := early(Outcome.FAILED, str(exc), type(exc).__name__), copy.run_id)
+        failed = early(Outcome.FAILED, str(exc), type(exc).__name__)
+        _record(failed, copy.run_id, copy.task_id)
         return failed
     store, snapshots = res.store, res.snapshots  # connect before taking the lock
 
@@ -283,23 +291,28 @@ def _compact_locked(
         holder = None if acquired else lock.holder()
     except RedisError as exc:
         copy.retry_later(_backoff(settings, task.request.retries))
-        return early(
+        unreachable = early(
             Outcome.FAILED,
             f"Redis for locks unreachable at {mask_url(settings.redis_url)}: {exc}",
             type(exc).__name__,
         )
+        _record(unreachable, copy.run_id, copy.task_id)
+        return unreachable
     if not acquired:
+        metrics.record_lock_wait()
         if holder == copy.task_id:
             # A redelivered copy of this very task: the first copy is still running, or
             # died and its lock has not expired yet. Look again once it has.
             copy.retry_later(settings.lock_ttl + 1, unlimited=True)
         copy.retry_later(_backoff(settings, task.request.retries))
-        return early(
+        locked = early(
             Outcome.LOCKED,
             f"{stream_type}/{stream_id} is locked by task {holder}; gave up after "
             f"{settings.locked_max_retries} retries",
             "LockedError",
         )
+        _record(locked, copy.run_id, copy.task_id)
+        return locked
     try:
         if copy.result_claimed_by_other():
             raise Ignore()  # a copy of this task finished while we waited for the lock
@@ -311,7 +324,7 @@ def _compact_locked(
             policy=parsed,
             guard=copy.guard(lock),
         ).compact(stream_type, stream_id)
-        _log_result(result, copy.run_id)
+        _record(result, copy.run_id, copy.task_id, timed=True)
         retry = result.error_type in _TRANSIENT
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.
@@ -356,22 +369,58 @@ def _already_finished(task: Any, res: _Resources) -> bool:
         return False
 
 
-def _log_result(result: CompactionResult, run_id: str | None) -> None:
-    log.info(
-        "compaction stream=%s/%s outcome=%s head=%s snapshot=%s deleted=%s retained=%s "
-        "bytes=%s duration_ms=%s compaction_id=%s run_id=%s error=%s",
-        result.stream_type,
-        result.stream_id,
-        result.outcome.value,
-        result.head_version,
-        result.snapshot_version,
-        result.events_deleted,
-        result.events_retained,
-        result.bytes_reclaimed,
-        result.duration_ms,
-        result.compaction_id,
-        run_id,
-        result.error,
+def _record(
+    result: CompactionResult, run_id: str | None, task_id: str | None, *, timed: bool = False
+) -> None:
+    """Account for one compaction attempt that ended: its metrics (``timed`` when the
+    compactor ran and measured it) and its log line. Called once per attempt."""
+    metrics.record_compaction(result, timed=timed)
+    _log_result(result, run_id, task_id)
+
+
+# Outcomes worth a look: a warning, or an error for a snapshot that did not verify.
+_LOG_LEVELS = {
+    Outcome.VERIFICATION_FAILED: logging.ERROR,
+    Outcome.FAILED: logging.WARNING,
+    Outcome.FENCED: logging.WARNING,
+}
+
+
+def compaction_fields(
+    result: CompactionResult, run_id: str | None, task_id: str | None = None
+) -> dict[str, Any]:
+    """The fields of a compaction's log line (passwords in the error masked)."""
+    return {
+        "event": "compaction",
+        "stream_type": result.stream_type,
+        "stream_id": result.stream_id,
+        "outcome": result.outcome.value,
+        "head_version": result.head_version,
+        "snapshot_version": result.snapshot_version,
+        "events_deleted": result.events_deleted,
+        "events_retained": result.events_retained,
+        "bytes_reclaimed": result.bytes_reclaimed,
+        "duration_ms": result.duration_ms,
+        "compaction_id": result.compaction_id,
+        "run_id": run_id,
+        "task_id": task_id,
+        "error_type": result.error_type,
+        "error": None if result.error is None else mask_url(result.error),
+    }
+
+
+def _log_result(result: CompactionResult, run_id: str | None, task_id: str | None = None) -> None:
+    """Log one line for a compaction: a JSON object (logger ``eskit_tasks.compaction``).
+
+    In a worker the line is the bare object with ``ts``, ``level`` and ``logger`` added
+    (see celery_app); under another logging set-up the message is the same object.
+    """
+    fields = compaction_fields(result, run_id, task_id)
+    compaction_log.log(
+        _LOG_LEVELS.get(result.outcome, logging.INFO),
+        "%s",
+        json.dumps(fields, default=str),
+        extra={"eskit_fields": fields},
     )
 
 
@@ -393,20 +442,19 @@ def _report_task_failure(
     args = list(args or [])
     stream_type = args[0] if args else kwargs.get("stream_type")
     stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
-    if not run_id or stream_type is None or stream_id is None:
+    if not isinstance(stream_type, str) or not isinstance(stream_id, str):
         return
-    _report(
-        resources(),
-        run_id,
-        CompactionResult(
-            stream_type=stream_type,
-            stream_id=stream_id,
-            outcome=Outcome.FAILED,
-            error=mask_url(f"task {task_id} died: {type(exception).__name__}: {exception}"),
-            error_type=type(exception).__name__,
-            compaction_id=str(uuid.uuid4()),
-        ),
+    result = CompactionResult(
+        stream_type=stream_type,
+        stream_id=stream_id,
+        outcome=Outcome.FAILED,
+        error=mask_url(f"task {task_id} died: {type(exception).__name__}: {exception}"),
+        error_type=type(exception).__name__,
+        compaction_id=str(uuid.uuid4()),
     )
+    _record(result, run_id, task_id)
+    if run_id:
+        _report(resources(), run_id, result)
 
 
 def _report(res: _Resources, run_id: str, result: CompactionResult) -> None:

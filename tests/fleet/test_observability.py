@@ -1,0 +1,341 @@
+"""What operators see of a real fleet: Prometheus metrics, one JSON log line per
+compaction, and Celery task events (for Flower)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from eskit_tasks import Outcome, compact_all
+from eskit_tasks.celery_app import app
+from eskit_tasks.locks import StreamLock
+from eskit_tasks.tasks import compact_stream
+from tests.fleet.conftest import Fleet, wait_until
+from tests.services import Worker, free_port
+
+LOG_FIELDS = {
+    "ts",
+    "level",
+    "logger",
+    "event",
+    "stream_type",
+    "stream_id",
+    "outcome",
+    "head_version",
+    "snapshot_version",
+    "events_deleted",
+    "events_retained",
+    "bytes_reclaimed",
+    "duration_ms",
+    "compaction_id",
+    "run_id",
+    "task_id",
+    "error_type",
+    "error",
+}
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """The /metrics page of a worker, and its samples by (name, sorted labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        page = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(page):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return page, samples
+
+
+def compaction_lines(worker: Worker) -> list[dict[str, Any]]:
+    """The worker's compaction log lines: bare JSON objects, one per line."""
+    found = []
+    for line in worker.text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == "compaction":
+                found.append(record)
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a prefork worker's pool processes)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return [pid, *children]
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on (from its socket descriptors and /proc/net/tcp*)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:
+            continue
+        if m := re.fullmatch(r"socket:\[(\d+)\]", target):
+            inodes.add(m[1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def metrics_dir(worker: Worker) -> Path:
+    m = re.search(r"children write to (\S+)\)", worker.text())
+    assert m, worker.text()[-3000:]
+    return Path(m[1])
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fleet):
+    port = free_port()
+    worker = fleet.worker(
+        "metrics", concurrency=2, ESKIT_METRICS_PORT=str(port), ESKIT_METRICS_ADDRESS="127.0.0.1"
+    )
+    fleet.seed("ledger", "a", 300)
+    fleet.seed("ledger", "b", 200)
+    fleet.seed("ledger", "c", 50)
+    fleet.seed("ghost", "g", 5)  # no decider: failed before compacting
+
+    _, before = scrape(port)
+    for outcome in Outcome:  # every outcome is exported from the start, at 0
+        assert before[("eskit_compactions_total", (("outcome", outcome.value),))] == 0
+    assert before[("eskit_lock_waits_total", ())] == 0
+
+    sent = [
+        compact_stream.delay("ledger", "a"),
+        compact_stream.delay("ledger", "b", retain_last=20),
+        compact_stream.delay("ledger", "c", dry_run=True),
+        compact_stream.delay("ghost", "g"),
+    ]
+    results = [r.get(timeout=60) for r in sent]
+    again = compact_stream.delay("ledger", "a")
+    results.append(again.get(timeout=60))
+    assert [r["outcome"] for r in results] == [
+        "compacted",
+        "compacted",
+        "dry_run",
+        "failed",
+        "nothing_to_compact",
+    ], fleet.worker_logs()
+
+    page, after = scrape(port)
+    count = {o.value: after[("eskit_compactions_total", (("outcome", o.value),))] for o in Outcome}
+    assert count == {
+        "compacted": 2,
+        "dry_run": 1,
+        "nothing_to_compact": 1,
+        "failed": 1,
+        "verification_failed": 0,
+        "fenced": 0,
+        "locked": 0,
+    }
+    compacted = [r for r in results if r["outcome"] == "compacted"]
+    assert after[("eskit_events_deleted_total", ())] == 300 + 180  # not the dry run's 50
+    assert after[("eskit_bytes_reclaimed_total", ())] == sum(
+        r["bytes_reclaimed"] for r in compacted
+    )
+    assert after[("eskit_bytes_reclaimed_total", ())] > 0
+
+    # The histogram observes every attempt the compactor ran, by outcome.
+    def hist(suffix: str, outcome: str, le: str | None = None) -> float:
+        labels = [("outcome", outcome)] + ([("le", le)] if le else [])
+        return after.get(("eskit_compaction_duration_seconds" + suffix, tuple(sorted(labels))), 0)
+
+    assert hist("_count", "compacted") == 2
+    assert hist("_count", "dry_run") == 1
+    assert hist("_count", "nothing_to_compact") == 1
+    assert hist("_count", "failed") == 0  # no decider: never reached the compactor
+    assert hist("_bucket", "compacted", "+Inf") == 2
+    assert hist("_bucket", "compacted", "3600.0") == 2
+    assert hist("_sum", "compacted") == pytest.approx(
+        sum(r["duration_ms"] for r in compacted) / 1000, rel=1e-6, abs=1e-6
+    )
+    assert '_bucket{le="0.001",outcome="compacted"}' in page
+    assert "://" not in page  # no URL (and so no password) reaches the page
+
+    # Only the main process listens; the children write files the server adds up.
+    main, *children = process_tree(worker.proc.pid)
+    assert len(children) == 2
+    assert listening_ports(main) == {port}
+    assert all(listening_ports(child) == set() for child in children)
+    directory = metrics_dir(worker)
+    assert directory.is_dir()
+    worker.stop()
+    assert not directory.exists()  # the temporary directory goes with the worker
+
+
+def test_lock_waits_and_locked_outcome(fleet: Fleet):
+    port = free_port()
+    fleet.worker(
+        "waiter",
+        concurrency=1,
+        ESKIT_METRICS_PORT=str(port),
+        ESKIT_METRICS_ADDRESS="127.0.0.1",
+        ESKIT_LOCKED_MAX_RETRIES="2",
+    )
+    fleet.seed("ledger", "held", 30)
+    client = redis.Redis(port=fleet.state.port)
+    holder = StreamLock(client, "ledger", "held", ttl=30, owner="someone-else")
+    assert holder.acquire()
+    try:
+        result = compact_stream.delay("ledger", "held").get(timeout=60)
+    finally:
+        holder.release()
+        client.close()
+    assert result["outcome"] == "locked", result
+    _, samples = scrape(port)
+    assert samples[("eskit_lock_waits_total", ())] == 3  # the first try and two retries
+    assert samples[("eskit_compactions_total", (("outcome", "locked"),))] == 1
+    assert samples[("eskit_events_deleted_total", ())] == 0
+
+
+def test_without_a_metrics_port_a_worker_listens_on_nothing(fleet: Fleet):
+    fleet.seed("ledger", "quiet", 20)
+    worker = fleet.worker("plain", concurrency=2)
+    assert compact_stream.delay("ledger", "quiet").get(timeout=60)["outcome"] == "compacted"
+    tree = process_tree(worker.proc.pid)
+    assert len(tree) == 3
+    assert all(listening_ports(pid) == set() for pid in tree)
+    assert "metrics on" not in worker.text()
+    assert "PROMETHEUS_MULTIPROC_DIR" not in Path(f"/proc/{worker.proc.pid}/environ").read_text()
+
+
+def test_a_metrics_port_in_use_stops_the_worker_at_start(fleet: Fleet):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited at start") as info:
+            fleet.worker(
+                "clash",
+                concurrency=1,
+                ESKIT_METRICS_PORT=str(port),
+                ESKIT_METRICS_ADDRESS="127.0.0.1",
+            )
+    assert "ESKIT_METRICS_PORT" in str(info.value)
+    assert f"127.0.0.1:{port}" in str(info.value)
+
+
+# -- one JSON log line per compaction -------------------------------------------------
+
+
+def test_one_json_log_line_per_compaction_with_run_id(fleet: Fleet):
+    for n in range(3):
+        fleet.seed("ledger", f"r-{n}", 40 + n)
+    fleet.seed("ghost", "nobody", 10)
+    worker = fleet.worker("logs", concurrency=2)
+    run = compact_all(min_events=1, retain_last=5)
+    final = run.wait(timeout=60)
+    assert final.outcomes == {"compacted": 3, "failed": 1}, fleet.worker_logs()
+    direct = compact_stream.delay("ledger", "r-0", retain_last=5)
+    direct_result = direct.get(timeout=60)
+
+    lines = compaction_lines(worker)
+    assert len(lines) == 5, worker.text()[-4000:]
+    for line in lines:
+        assert set(line) == LOG_FIELDS
+        assert line["logger"] == "eskit_tasks.compaction"
+        assert line["ts"].endswith("Z")
+
+    by_stream = {(x["stream_type"], x["stream_id"], x["run_id"]): x for x in lines}
+    for n in range(3):
+        line = by_stream[("ledger", f"r-{n}", run.run_id)]
+        head = 40 + n
+        assert line["outcome"] == "compacted"
+        assert line["level"] == "INFO"
+        assert (line["head_version"], line["snapshot_version"]) == (head, head - 5)
+        assert (line["events_deleted"], line["events_retained"]) == (head - 5, 5)
+        assert line["bytes_reclaimed"] > 0
+        assert line["duration_ms"] > 0
+        assert line["error"] is None
+        [row] = fleet.store.compaction_log("ledger", f"r-{n}")
+        assert line["compaction_id"] == row.compaction_id
+
+    ghost = by_stream[("ghost", "nobody", run.run_id)]
+    assert (ghost["outcome"], ghost["level"]) == ("failed", "WARNING")
+    assert "ghost" in ghost["error"]
+    assert ghost["error_type"]
+
+    line = by_stream[("ledger", "r-0", None)]
+    assert line["outcome"] == "nothing_to_compact"
+    assert line["task_id"] == direct.id
+    assert line["compaction_id"] == direct_result["compaction_id"]
+    assert line["duration_ms"] == direct_result["duration_ms"]
+    # The worker's other lines keep Celery's usual format.
+    assert re.search(r"^\[.*INFO/MainProcess\].* ready\.", worker.text(), flags=re.MULTILINE)
+
+
+# -- task events ----------------------------------------------------------------------
+
+
+def test_worker_sends_task_events_for_flower(fleet: Fleet):
+    """Flower needs task events: the worker sends received/started/succeeded, the client
+    sends task-sent, without any `celery control enable_events`."""
+    fleet.seed("ledger", "watched", 10)
+    fleet.worker("events", concurrency=1)
+    events: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": events.append})
+
+        def capture() -> None:
+            try:
+                receiver.capture(limit=None, timeout=None, wakeup=False)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        try:
+            # The receiver subscribes asynchronously; events published before that are
+            # not delivered to it, so send until one task's events are all seen.
+            def all_events_of_one_task() -> str | None:
+                by_task: dict[str, set[str]] = {}
+                for e in list(events):
+                    if "uuid" in e:
+                        by_task.setdefault(e["uuid"], set()).add(e["type"])
+                wanted = {"task-sent", "task-received", "task-started", "task-succeeded"}
+                done = [t for t, kinds in by_task.items() if wanted <= kinds]
+                if not done:
+                    compact_stream.delay("ledger", "watched").get(timeout=30)
+                return done[0] if done else None
+
+            task_id = wait_until(all_events_of_one_task, 60, "task events", poll=0.5)
+        finally:
+            receiver.should_stop = True
+            thread.join(10)
+    assert not errors, errors
+    succeeded = next(
+        e for e in events if e.get("uuid") == task_id and e["type"] == "task-succeeded"
+    )
+    assert succeeded["hostname"].startswith("events@")
+    received = next(e for e in events if e.get("uuid") == task_id and e["type"] == "task-received")
+    assert received["name"] == "eskit_tasks.compact_stream"
+    assert time.time() - succeeded["timestamp"] < 120
