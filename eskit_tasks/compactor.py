@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -35,8 +35,7 @@ from eskit_tasks.errors import (
     StreamIntegrityError,
     VersionGapError,
 )
-from eskit_tasks.events import RecordedEvent
-from eskit_tasks.loading import fold
+from eskit_tasks.loading import fold_measured
 from eskit_tasks.policy import CompactionPolicy, plan_cut
 from eskit_tasks.ports import DeletionPlan, EventStore, Snapshot, SnapshotStore, StreamInfo
 from eskit_tasks.result import CompactionResult, Outcome
@@ -67,20 +66,6 @@ class _RunState:
 
     token: int | None = None
     snapshot_saved: bool = False
-
-
-class _Counter:
-    """Counts the events (and their stored bytes) that pass through an iterator."""
-
-    def __init__(self) -> None:
-        self.events = 0
-        self.bytes = 0
-
-    def wrap(self, events: Iterator[RecordedEvent]) -> Iterator[RecordedEvent]:
-        for event in events:
-            self.events += 1
-            self.bytes += event.stored_bytes
-            yield event
 
 
 class Compactor(Generic[S]):
@@ -226,8 +211,7 @@ class Compactor(Generic[S]):
         # Replay: base (verified snapshot at P) + P+1..C, then the state at C must
         # survive its own encoding, then on to H.
         state = self._base_state(stream_type, stream_id, p)
-        doomed = _Counter()
-        state = self._fold(stream_type, stream_id, state, doomed, p, c)
+        state, doomed_bytes = self._fold(stream_type, stream_id, state, p, c)
         encoded = self._verifying(self.codec.encode, state)
         digest = state_hash(encoded)
         fields.update(state_hash=digest)
@@ -237,12 +221,12 @@ class Compactor(Generic[S]):
                 f"{label}: the state at version {c} does not survive a round trip through "
                 f"{self.codec._type_name()} (is the codec lossy?): {self._diff(state, at_cut)}"
             )
-        full = self._fold(stream_type, stream_id, state, _Counter(), c, head)
+        full, _ = self._fold(stream_type, stream_id, state, c, head)
 
         if plan.token is None:  # dry run: verify in memory, write nothing
             self._verify_tail(stream_type, stream_id, at_cut, full, c, head)
             fields.update(
-                outcome=Outcome.DRY_RUN, events_deleted=doomed.events, bytes_reclaimed=doomed.bytes
+                outcome=Outcome.DRY_RUN, events_deleted=c - p, bytes_reclaimed=doomed_bytes
             )
             return
 
@@ -279,12 +263,12 @@ class Compactor(Generic[S]):
                 head_version=head,
                 expected_deleted=c - p,
                 state_hash=digest,
-                bytes_reclaimed=doomed.bytes,
+                bytes_reclaimed=doomed_bytes,
                 compaction_id=fields["compaction_id"],
             )
         )
         fields.update(
-            outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed.bytes
+            outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed_bytes
         )
 
     def _checkpoint(self) -> None:
@@ -313,24 +297,14 @@ class Compactor(Generic[S]):
         return self.decider.initial_state() if snap is None else self.codec.decode(snap.state)
 
     def _fold(
-        self,
-        stream_type: str,
-        stream_id: str,
-        state: S,
-        counter: _Counter,
-        after: int,
-        through: int,
-    ) -> S:
+        self, stream_type: str, stream_id: str, state: S, after: int, through: int
+    ) -> tuple[S, int]:
+        """Fold versions after+1..through into ``state``; return it and their stored bytes."""
         if through == after:
-            return state
+            return state, 0
         events = self.store.read(stream_type, stream_id, from_version=after + 1, to_version=through)
-        state, last = fold(
-            self.decider,
-            state,
-            counter.wrap(iter(events)),
-            after=after,
-            stream_type=stream_type,
-            stream_id=stream_id,
+        state, last, stored = fold_measured(
+            self.decider, state, events, after=after, stream_type=stream_type, stream_id=stream_id
         )
         if last != through:
             raise VersionGapError(
@@ -340,12 +314,12 @@ class Compactor(Generic[S]):
                 stream_id=stream_id,
                 version=last + 1,
             )
-        return state
+        return state, stored
 
     def _verify_tail(
         self, stream_type: str, stream_id: str, snapshot_state: S, full: S, c: int, head: int
     ) -> None:
-        rebuilt = self._fold(stream_type, stream_id, snapshot_state, _Counter(), c, head)
+        rebuilt, _ = self._fold(stream_type, stream_id, snapshot_state, c, head)
         if rebuilt != full:
             raise _VerificationFailed(
                 f"{label_of(stream_type, stream_id)}: snapshot at {c} + events {c + 1}..{head} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +26,12 @@ class NewEvent:
             raise TypeError(f"NewEvent.type must be a non-empty string, got {self.type!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
+class RecordedEvent(NamedTuple):
     """An event read back from a store, oldest first.
 
     Every ``RecordedEvent`` is decoded afresh from storage, so a decider may keep
-    references to ``data`` without affecting the store.
+    references to ``data`` without affecting the store. (A named tuple: immutable and
+    built in C, which matters when a compaction reads millions of them.)
 
     Args:
         version: Position in the stream, starting at 1 and contiguous.

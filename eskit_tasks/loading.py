@@ -43,10 +43,30 @@ def fold(
         VersionGapError: an event is not the next version.
         EvolveError: ``decider.evolve`` raised.
     """
+    state, version, _ = fold_measured(
+        decider, state, events, after=after, stream_type=stream_type, stream_id=stream_id
+    )
+    return state, version
+
+
+def fold_measured(
+    decider: Decider[S],
+    state: S,
+    events: Iterable[RecordedEvent],
+    *,
+    after: int,
+    stream_type: str,
+    stream_id: str,
+) -> tuple[S, int, int]:
+    """:func:`fold`, also returning the summed ``stored_bytes`` of the events folded.
+
+    This loop runs once per event of a compaction: keep it lean.
+    """
     version = after
+    stored = 0
     evolve = decider.evolve
     for event in events:
-        if event.version != version + 1:
+        if event[0] != version + 1:
             raise VersionGapError(
                 f"{label_of(stream_type, stream_id)}: expected version {version + 1}, "
                 f"found {event.version}; the stream has a gap",
@@ -64,8 +84,9 @@ def fold(
                 stream_id=stream_id,
                 version=event.version,
             ) from exc
-        version = event.version
-    return state, version
+        version += 1
+        stored += event[5]
+    return state, version, stored
 
 
 def load_state(

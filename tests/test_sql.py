@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_driver_errors_are_translated_never_raw(tmp_path: Path):
         with pytest.raises(StoreError) as info:
             call()
         assert not isinstance(info.value, sa.exc.SQLAlchemyError)
-        assert isinstance(info.value.__cause__, sa.exc.SQLAlchemyError)
+        assert isinstance(info.value.__cause__, sa.exc.SQLAlchemyError | sqlite3.Error)
 
 
 def test_store_survives_terminated_connections(postgres_url: str):

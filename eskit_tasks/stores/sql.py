@@ -7,6 +7,7 @@ the length of the stream.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -185,58 +186,44 @@ class SqlEventStore:
         Raises:
             EventDecodeError: a payload is not valid JSON (names stream and version).
         """
-        query = (
-            sa.select(
-                events.c.version,
-                events.c.type,
-                events.c.data,
-                events.c.metadata,
-                events.c.recorded_at,
-            )
-            .join(streams, streams.c.pk == events.c.stream_pk)
-            .where(
-                streams.c.stream_type == stream_type,
-                streams.c.stream_id == stream_id,
-                events.c.version >= from_version,
-            )
-            .order_by(events.c.version)
-        )
-        if to_version is not None:
-            query = query.where(events.c.version <= to_version)
-        return self._stream(query, stream_type, stream_id)
+        return self._stream(stream_type, stream_id, from_version, to_version)
 
     def _stream(
-        self, query: sa.Select[Any], stream_type: str, stream_id: str
+        self, stream_type: str, stream_id: str, from_version: int, to_version: int | None
     ) -> Iterator[RecordedEvent]:
         label = label_of(stream_type, stream_id)
         loads = orjson.loads
-        with dialects.translate_errors(self.engine, f"read {label}"), self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=self.page_size).execute(
-                query
+        with (
+            dialects.translate_errors(self.engine, f"read {label}"),
+            self.engine.connect() as conn,
+            conn.begin(),
+        ):
+            pages = dialects.stream_events(
+                conn, stream_type, stream_id, from_version, to_version, self.page_size
             )
-            try:
-                for version, type_, data, meta, recorded_at in result:
-                    try:
-                        payload, meta_obj = loads(data), loads(meta)
-                    except orjson.JSONDecodeError as exc:
-                        raise EventDecodeError(
-                            f"{label} version {version}: stored payload is not valid JSON ({exc})",
-                            stream_type=stream_type,
-                            stream_id=stream_id,
-                            version=version,
-                        ) from None
-                    yield RecordedEvent(
-                        version,
-                        type_,
-                        payload,
-                        meta_obj,
-                        recorded_at,
-                        len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
-                    )
-            finally:
-                # An abandoned or failed iteration must close PostgreSQL's server-side
-                # cursor before the connection goes back to the pool.
-                result.close()
+            # closing(): an abandoned read closes its cursor before the connection goes.
+            with contextlib.closing(pages):
+                for page in pages:
+                    for version, type_, data, meta, recorded_at in page:
+                        try:
+                            payload = loads(data)
+                            meta_obj = {} if meta == "{}" else loads(meta)
+                        except orjson.JSONDecodeError as exc:
+                            raise EventDecodeError(
+                                f"{label} version {version}: stored payload is not valid "
+                                f"JSON ({exc})",
+                                stream_type=stream_type,
+                                stream_id=stream_id,
+                                version=version,
+                            ) from None
+                        yield RecordedEvent(
+                            version,
+                            type_,
+                            payload,
+                            meta_obj,
+                            recorded_at,
+                            len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
+                        )
 
     def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
