@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint format types test check clean
+.PHONY: install demo lint format types test check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ check: lint types test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis eskit-demo.db*
+
+## bench: run every benchmark at full size, print the table, write bench/results/latest.json
+bench: $(STAMP)
+	$(BIN)/python -m bench.run --scale full

@@ -1,0 +1,162 @@
+"""Run the benchmarks and print a table: ``python -m bench.run`` (or ``make bench``).
+
+Every figure is a ratio against a baseline measured in the same run on the same
+database, because these machines are noisy. ``--scale tiny`` runs everything in seconds
+(the test suite does, so the benchmarks cannot rot); ``--scale full`` runs the sizes in
+the README's Performance section. Results are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get(
+    "ESKIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+SIZES = {
+    "tiny": {"throughput": 3_000, "memory": (2_000, 20_000)},
+    "full": {"throughput": 200_000, "memory": (100_000, 1_000_000)},
+}
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A scratch PostgreSQL database for one benchmark, dropped afterwards."""
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(ADMIN_URL).set(drivername="postgresql")
+    name = f"eskit_bench_{uuid.uuid4().hex[:8]}"
+    libpq = admin.render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(
+            hide_password=False
+        )
+    finally:
+        with psycopg.connect(libpq, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def throughput_postgres(scale: str) -> dict[str, Any]:
+    from bench.throughput import measure
+
+    with postgres_database() as url:
+        result = measure(url, SIZES[scale]["throughput"])
+    return {**result, "goal": "ratio >= 0.8", "met": result["ratio"] >= 0.8}
+
+
+def throughput_sqlite(scale: str) -> dict[str, Any]:
+    from bench.throughput import measure
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(f"sqlite:///{tmp}/bench.db", SIZES[scale]["throughput"])
+    return {**result, "goal": "ratio >= 0.8", "met": result["ratio"] >= 0.8}
+
+
+def memory(scale: str) -> dict[str, Any]:
+    from bench.memory import measure
+
+    small, large = SIZES[scale]["memory"]
+    with postgres_database() as url:
+        return measure(url, small, large)
+
+
+def fleet(scale: str) -> dict[str, Any]:
+    from bench import fleet as module
+
+    return module.run(scale)
+
+
+def fanout(scale: str) -> dict[str, Any]:
+    from bench import fanout as module
+
+    return module.run(scale)
+
+
+BENCHMARKS: dict[str, Callable[[str], dict[str, Any]]] = {
+    "throughput-postgres": throughput_postgres,
+    "throughput-sqlite": throughput_sqlite,
+    "memory": memory,
+    "fleet": fleet,
+    "fanout": fanout,
+}
+
+
+def headline(name: str, r: dict[str, Any]) -> tuple[str, str, str]:
+    """(what was measured, ours vs baseline, ratio) for the table."""
+    if name.startswith("throughput"):
+        return (
+            f"{r['events']:,} events, {r['backend']}",
+            f"{r['ours_events_per_s']:,} vs {r['raw_events_per_s']:,} events/s (raw driver)",
+            f"{r['ratio']:.2f}",
+        )
+    if name == "memory":
+        return (
+            f"{r['large']['events']:,} vs {r['small']['events']:,} events",
+            f"peak {r['large']['peak_mb']} MB vs {r['small']['peak_mb']} MB",
+            f"{r['ratio']:.2f}",
+        )
+    return (r.get("what", name), r.get("summary", ""), f"{r.get('ratio', float('nan')):.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--scale", choices=sorted(SIZES), default="full")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(BENCHMARKS),
+        help="run only this benchmark (repeatable)",
+    )
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
+    args = parser.parse_args(argv)
+    console = Console()
+    results: dict[str, Any] = {}
+    for name in args.only or list(BENCHMARKS):
+        started = time.perf_counter()
+        console.print(f"running {name} ({args.scale}) ...")
+        results[name] = BENCHMARKS[name](args.scale)
+        results[name]["wall_s"] = round(time.perf_counter() - started, 1)
+    table = Table(title=f"eskit-tasks benchmarks ({args.scale})")
+    for column in ("benchmark", "measured", "ours vs baseline", "ratio", "goal", "met"):
+        table.add_column(column)
+    for name, r in results.items():
+        what, versus, ratio = headline(name, r)
+        met = "yes" if r.get("met") else "NO"
+        if args.scale != "full":
+            met = "n/a"  # goals are for the full sizes; tiny runs only prove the code works
+        table.add_row(name, what, versus, ratio, r.get("goal", ""), met)
+    console.print(table)
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scale": args.scale,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "results": results,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"written {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

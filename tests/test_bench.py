@@ -1,0 +1,24 @@
+"""Each benchmark runs once at a tiny size, so bench/ cannot rot. No timing is asserted:
+speed is measured by `make bench` as ratios, never in the test suite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import run
+
+
+@pytest.mark.parametrize("name", ["throughput-postgres", "throughput-sqlite", "memory"])
+def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
+    out = tmp_path / "bench.json"
+    assert run.main(["--scale", "tiny", "--only", name, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    result = report["results"][name]
+    assert result["ratio"] > 0
+    assert "goal" in result and "met" in result
+    if name.startswith("throughput"):
+        assert result["events"] == run.SIZES["tiny"]["throughput"]
+        assert result["ours_events_per_s"] > 0 and result["raw_events_per_s"] > 0
