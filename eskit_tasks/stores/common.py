@@ -12,8 +12,8 @@ from eskit_tasks.ports import DeletionPlan
 
 #: Versions are 64-bit signed integers in the database.
 MAX_VERSION = 2**63
-#: Approximate per-row overhead (key, version, timestamp) added to payload sizes.
-ROW_OVERHEAD_BYTES = 40
+#: Approximate per-row overhead (key, version, type name, timestamp) added to payload sizes.
+ROW_OVERHEAD_BYTES = 48
 
 
 def label_of(stream_type: str, stream_id: str) -> str:

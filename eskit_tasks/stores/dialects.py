@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -178,13 +178,17 @@ def create_tables(engine: Engine, metadata: sa.MetaData) -> None:
 
 # The hot read path: one stream's events, on the driver's own cursor. SQLAlchemy's
 # result processing costs about a third of a compaction's time here; this query is the
-# only place that skips it. Columns: version, type, data, metadata, recorded_at.
+# only place that skips it. The stream's key is looked up first, so the event query is
+# a plain range scan of the primary key in order (never a join, never a sort), and the
+# timestamp comes as integer microseconds (PostgreSQL) or text (SQLite): events appended
+# together share one timestamp, so each distinct value is converted once.
+_PK_SQL = "SELECT pk FROM eskit_streams WHERE stream_type = {p} AND stream_id = {p}"
 _READ_SQL = (
-    "SELECT e.version, e.type, e.data, e.metadata, e.recorded_at "
-    "FROM eskit_events e JOIN eskit_streams s ON s.pk = e.stream_pk "
-    "WHERE s.stream_type = {p} AND s.stream_id = {p} AND e.version >= {p}{upper} "
-    "ORDER BY e.version"
+    "SELECT version, type, data, metadata, {ts} FROM eskit_events "
+    "WHERE stream_pk = {p} AND version >= {p}{upper} ORDER BY version"
 )
+_PG_MICROS = "(extract(epoch FROM recorded_at) * 1000000)::bigint"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def stream_events(
@@ -194,39 +198,60 @@ def stream_events(
     from_version: int,
     to_version: int | None,
     page_size: int,
-) -> Generator[list[tuple[int, str, str, str, datetime]], None, None]:
-    """Yield pages of (version, type, data, metadata, recorded_at) rows of one stream in
-    version order, ``page_size`` rows each, from one statement (one consistent view).
+) -> tuple[Generator[list[tuple[int, str, str, str, Any]], None, None], Callable[[Any], datetime]]:
+    """Pages of (version, type, data, metadata, raw timestamp) rows of one stream in
+    version order, ``page_size`` rows each, from one statement (one consistent view),
+    and the function that turns a raw timestamp into an aware datetime.
 
     Call inside a transaction (``conn.begin()``). PostgreSQL: a server-side cursor.
     SQLite: ``fetchmany`` on a plain cursor (WAL keeps the statement's snapshot).
     """
+    pg = conn.dialect.name == "postgresql"
+    return _pages(conn, pg, stream_type, stream_id, from_version, to_version, page_size), (
+        _micros_to_datetime if pg else _text_to_datetime
+    )
+
+
+def _micros_to_datetime(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def _text_to_datetime(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _pages(
+    conn: Connection,
+    pg: bool,
+    stream_type: str,
+    stream_id: str,
+    from_version: int,
+    to_version: int | None,
+    page_size: int,
+) -> Generator[list[tuple[int, str, str, str, Any]], None, None]:
     driver = conn.connection.driver_connection
     assert driver is not None
-    params: list[Any] = [stream_type, stream_id, from_version]
+    mark = "%s" if pg else "?"
+    found = driver.execute(_PK_SQL.format(p=mark), (stream_type, stream_id)).fetchone()
+    if found is None:
+        return
+    params: list[Any] = [found[0], from_version]
+    upper = ""
     if to_version is not None:
         params.append(to_version)
-    if conn.dialect.name == "postgresql":
-        upper = " AND e.version <= %s" if to_version is not None else ""
-        sql = _READ_SQL.format(p="%s", upper=upper)
+        upper = f" AND version <= {mark}"
+    sql = _READ_SQL.format(p=mark, upper=upper, ts=_PG_MICROS if pg else "recorded_at")
+    if pg:
         with driver.cursor(name=f"eskit_read_{id(params):x}") as cur:
             cur.execute(sql, params)
-            while page := cur.fetchmany(page_size):
-                yield page
+            while rows := cur.fetchmany(page_size):
+                yield rows
         return
-    upper = " AND e.version <= ?" if to_version is not None else ""
     cur = driver.cursor()
     try:
-        cur.execute(_READ_SQL.format(p="?", upper=upper), params)
-        # Events appended together share one timestamp: parse each distinct text once.
-        last_text, last = "", datetime.min
+        cur.execute(sql, params)
         while rows := cur.fetchmany(page_size):
-            page = []
-            for v, t, d, m, r in rows:
-                if r != last_text:
-                    last_text, last = r, datetime.fromisoformat(r).replace(tzinfo=UTC)
-                page.append((v, t, d, m, last))
-            yield page
+            yield rows
     finally:
         cur.close()
 

@@ -168,7 +168,7 @@ class InMemoryEventStore:
                 data,
                 meta,
                 r.recorded_at,
-                len(r.data) + len(r.metadata) + len(r.type) + ROW_OVERHEAD_BYTES,
+                len(r.data) + len(r.metadata) + ROW_OVERHEAD_BYTES,
             )
 
     def oldest_version_after(

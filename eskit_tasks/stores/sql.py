@@ -198,13 +198,19 @@ class SqlEventStore:
             self.engine.connect() as conn,
             conn.begin(),
         ):
-            pages = dialects.stream_events(
+            pages, to_datetime = dialects.stream_events(
                 conn, stream_type, stream_id, from_version, to_version, self.page_size
             )
+            event, overhead = RecordedEvent, ROW_OVERHEAD_BYTES  # locals: read per row
+            # Events appended together share one timestamp: convert each distinct one once.
+            last_raw: Any = None
+            recorded_at: datetime = datetime.min
             # closing(): an abandoned read closes its cursor before the connection goes.
             with contextlib.closing(pages):
                 for page in pages:
-                    for version, type_, data, meta, recorded_at in page:
+                    for version, type_, data, meta, raw_ts in page:
+                        if raw_ts != last_raw:
+                            last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
                         try:
                             payload = loads(data)
                             meta_obj = {} if meta == "{}" else loads(meta)
@@ -216,13 +222,13 @@ class SqlEventStore:
                                 stream_id=stream_id,
                                 version=version,
                             ) from None
-                        yield RecordedEvent(
+                        yield event(
                             version,
                             type_,
                             payload,
                             meta_obj,
                             recorded_at,
-                            len(data) + len(meta) + len(type_) + ROW_OVERHEAD_BYTES,
+                            len(data) + len(meta) + overhead,
                         )
 
     def oldest_version_after(

@@ -1,0 +1,35 @@
+"""The trivial decider the fleet benchmarks' workers fold with.
+
+Workers import it through ``ESKIT_DECIDER_MODULES=bench.deciders``; ``compact-all
+--local`` through ``--decider-module bench.deciders``. It registers one decider under
+every stream type the benchmarks seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eskit_tasks import NewEvent, RecordedEvent, register_decider
+
+#: Stream types seeded by bench.fleet (one per side, so each side picks only its own
+#: copy of the data) and by bench.fanout.
+STREAM_TYPES = ("bench_fleet", "bench_local", "bench_fanout")
+
+
+class Sum:
+    """Counts the events and sums their amounts."""
+
+    def initial_state(self) -> dict[str, int]:
+        return {"n": 0, "total": 0}
+
+    def evolve(self, state: dict[str, int], event: RecordedEvent) -> dict[str, int]:
+        state["n"] += 1
+        state["total"] += event.data["amount"]
+        return state
+
+    def decide(self, command: Any, state: dict[str, int]) -> list[NewEvent]:
+        return []
+
+
+for _type in STREAM_TYPES:
+    register_decider(_type, Sum(), dict)
