@@ -35,8 +35,9 @@ from sqlalchemy.engine import make_url
 
 from tests.services import CELERY, REPO, RedisServer, Worker, free_port
 
+#: Where scratch databases are created (the test suite's variable, same default).
 ADMIN_URL = os.environ.get(
-    "ESKIT_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    "ESKIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 PAYLOAD_PAD = "x" * 60  # with the other fields: about 100 bytes of JSON per event
 
@@ -334,6 +335,7 @@ def _fleet_child(streams: int, timeout: float) -> dict[str, Any]:
 
 
 def run(scale: str = "full") -> dict[str, Any]:
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratio
     size = SCALES[scale]
     streams, events = size["streams"], size["events"]
     total = streams * events
@@ -373,9 +375,15 @@ def run(scale: str = "full") -> dict[str, Any]:
     local_rate, fleet_rate = streams / local["elapsed_s"], streams / fleet["elapsed_s"]
     ratio = fleet_rate / local_rate
     return {
+        "what": f"{streams:,} streams x {events} events, 2 workers",
+        "summary": (
+            f"{fleet_rate:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local); "
+            f"{total / fleet['elapsed_s']:,.0f} vs {total / local['elapsed_s']:,.0f} events/s"
+        ),
         "backend": "postgresql",
         "scale": scale,
         "streams": streams,
+        "loadavg_1m_at_start": load_at_start,
         "events_per_stream": events,
         "fleet_workers": "2 x celery worker --concurrency=1 (prefork), Redis broker",
         "seed_s": round(seed_s, 2),

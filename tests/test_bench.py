@@ -11,13 +11,15 @@ import pytest
 from bench import run
 
 
-@pytest.mark.parametrize("name", ["throughput-postgres", "throughput-sqlite", "memory"])
+@pytest.mark.parametrize(
+    "name", ["throughput-postgres", "throughput-sqlite", "memory", "fleet", "fanout"]
+)
 def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
     out = tmp_path / "bench.json"
     assert run.main(["--scale", "tiny", "--only", name, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     result = report["results"][name]
-    assert result["ratio"] > 0
+    assert result["ratio"] > 0, result
     assert "goal" in result and "met" in result
     if name.startswith("throughput"):
         assert result["events"] == run.SIZES["tiny"]["throughput"]
