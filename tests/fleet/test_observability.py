@@ -295,8 +295,9 @@ def test_one_json_log_line_per_compaction_with_run_id(fleet: Fleet):
 
 
 def test_worker_sends_task_events_for_flower(fleet: Fleet):
-    """Flower needs task events: the worker sends received/started/succeeded, the client
-    sends task-sent, without any `celery control enable_events`."""
+    """Flower needs task events: the worker sends received/started/succeeded without any
+    `celery control enable_events`; publishers send no task-sent event (it would double
+    the fan-out's Redis round trips)."""
     fleet.seed("ledger", "watched", 10)
     fleet.worker("events", concurrency=1)
     events: list[dict[str, Any]] = []
@@ -321,7 +322,7 @@ def test_worker_sends_task_events_for_flower(fleet: Fleet):
                 for e in list(events):
                     if "uuid" in e:
                         by_task.setdefault(e["uuid"], set()).add(e["type"])
-                wanted = {"task-sent", "task-received", "task-started", "task-succeeded"}
+                wanted = {"task-received", "task-started", "task-succeeded"}
                 done = [t for t, kinds in by_task.items() if wanted <= kinds]
                 if not done:
                     compact_stream.delay("ledger", "watched").get(timeout=30)
@@ -336,6 +337,7 @@ def test_worker_sends_task_events_for_flower(fleet: Fleet):
         e for e in events if e.get("uuid") == task_id and e["type"] == "task-succeeded"
     )
     assert succeeded["hostname"].startswith("events@")
+    assert not [e for e in events if e["type"] == "task-sent"]
     received = next(e for e in events if e.get("uuid") == task_id and e["type"] == "task-received")
     assert received["name"] == "eskit_tasks.compact_stream"
     assert time.time() - succeeded["timestamp"] < 120
