@@ -1,4 +1,4 @@
-"""The trivial decider the fleet benchmarks' workers fold with.
+"""The trivial decider every benchmark folds with (both sides of each comparison).
 
 Workers import it through ``ESKIT_DECIDER_MODULES=bench.deciders``; ``compact-all
 --local`` through ``--decider-module bench.deciders``. It registers one decider under

@@ -18,6 +18,7 @@ import orjson
 import psycopg
 from sqlalchemy.engine import make_url
 
+from bench.deciders import Sum
 from eskit_tasks import (
     CompactionPolicy,
     Compactor,
@@ -28,21 +29,6 @@ from eskit_tasks import (
 )
 
 PAYLOAD_PAD = "x" * 60  # with the other fields: about 100 bytes of JSON per event
-
-
-class Sum:
-    """The trivial decider both sides fold with."""
-
-    def initial_state(self) -> dict[str, int]:
-        return {"n": 0, "total": 0}
-
-    def evolve(self, state: dict[str, int], event: RecordedEvent) -> dict[str, int]:
-        state["n"] += 1
-        state["total"] += event.data["amount"]
-        return state
-
-    def decide(self, command: Any, state: dict[str, int]) -> list[NewEvent]:
-        return []
 
 
 def seed(store: SqlEventStore, stream_id: str, n: int, batch: int = 10_000) -> None:
