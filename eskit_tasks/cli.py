@@ -21,6 +21,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from eskit_tasks.compactor import Compactor
+from eskit_tasks.constants import FANOUT_PAGE_SIZE, FANOUT_SCAN_FACTOR
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -358,17 +359,20 @@ def _iter_candidates(
     """Every candidate, page by page (bounded memory)."""
     after, seen, last = 0, 0, store.max_stream_key()
     while after < last and (limit is None or seen < limit):
-        until = after + 10_000
+        # The same bounds as the fleet's fan-out: a page never examines more than
+        # FANOUT_SCAN_FACTOR x FANOUT_PAGE_SIZE stream keys.
+        until = after + FANOUT_PAGE_SIZE * FANOUT_SCAN_FACTOR
+        size = FANOUT_PAGE_SIZE if limit is None else min(FANOUT_PAGE_SIZE, limit - seen)
         page = store.candidates(
             after=after,
             until=until,
-            limit=500 if limit is None else min(500, limit - seen),
+            limit=size,
             min_live_events=max(min_events, retain_last + 1),
             stream_types=stream_types,
         )
         yield from page
         seen += len(page)
-        after = page[-1].key if page and len(page) == 500 else until
+        after = page[-1].key if len(page) == size else until
 
 
 def _compact_all_local(
