@@ -13,7 +13,9 @@ what is measured.
   ``kombu.Producer.publish`` from ``app.producer_or_acquire()`` — same broker, same
   exchange type and routing as the compaction queue, the same body and headers as a
   real compact_stream message (captured from the queue), to a scratch queue the same
-  drainer empties.
+  drainer empties. A second baseline publishes the same way inside kombu's
+  ``Producer.batch`` (pipelines of FANOUT_PUBLISH_BATCH, one batch per page), as the
+  fan-out itself does: the ratio against it is the cost of Celery and our paging.
 * Peak RSS: VmHWM of the fan-out worker's pool process (a fresh worker per size), at
   the full number of candidates and at a tenth of it (``max_streams``).
 * Queue depth: a sampler thread sums LLEN over the compaction queue's Redis lists
@@ -176,9 +178,10 @@ def _fanout_child(max_streams: int | None) -> dict[str, Any]:
     }
 
 
-def _publish_child(count: int, sample_path: str) -> dict[str, Any]:
+def _publish_child(count: int, sample_path: str, batched: bool) -> dict[str, Any]:
     """The baseline: ``count`` copies of a captured compact_stream message published in
-    a plain loop (kombu serialises the body as JSON each time, as for a task)."""
+    a plain loop (kombu serialises the body as JSON each time, as for a task); with
+    ``batched``, inside kombu's ``Producer.batch`` as the fan-out sends its pages."""
     from kombu import Queue
 
     from eskit_tasks.celery_app import app
@@ -202,8 +205,14 @@ def _publish_child(count: int, sample_path: str) -> dict[str, Any]:
         producer.publish(body, declare=[queue], **options)
         publish = producer.publish
         started = time.perf_counter()
-        for _ in range(count):
-            publish(body, **options)
+        if batched:
+            for first in range(0, count, constants.FANOUT_PAGE_SIZE):
+                with producer.batch(constants.FANOUT_PUBLISH_BATCH):
+                    for _ in range(min(constants.FANOUT_PAGE_SIZE, count - first)):
+                        publish(body, **options)
+        else:
+            for _ in range(count):
+                publish(body, **options)
         elapsed = time.perf_counter() - started
     return {"elapsed_s": elapsed, "messages": count}
 
@@ -248,8 +257,11 @@ def _fan_out_once(
     }
 
 
-def _publish_once(env: dict[str, str], count: int, sample: Path) -> dict[str, Any]:
-    result = run_child("bench.fanout", ["--publish", str(count), str(sample)], env, timeout=7200)
+def _publish_once(
+    env: dict[str, str], count: int, sample: Path, batched: bool = False
+) -> dict[str, Any]:
+    args = ["--publish", str(count), str(sample), "batched" if batched else "plain"]
+    result = run_child("bench.fanout", args, env, timeout=7200)
     return {**result, "tasks_per_s": count / result["elapsed_s"]}
 
 
@@ -290,8 +302,9 @@ def run(scale: str = "full") -> dict[str, Any]:
             raw_small = _publish_once(env, small, sample)
             at_full = _fan_out_once(tmp, env, redis.url(0), None, full, "fanout-full")
             raw_full = _publish_once(env, full, sample)
+            raw_batched = _publish_once(env, full, sample, batched=True)
             _wait_drained(drainer, compaction, small + full)
-            _wait_drained(drainer, SCRATCH_QUEUE, small + full + 2)  # + one warm-up each
+            _wait_drained(drainer, SCRATCH_QUEUE, small + 2 * full + 3)  # + a warm-up each
         finally:
             drainer.stop()
         task_bytes = len(drainer.first[compaction])
@@ -322,13 +335,15 @@ def run(scale: str = "full") -> dict[str, Any]:
             raise RuntimeError(f"the slow drainer failed: {slow.error!r}")
 
     ratio = at_full["tasks_per_s"] / raw_full["tasks_per_s"]
+    ratio_batched = at_full["tasks_per_s"] / raw_batched["tasks_per_s"]
     rss_ratio = at_full["peak_rss_kb"] / at_small["peak_rss_kb"]
     max_depth = max(at_small["sampled_max_depth"], at_full["sampled_max_depth"])
     depth_ok = max_depth <= high_water and pressured["sampled_max_depth"] <= pressure_hw
     return {
         "what": f"fan-out of {full:,} candidate streams",
         "summary": (
-            f"{at_full['tasks_per_s']:,.0f} vs {raw_full['tasks_per_s']:,.0f} tasks/s (raw kombu); "
+            f"{at_full['tasks_per_s']:,.0f} tasks/s vs raw kombu {raw_full['tasks_per_s']:,.0f} "
+            f"(batched {raw_batched['tasks_per_s']:,.0f}); "
             f"peak RSS {at_full['peak_rss_kb'] / 1024:.1f} MB vs "
             f"{at_small['peak_rss_kb'] / 1024:.1f} MB at {small:,}; max depth {max_depth} "
             f"(back-pressure {pressured['sampled_max_depth']} <= {pressure_hw})"
@@ -352,6 +367,9 @@ def run(scale: str = "full") -> dict[str, Any]:
         "raw_publish_s": round(raw_full["elapsed_s"], 2),
         "raw_publish_per_s": round(raw_full["tasks_per_s"]),
         "ratio": round(ratio, 3),
+        "raw_batched_publish_s": round(raw_batched["elapsed_s"], 2),
+        "raw_batched_publish_per_s": round(raw_batched["tasks_per_s"]),
+        "ratio_vs_batched": round(ratio_batched, 3),
         "small_candidates": small,
         "small_fan_out_tasks_per_s": round(at_small["tasks_per_s"]),
         "small_raw_publish_per_s": round(raw_small["tasks_per_s"]),
@@ -385,7 +403,7 @@ def _main(argv: list[str]) -> None:
         print(json.dumps(_fanout_child(int(argv[1]) or None)))
         return
     if argv[:1] == ["--publish"]:
-        print(json.dumps(_publish_child(int(argv[1]), argv[2])))
+        print(json.dumps(_publish_child(int(argv[1]), argv[2], argv[3] == "batched")))
         return
     scale = argv[0] if argv else "full"
     print(json.dumps(run(scale), indent=2))

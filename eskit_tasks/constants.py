@@ -49,6 +49,9 @@ FANOUT_PAGE_SIZE = 500
 #: A page examines at most this many times FANOUT_PAGE_SIZE stream keys, so a table
 #: where few streams qualify is paged in bounded steps, never scanned in one query.
 FANOUT_SCAN_FACTOR = 20
+#: A page's task messages are sent to a Redis broker in pipelines of this many commands
+#: (kombu's Producer.batch); other brokers publish them one by one.
+FANOUT_PUBLISH_BATCH = 100
 #: Retries of a fan-out page whose database, Redis or broker is unreachable.
 FANOUT_MAX_RETRIES = 10
 #: The fan-out waits while the compaction queue holds this many messages or more.

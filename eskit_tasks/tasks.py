@@ -36,6 +36,7 @@ import redis
 from celery import Task, signals, states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Retry
 from celery.utils.log import get_task_logger
+from kombu import exceptions as kombu_errors
 from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
@@ -47,6 +48,7 @@ from eskit_tasks.constants import (
     COMPACTION_LOGGER,
     DONE_PREFIX,
     FANOUT_MAX_RETRIES,
+    FANOUT_PUBLISH_BATCH,
     FANOUT_SCAN_FACTOR,
     LOCKED_RETRY_MAX_S,
 )
@@ -59,6 +61,7 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.locks import StreamLock
 from eskit_tasks.policy import CompactionPolicy
+from eskit_tasks.ports import Candidate
 from eskit_tasks.progress import RunProgressStore, check_run_id
 from eskit_tasks.redact import mask_url
 from eskit_tasks.registry import get_registration, import_decider_modules
@@ -67,6 +70,16 @@ from eskit_tasks.settings import EskitSettings, get_settings
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 
 log = get_task_logger("eskit_tasks")
+
+#: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
+BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
+#: Errors after which a fan-out page is tried again later (with backoff).
+FANOUT_RETRIED_ERRORS = (
+    RedisError,
+    KombuOperationalError,
+    BatchPublishError,
+    DatabaseUnavailableError,
+)
 #: One JSON line per compaction attempt (see _log_result).
 compaction_log = logging.getLogger(COMPACTION_LOGGER)
 
@@ -160,6 +173,11 @@ def compact_stream(
         run_id: The fleet run this task belongs to, for progress.
         **policy: ``retain_last``, ``retain_younger_than`` (seconds or "30d"), ``dry_run``.
     """
+    if not isinstance(stream_type, str) or not isinstance(stream_id, str):
+        raise TypeError(  # a hand-made message: no result can name such a stream
+            "compact_stream takes the stream type and id as strings, got "
+            f"{type(stream_type).__name__} and {type(stream_id).__name__}"
+        )
     settings = get_settings()
     res = resources()
     if _already_finished(self, res):
@@ -437,9 +455,9 @@ def _report_task_failure(
     in its run, as failed, so ``run.wait()`` finishes."""
     if getattr(sender, "name", None) != "eskit_tasks.compact_stream":
         return
-    kwargs = kwargs or {}
+    kwargs = kwargs if isinstance(kwargs, dict) else {}  # a hand-made message may be
+    args = list(args) if isinstance(args, list | tuple) else []  # any JSON at all
     run_id = kwargs.get("run_id")
-    args = list(args or [])
     stream_type = args[0] if args else kwargs.get("stream_type")
     stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
     if not isinstance(stream_type, str) or not isinstance(stream_id, str):
@@ -511,7 +529,7 @@ def fan_out(
     }
     try:
         return _fan_out_page(args, cursor)
-    except (RedisError, KombuOperationalError, DatabaseUnavailableError) as exc:
+    except FANOUT_RETRIED_ERRORS as exc:
         try:
             raise self.retry(exc=exc, countdown=_backoff(get_settings(), self.request.retries))
         except MaxRetriesExceededError:
@@ -571,13 +589,7 @@ def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
             stream_types=args["stream_types"],
         )
     )
-    with app.producer_or_acquire() as producer:
-        for c in page:
-            compact_stream.apply_async(
-                args=(c.stream_type, c.stream_id),
-                kwargs={"run_id": run_id, **policy},
-                producer=producer,
-            )
+    _enqueue(page, {"run_id": run_id, **policy})
     if page and len(page) == limit:
         new_cursor, exhausted = page[-1].key, False
     else:  # every key up to `until` was examined
@@ -590,6 +602,38 @@ def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
     if claimed and not finished:
         fan_out.apply_async(kwargs={**args, "cursor": new_cursor})
     return {"run_id": run_id, "enqueued": len(page), "cursor": new_cursor, "done": finished}
+
+
+def _enqueue(page: list[Candidate], kwargs: dict[str, Any]) -> None:
+    """Send one compact_stream message per candidate, as fast as the broker allows.
+
+    On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
+    pipeline raises, and the page is sent again by the fan-out's retry (a stream
+    enqueued twice is compacted once). Celery's own per-message costs are cut where it
+    lets us: the queue is declared with the first message only, and the argument
+    reprs shown by monitoring tools are built here (Celery's generic ``saferepr`` was
+    a fifth of the fan-out's time).
+    """
+    kwargsrepr = _short_repr(kwargs)
+    declare: list[Any] | None = None  # Celery's default: declare the routed queue
+    send: Any = compact_stream.apply_async  # the stubs predate these documented options
+    with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
+        for c in page:
+            args = (c.stream_type, c.stream_id)
+            send(
+                args=args,
+                kwargs=kwargs,
+                producer=producer,
+                declare=declare,
+                argsrepr=_short_repr(args),
+                kwargsrepr=kwargsrepr,
+            )
+            declare = []
+
+
+def _short_repr(value: object, limit: int = 1024) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _run_id_for(task_id: str | None) -> str:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery._state import _set_task_join_will_block, task_join_will_block
 
 from eskit_tasks import Outcome, compact_all
-from eskit_tasks.tasks import fan_out
+from eskit_tasks.constants import COMPACTION_QUEUE
+from eskit_tasks.ports import Candidate
+from eskit_tasks.tasks import FANOUT_RETRIED_ERRORS, _enqueue, fan_out
 from tests.fleet.conftest import Fleet, results_in_backend
 
 
@@ -57,3 +67,69 @@ def test_fan_out_over_300_streams_on_two_workers_matches_the_database(fleet: Fle
     again = fan_out.apply_async(kwargs={"run_id": run.run_id, "cursor": 0, "min_events": 5})
     assert again.get(timeout=30)["duplicate_page"] == 0
     assert run.progress().candidates == 320
+
+
+@pytest.fixture
+def as_in_a_worker() -> Iterator[None]:
+    """Publish as a prefork pool process does: without subscribing to each task's result
+    (a client process would, and a stopped broker would break its result consumer)."""
+    before = task_join_will_block()
+    _set_task_join_will_block(True)
+    yield
+    _set_task_join_will_block(before)
+
+
+def _queued(fleet: Fleet) -> list[dict[str, Any]]:
+    client = redis.Redis(port=fleet.broker.port, db=0)
+    return [json.loads(raw) for raw in reversed(client.lrange(COMPACTION_QUEUE, 0, -1))]
+
+
+@pytest.mark.usefixtures("as_in_a_worker")
+def test_a_page_is_sent_in_order_with_every_message_intact(fleet: Fleet):
+    long_id = "x" * 5000
+    page = [Candidate(n, "ledger", f"s-{n}", 5) for n in range(1, 251)]
+    page.append(Candidate(251, "ledger", long_id, 5))
+    kwargs = {"run_id": "a" * 32, "retain_last": 1, "retain_younger_than": None, "dry_run": False}
+
+    _enqueue(page, kwargs)
+
+    messages = _queued(fleet)
+    assert len(messages) == 251  # more than two pipelines' worth, none lost or doubled
+    assert len({m["headers"]["id"] for m in messages}) == 251
+    for candidate, message in zip(page, messages, strict=True):
+        headers = message["headers"]
+        assert headers["task"] == "eskit_tasks.compact_stream"
+        args, sent_kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        assert args == [candidate.stream_type, candidate.stream_id]
+        assert sent_kwargs == kwargs
+        assert headers["kwargsrepr"] == repr(kwargs)
+        assert len(headers["argsrepr"]) <= 1024  # monitoring shows a bounded repr
+    assert messages[0]["headers"]["argsrepr"] == "('ledger', 's-1')"
+    assert messages[-1]["headers"]["argsrepr"].endswith("...")
+
+
+@pytest.mark.usefixtures("as_in_a_worker")
+@pytest.mark.parametrize("fault", ["stopped", "out of memory"])
+def test_a_page_the_broker_cannot_take_raises_an_error_the_fan_out_retries(
+    fleet: Fleet, fault: str
+):
+    page = [Candidate(n, "ledger", f"s-{n}", 5) for n in range(1, 11)]
+    kwargs = {"run_id": "b" * 32, "retain_last": 0, "retain_younger_than": None, "dry_run": False}
+    broker = redis.Redis(port=fleet.broker.port)
+    if fault == "stopped":
+        fleet.broker.stop()
+    else:  # connected, but every write refused: the page's pipeline fails as a whole
+        broker.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(FANOUT_RETRIED_ERRORS):
+            _enqueue(page, kwargs)
+    finally:
+        if fault == "stopped":
+            fleet.broker.start()
+        else:
+            broker.config_set("maxmemory", 0)
+    assert _queued(fleet) == []
+    _enqueue(page, kwargs)  # the retry, once the broker is back
+    assert [json.loads(base64.b64decode(m["body"]))[0][1] for m in _queued(fleet)] == [
+        f"s-{n}" for n in range(1, 11)
+    ]
