@@ -79,10 +79,14 @@ result_expires = 7 * 24 * 3600
 # Record task args in the backend so a result can be traced back to its stream.
 result_extended = True
 
-# -- events (Flower works out of the box) --------------------------------------------
-# Workers send received/started/succeeded/failed events: Flower sees every task.
-worker_send_task_events = True
-# ...but no "task-sent" event per published message: the fan-out publishes thousands
+# -- events (off until a monitor asks) ------------------------------------------------
+# Task events cost the worker a broker round trip per event, three per task: with
+# small streams that was close to half of a worker's main process. Flower turns them
+# on by itself (it sends `enable_events` to every worker every few seconds), and
+# `celery -A eskit_tasks control enable_events` does it by hand; they stay on until
+# the worker restarts. Set True to have them from the start.
+worker_send_task_events = False
+# No "task-sent" event per published message either: the fan-out publishes thousands
 # of tasks a second and that second Redis round trip per task was a third of its time.
 task_send_sent_event = False
 

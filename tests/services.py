@@ -83,14 +83,26 @@ class RedisServer:
         redis.Redis(port=self.port).flushall()
 
 
+#: Worker options of the tests: no gossip, mingle or heartbeat traffic between workers.
+QUIET_WORKER = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 class Worker:
     """A real `celery -A eskit_tasks worker` (prefork) in its own process group."""
 
-    def __init__(self, name: str, env: dict[str, str], logdir: Path, concurrency: int = 2):
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        logdir: Path,
+        concurrency: int = 2,
+        options: tuple[str, ...] = QUIET_WORKER,
+    ):
         self.name = name
         self.env = env
         self.log = logdir / f"worker-{name}.log"
         self.concurrency = concurrency
+        self.options = options
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Worker:
@@ -106,9 +118,7 @@ class Worker:
                     f"--concurrency={self.concurrency}",
                     "-n",
                     f"{self.name}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
+                    *self.options,
                     "--loglevel=INFO",
                 ],
                 cwd=REPO,

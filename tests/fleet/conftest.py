@@ -16,7 +16,7 @@ from eskit_tasks import NewEvent, SqlEventStore, SqlSnapshotStore, load_state
 from eskit_tasks.stores.schema import metadata
 from tests.conftest import BROKER_REDIS_PORT, STATE_REDIS_PORT
 from tests.deciders import Ledger, ledger_fold
-from tests.services import RedisServer, Worker, worker_env
+from tests.services import QUIET_WORKER, RedisServer, Worker, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +45,15 @@ class Fleet:
     workers: list[Worker] = field(default_factory=list)
     amounts: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
-    def worker(self, name: str, concurrency: int = 2, **env: str) -> Worker:
+    def worker(
+        self,
+        name: str,
+        concurrency: int = 2,
+        options: tuple[str, ...] = QUIET_WORKER,
+        **env: str,
+    ) -> Worker:
         overrides = {"ESKIT_TEST_MARKERS": str(self.markers), **env}
-        w = Worker(name, worker_env(**overrides), self.logdir, concurrency)
+        w = Worker(name, worker_env(**overrides), self.logdir, concurrency, options)
         self.workers.append(w)
         return w.start()
 

@@ -294,14 +294,24 @@ def test_one_json_log_line_per_compaction_with_run_id(fleet: Fleet):
 # -- task events ----------------------------------------------------------------------
 
 
-def test_worker_sends_task_events_for_flower(fleet: Fleet):
-    """Flower needs task events: the worker sends received/started/succeeded without any
-    `celery control enable_events`; publishers send no task-sent event (it would double
-    the fan-out's Redis round trips)."""
+def test_task_events_are_off_until_a_monitor_enables_them_as_flower_does(fleet: Fleet):
+    """No task events by default (three broker round trips per task); `enable_events`
+    — what Flower broadcasts every few seconds — turns on received/started/succeeded.
+    Publishers never send task-sent events (they would double the fan-out's round
+    trips)."""
     fleet.seed("ledger", "watched", 10)
-    fleet.worker("events", concurrency=1)
+    # Started as in docker/compose.yaml: with heartbeats, so its event dispatcher runs
+    # (a worker without heartbeats and without task events has none to enable).
+    fleet.worker("events", concurrency=1, options=("--without-mingle",))
     events: list[dict[str, Any]] = []
     errors: list[BaseException] = []
+
+    def task_events() -> dict[str, set[str]]:
+        by_task: dict[str, set[str]] = {}
+        for e in list(events):
+            if "uuid" in e:
+                by_task.setdefault(e["uuid"], set()).add(e["type"])
+        return by_task
 
     with app.connection_for_read() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": events.append})
@@ -315,15 +325,27 @@ def test_worker_sends_task_events_for_flower(fleet: Fleet):
         thread = threading.Thread(target=capture, daemon=True)
         thread.start()
         try:
-            # The receiver subscribes asynchronously; events published before that are
-            # not delivered to it, so send until one task's events are all seen.
+            # The receiver subscribes asynchronously: first make sure it hears events
+            # (a probe of our own), so the silence below means something.
+            def probe_heard() -> bool:
+                with app.events.default_dispatcher() as dispatcher:
+                    dispatcher.send("eskit-probe")
+                return any(e["type"] == "eskit-probe" for e in list(events))
+
+            wait_until(probe_heard, 30, "the event receiver to listen", poll=0.3)
+            quiet = [compact_stream.delay("ledger", "watched") for _ in range(3)]
+            for result in quiet:
+                result.get(timeout=30)
+            time.sleep(1.0)
+            assert task_events() == {}, "task events sent without anybody enabling them"
+            quiet_ids = {r.id for r in quiet}
+
+            replies = app.control.enable_events(reply=True, timeout=5)
+            assert any("events@" in name for reply in replies for name in reply), replies
+
             def all_events_of_one_task() -> str | None:
-                by_task: dict[str, set[str]] = {}
-                for e in list(events):
-                    if "uuid" in e:
-                        by_task.setdefault(e["uuid"], set()).add(e["type"])
                 wanted = {"task-received", "task-started", "task-succeeded"}
-                done = [t for t, kinds in by_task.items() if wanted <= kinds]
+                done = [t for t, kinds in task_events().items() if wanted <= kinds]
                 if not done:
                     compact_stream.delay("ledger", "watched").get(timeout=30)
                 return done[0] if done else None
@@ -332,7 +354,9 @@ def test_worker_sends_task_events_for_flower(fleet: Fleet):
         finally:
             receiver.should_stop = True
             thread.join(10)
+            app.control.disable_events()
     assert not errors, errors
+    assert not quiet_ids & set(task_events()), "events of tasks run before enable_events"
     succeeded = next(
         e for e in events if e.get("uuid") == task_id and e["type"] == "task-succeeded"
     )
