@@ -13,7 +13,7 @@ from eskit_tasks import NewEvent, RecordedEvent, register_decider
 
 #: Stream types seeded by bench.fleet (one per side, so each side picks only its own
 #: copy of the data) and by bench.fanout.
-STREAM_TYPES = ("bench_fleet", "bench_local", "bench_fanout")
+STREAM_TYPES = ("bench_fleet", "bench_split", "bench_local", "bench_fanout")
 
 
 class Sum:

@@ -1,14 +1,16 @@
-"""Fleet throughput: many streams through Celery + Redis on two workers, against
+"""Fleet throughput: many streams through Celery + Redis on two pool processes, against
 ``eskit-tasks compact-all --local`` in one process.
 
-Both sides compact an identical copy of the data in the same PostgreSQL database: the
-streams are seeded twice, once under the stream type ``bench_fleet`` and once under
-``bench_local``, each side picking only its own type. Baseline ("local"): the CLI's
+Every run compacts its own identical copy of the data in the same PostgreSQL database:
+the streams are seeded under one stream type per run (``bench_local``, ``bench_fleet``,
+``bench_split``), each run picking only its own type. Baseline ("local"): the CLI's
 ``compact-all --local`` in one process; its own ``elapsed_s`` is the time (interpreter
-start-up excluded). Ours ("fleet"): two ``celery -A eskit_tasks worker --concurrency=1``
-processes, timed from ``compact_all()`` to ``run.wait()`` returning (worker start-up
-excluded), measured in a child process whose environment points the Celery app at this
-benchmark's private Redis and database.
+start-up excluded). Ours ("fleet"): two pool processes, in the layout of
+docker/compose.yaml (one ``celery -A eskit_tasks worker --concurrency=2``) and, for
+comparison, as two ``--concurrency=1`` workers ("split"), each timed from
+``compact_all()`` to ``run.wait()`` returning (worker start-up excluded), measured in a
+child process whose environment points the Celery app at this benchmark's private
+Redis and database.
 
 Also home of the helpers bench.fanout shares: a scratch PostgreSQL database, a private
 redis-server, workers with their own queues, COPY seeding, /proc memory readings.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
-from tests.services import CELERY, REPO, RedisServer, Worker, free_port
+from tests.services import QUIET_WORKER, REPO, RedisServer, Worker, free_port
 
 #: Where scratch databases are created (the test suite's variable, same default).
 ADMIN_URL = os.environ.get(
@@ -106,7 +107,8 @@ def fleet_env(redis: RedisServer, database_url: str, **extra: str) -> dict[str, 
 
 
 class BenchWorker(Worker):
-    """A real ``celery -A eskit_tasks worker`` (prefork), optionally on chosen queues."""
+    """The test suite's real ``celery -A eskit_tasks worker`` (prefork), optionally on
+    chosen queues, that can tell its pool processes' pids."""
 
     def __init__(
         self,
@@ -117,60 +119,13 @@ class BenchWorker(Worker):
         queues: str | None = None,
         loglevel: str = "INFO",
     ) -> None:
-        super().__init__(name, env, logdir, concurrency)
-        self.queues = queues
-        self.loglevel = loglevel
-
-    def start(self, timeout: float = 60) -> BenchWorker:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        argv = [
-            CELERY,
-            "-A",
-            "eskit_tasks",
-            "worker",
-            "--pool=prefork",
-            f"--concurrency={self.concurrency}",
-            "-n",
-            f"{self.name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            f"--loglevel={self.loglevel}",
-        ]
-        if self.queues:
-            argv += ["-Q", self.queues]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.text():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited at start:\n{self.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} not ready:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
-        return self
+        options = QUIET_WORKER + (("-Q", queues) if queues else ())
+        super().__init__(name, env, logdir, concurrency, options, loglevel)
 
     def pool_children(self) -> list[int]:
         """Pids of the worker's prefork pool processes."""
         assert self.proc is not None
         return children_of(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 def children_of(pid: int) -> list[int]:
@@ -314,14 +269,14 @@ def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, An
     }
 
 
-def _fleet_child(streams: int, timeout: float) -> dict[str, Any]:
+def _fleet_child(streams: int, stream_type: str, timeout: float) -> dict[str, Any]:
     """In a child whose environment configures the Celery app: one timed fleet run."""
     from eskit_tasks.runs import compact_all
     from eskit_tasks.tasks import resources
 
     resources().redis.ping()  # connect before the clock starts
     started = time.perf_counter()
-    run = compact_all(stream_types=["bench_fleet"])
+    run = compact_all(stream_types=[stream_type])
     final = run.wait(timeout=timeout, poll=0.02)
     elapsed = time.perf_counter() - started
     if final.outcomes != {"compacted": streams} or final.candidates != streams:
@@ -334,11 +289,37 @@ def _fleet_child(streams: int, timeout: float) -> dict[str, Any]:
     }
 
 
+#: The two fleet layouts, each with two pool processes: (name, stream type, workers,
+#: concurrency). "compose" is how docker/compose.yaml runs a worker (one per host, a
+#: pool process per core); "split" is two workers of one pool process each.
+LAYOUTS = (
+    ("compose", "bench_fleet", 1, 2),
+    ("split", "bench_split", 2, 1),
+)
+
+
+def _fleet(
+    env: dict[str, str], logdir: Path, streams: int, stream_type: str, workers: int, conc: int
+) -> dict[str, Any]:
+    started = [
+        BenchWorker(f"{stream_type}{n}", env, logdir, concurrency=conc) for n in range(workers)
+    ]
+    try:
+        for w in started:
+            w.start()
+        args = ["--child", str(streams), stream_type]
+        return run_child("bench.fleet", args, env, timeout=3600 + 60 * streams)
+    finally:
+        for w in started:
+            w.stop()
+
+
 def run(scale: str = "full") -> dict[str, Any]:
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratio
     size = SCALES[scale]
     streams, events = size["streams"], size["events"]
     total = streams * events
+    fleets: dict[str, dict[str, Any]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="eskit-bench-fleet-") as tmp,
         redis_server(Path(tmp)) as redis,
@@ -346,55 +327,55 @@ def run(scale: str = "full") -> dict[str, Any]:
     ):
         env = fleet_env(redis, url)
         started = time.perf_counter()
-        copy_seed(url, "bench_fleet", 1, streams, events, _payload)
-        copy_seed(url, "bench_local", streams + 1, streams, events, _payload)
+        copy_seed(url, "bench_local", 1, streams, events, _payload)
+        for n, (_, stream_type, _, _) in enumerate(LAYOUTS, start=1):
+            copy_seed(url, stream_type, n * streams + 1, streams, events, _payload)
         vacuum_analyze(url)
         seed_s = time.perf_counter() - started
 
         local = _local(env, url, streams)
         if local["events_deleted"] != total:
             raise RuntimeError(f"compact-all --local deleted {local['events_deleted']} events")
-        vacuum_analyze(url)
-
-        workers = [BenchWorker(f"fleet{n}", env, Path(tmp) / "logs", concurrency=1) for n in (1, 2)]
-        try:
-            for w in workers:
-                w.start()
-            fleet = run_child(
-                "bench.fleet", ["--child", str(streams)], env, timeout=3600 + 60 * streams
-            )
-        finally:
-            for w in workers:
-                w.stop()
-        if fleet["events_deleted"] != total:
-            raise RuntimeError(f"the fleet deleted {fleet['events_deleted']} events")
+        for name, stream_type, workers, conc in LAYOUTS:
+            vacuum_analyze(url)
+            fleet = _fleet(env, Path(tmp) / "logs", streams, stream_type, workers, conc)
+            if fleet["events_deleted"] != total:
+                raise RuntimeError(f"the {name} fleet deleted {fleet['events_deleted']} events")
+            fleets[name] = fleet
         left = scalar(url, "SELECT count(*) FROM eskit_events")
         if left != 0:
-            raise RuntimeError(f"{left} events left after both runs")
+            raise RuntimeError(f"{left} events left after every run")
 
-    local_rate, fleet_rate = streams / local["elapsed_s"], streams / fleet["elapsed_s"]
-    ratio = fleet_rate / local_rate
+    local_rate = streams / local["elapsed_s"]
+    rates = {name: streams / f["elapsed_s"] for name, f in fleets.items()}
+    ratio = rates["compose"] / local_rate
+    fleet = fleets["compose"]
     return {
-        "what": f"{streams:,} streams x {events} events, 2 workers",
+        "what": f"{streams:,} streams x {events} events, 2 pool processes",
         "summary": (
-            f"{fleet_rate:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local); "
-            f"{total / fleet['elapsed_s']:,.0f} vs {total / local['elapsed_s']:,.0f} events/s"
+            f"{rates['compose']:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local); "
+            f"{total / fleet['elapsed_s']:,.0f} vs {total / local['elapsed_s']:,.0f} events/s; "
+            f"2 workers x 1: {rates['split'] / local_rate:.2f}x"
         ),
         "backend": "postgresql",
         "scale": scale,
         "streams": streams,
         "loadavg_1m_at_start": load_at_start,
         "events_per_stream": events,
-        "fleet_workers": "2 x celery worker --concurrency=1 (prefork), Redis broker",
+        "fleet_workers": "1 x celery worker --concurrency=2 (prefork, as in docker/compose.yaml)",
         "seed_s": round(seed_s, 2),
         "local_s": round(local["elapsed_s"], 3),
         "local_streams_per_s": round(local_rate, 1),
         "local_events_per_s": round(total / local["elapsed_s"]),
         "fleet_s": round(fleet["elapsed_s"], 3),
-        "fleet_streams_per_s": round(fleet_rate, 1),
+        "fleet_streams_per_s": round(rates["compose"], 1),
         "fleet_events_per_s": round(total / fleet["elapsed_s"]),
         "fleet_max_queue_depth": fleet["max_queue_depth"],
         "ratio": round(ratio, 3),
+        "split_workers": "2 x celery worker --concurrency=1 (prefork)",
+        "split_s": round(fleets["split"]["elapsed_s"], 3),
+        "split_streams_per_s": round(rates["split"], 1),
+        "split_ratio": round(rates["split"] / local_rate, 3),
         "goal": f"fleet/local >= {GOAL_RATIO}",
         "met": ratio >= GOAL_RATIO,
     }
@@ -402,7 +383,7 @@ def run(scale: str = "full") -> dict[str, Any]:
 
 def _main(argv: list[str]) -> None:
     if argv[:1] == ["--child"]:
-        print(json.dumps(_fleet_child(int(argv[1]), timeout=3600)))
+        print(json.dumps(_fleet_child(int(argv[1]), argv[2], timeout=3600)))
         return
     scale = argv[0] if argv else "full"
     print(json.dumps(run(scale), indent=2))

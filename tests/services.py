@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import redis
 
@@ -97,15 +98,17 @@ class Worker:
         logdir: Path,
         concurrency: int = 2,
         options: tuple[str, ...] = QUIET_WORKER,
+        loglevel: str = "INFO",
     ):
         self.name = name
         self.env = env
         self.log = logdir / f"worker-{name}.log"
         self.concurrency = concurrency
         self.options = options
+        self.loglevel = loglevel
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> Worker:
+    def start(self, timeout: float = 60) -> Self:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -119,7 +122,7 @@ class Worker:
                     "-n",
                     f"{self.name}@%h",
                     *self.options,
-                    "--loglevel=INFO",
+                    f"--loglevel={self.loglevel}",
                 ],
                 cwd=REPO,
                 env=self.env,
