@@ -13,6 +13,8 @@ from logging.handlers import WatchedFileHandler
 from typing import Any
 
 from celery import Celery, signals
+from celery.worker.consumer import Consumer
+from vine import promise
 
 from eskit_tasks import metrics
 from eskit_tasks.constants import COMPACTION_LOGGER
@@ -40,7 +42,65 @@ def create_app() -> Celery:
         ) from exc
     celery = Celery("eskit_tasks", include=["eskit_tasks.tasks"])
     celery.config_from_object(name)
+    # Not left to the config module: a worker must never die on a malformed message.
+    celery.conf.worker_consumer = "eskit_tasks.celery_app:GuardedConsumer"
     return celery
+
+
+class GuardedConsumer(Consumer):
+    """Celery's consumer, rejecting malformed task messages instead of dying on them.
+
+    Celery's handler of incoming task messages indexes their headers and decoded body
+    before checking their shapes: a JSON body such as ``42``, ``null``, ``""`` or a list
+    of two items, or a ``task``/``id``/``timelimit`` header of the wrong type, raises in
+    the worker's main process, which stops ("Unrecoverable error") and leaves the message
+    for the next worker to die on. Such messages are rejected (dropped, logged) here.
+    """
+
+    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
+        handle: Callable[[Any], None] = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> None:
+            problem = malformed_task_message(message)
+            if problem is None:
+                handle(message)
+                return
+            log.error("eskit-tasks: rejected a malformed task message: %s", problem)
+            message.reject_log_error(log, self.connection_errors)  # type: ignore[attr-defined]
+
+        return on_task_received
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def malformed_task_message(message: Any) -> str | None:
+    """What is wrong with a protocol 2 task message, None if Celery may handle it (also
+    when it is not a task message or cannot be decoded: Celery rejects those itself)."""
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None
+    if not isinstance(headers["task"], str) or not isinstance(headers.get("id"), str):
+        return "the task and id headers must be strings"
+    limits = headers.get("timelimit")
+    if limits is not None and not (
+        isinstance(limits, list | tuple) and len(limits) == 2 and all(map(_number_or_none, limits))
+    ):
+        return "the timelimit header must be [soft, hard] seconds"
+    try:
+        body = message.payload
+    except Exception:  # untrusted content type or undecodable: Celery rejects it
+        return None
+    if not (
+        isinstance(body, list | tuple)
+        and len(body) == 3
+        and isinstance(body[0], list | tuple)
+        and isinstance(body[1], dict)
+        and (body[2] is None or isinstance(body[2], dict))
+    ):
+        return "the body must be a JSON list [args, kwargs, embed]"
+    return None
 
 
 app = create_app()

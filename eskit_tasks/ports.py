@@ -131,7 +131,9 @@ class EventStore(Protocol):
       still current, compaction point unchanged, the verified snapshot present with the
       planned hash, exactly the planned rows deleted (of this stream only), the snapshot
       marked verified, older snapshots dropped, an audit row, the new compaction point.
-    * Ids are data: any string is a valid stream type or id.
+    * Ids are data: any string is a valid stream type or id (PostgreSQL adds one limit:
+      type and id together must fit its unique index, 2,600 bytes or more; a longer
+      pair is refused with ConfigurationError and nothing is written).
     """
 
     def append(

@@ -532,7 +532,8 @@ def fan_out(
     except FANOUT_RETRIED_ERRORS as exc:
         try:
             raise self.retry(exc=exc, countdown=_backoff(get_settings(), self.request.retries))
-        except MaxRetriesExceededError:
+        # Out of retries, retry(exc=...) raises exc itself, not MaxRetriesExceededError.
+        except (MaxRetriesExceededError, *FANOUT_RETRIED_ERRORS):
             with contextlib.suppress(RedisError):
                 resources().progress.fail(run_id, mask_url(f"fan-out gave up: {exc}"))
             raise

@@ -286,6 +286,13 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
     except exc.DBAPIError as e:
         where = mask_url(engine.url)
         reason = _reason(str(e.orig), engine)
+        if getattr(e.orig, "sqlstate", None) == _PG_PROGRAM_LIMIT_EXCEEDED:
+            raise ConfigurationError(
+                f"{action}: refused by PostgreSQL: {reason}. A stream type and id must "
+                f"fit one entry of its unique index: keep them under {PG_KEY_BYTES:,} bytes "
+                "together (longer ones that compress well may pass); hash longer ids in "
+                "your application. Nothing was written."
+            ) from e
         if _is_connection_error(e):
             raise DatabaseUnavailableError(
                 f"{action}: cannot reach the database at {where}: {reason}. "
@@ -312,6 +319,13 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
             f"{action}: stream types, ids and payloads must be valid Unicode text "
             f"(found {e.reason} at position {e.start})"
         ) from None
+
+
+#: SQLSTATE of "index row size exceeds btree maximum" and other size limits.
+_PG_PROGRAM_LIMIT_EXCEEDED = "54000"
+#: A PostgreSQL btree entry holds at most about a third of an 8 kB page, after
+#: compression: stream type + id up to this many bytes always fit.
+PG_KEY_BYTES = 2_600
 
 
 def _reason(text: str, engine: Engine) -> str:
