@@ -193,7 +193,12 @@ def test_a_run_survives_redis_for_locks_restarting_and_the_next_run_finishes(fle
         pass  # the fan-out had already finished paging; its progress died with Redis
     second = compact_all(min_events=1).wait(timeout=180)
     assert second.error is None, second.error
-    assert set(second.outcomes) <= {"compacted"}, (second.outcomes, fleet.worker_logs())
+    # The first run's queued tasks may still be compacting streams the second run also
+    # listed: those find nothing left to do.
+    assert set(second.outcomes) <= {"compacted", "nothing_to_compact"}, (
+        second.outcomes,
+        fleet.worker_logs(),
+    )
     for n in range(60):
         assert fleet.live_versions("slow", f"rr-{n:02d}") == [], n
     fleet.assert_nothing_lost()
