@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint format types test check bench clean
+.PHONY: install demo lint format types test check bench clean soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,10 @@ clean:
 ## bench: run every benchmark at full size, print the table, write bench/results/latest.json
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --scale full
+
+## soak: writers, readers and fan-outs under random faults for MINUTES (default 10), then
+## check every invariant; prints the report, writes tests/soak/results/latest.json, exits 1
+## on a violation (needs PostgreSQL and redis-server; see tests/soak/__init__.py)
+MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --minutes $(MINUTES) --json tests/soak/results/latest.json

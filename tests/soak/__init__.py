@@ -1,0 +1,13 @@
+"""A soak test: the fleet under a steady workload and random faults, checked against a model.
+
+``run_soak(config)`` (harness.py) starts PostgreSQL-backed writers and readers in this
+process, three real ``celery worker`` processes, two private redis-servers (broker and
+results; locks and run progress), starts fan-outs every few seconds with random
+policies, injects faults on a seeded schedule (kill -9 of a worker, the Redis for locks
+stopped and restarted, PostgreSQL connections terminated, a worker paused past its lock's
+expiry, the same fan-out started twice), then quiesces and checks every invariant
+against a model of what the writers know they appended (model.py, checker.py).
+
+Run it with ``make soak MINUTES=10`` or ``python -m tests.soak --minutes 10``; the suite
+runs a short one (test_soak.py).
+"""

@@ -1,0 +1,332 @@
+"""The invariant checker: the database (read in one consistent snapshot) against the model,
+and every compaction result against the audit table.
+
+Per stream, in one REPEATABLE READ transaction:
+
+* the live events are exactly ``compacted_through+1 .. head`` (nothing lost, no gap);
+* the head is at least what the writer had acknowledged before the snapshot (at the
+  end: exactly that);
+* the audit rows (eskit_compaction_log) tile ``1 .. compacted_through`` without overlap
+  or gap, each with ``events_deleted = through - from + 1`` and its snapshot version;
+* if anything was deleted, a verified snapshot exists at or above ``compacted_through``,
+  and every verified snapshot's state is a state the model had at that version;
+* bad-input streams were never compacted and keep every event.
+
+And every result (task results from the Celery result backend, attempts from the
+workers' JSON log lines): ``compacted`` only with an audit row of that compaction_id
+for that stream and range; any other outcome with no audit row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from tests.soak.model import (
+    BAD_KINDS,
+    BAD_OUTCOMES,
+    BAD_RESULTS,
+    TRANSIENT_ERRORS,
+    Model,
+    Observation,
+    StreamModel,
+    Violations,
+)
+
+
+@dataclass(frozen=True)
+class StreamRow:
+    pk: int
+    stream_type: str
+    stream_id: str
+    head: int
+    compacted_through: int
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    compaction_id: str
+    stream_pk: int
+    stream_type: str
+    stream_id: str
+    from_version: int
+    through_version: int
+    snapshot_version: int
+    head_version: int
+    events_deleted: int
+
+
+@dataclass(frozen=True)
+class LiveEvents:
+    first: int
+    last: int
+    count: int
+
+
+@dataclass
+class DbState:
+    """The soak database at one instant."""
+
+    streams: dict[int, StreamRow] = field(default_factory=dict)
+    live: dict[int, LiveEvents] = field(default_factory=dict)
+    #: Verified snapshots per stream: (version, decoded state).
+    verified: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+    audit: dict[int, list[AuditRow]] = field(default_factory=dict)
+
+    def audit_by_id(self) -> dict[str, AuditRow]:
+        return {row.compaction_id: row for rows in self.audit.values() for row in rows}
+
+    @property
+    def audit_rows(self) -> int:
+        return sum(len(rows) for rows in self.audit.values())
+
+
+def read_db_state(conn: psycopg.Connection[Any]) -> DbState:
+    """Read every table the checker needs in one REPEATABLE READ, read-only snapshot."""
+    db = DbState()
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        for pk, stype, sid, head, through in conn.execute(
+            "SELECT pk, stream_type, stream_id, head_version, compacted_through FROM eskit_streams"
+        ):
+            db.streams[pk] = StreamRow(pk, stype, sid, head, through)
+        for pk, first, last, count in conn.execute(
+            "SELECT stream_pk, min(version), max(version), count(*) FROM eskit_events "
+            "GROUP BY stream_pk"
+        ):
+            db.live[pk] = LiveEvents(first, last, count)
+        for pk, version, state in conn.execute(
+            "SELECT stream_pk, version, state FROM eskit_snapshots WHERE verified "
+            "ORDER BY stream_pk, version"
+        ):
+            db.verified.setdefault(pk, []).append((version, json.loads(state)))
+        for row in conn.execute(
+            "SELECT compaction_id, stream_pk, stream_type, stream_id, from_version, "
+            "through_version, snapshot_version, head_version, events_deleted "
+            "FROM eskit_compaction_log ORDER BY stream_pk, from_version, id"
+        ):
+            db.audit.setdefault(row[1], []).append(AuditRow(*row))
+    return db
+
+
+def check_db(
+    db: DbState,
+    model: Model,
+    acked_before: dict[tuple[str, str], int],
+    violations: Violations,
+    *,
+    final: bool,
+) -> list[Observation]:
+    """Check ``db`` against the model; return the verified snapshots as observations.
+
+    ``acked_before`` is each stream's acknowledged head taken *before* ``db`` was read.
+    ``final``: no writer is running and every append is resolved, so heads must match.
+    """
+    observations: list[Observation] = []
+    seen: set[tuple[str, str]] = set()
+    for row in db.streams.values():
+        key = (row.stream_type, row.stream_id)
+        seen.add(key)
+        stream = model.get(*key)
+        if stream is None:
+            violations.add("events", f"{key[0]}/{key[1]}: a stream nobody appended to")
+            continue
+        problems = _stream_problems(
+            row,
+            db.live.get(row.pk),
+            db.audit.get(row.pk, []),
+            [v for v, _ in db.verified.get(row.pk, [])],
+            stream,
+            acked_before.get(key, 0),
+            final,
+        )
+        for kind, message in problems:
+            violations.add(kind, f"{stream.label}: {message}")
+        if stream.folds:
+            observations.extend(
+                Observation(stream, version, state, 0, "snapshot")
+                for version, state in db.verified.get(row.pk, [])
+            )
+    for key, acked in acked_before.items():
+        if key not in seen and acked > 0:
+            violations.add("events", f"{key[0]}/{key[1]}: {acked} events acknowledged, no stream")
+    return observations
+
+
+def _stream_problems(
+    row: StreamRow,
+    live: LiveEvents | None,
+    audit: list[AuditRow],
+    verified: list[int],
+    stream: StreamModel,
+    acked_before: int,
+    final: bool,
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    head, through = row.head, row.compacted_through
+    if not stream.broken:
+        if head < acked_before:
+            problems.append(("head", f"head {head} < {acked_before} acknowledged events"))
+        elif final and head != stream.acked():
+            problems.append(("head", f"head {head} != {stream.acked()} acknowledged events"))
+    problems.extend(("events", p) for p in live_events_problems(head, through, live))
+    problems.extend(("audit", p) for p in audit_problems(audit, through))
+    if through > 0 and (not verified or max(verified) < through):
+        problems.append(
+            (
+                "snapshot",
+                f"events 1..{through} deleted, newest verified snapshot "
+                f"{max(verified) if verified else 'none'}",
+            )
+        )
+    if verified and max(verified) > head:
+        problems.append(("snapshot", f"verified snapshot at {max(verified)} > head {head}"))
+    if stream.kind in BAD_KINDS and (through or audit or verified):
+        problems.append(
+            (
+                "bad_input",
+                f"bad input ({stream.kind}) was compacted: compacted_through {through}, "
+                f"{len(audit)} audit rows, verified snapshots {verified}",
+            )
+        )
+    return problems
+
+
+def live_events_problems(head: int, through: int, live: LiveEvents | None) -> list[str]:
+    """The live events must be exactly ``through+1 .. head``."""
+    if through > head:
+        return [f"compacted through {through}, beyond the head {head}"]
+    if live is None:
+        return [] if through == head else [f"events {through + 1}..{head} are missing"]
+    if (live.first, live.last, live.count) != (through + 1, head, head - through):
+        return [
+            f"live events are {live.count} in {live.first}..{live.last}, expected "
+            f"{head - through} in {through + 1}..{head} (compacted through {through})"
+        ]
+    return []
+
+
+def audit_problems(rows: Iterable[AuditRow], through: int) -> list[str]:
+    """Audit rows must tile ``1..through`` in order: no overlap, no gap, counts right."""
+    problems = []
+    expected_from = 1
+    for row in rows:
+        span = f"audit row {row.compaction_id} ({row.from_version}..{row.through_version})"
+        if row.from_version != expected_from:
+            what = "overlaps" if row.from_version < expected_from else "leaves a gap before"
+            problems.append(f"{span} {what} the previous deletion (next free {expected_from})")
+        if row.through_version < row.from_version:
+            problems.append(f"{span} is empty")
+        if row.events_deleted != row.through_version - row.from_version + 1:
+            problems.append(f"{span} says {row.events_deleted} events deleted")
+        if row.snapshot_version != row.through_version:
+            problems.append(f"{span} has its snapshot at {row.snapshot_version}")
+        if row.head_version < row.through_version:
+            problems.append(f"{span} recorded head {row.head_version}")
+        expected_from = max(expected_from, row.through_version + 1)
+    if expected_from - 1 != through:
+        problems.append(
+            f"compacted through {through}, but the audit rows cover 1..{expected_from - 1}"
+        )
+    return problems
+
+
+# -- results against the audit table -----------------------------------------------------
+
+
+@dataclass
+class ResultCheck:
+    """What the results said, by outcome, and which deletions no result reported."""
+
+    by_outcome: dict[str, int] = field(default_factory=dict)
+    bad_input: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreported_deletions: int = 0
+    #: Results that say failed (database unreachable) for a deletion that committed.
+    unacknowledged_commits: int = 0
+
+
+def check_results(
+    results: Iterable[dict[str, Any]],
+    audit: dict[str, AuditRow],
+    model: Model,
+    violations: Violations,
+    source: str,
+) -> ResultCheck:
+    """Match compaction results (CompactionResult dicts) against the audit rows."""
+    check = ResultCheck()
+    counts: dict[str, int] = defaultdict(int)
+    bad: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    reported: set[str] = set()
+    for result in results:
+        outcome = str(result.get("outcome"))
+        counts[outcome] += 1
+        cid = str(result.get("compaction_id"))
+        label = f"{result.get('stream_type')}/{result.get('stream_id')}"
+        row = audit.get(cid)
+        if outcome == "compacted":
+            reported.add(cid)
+            for problem in _compacted_problems(result, row):
+                violations.add("result", f"{source}: {label} compaction {cid}: {problem}")
+        elif row is not None:
+            if result.get("error_type") == "DatabaseUnavailableError":
+                # The commit went through but the connection died before its answer
+                # (pg_terminate_backend): the result cannot know. Allowed, counted.
+                check.unacknowledged_commits += 1
+            else:
+                violations.add(
+                    "result",
+                    f"{source}: {label} compaction {cid} says {outcome} but deleted events",
+                )
+        stream = model.get(str(result.get("stream_type")), str(result.get("stream_id")))
+        if stream is None:
+            violations.add("result", f"{source}: a result for unknown stream {label}")
+            continue
+        if stream.kind in BAD_KINDS:
+            error_type = result.get("error_type")
+            bad[stream.label][f"{outcome}/{error_type}"] += 1
+            expected = BAD_RESULTS[stream.kind]
+            if outcome not in BAD_OUTCOMES or (
+                (outcome, error_type) != expected and error_type not in TRANSIENT_ERRORS
+            ):
+                violations.add(
+                    "bad_input",
+                    f"{source}: {label} ({stream.kind}) ended {outcome} ({error_type}), "
+                    f"expected {expected}: {result.get('error')}",
+                )
+        elif outcome == "verification_failed":
+            violations.add(
+                "result",
+                f"{source}: good stream {label} failed verification: {result.get('error')}",
+            )
+    check.by_outcome = dict(sorted(counts.items()))
+    check.bad_input = {k: dict(v) for k, v in sorted(bad.items())}
+    check.unreported_deletions = len(set(audit) - reported)
+    return check
+
+
+def _compacted_problems(result: dict[str, Any], row: AuditRow | None) -> list[str]:
+    if row is None:
+        return ["says compacted, but the audit table has no row for it"]
+    problems = []
+    if (row.stream_type, row.stream_id) != (result.get("stream_type"), result.get("stream_id")):
+        problems.append(f"its audit row is for {row.stream_type}/{row.stream_id}")
+    if row.through_version != result.get("snapshot_version"):
+        problems.append(
+            f"result says through {result.get('snapshot_version')}, audit row {row.through_version}"
+        )
+    if row.events_deleted != result.get("events_deleted"):
+        problems.append(
+            f"result says {result.get('events_deleted')} deleted, audit row {row.events_deleted}"
+        )
+    before = result.get("compacted_through_before")  # not in the workers' log lines
+    if before is not None and row.from_version != int(before) + 1:
+        problems.append(
+            f"result started from {result.get('compacted_through_before')}, audit row from "
+            f"{row.from_version}"
+        )
+    return problems

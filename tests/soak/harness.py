@@ -1,0 +1,546 @@
+"""``run_soak(config) -> Report``: set up, run the workload under faults, quiesce, check.
+
+Phases:
+
+1. set-up: a fresh database, two redis-servers, the environment (before the Celery app is
+   imported), the streams seeded, three workers started;
+2. workload: writers, readers, fan-outs every few seconds and the fault schedule, for
+   ``config.seconds``; the database is checked against the model every few seconds;
+3. quiesce: faults stop (everything down is brought back), writers and readers stop, the
+   runs and the queues drain, one last run compacts everything, workers stop;
+4. final check: the database against the model (heads exact now), ``load_state`` of every
+   stream, the observations kept back, every compaction result against the audit table.
+
+The Celery app reads its settings once per process: ``run_soak`` runs once per process
+(the pytest test starts a fresh one).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from eskit_tasks import (
+    NewEvent,
+    SqlEventStore,
+    SqlSnapshotStore,
+    StoreError,
+    StreamIntegrityError,
+    load_state,
+)
+from tests.deciders import Ledger, LossyTagger
+from tests.soak.checker import DbState, check_db, check_results, read_db_state
+from tests.soak.config import SoakConfig
+from tests.soak.environment import SoakServices, SoakSetupError, postgres_problem, wait_for
+from tests.soak.faults import FaultInjector, make_schedule
+from tests.soak.model import BAD_KINDS, LEDGER_KINDS, Model, Stats, StreamModel, Violations
+from tests.soak.report import Report
+from tests.soak.workload import (
+    Reader,
+    RunTracker,
+    TrackedRun,
+    Writer,
+    deposit_events,
+    random_policy,
+)
+
+#: Events in each bad-input stream (above every random policy's min_events/retain_last).
+BAD_EVENTS = 30
+#: The policy of the last run, after the faults: compact everything.
+FINAL_POLICY: dict[str, Any] = {
+    "min_events": 1,
+    "retain_last": 0,
+    "dry_run": False,
+    "max_streams": None,
+    "stream_types": None,
+}
+
+
+def run_soak(config: SoakConfig) -> Report:
+    """Run one soak and return its report (``report.ok``: no invariant violated).
+
+    Raises:
+        SoakSetupError: PostgreSQL or redis-server unavailable, or the Celery app was
+            already imported in this process (with someone else's settings).
+    """
+    if "eskit_tasks.celery_app" in sys.modules:
+        raise SoakSetupError(
+            "run_soak needs a process where eskit_tasks.celery_app was not imported yet: "
+            "it configures the Celery app for its own redis-servers"
+        )
+    problem = postgres_problem(config.admin_url)
+    if problem is not None:
+        raise SoakSetupError(problem)
+    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(10**9)
+    print(f"soak: seed {seed} (repeat with --seed {seed})", flush=True)
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="eskit-soak-"))
+    services = SoakServices(config, workdir)
+    keep = config.workdir is not None
+    try:
+        report = Soak(config, seed, services).run()
+        keep = keep or not report.ok
+        report.logs = str(workdir) if keep else None
+        return report
+    except BaseException:
+        keep = True
+        print(f"soak: aborted; logs kept in {workdir}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        services.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Soak:
+    """One run's state; see the module docstring for the phases."""
+
+    def __init__(self, config: SoakConfig, seed: int, services: SoakServices) -> None:
+        self.config = config
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.services = services
+        self.violations = Violations()
+        self.stats = Stats()
+        self.model = Model(self.violations)
+        self.notes: list[str] = []
+        self._t0 = time.monotonic()
+        self.tracker = RunTracker(self.model, self.stats, self.violations, self.clock)
+        self.stop_workload = threading.Event()
+        self.stop_faults = threading.Event()
+        self.stop_background = threading.Event()
+        self.last_db: DbState | None = None
+        self.final: TrackedRun | None = None
+        self.threads: list[threading.Thread] = []
+
+    def clock(self) -> float:
+        """Seconds since the workload started."""
+        return time.monotonic() - self._t0
+
+    def say(self, text: str) -> None:
+        print(f"soak [{self.clock():6.1f}s] {text}", flush=True)
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        began = time.monotonic()
+        self.services.start_backends()
+        store = SqlEventStore.from_url(self.services.db_url, pool_size=10, max_overflow=10)
+        try:
+            self.seed_streams(store)
+            self.say(f"seeded {len(self.model.streams)} streams; starting workers")
+            self.services.start_workers()
+            schedule = make_schedule(
+                self.rng.randrange(2**32),
+                self.config.seconds,
+                self.config.workers,
+                self.config.fault_gap,
+            )
+            self.say("fault schedule: " + "; ".join(f"{p.at}s {p.kind}" for p in schedule))
+            self._t0 = time.monotonic()
+            injector = self.start_threads(store, schedule)
+            self.workload_phase(injector)
+            workload_s = self.clock()
+            self.quiesce(injector)
+            db = self.final_check(store)
+        finally:
+            self.stop_workload.set()
+            self.stop_faults.set()
+            self.stop_background.set()
+            store.engine.dispose()
+        return self.build_report(injector, db, workload_s, time.monotonic() - began)
+
+    def seed_streams(self, store: SqlEventStore) -> None:
+        writers = self.config.writers
+        for i in range(self.config.ledger_streams):
+            self._seed(store, StreamModel("ledger", f"s-{i:03d}", "ledger", i % writers), 1, 30)
+        for i in range(self.config.slow_streams):
+            self._seed(store, StreamModel("slow", f"slow-{i:02d}", "slow", i % writers), 20, 60)
+        bad: list[tuple[str, str, list[NewEvent]]] = [
+            (
+                "ledger",
+                "bad-boom",
+                [NewEvent("Deposited", {"amount": i}) for i in range(1, 11)]
+                + [NewEvent("Boom", {})]
+                + [NewEvent("Deposited", {"amount": i}) for i in range(12, BAD_EVENTS + 1)],
+            ),
+            ("ghost", "bad-ghost", [NewEvent("Deposited", {"amount": 1})] * BAD_EVENTS),
+            (
+                "lossy",
+                "bad-lossy",
+                [NewEvent("Tagged", {"tag": f"t{i % 7}"}) for i in range(BAD_EVENTS)],
+            ),
+        ]
+        for (stream_type, stream_id, events), kind in zip(bad, BAD_KINDS, strict=True):
+            store.append(stream_type, stream_id, events, expected_version=0)
+            stream = StreamModel(stream_type, stream_id, kind, owner=-1)
+            stream.record([0] * len(events))  # only the count matters for bad input
+            self.model.add(stream)
+
+    def _seed(self, store: SqlEventStore, stream: StreamModel, low: int, high: int) -> None:
+        amounts = [self.rng.randint(1, 1000) for _ in range(self.rng.randint(low, high))]
+        events = deposit_events(stream, amounts)
+        store.append(stream.stream_type, stream.stream_id, events, expected_version=0)
+        stream.record(amounts)
+        self.model.add(stream)
+
+    def start_threads(self, store: SqlEventStore, schedule: Any) -> FaultInjector:
+        appendable = self.model.of_kind(*LEDGER_KINDS)
+        for i in range(self.config.writers):
+            owned = [s for s in appendable if s.owner == i]
+            writer = Writer(
+                i,
+                owned,
+                appendable,
+                store,
+                self.rng.randrange(2**32),
+                self.stats,
+                self.violations,
+                self.stop_workload,
+            )
+            self.threads.append(writer)
+        for i in range(self.config.readers):
+            reader = Reader(
+                i,
+                self.model,
+                store,
+                self.rng.randrange(2**32),
+                self.stats,
+                self.violations,
+                self.stop_workload,
+            )
+            self.threads.append(reader)
+        for thread in self.threads:
+            thread.start()
+        self._loop("soak-fanouts", self._fan_out, self.stop_workload, self.rng.randrange(2**32))
+        self._loop("soak-runs", lambda _rng: self._poll_runs(), self.stop_background, 0)
+        self._loop("soak-checker", lambda _rng: self._check_now(), self.stop_background, 0)
+        injector = FaultInjector(
+            schedule,
+            self.services,
+            self.tracker,
+            self.violations,
+            self.rng.randrange(2**32),
+            self.clock,
+            self.stop_faults,
+        )
+        injector.start()
+        return injector
+
+    def _loop(self, name: str, step: Any, stop: threading.Event, seed: int) -> None:
+        """Run ``step(rng)`` until ``stop``, waiting the seconds it returns in between."""
+        rng = random.Random(seed)
+
+        def loop() -> None:
+            while not stop.wait(step(rng)):
+                pass
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _fan_out(self, rng: random.Random) -> float:
+        policy = random_policy(rng)
+        if len(self.tracker.running()) >= self.config.max_running_runs:
+            self.stats.add("fanouts_skipped_busy")
+        else:
+            self.tracker.start(policy, "scheduled")
+        return rng.uniform(*self.config.fanout_every)
+
+    def _poll_runs(self) -> float:
+        try:
+            self.tracker.poll()
+        except Exception as exc:
+            self.violations.add("harness", f"run tracker: {type(exc).__name__}: {exc}")
+        return 1.0
+
+    def _check_now(self) -> float:
+        self.check_database(final=False)
+        return self.config.check_every
+
+    def check_database(self, *, final: bool) -> DbState | None:
+        acked = self.model.acked_snapshot()  # before the snapshot: a lower bound of heads
+        try:
+            with self.services.checker_connection() as conn:
+                db = read_db_state(conn)
+        except psycopg.Error as exc:
+            if final:
+                raise
+            self.stats.add(f"check_error:{type(exc).__name__}")
+            return None
+        for obs in check_db(db, self.model, acked, self.violations, final=final):
+            self.model.observe(obs)
+        self.stats.add("db_checks")
+        self.last_db = db
+        return db
+
+    def workload_phase(self, injector: FaultInjector) -> None:
+        end = self.config.seconds
+        every = self.config.progress_every
+        next_line = every
+        while self.clock() < end:
+            time.sleep(min(0.5, max(0.0, end - self.clock())))
+            if every and self.clock() >= next_line:
+                next_line += every
+                self.say(self.progress_line(injector))
+
+    def progress_line(self, injector: FaultInjector) -> str:
+        runs = Counter(r.status for r in self.tracker.runs)
+        deletions = 0 if self.last_db is None else self.last_db.audit_rows
+        return (
+            f"appends {self.stats.get('appends')}, reads {self.stats.get('reads')}, "
+            f"runs {dict(runs)}, deletions {deletions}, "
+            f"faults {sum(injector.injected.values())}, violations {self.violations.count}"
+        )
+
+    # -- quiesce --------------------------------------------------------------------------
+
+    def quiesce(self, injector: FaultInjector) -> None:
+        self.say("workload over: stopping faults, writers and readers")
+        self.stop_faults.set()
+        injector.join(timeout=300)
+        if injector.is_alive():
+            self.violations.add("harness", "the fault injector did not stop in 300 s")
+        self.notes.extend(self.services.ensure_all_up())
+        self.stop_workload.set()
+        self.join_threads("soak-writer", "soak-reader", "soak-fanouts")
+        self.say("draining the runs and queues")
+        self.drain(self.config.drain_timeout)
+        self.final_run()
+        self.drain(60.0, runs=False)
+        self.services.stop_workers()
+        self.stop_background.set()
+        self.join_threads("soak-runs", "soak-checker")
+        self._poll_runs()
+
+    def join_threads(self, *prefixes: str) -> None:
+        for thread in self.threads:
+            if thread.name.startswith(prefixes):
+                thread.join(timeout=60)
+                if thread.is_alive():
+                    self.violations.add("harness", f"{thread.name} did not stop in 60 s")
+
+    def broker_idle(self) -> bool:
+        """No message queued, none delivered and unacknowledged (running or waiting
+        for a retry countdown in a worker)."""
+        client = redis.Redis(port=self.services.broker.port, db=0, socket_timeout=5)
+        try:
+            queued = sum(
+                int(client.llen(key)) for key in client.scan_iter("compaction*", _type="list")
+            )
+            return queued == 0 and int(client.hlen("unacked")) == 0
+        finally:
+            client.close()
+
+    def drain(self, timeout: float, *, runs: bool = True) -> None:
+        """Wait until the broker is idle (and, with ``runs``, every run ended), for at
+        most ``timeout``; an idle broker for 15 s with runs still going means those
+        runs are stuck (reported as notes)."""
+        deadline = time.monotonic() + timeout
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            idle = self.broker_idle()
+            now = time.monotonic()
+            idle_since = (idle_since or now) if idle else None
+            settled = idle_since is not None and now - idle_since >= 2.0
+            if settled and (not runs or not self.tracker.running()):
+                return
+            if idle_since is not None and now - idle_since >= 15.0:
+                break
+            time.sleep(0.5)
+        stuck = self.tracker.running() if runs else []
+        if stuck or not self.broker_idle():
+            self.notes.append(
+                f"drain after {timeout:.0f} s max: broker idle {self.broker_idle()}, runs "
+                f"still going: {[(r.run_id, r.kind) for r in stuck]}"
+            )
+
+    def final_run(self) -> None:
+        """One last run with nothing else going on: it must finish, compact every good
+        stream and report exactly the bad-input streams as failed."""
+        run: TrackedRun | None = None
+        deadline = time.monotonic() + 60
+        while run is None and time.monotonic() < deadline:
+            run = self.tracker.start(dict(FINAL_POLICY), "final")
+            if run is None:
+                time.sleep(1)
+        if run is None:
+            self.violations.add("liveness", "the final run could not be started in 60 s")
+            return
+        self.final = run
+        self.say(f"final run {run.run_id}")
+        wait_for(lambda: run.status != "running", self.config.drain_timeout, poll=0.5)
+        if run.status != "finished":
+            self.violations.add(
+                "liveness",
+                f"the final run {run.run_id} ended {run.status} (error {run.error}): "
+                f"{run.done} of {run.candidates} streams reported",
+            )
+            return
+        for entry in run.failed_streams:
+            stream = self.model.get(entry["stream_type"], entry["stream_id"])
+            if stream is None or stream.kind not in BAD_KINDS:
+                self.violations.add(
+                    "liveness",
+                    f"final run, no faults: {entry['stream_type']}/{entry['stream_id']} "
+                    f"ended {entry['outcome']}: {entry['error']}",
+                )
+
+    # -- the final check ------------------------------------------------------------------
+
+    def final_check(self, store: SqlEventStore) -> DbState:
+        self.say("final check")
+        db = self.check_database(final=True)
+        assert db is not None
+        for row in db.streams.values():
+            stream = self.model.get(row.stream_type, row.stream_id)
+            if stream is None or not stream.folds or stream.broken:
+                continue
+            if row.compacted_through != row.head:
+                self.violations.add(
+                    "liveness",
+                    f"{stream.label}: compacted through {row.compacted_through} of "
+                    f"{row.head} after the final run (retain_last 0)",
+                )
+        self.check_loads(store)
+        self.stats.add("deferred_observations", self.model.check_deferred())
+        return db
+
+    def check_loads(self, store: SqlEventStore) -> None:
+        """load_state of every stream equals the fold of what its writer appended."""
+        snapshots = SqlSnapshotStore(store.engine, create_tables=False)
+        for stream in self.model.streams.values():
+            if stream.broken or stream.kind == "ghost":
+                continue
+            decider: Any = LossyTagger() if stream.kind == "lossy" else Ledger()
+            try:
+                state, version = load_state(
+                    store, snapshots, decider, dict, stream.stream_type, stream.stream_id
+                )
+            except StreamIntegrityError as exc:
+                if stream.kind != "boom":
+                    self.violations.add("state", f"final load_state({stream.label}): {exc}")
+                continue
+            except StoreError as exc:
+                self.violations.add("harness", f"final load_state({stream.label}): {exc}")
+                continue
+            if stream.kind == "boom":
+                self.violations.add("bad_input", f"{stream.label} folded past its Boom event")
+            elif stream.kind == "lossy":
+                expected = {"tags": {f"t{i % 7}" for i in range(BAD_EVENTS)}}
+                if (state, version) != (expected, BAD_EVENTS):
+                    self.violations.add("state", f"{stream.label}: {state} at {version}")
+            elif (state, version) != (stream.state_at(stream.acked()), stream.acked()):
+                self.violations.add(
+                    "state",
+                    f"final load_state({stream.label}) = {state} at {version}; the model "
+                    f"says {stream.state_at(stream.acked())} at {stream.acked()}",
+                )
+            self.stats.add("final_loads")
+
+    def task_results(self) -> list[dict[str, Any]]:
+        """Every compact_stream result stored in the result backend."""
+        client = redis.Redis(port=self.services.broker.port, db=1)
+        found = []
+        try:
+            for key in client.scan_iter("celery-task-meta-*", count=1000):
+                meta = json.loads(client.get(key) or b"{}")
+                result = meta.get("result")
+                if (
+                    meta.get("status") == "SUCCESS"
+                    and isinstance(result, dict)
+                    and "outcome" in result
+                ):
+                    found.append(result)
+        finally:
+            client.close()
+        return found
+
+    def logged_attempts(self) -> list[dict[str, Any]]:
+        """Every compaction attempt the workers logged (one JSON line each)."""
+        found = []
+        for _name, text in self.services.worker_logs():
+            for line in text.splitlines():
+                if not line.startswith("{"):
+                    continue
+                try:
+                    fields = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by kill -9
+                if fields.get("event") == "compaction":
+                    found.append(fields)
+        return found
+
+    # -- the report -----------------------------------------------------------------------
+
+    def build_report(
+        self, injector: FaultInjector, db: DbState, workload_s: float, total_s: float
+    ) -> Report:
+        audit = db.audit_by_id()
+        backend = check_results(
+            self.task_results(), audit, self.model, self.violations, "task result"
+        )
+        logged = check_results(
+            self.logged_attempts(),
+            audit,
+            self.model,
+            self.violations,
+            "log line",
+        )
+        ops = dict(self.stats.counts)
+        errors = {
+            k: v
+            for k, v in ops.items()
+            if k.split(":")[0]
+            in ("append_error", "read_error", "stale_append_error", "fanout_not_started")
+            or k.startswith("check_error")
+        }
+        ops = {k: v for k, v in ops.items() if k not in errors}
+        statuses = Counter(r.status for r in self.tracker.runs)
+        ops.update({f"runs:{k}": v for k, v in statuses.items()})
+        ops["observations"] = self.model.checked
+        run_outcomes: Counter[str] = Counter()
+        for run in self.tracker.runs:
+            if run.status == "finished":
+                run_outcomes.update(run.outcomes)
+        final = self.final
+        if injector.terminated_backends:
+            ops["terminated_backends"] = injector.terminated_backends
+        return Report(
+            seed=self.seed,
+            config=self.config.to_json(),
+            workload_s=round(workload_s, 1),
+            total_s=round(total_s, 1),
+            operations=dict(sorted(ops.items())),
+            errors=dict(sorted(errors.items())),
+            faults=dict(sorted(injector.injected.items())),
+            fault_schedule=[p.to_json() for p in injector.schedule],
+            fault_log=list(injector.log),
+            compactions=logged.by_outcome,
+            task_results=backend.by_outcome,
+            run_outcomes=dict(sorted(run_outcomes.items())),
+            bad_input=logged.bad_input,
+            audit_rows=db.audit_rows,
+            events_deleted=sum(r.events_deleted for rows in db.audit.values() for r in rows),
+            unreported_deletions=logged.unreported_deletions,
+            unacknowledged_commits=logged.unacknowledged_commits,
+            runs=[asdict(r) for r in self.tracker.runs],
+            final_run={}
+            if final is None
+            else {"status": final.status, "candidates": final.candidates, **final.outcomes},
+            violation_count=self.violations.count,
+            violations_by_kind=dict(self.violations.by_kind),
+            violations=list(self.violations.messages),
+            notes=self.notes,
+        )

@@ -1,0 +1,219 @@
+"""The model: what the writers know they appended, and the states that implies.
+
+Each stream has exactly one owning writer thread, so the owner always knows the head:
+an append that succeeded is recorded, and one whose outcome is unknown (its connection
+was terminated around the commit) is resolved by reading the head afterwards. The
+model of a stream is the list of acknowledged deposit amounts; the Ledger state at
+version v is the fold of the first v of them, which pins down exactly which events
+were folded (``count``/``last`` reveal a gap or a double fold, ``total`` a wrong one).
+
+Every state anyone observed (a reader's ``load_state``, a verified snapshot in the
+database) is checked against the model: immediately when the model already reaches
+its version, otherwise at the end, when every append is resolved.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Stream kinds folded by the Ledger (the model knows their states).
+LEDGER_KINDS = ("ledger", "slow")
+#: Bad input: a Boom event the Ledger cannot fold, a type without a decider, a state
+#: whose codec does not round-trip. Never compacted; every event must stay.
+BAD_KINDS = ("boom", "ghost", "lossy")
+#: What every compaction of a bad stream must report.
+BAD_OUTCOMES = frozenset({"failed", "verification_failed"})
+#: How each bad stream fails when nothing else goes wrong: (outcome, error_type).
+BAD_RESULTS: dict[str, tuple[str, str | None]] = {
+    "boom": ("failed", "EvolveError"),
+    "ghost": ("failed", "UnknownStreamTypeError"),
+    "lossy": ("verification_failed", None),
+}
+#: Error types of an attempt that failed because of a fault (then retried), whatever the
+#: stream: the database or Redis was unreachable.
+TRANSIENT_ERRORS = frozenset(
+    {"DatabaseUnavailableError", "ConnectionError", "TimeoutError", "RedisError"}
+)
+
+
+def ledger_state(total: int, version: int) -> dict[str, int]:
+    """The Ledger's state after ``version`` deposits summing to ``total``."""
+    return {"total": total, "count": version, "last": version}
+
+
+@dataclass(eq=False)
+class StreamModel:
+    """One stream as its owning writer knows it.
+
+    ``amounts`` only grows, and ``prefix`` is extended before ``amounts``, so another
+    thread reading ``acked()`` and then ``prefix[v]`` for ``v <= acked()`` needs no lock.
+    """
+
+    stream_type: str
+    stream_id: str
+    kind: str
+    owner: int
+    amounts: list[int] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=lambda: [0])
+    #: The model lost track of this stream (already reported): skip further checks.
+    broken: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.stream_type}/{self.stream_id}"
+
+    @property
+    def folds(self) -> bool:
+        return self.kind in LEDGER_KINDS
+
+    def acked(self) -> int:
+        return len(self.amounts)
+
+    def record(self, amounts: list[int]) -> None:
+        for amount in amounts:
+            self.prefix.append(self.prefix[-1] + amount)
+        self.amounts.extend(amounts)
+
+    def state_at(self, version: int) -> dict[str, int] | None:
+        """The Ledger state at ``version``; None when the model does not reach it yet."""
+        if version < 0 or version > len(self.amounts):
+            return None
+        return ledger_state(self.prefix[version], version)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A state somebody saw: ``source`` "reader" (load_state) or "snapshot" (a verified
+    snapshot in the database). ``acked_before`` is the model's head when the read began:
+    a reader must see at least that (0 for snapshots)."""
+
+    stream: StreamModel
+    version: int
+    state: Any
+    acked_before: int
+    source: str
+
+
+class Violations:
+    """Invariant violations, thread-safe: each distinct one counted once (a broken row is
+    found again by every later check), the first ``keep`` kept."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self._lock = threading.Lock()
+        self.keep = keep
+        self.messages: list[str] = []
+        self.by_kind: Counter[str] = Counter()
+        self._seen: set[str] = set()
+
+    def add(self, kind: str, message: str) -> None:
+        with self._lock:
+            if message in self._seen:
+                return
+            self._seen.add(message)
+            self.by_kind[kind] += 1
+            if len(self.messages) < self.keep:
+                self.messages.append(f"[{kind}] {message}")
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_kind.values())
+
+
+class Stats:
+    """Thread-safe counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def get(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+    def prefixed(self, prefix: str) -> dict[str, int]:
+        with self._lock:
+            return {
+                k[len(prefix) :]: v for k, v in sorted(self.counts.items()) if k.startswith(prefix)
+            }
+
+
+class Model:
+    """Every stream of the soak, and the observations still waiting to be checked."""
+
+    def __init__(self, violations: Violations) -> None:
+        self.streams: dict[tuple[str, str], StreamModel] = {}
+        self.violations = violations
+        self._deferred: list[Observation] = []
+        self._lock = threading.Lock()
+        self.checked = 0
+
+    def add(self, stream: StreamModel) -> None:
+        self.streams[(stream.stream_type, stream.stream_id)] = stream
+
+    def get(self, stream_type: str, stream_id: str) -> StreamModel | None:
+        return self.streams.get((stream_type, stream_id))
+
+    def of_kind(self, *kinds: str) -> list[StreamModel]:
+        return [s for s in self.streams.values() if s.kind in kinds]
+
+    def acked_snapshot(self) -> dict[tuple[str, str], int]:
+        """Every stream's acknowledged head now (a lower bound of its head from now on)."""
+        return {key: s.acked() for key, s in self.streams.items()}
+
+    def observe(self, obs: Observation) -> None:
+        """Check ``obs`` now, or keep it for :meth:`check_deferred` when the model does
+        not reach its version yet (an append in flight or unresolved)."""
+        problem = _problem(obs, final=False)
+        with self._lock:
+            self.checked += 1
+            if problem is _DEFER:
+                self._deferred.append(obs)
+                return
+        if problem is not None:
+            self._report(obs, str(problem))
+
+    def check_deferred(self) -> int:
+        """At the end, with every append resolved: check the observations kept back."""
+        with self._lock:
+            pending, self._deferred = self._deferred, []
+        for obs in pending:
+            problem = _problem(obs, final=True)
+            if problem is not None:
+                self._report(obs, str(problem))
+        return len(pending)
+
+    def _report(self, obs: Observation, problem: str) -> None:
+        obs.stream.broken = obs.stream.broken or obs.source == "snapshot"
+        kind = "stale_read" if problem.startswith("stale") else "state"
+        self.violations.add(kind, f"{obs.source} of {obs.stream.label}: {problem}")
+
+
+_DEFER = object()
+
+
+def _problem(obs: Observation, *, final: bool) -> object | None:
+    """None if ``obs`` is a state the model had, else what is wrong (or _DEFER)."""
+    if obs.stream.broken:
+        return None
+    if obs.version < obs.acked_before:
+        return (
+            f"stale read: version {obs.version}, but {obs.acked_before} events were "
+            "acknowledged before the read began"
+        )
+    expected = obs.stream.state_at(obs.version)
+    if expected is None:
+        if not final:
+            return _DEFER
+        return (
+            f"version {obs.version} is beyond the {obs.stream.acked()} events ever "
+            f"acknowledged (state {obs.state})"
+        )
+    if obs.state != expected:
+        return f"state at version {obs.version} is {obs.state}, the model says {expected}"
+    return None

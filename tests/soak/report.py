@@ -1,0 +1,121 @@
+"""The soak's report: what was done, what was injected, what the checker found."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Report:
+    seed: int
+    config: dict[str, Any] = field(default_factory=dict)
+    workload_s: float = 0.0
+    total_s: float = 0.0
+    #: appends, appended_events, reads, stale_appends_rejected, ambiguous appends,
+    #: fan-outs by kind, runs by status, database checks, observations checked...
+    operations: dict[str, int] = field(default_factory=dict)
+    #: Errors the workload met and tolerated (terminated connections...), by type.
+    errors: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    fault_schedule: list[dict[str, Any]] = field(default_factory=list)
+    fault_log: list[str] = field(default_factory=list)
+    #: Every compaction attempt, by outcome (the workers' JSON log lines).
+    compactions: dict[str, int] = field(default_factory=dict)
+    #: The stored result of every compact_stream task, by outcome (result backend).
+    task_results: dict[str, int] = field(default_factory=dict)
+    #: Outcomes summed over the runs that finished (run progress).
+    run_outcomes: dict[str, int] = field(default_factory=dict)
+    #: Per bad-input stream, its attempts by outcome.
+    bad_input: dict[str, dict[str, int]] = field(default_factory=dict)
+    audit_rows: int = 0
+    events_deleted: int = 0
+    #: Deletions no compacted result or log line reported (a worker died or lost its
+    #: connection between the commit and the report): allowed, counted.
+    unreported_deletions: int = 0
+    #: Attempts that reported failed (database unreachable) although their deletion had
+    #: committed (the connection died before the commit's answer): allowed, counted.
+    unacknowledged_commits: int = 0
+    final_run: dict[str, Any] = field(default_factory=dict)
+    #: Every run started: policy, status, timings, outcomes (JSON only).
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    violation_count: int = 0
+    violations_by_kind: dict[str, int] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    logs: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.violation_count == 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+
+    def text(self) -> str:
+        ops = self.operations
+        lines = [
+            f"eskit-tasks soak: seed {self.seed}, {self.workload_s:.0f} s of workload, "
+            f"{self.total_s:.0f} s in all",
+            "",
+            "operations",
+            f"  appends              {ops.get('appends', 0)} "
+            f"({ops.get('appended_events', 0)} events; unknown outcome resolved: "
+            f"{ops.get('ambiguous_appends_committed', 0)} committed, "
+            f"{ops.get('ambiguous_appends_lost', 0)} not)",
+            f"  stale appends        {ops.get('stale_appends_rejected', 0)} rejected "
+            "(ConcurrencyError)",
+            f"  reads (load_state)   {ops.get('reads', 0)}",
+            f"  fan-outs             {_pairs(_prefixed(ops, 'fanouts:'))} "
+            f"(not started while busy: {ops.get('fanouts_skipped_busy', 0)})",
+            f"  runs                 {_pairs(_prefixed(ops, 'runs:'))}",
+            f"  compactions          {sum(self.compactions.values())} attempts, "
+            f"{self.audit_rows} deletions ({self.events_deleted} events)",
+            f"  checks               {ops.get('db_checks', 0)} database checks, "
+            f"{ops.get('observations', 0)} observed states",
+            f"  tolerated errors     {_pairs(self.errors) or 'none'}",
+            "",
+            f"faults injected        {_pairs(self.faults) or 'none'}",
+            *(f"  {line}" for line in self.fault_log),
+            "",
+            "compactions by outcome",
+            f"  attempts (logs)      {_pairs(self.compactions)}",
+            f"  task results         {_pairs(self.task_results)}",
+            f"  finished runs        {_pairs(self.run_outcomes)}",
+            f"  deletions unreported {self.unreported_deletions} (no compacted log line), "
+            f"{self.unacknowledged_commits} reported failed (commit answer lost)",
+            "",
+            "bad input (attempts by outcome; each finished run reported them: "
+            f"{ops.get('bad_input_checks', 0)} checks)",
+            *(f"  {stream:20} {_pairs(by)}" for stream, by in self.bad_input.items()),
+            "",
+            f"final run              {_pairs(self.final_run)}",
+        ]
+        if self.notes:
+            lines += ["", "notes", *(f"  {n}" for n in self.notes)]
+        lines += ["", f"invariant violations   {self.violation_count}"]
+        lines += [f"  {kind}: {n}" for kind, n in self.violations_by_kind.items()]
+        lines += [f"  {v}" for v in self.violations]
+        if self.logs:
+            lines.append(f"logs kept in {self.logs}")
+        return "\n".join(lines)
+
+
+def _prefixed(values: dict[str, int], prefix: str) -> dict[str, int]:
+    return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in values.items())
