@@ -24,11 +24,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private redis-server on a fixed port that tests may stop and restart."""
+    """A private redis-server on a fixed port that tests may stop and restart; with a
+    ``password``, it refuses clients that do not give it."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, password: str | None = None) -> None:
         self.port = port
         self.workdir = workdir
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -44,6 +46,7 @@ class RedisServer:
                     str(self.port),
                     "--bind",
                     "127.0.0.1",
+                    *(["--requirepass", self.password] if self.password else []),
                     "--save",
                     "",
                     "--appendonly",
@@ -59,16 +62,21 @@ class RedisServer:
                 "redis-server is not installed: the fleet tests start their own Redis. "
                 "Install it (Debian: apt-get install redis-server)."
             ) from exc
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
-                time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise RuntimeError(
+                            f"redis-server on port {self.port} did not start"
+                        ) from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

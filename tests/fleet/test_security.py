@@ -15,6 +15,7 @@ that would import ``tests.conftest``, which rewrites the environment.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import pickle
@@ -40,7 +41,7 @@ from eskit_tasks import NewEvent, SqlSnapshotStore, compact_all, load_state, reg
 from eskit_tasks.constants import COMPACTION_QUEUE, LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.tasks import compact_stream
 from tests.deciders import Ledger, ledger_fold
-from tests.services import CELERY, REPO, free_port
+from tests.services import CELERY, REPO, RedisServer, free_port
 
 if TYPE_CHECKING:
     from tests.fleet.conftest import Fleet
@@ -447,66 +448,20 @@ def _leaks(text: str) -> list[str]:
     return sorted({form for form in _secret_forms() if form in text})
 
 
-class PasswordRedis:
+class PasswordRedis(RedisServer):
     """A private redis-server that refuses clients without the password."""
 
-    def __init__(self, port: int, workdir: Path, password: str) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
+    password: str
 
-    def url(self, db: int, password: str | None = None) -> str:
+    def __init__(self, port: int, workdir: Path, password: str) -> None:
+        super().__init__(port, workdir, password)
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
         secret = quote(self.password if password is None else password, safe="")
         return f"redis://:{secret}@127.0.0.1:{self.port}/{db}"
 
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis(port=self.port, db=db, password=self.password)
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--requirepass",
-                self.password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.proc.poll() is not None:
-                        raise RuntimeError(f"redis-server on {self.port} did not start") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
 
     def dump(self) -> dict[str, str]:
         """Every key and value of every database, as text; message bodies decoded."""
@@ -589,7 +544,12 @@ def _client_app(
     over the URLs given to the app, so they are set too (undo with the monkeypatch)."""
     monkeypatch.setenv("CELERY_BROKER_URL", server.url(broker_db))
     monkeypatch.setenv("CELERY_RESULT_BACKEND", server.url(result_db))
-    client = Celery("security-client", broker=server.url(broker_db), backend=server.url(result_db))
+    client = Celery(
+        "security-client",
+        broker=server.url(broker_db),
+        backend=server.url(result_db),
+        set_as_current=False,  # later tests' AsyncResult(id) must keep using the fleet's app
+    )
     client.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -693,7 +653,12 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
             try:
                 for label, async_result in sent:
                     results[label] = async_result.get(timeout=120)
+                    del async_result
             finally:
+                # Each AsyncResult unsubscribes when it dies: let them die while this
+                # client's Redis is still there, not in a later test.
+                sent.clear()
+                gc.collect()
                 client.close()
     assert {k: v["outcome"] for k, v in results.items()} == {
         "ok-1": "compacted",
