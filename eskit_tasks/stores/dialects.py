@@ -284,30 +284,9 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
     except EskitError:
         raise
     except exc.DBAPIError as e:
-        where = mask_url(engine.url)
-        reason = _reason(str(e.orig), engine)
-        if getattr(e.orig, "sqlstate", None) == _PG_PROGRAM_LIMIT_EXCEEDED:
-            raise ConfigurationError(
-                f"{action}: refused by PostgreSQL: {reason}. A stream type and id must "
-                f"fit one entry of its unique index: keep them under {PG_KEY_BYTES:,} bytes "
-                "together (longer ones that compress well may pass); hash longer ids in "
-                "your application. Nothing was written."
-            ) from e
-        if _is_connection_error(e):
-            raise DatabaseUnavailableError(
-                f"{action}: cannot reach the database at {where}: {reason}. "
-                "Check that it is running and that the URL is right."
-            ) from e
-        raise StoreError(f"{action} failed on {where}: {reason}") from e
+        raise _driver_error(engine, action, e.orig, _is_connection_error(e)) from e
     except DRIVER_ERRORS as e:  # raised by the hot read path on the driver's cursor
-        where = mask_url(engine.url)
-        reason = _reason(str(e), engine)
-        if _is_unavailable(e):
-            raise DatabaseUnavailableError(
-                f"{action}: cannot reach the database at {where}: {reason}. "
-                "Check that it is running and that the URL is right."
-            ) from e
-        raise StoreError(f"{action} failed on {where}: {reason}") from e
+        raise _driver_error(engine, action, e, _is_unavailable(e)) from e
     except exc.SQLAlchemyError as e:
         # str(e) of a StatementError appends the SQL and its parameters (payloads): keep
         # only the first line, which names the problem.
@@ -319,6 +298,27 @@ def translate_errors(engine: Engine, action: str) -> Iterator[None]:
             f"{action}: stream types, ids and payloads must be valid Unicode text "
             f"(found {e.reason} at position {e.start})"
         ) from None
+
+
+def _driver_error(
+    engine: Engine, action: str, orig: BaseException | None, unavailable: bool
+) -> EskitError:
+    """The eskit error for a driver's error (whether it came through SQLAlchemy or not)."""
+    where = mask_url(engine.url)
+    reason = _reason(str(orig), engine)
+    if getattr(orig, "sqlstate", None) == _PG_PROGRAM_LIMIT_EXCEEDED:
+        return ConfigurationError(
+            f"{action}: refused by PostgreSQL: {reason}. A stream type and id must "
+            f"fit one entry of its unique index: keep them under {PG_KEY_BYTES:,} bytes "
+            "together (longer ones that compress well may pass); hash longer ids in "
+            "your application. Nothing was written."
+        )
+    if unavailable:
+        return DatabaseUnavailableError(
+            f"{action}: cannot reach the database at {where}: {reason}. "
+            "Check that it is running and that the URL is right."
+        )
+    return StoreError(f"{action} failed on {where}: {reason}")
 
 
 #: SQLSTATE of "index row size exceeds btree maximum" and other size limits.
