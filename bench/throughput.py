@@ -57,43 +57,43 @@ def _stream_pk(store: SqlEventStore, stream_id: str) -> int:
         )
 
 
+def _raw_fold(cur: Any) -> dict[str, int]:
+    """The baselines' fold: (version, type, data) rows from a driver cursor, decoded with
+    orjson and folded with the same decider, in large batches."""
+    decider, loads = Sum(), orjson.loads
+    state = decider.initial_state()
+    while rows := cur.fetchmany(10_000):
+        for version, type_, data in rows:
+            state = decider.evolve(
+                state,
+                RecordedEvent(version, type_, loads(data), {}, None),  # type: ignore[arg-type]
+            )
+    return state
+
+
 def raw_postgres(url: str, pk: int) -> tuple[int, dict[str, int]]:
     libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    decider, loads = Sum(), orjson.loads
     with psycopg.connect(libpq) as conn, conn.transaction():
-        state = decider.initial_state()
         with conn.cursor(name="raw_bench") as cur:
             cur.execute(
                 "SELECT version, type, data FROM eskit_events WHERE stream_pk = %s "
                 "ORDER BY version",
                 (pk,),
             )
-            while rows := cur.fetchmany(10_000):
-                for version, type_, data in rows:
-                    state = decider.evolve(
-                        state,
-                        RecordedEvent(version, type_, loads(data), {}, None),  # type: ignore[arg-type]
-                    )
+            state = _raw_fold(cur)
         deleted = conn.execute("DELETE FROM eskit_events WHERE stream_pk = %s", (pk,)).rowcount
     return deleted, state
 
 
 def raw_sqlite(path: str, pk: int) -> tuple[int, dict[str, int]]:
-    decider, loads = Sum(), orjson.loads
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        state = decider.initial_state()
         cur = conn.execute(
             "SELECT version, type, data FROM eskit_events WHERE stream_pk = ? ORDER BY version",
             (pk,),
         )
-        while rows := cur.fetchmany(10_000):
-            for version, type_, data in rows:
-                state = decider.evolve(
-                    state,
-                    RecordedEvent(version, type_, loads(data), {}, None),  # type: ignore[arg-type]
-                )
+        state = _raw_fold(cur)
         deleted = conn.execute("DELETE FROM eskit_events WHERE stream_pk = ?", (pk,)).rowcount
         conn.execute("COMMIT")
     finally:
