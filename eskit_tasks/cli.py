@@ -21,7 +21,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from eskit_tasks.compactor import Compactor
-from eskit_tasks.constants import FANOUT_PAGE_SIZE, FANOUT_SCAN_FACTOR
+from eskit_tasks.constants import FANOUT_PAGE_SIZE
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
@@ -29,7 +29,7 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.loading import load_state
 from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import Candidate
+from eskit_tasks.ports import Candidate, candidate_page
 from eskit_tasks.redact import mask_url
 from eskit_tasks.registry import get_registration, import_decider_modules
 from eskit_tasks.result import CompactionResult, Outcome
@@ -359,20 +359,16 @@ def _iter_candidates(
     """Every candidate, page by page (bounded memory)."""
     after, seen, last = 0, 0, store.max_stream_key()
     while after < last and (limit is None or seen < limit):
-        # The same bounds as the fleet's fan-out: a page never examines more than
-        # FANOUT_SCAN_FACTOR x FANOUT_PAGE_SIZE stream keys.
-        until = after + FANOUT_PAGE_SIZE * FANOUT_SCAN_FACTOR
-        size = FANOUT_PAGE_SIZE if limit is None else min(FANOUT_PAGE_SIZE, limit - seen)
-        page = store.candidates(
+        page, after = candidate_page(  # the same bounds as the fleet's fan-out
+            store,
             after=after,
-            until=until,
-            limit=size,
+            limit=FANOUT_PAGE_SIZE if limit is None else min(FANOUT_PAGE_SIZE, limit - seen),
+            page_size=FANOUT_PAGE_SIZE,
             min_live_events=max(min_events, retain_last + 1),
             stream_types=stream_types,
         )
         yield from page
         seen += len(page)
-        after = page[-1].key if len(page) == size else until
 
 
 def _compact_all_local(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from eskit_tasks.constants import FANOUT_SCAN_FACTOR
 from eskit_tasks.events import NewEvent, RecordedEvent
 
 
@@ -252,3 +253,30 @@ class SnapshotStore(Protocol):
     def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
         """Remove the unverified snapshot at ``version`` (after a failed verification)."""
         ...
+
+
+def candidate_page(
+    store: EventStore,
+    *,
+    after: int,
+    limit: int,
+    page_size: int,
+    min_live_events: int,
+    stream_types: Sequence[str] | None,
+) -> tuple[list[Candidate], int]:
+    """One bounded page of candidates: at most ``limit`` streams after key ``after``,
+    examining at most ``page_size x FANOUT_SCAN_FACTOR`` keys; and the key the next
+    page starts after (the fan-out and ``compact-all --local`` page alike)."""
+    until = after + page_size * FANOUT_SCAN_FACTOR
+    page = (
+        []
+        if limit <= 0
+        else store.candidates(
+            after=after,
+            until=until,
+            limit=limit,
+            min_live_events=min_live_events,
+            stream_types=stream_types,
+        )
+    )
+    return page, page[-1].key if page and len(page) == limit else until

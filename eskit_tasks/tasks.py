@@ -49,7 +49,6 @@ from eskit_tasks.constants import (
     DONE_PREFIX,
     FANOUT_MAX_RETRIES,
     FANOUT_PUBLISH_BATCH,
-    FANOUT_SCAN_FACTOR,
     LOCKED_RETRY_MAX_S,
 )
 from eskit_tasks.errors import (
@@ -61,7 +60,7 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.locks import StreamLock
 from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import Candidate
+from eskit_tasks.ports import Candidate, candidate_page
 from eskit_tasks.progress import RunProgressStore, check_run_id
 from eskit_tasks.redact import mask_url
 from eskit_tasks.registry import get_registration, import_decider_modules
@@ -578,24 +577,18 @@ def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
-    until = cursor + settings.fanout_page_size * FANOUT_SCAN_FACTOR
-    page = (
-        []
-        if limit <= 0
-        else res.store.candidates(
-            after=cursor,
-            until=until,
-            limit=limit,
-            min_live_events=max(args["min_events"], args["retain_last"] + 1),
-            stream_types=args["stream_types"],
-        )
+    page, new_cursor = candidate_page(
+        res.store,
+        after=cursor,
+        limit=limit,
+        page_size=settings.fanout_page_size,
+        min_live_events=max(args["min_events"], args["retain_last"] + 1),
+        stream_types=args["stream_types"],
     )
     _enqueue(page, {"run_id": run_id, **policy})
-    if page and len(page) == limit:
-        new_cursor, exhausted = page[-1].key, False
-    else:  # every key up to `until` was examined
-        new_cursor = until
-        exhausted = limit <= 0 or until >= res.store.max_stream_key()
+    full = bool(page) and len(page) == limit
+    # Not full: every key up to the new cursor was examined.
+    exhausted = limit <= 0 or (not full and new_cursor >= res.store.max_stream_key())
     finished = exhausted or (budget is not None and len(page) >= budget)
     claimed = res.progress.advance(
         run_id, expected=cursor, new=new_cursor, found=len(page), done=finished, depth=depth
