@@ -1,10 +1,18 @@
 """Progress of a fleet run, kept in Redis so that any shell or host can read it.
 
-One hash per run (``eskit:run:{<run id>}``) holds counters; a set remembers which
-streams have reported, so a redelivered task or a fan-out page enqueued twice is
-counted once; a capped list keeps the failed streams with their errors. All keys
-of a run share a Redis Cluster hash tag and expire ``run_ttl`` seconds after the
-last update. Updates are Lua scripts, so counters never tear.
+One hash per run (``eskit:run:{<run id>}``) holds counters; a second hash knows each
+candidate stream of the run and whether it has reported, so a redelivered task or a
+fan-out page enqueued twice is counted once; a list holds the fan-out page being
+published; a capped list keeps the failed streams with their errors. All keys of a run
+share a Redis Cluster hash tag and expire ``run_ttl`` seconds after the last update.
+Updates are Lua scripts, so counters never tear.
+
+A fan-out page is fixed before any of its messages is sent (:meth:`RunProgressStore.
+store_page`): the first copy of a page stores its streams and counts them as candidates;
+a retry or a duplicate fan-out at the same cursor gets the stored page back instead of
+its own reading of the database, which may differ while writers append. So every
+stream a run sends a task for is a candidate of the run before its task can report,
+``done`` never passes ``candidates``, and a run is never finished early.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -25,12 +34,17 @@ from eskit_tasks.result import CompactionResult, Outcome
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
-# KEYS: hash, reported set, failed list.
+# KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list.
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
 #       ttl, failed entry ('' if none), failed cap, now.
+# A stream no page named (a task sent by hand with a run id) becomes a candidate as it
+# reports, so done never exceeds candidates.
 _REPORT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+local seen = redis.call('HGET', KEYS[2], ARGV[1])
+if seen == '1' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], '1')
+if not seen then redis.call('HINCRBY', KEYS[1], 'candidates', 1) end
 redis.call('HINCRBY', KEYS[1], 'done', 1)
 redis.call('HINCRBY', KEYS[1], 'outcome:' .. ARGV[2], 1)
 redis.call('HINCRBY', KEYS[1], 'events_deleted', ARGV[3])
@@ -45,18 +59,42 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 return 1
 """
 
-# KEYS: hash. ARGV: expected cursor, new cursor, candidates found, fan-out done (0/1),
+# KEYS: hash, streams hash, page list.
+# ARGV: cursor, next cursor, last page (0/1), ttl, now, then digest and entry of each
+#       stream of the page.
+# Returns -1 (no such run), 0 (the cursor moved on: a duplicate page), or
+# {1, next cursor, last, entries} of the page stored for this cursor, first come first.
+_STORE_PAGE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'cursor') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'page_cursor') ~= ARGV[1] then
+  redis.call('DEL', KEYS[3])
+  local new = 0
+  for i = 6, #ARGV, 2 do
+    if redis.call('HSETNX', KEYS[2], ARGV[i], '0') == 1 then new = new + 1 end
+    redis.call('RPUSH', KEYS[3], ARGV[i + 1])
+  end
+  redis.call('HINCRBY', KEYS[1], 'candidates', new)
+  redis.call('HSET', KEYS[1], 'page_cursor', ARGV[1], 'page_next', ARGV[2],
+             'page_last', ARGV[3], 'updated_at', ARGV[5])
+end
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+return {1, redis.call('HGET', KEYS[1], 'page_next'), redis.call('HGET', KEYS[1], 'page_last'),
+        redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+# KEYS: hash, page list. ARGV: expected cursor, new cursor, fan-out done (0/1),
 #       queue depth seen, ttl, now.
 _ADVANCE = """
 if redis.call('HGET', KEYS[1], 'cursor') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'cursor', ARGV[2], 'updated_at', ARGV[7])
-redis.call('HINCRBY', KEYS[1], 'candidates', ARGV[3])
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'fanout_done', '1') end
-local seen = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'cursor', ARGV[2], 'updated_at', ARGV[6])
+redis.call('DEL', KEYS[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'fanout_done', '1') end
+local seen = tonumber(ARGV[4])
 if seen > tonumber(redis.call('HGET', KEYS[1], 'max_queue_depth') or '0') then
   redis.call('HSET', KEYS[1], 'max_queue_depth', seen)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
@@ -104,6 +142,17 @@ class RunProgress(BaseModel):
         )
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a fan-out: the streams it sends a task for, where it starts
+    (``cursor``), where the next page starts, and whether it is the run's last."""
+
+    cursor: int
+    next_cursor: int
+    last: bool
+    streams: tuple[tuple[str, str], ...]
+
+
 class FailedStream(BaseModel):
     """A stream a run did not compact because of a problem: failed, verification_failed,
     fenced or locked, with the error."""
@@ -138,12 +187,18 @@ class RunProgressStore:
         self.ttl = ttl
         self._report = client.register_script(_REPORT)
         self._advance = client.register_script(_ADVANCE)
+        self._store_page = client.register_script(_STORE_PAGE)
         self._max_depth = client.register_script(_MAX_DEPTH)
 
     @staticmethod
     def _keys(run_id: str) -> tuple[str, str, str]:
+        """The run's hash, its streams hash and its failed list."""
         base = f"{RUN_PREFIX}{{{check_run_id(run_id)}}}"
-        return base, f"{base}:reported", f"{base}:failed"
+        return base, f"{base}:streams", f"{base}:failed"
+
+    @staticmethod
+    def _page_key(run_id: str) -> str:
+        return f"{RUN_PREFIX}{{{check_run_id(run_id)}}}:page"
 
     def create(self, run_id: str, policy: dict[str, Any]) -> None:
         """Start a run's record (idempotent: an existing record is left as it is)."""
@@ -170,19 +225,44 @@ class RunProgressStore:
         value = self.client.hget(self._keys(run_id)[0], "cursor")
         return None if value is None else int(value)
 
-    def advance(
-        self, run_id: str, *, expected: int, new: int, found: int, done: bool, depth: int
-    ) -> bool:
-        """Move the fan-out cursor from ``expected`` to ``new``; False if another
-        fan-out task already moved it (this page was a duplicate)."""
+    def store_page(self, run_id: str, page: Page) -> Page | None:
+        """Fix the fan-out page that starts at ``page.cursor``, before any of its
+        messages is sent, and return the page to send.
+
+        The first copy of a page stores its streams and counts the new ones as
+        candidates; a later copy (a retry after a failed publish, a redelivery, the same
+        fan-out sent twice) gets that stored page back, whatever it read itself. None if
+        there is nothing to send: the cursor has moved past this page (a duplicate), or
+        the run has no progress (see :meth:`exists`).
+        """
+        args: list[str | int | float] = [
+            str(page.cursor),
+            str(page.next_cursor),
+            "1" if page.last else "0",
+            self.ttl,
+            time.time(),
+        ]
+        for stream_type, stream_id in page.streams:
+            args += [_digest(stream_type, stream_id), json.dumps([stream_type, stream_id])]
+        keys = self._keys(run_id)
+        answer = self._store_page(keys=[keys[0], keys[1], self._page_key(run_id)], args=args)
+        if not isinstance(answer, list):
+            return None
+        _, next_cursor, last, entries = answer
+        streams = tuple((str(t), str(i)) for t, i in (json.loads(e) for e in entries))
+        return Page(page.cursor, int(next_cursor), _text(last) == "1", streams)
+
+    def advance(self, run_id: str, page: Page, *, depth: int) -> bool:
+        """Move the fan-out cursor past ``page`` (setting ``fanout_done`` on the last
+        page) once its messages are sent; False if another copy of the page already
+        did (this one was a duplicate)."""
         return bool(
             self._advance(
-                keys=[self._keys(run_id)[0]],
+                keys=[self._keys(run_id)[0], self._page_key(run_id)],
                 args=[
-                    str(expected),
-                    str(new),
-                    found,
-                    "1" if done else "0",
+                    str(page.cursor),
+                    str(page.next_cursor),
+                    "1" if page.last else "0",
                     depth,
                     self.ttl,
                     time.time(),
@@ -203,9 +283,7 @@ class RunProgressStore:
     def report(self, run_id: str, result: CompactionResult) -> bool | None:
         """Count one stream's result; False if that stream already reported in this run,
         None if the run has no progress (expired, or Redis lost it)."""
-        digest = hashlib.sha256(
-            f"{len(result.stream_type)}:{result.stream_type}|{result.stream_id}".encode()
-        ).hexdigest()[:32]
+        digest = _digest(result.stream_type, result.stream_id)
         compacted = result.outcome == Outcome.COMPACTED
         dry = result.outcome == Outcome.DRY_RUN
         failed = result.outcome not in _FINE
@@ -263,6 +341,12 @@ class RunProgressStore:
     def failed_streams(self, run_id: str) -> list[FailedStream]:
         raw = self.client.lrange(self._keys(run_id)[2], 0, -1)
         return [FailedStream.model_validate_json(item) for item in raw]
+
+
+def _digest(stream_type: str, stream_id: str) -> str:
+    """A fixed-size name for a stream in the run's streams hash (type and id are
+    length-prefixed, so no two streams share one)."""
+    return hashlib.sha256(f"{len(stream_type)}:{stream_type}|{stream_id}".encode()).hexdigest()[:32]
 
 
 def _text(value: Any) -> str:

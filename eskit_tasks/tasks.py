@@ -29,7 +29,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -60,8 +60,8 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.locks import StreamLock
 from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import Candidate, candidate_page
-from eskit_tasks.progress import RunProgressStore, check_run_id
+from eskit_tasks.ports import candidate_page
+from eskit_tasks.progress import Page, RunProgressStore, check_run_id
 from eskit_tasks.redact import mask_url
 from eskit_tasks.registry import get_registration, import_decider_modules
 from eskit_tasks.result import CompactionResult, Outcome
@@ -550,14 +550,7 @@ def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
         res.progress.fail(run_id, str(exc))
         return {"run_id": run_id, "error": str(exc)}
     if cursor != 0 and not res.progress.exists(run_id):
-        error = (
-            f"the progress of run {run_id} disappeared from Redis (expired, or Redis "
-            "restarted without persistence) while paging; start a new run. Compactions "
-            "already done are unaffected."
-        )
-        res.progress.create(run_id, args)
-        res.progress.fail(run_id, error)
-        return {"run_id": run_id, "error": error}
+        return _progress_lost(res, args)
     res.progress.create(run_id, args)
     if res.progress.cursor(run_id) != cursor:
         return {"run_id": run_id, "duplicate_page": cursor}
@@ -585,20 +578,45 @@ def _fan_out_page(args: dict[str, Any], cursor: int) -> dict[str, Any]:
         min_live_events=max(args["min_events"], args["retain_last"] + 1),
         stream_types=args["stream_types"],
     )
-    _enqueue(page, {"run_id": run_id, **policy})
     full = bool(page) and len(page) == limit
     # Not full: every key up to the new cursor was examined.
     exhausted = limit <= 0 or (not full and new_cursor >= res.store.max_stream_key())
     finished = exhausted or (budget is not None and len(page) >= budget)
-    claimed = res.progress.advance(
-        run_id, expected=cursor, new=new_cursor, found=len(page), done=finished, depth=depth
+    # Fix the page before sending anything: a copy of this page (a retry, the same
+    # fan-out sent twice) sends the stored streams, not its own reading.
+    stored = res.progress.store_page(
+        run_id,
+        Page(cursor, new_cursor, finished, tuple((c.stream_type, c.stream_id) for c in page)),
     )
-    if claimed and not finished:
-        fan_out.apply_async(kwargs={**args, "cursor": new_cursor})
-    return {"run_id": run_id, "enqueued": len(page), "cursor": new_cursor, "done": finished}
+    if stored is None:
+        if not res.progress.exists(run_id):
+            return _progress_lost(res, args)
+        return {"run_id": run_id, "duplicate_page": cursor}
+    _enqueue(stored.streams, {"run_id": run_id, **policy})
+    claimed = res.progress.advance(run_id, stored, depth=depth)
+    if claimed and not stored.last:
+        fan_out.apply_async(kwargs={**args, "cursor": stored.next_cursor})
+    return {
+        "run_id": run_id,
+        "enqueued": len(stored.streams),
+        "cursor": stored.next_cursor,
+        "done": stored.last,
+    }
 
 
-def _enqueue(page: list[Candidate], kwargs: dict[str, Any]) -> None:
+def _progress_lost(res: _Resources, args: dict[str, Any]) -> dict[str, Any]:
+    run_id = args["run_id"]
+    error = (
+        f"the progress of run {run_id} disappeared from Redis (expired, or Redis "
+        "restarted without persistence) while paging; start a new run. Compactions "
+        "already done are unaffected."
+    )
+    res.progress.create(run_id, args)
+    res.progress.fail(run_id, error)
+    return {"run_id": run_id, "error": error}
+
+
+def _enqueue(streams: Iterable[tuple[str, str]], kwargs: dict[str, Any]) -> None:
     """Send one compact_stream message per candidate, as fast as the broker allows.
 
     On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
@@ -612,8 +630,7 @@ def _enqueue(page: list[Candidate], kwargs: dict[str, Any]) -> None:
     declare: list[Any] | None = None  # Celery's default: declare the routed queue
     send: Any = compact_stream.apply_async  # the stubs predate these documented options
     with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
-        for c in page:
-            args = (c.stream_type, c.stream_id)
+        for args in streams:
             send(
                 args=args,
                 kwargs=kwargs,

@@ -38,7 +38,7 @@ from eskit_tasks.cli import main as cli_main
 from eskit_tasks.constants import LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.errors import StoreError
 from eskit_tasks.locks import StreamLock, lock_key
-from eskit_tasks.progress import RunProgressStore, check_run_id, new_run_id
+from eskit_tasks.progress import Page, RunProgressStore, check_run_id, new_run_id
 from eskit_tasks.stores.dialects import PG_KEY_BYTES
 from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshots, streams
 from tests.backends import PostgresBackend, SqliteBackend, Stores
@@ -488,27 +488,30 @@ def _result(stream_type: str, stream_id: str, outcome: Outcome, n: int) -> Compa
 
 
 def test_run_progress_counts_every_colliding_stream_once(fake_redis):
-    """A run's dedupe set tells ("a:b", "c") from ("a", "b:c"), NFC from NFD, "*" from
-    "acc-1": each reports once, a repeated report of any of them is ignored, and the
-    totals add up per stream."""
+    """A run's streams hash tells ("a:b", "c") from ("a", "b:c"), NFC from NFD, "*" from
+    "acc-1": a fan-out page of them comes back exactly and counts each as a candidate,
+    each reports once, a repeated report of any of them is ignored, and the totals add
+    up per stream."""
     progress = RunProgressStore(fake_redis, ttl=600)
     run_id = new_run_id()
     progress.create(run_id, {"min_events": 1})
     pairs = list(dict.fromkeys(LOCK_PAIRS))
+    stored = progress.store_page(run_id, Page(0, 1, True, tuple(pairs)))
+    assert stored is not None and list(stored.streams) == pairs
     for n, pair in enumerate(pairs, start=1):
         assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)) is True, pair
     for n, pair in enumerate(pairs, start=1):
         assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)) is False, pair
     got = progress.get(run_id)
     assert got is not None
-    assert got.done == len(pairs)
+    assert got.done == got.candidates == len(pairs)
     assert got.outcomes == {"compacted": len(pairs)}
     assert got.events_deleted == sum(range(1, len(pairs) + 1))
     # Only the run's own keys exist, named by the run id, never by a stream id.
     keys = {k.decode() for k in fake_redis.keys("*")}
     base = f"{RUN_PREFIX}{{{run_id}}}"
-    assert keys == {base, f"{base}:reported"}
-    assert fake_redis.scard(f"{base}:reported") == len(pairs)
+    assert keys == {base, f"{base}:streams", f"{base}:page"}
+    assert fake_redis.hlen(f"{base}:streams") == len(pairs)
 
 
 def test_failed_streams_keep_hostile_ids_exactly(fake_redis):

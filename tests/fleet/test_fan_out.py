@@ -14,8 +14,8 @@ from celery._state import _set_task_join_will_block, task_join_will_block
 
 from eskit_tasks import Outcome, compact_all
 from eskit_tasks.constants import COMPACTION_QUEUE
-from eskit_tasks.ports import Candidate
-from eskit_tasks.tasks import FANOUT_RETRIED_ERRORS, _enqueue, fan_out
+from eskit_tasks.progress import Page, new_run_id
+from eskit_tasks.tasks import FANOUT_RETRIED_ERRORS, _enqueue, _fan_out_page, fan_out, resources
 from tests.fleet.conftest import Fleet, results_in_backend
 
 
@@ -79,6 +79,25 @@ def as_in_a_worker() -> Iterator[None]:
     _set_task_join_will_block(before)
 
 
+@pytest.fixture
+def fresh_resources() -> Iterator[None]:
+    """This process's settings and clients, read again now that the fleet fixture has
+    set the database URL (an earlier test may have cached others)."""
+    from eskit_tasks import tasks
+    from eskit_tasks.settings import get_settings
+
+    get_settings.cache_clear()
+    tasks._per_process.clear()
+    yield
+    for res in tasks._per_process.values():
+        if res._store is not None:
+            res._store.engine.dispose()
+        if res._redis is not None:
+            res._redis.close()
+    get_settings.cache_clear()
+    tasks._per_process.clear()
+
+
 def _queued(fleet: Fleet) -> list[dict[str, Any]]:
     client = redis.Redis(port=fleet.broker.port, db=0)
     return [json.loads(raw) for raw in reversed(client.lrange(COMPACTION_QUEUE, 0, -1))]
@@ -87,8 +106,8 @@ def _queued(fleet: Fleet) -> list[dict[str, Any]]:
 @pytest.mark.usefixtures("as_in_a_worker")
 def test_a_page_is_sent_in_order_with_every_message_intact(fleet: Fleet):
     long_id = "x" * 5000
-    page = [Candidate(n, "ledger", f"s-{n}", 5) for n in range(1, 251)]
-    page.append(Candidate(251, "ledger", long_id, 5))
+    page = [("ledger", f"s-{n}") for n in range(1, 251)]
+    page.append(("ledger", long_id))
     kwargs = {"run_id": "a" * 32, "retain_last": 1, "retain_younger_than": None, "dry_run": False}
 
     _enqueue(page, kwargs)
@@ -100,7 +119,7 @@ def test_a_page_is_sent_in_order_with_every_message_intact(fleet: Fleet):
         headers = message["headers"]
         assert headers["task"] == "eskit_tasks.compact_stream"
         args, sent_kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        assert args == [candidate.stream_type, candidate.stream_id]
+        assert args == list(candidate)
         assert sent_kwargs == kwargs
         assert headers["kwargsrepr"] == repr(kwargs)
         assert len(headers["argsrepr"]) <= 1024  # monitoring shows a bounded repr
@@ -113,7 +132,7 @@ def test_a_page_is_sent_in_order_with_every_message_intact(fleet: Fleet):
 def test_a_page_the_broker_cannot_take_raises_an_error_the_fan_out_retries(
     fleet: Fleet, fault: str
 ):
-    page = [Candidate(n, "ledger", f"s-{n}", 5) for n in range(1, 11)]
+    page = [("ledger", f"s-{n}") for n in range(1, 11)]
     kwargs = {"run_id": "b" * 32, "retain_last": 0, "retain_younger_than": None, "dry_run": False}
     broker = redis.Redis(port=fleet.broker.port)
     if fault == "stopped":
@@ -133,3 +152,40 @@ def test_a_page_the_broker_cannot_take_raises_an_error_the_fan_out_retries(
     assert [json.loads(base64.b64decode(m["body"]))[0][1] for m in _queued(fleet)] == [
         f"s-{n}" for n in range(1, 11)
     ]
+
+
+@pytest.mark.usefixtures("as_in_a_worker", "fresh_resources")
+def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet):
+    """The same fan-out page twice while writers append (the soak's duplicate fan-out):
+    the first copy stored its page of two streams and stalled; a third stream became a
+    candidate; the second copy sends the stored two, not its own reading of three, so
+    the run counts two candidates and finishes when those two report."""
+    fleet.seed("ledger", "s-0", 6)
+    fleet.seed("ledger", "s-1", 6)
+    run_id = new_run_id()
+    args = {
+        "run_id": run_id,
+        "min_events": 5,
+        "stream_types": None,
+        "max_streams": None,
+        "retain_last": 0,
+        "retain_younger_than": None,
+        "dry_run": False,
+    }
+    progress = resources().progress
+    progress.create(run_id, args)
+    streams = (("ledger", "s-0"), ("ledger", "s-1"))
+    first = progress.store_page(run_id, Page(0, 10_000, True, streams))
+    assert first is not None
+    fleet.seed("ledger", "s-2", 6)
+
+    got = _fan_out_page(args, 0)
+
+    assert (got["enqueued"], got["done"]) == (2, True)
+    sent = [json.loads(base64.b64decode(m["body"]))[0] for m in _queued(fleet)]
+    assert sent == [list(s) for s in streams]
+    run = progress.get(run_id)
+    assert run is not None and (run.candidates, run.fanout_done) == (2, True)
+    # The first copy wakes up, sends its (same) page again and cannot advance.
+    assert progress.advance(run_id, first, depth=0) is False
+    assert _fan_out_page(args, 0) == {"run_id": run_id, "duplicate_page": 0}

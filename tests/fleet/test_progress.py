@@ -2,7 +2,8 @@
 
 Each test starts from an empty Redis. The store's updates are Lua scripts; these tests
 pin down what a fleet run's summary relies on: each stream counted once, the right
-counters per outcome, the fan-out cursor as a compare-and-set, and every key expiring.
+counters per outcome, a fan-out page fixed once for all its copies, the fan-out cursor as
+a compare-and-set, and every key expiring.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import redis
 from eskit_tasks import progress as progress_module
 from eskit_tasks.constants import RUN_PREFIX
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.progress import RunProgressStore, check_run_id, new_run_id
+from eskit_tasks.progress import Page, RunProgressStore, check_run_id, new_run_id
 from eskit_tasks.result import CompactionResult, Outcome
 from tests.services import RedisServer
 
@@ -64,6 +65,10 @@ def run_keys(client: redis.Redis) -> list[bytes]:
     return sorted(client.scan_iter(f"{RUN_PREFIX}*"))
 
 
+def page(cursor: int, next_cursor: int, *ids: str, last: bool = False) -> Page:
+    return Page(cursor, next_cursor, last, tuple(("ledger", i) for i in ids))
+
+
 # --- create -------------------------------------------------------------------------------
 
 
@@ -91,7 +96,9 @@ def test_create_is_idempotent_and_never_resets_progress(store):
     store.create(run, {"min_events": 10})
     before = store.get(run)
     assert before is not None
-    assert store.advance(run, expected=0, new=7, found=3, done=False, depth=0)
+    first = store.store_page(run, page(0, 7, "s1", "s2", "s3"))
+    assert first is not None
+    assert store.advance(run, first, depth=0)
     assert store.report(run, result("s1", Outcome.COMPACTED, deleted=5, nbytes=50))
     time.sleep(0.01)
     store.create(run, {"min_events": 999})
@@ -237,7 +244,7 @@ def test_a_duplicate_failed_report_is_not_listed_twice(store):
 
 def test_report_on_an_unknown_run_is_refused_and_creates_no_keys(store, client):
     """A report for a run that was never created (or already expired) returns False and
-    writes nothing: no hash, no reported set, no failed list."""
+    writes nothing: no hash, no streams hash, no failed list."""
     run = new_run_id()
     assert store.report(run, result("bad", Outcome.FAILED, error="boom")) is None
     assert store.report(run, result("ok", Outcome.COMPACTED, deleted=3)) is None
@@ -249,40 +256,111 @@ def test_report_on_an_unknown_run_is_refused_and_creates_no_keys(store, client):
 # --- advance (fan-out cursor) -------------------------------------------------------------
 
 
-def test_advance_moves_the_cursor_and_counts_candidates(store):
-    """advance(expected=current) moves the cursor, adds the page's candidates, records the
-    highest queue depth seen and, on the last page, fanout_done."""
+def test_a_page_counts_its_streams_as_candidates_once(store):
+    """store_page returns the page to send and counts its new streams; a stream already
+    counted (named by an earlier page) is not counted again."""
     run = new_run_id()
     store.create(run, {})
-    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=40) is True
-    assert store.advance(run, expected=500, new=731, found=231, done=True, depth=12) is True
+    got = store.store_page(run, page(0, 500, "s1", "s2", "s3"))
+    assert got == page(0, 500, "s1", "s2", "s3")
+    assert store.advance(run, got, depth=0)
+    again = store.store_page(run, page(500, 900, "s3", "s4"))
+    assert again == page(500, 900, "s3", "s4")
+    progress = store.get(run)
+    assert progress is not None and progress.candidates == 4
+
+
+def test_every_copy_of_a_page_gets_the_page_the_first_copy_stored(store):
+    """Two copies of one page (a duplicate fan-out, or a retry) read the database at
+    different moments and may find different streams: the second gets the first's page
+    back, with its next cursor and last flag, and nothing more is counted."""
+    run = new_run_id()
+    store.create(run, {})
+    first = store.store_page(run, page(0, 10000, "s1", "s2", last=True))
+    second = store.store_page(run, page(0, 10000, "s1", "s2", "s3", "s4", last=False))
+    assert first == second == page(0, 10000, "s1", "s2", last=True)
+    progress = store.get(run)
+    assert progress is not None and progress.candidates == 2
+
+
+def test_a_page_keeps_odd_stream_ids_and_types_intact(store):
+    """Entries are JSON: quotes, separators, unicode and long ids come back as sent."""
+    run = new_run_id()
+    store.create(run, {})
+    streams = (("a:b", 'x"y'), ("t", "é{*}|:"), ("t", "z" * 5000), ("t", ""))
+    got = store.store_page(run, Page(0, 9, True, streams))
+    assert got is not None and got.streams == streams
+
+
+def test_a_page_after_the_cursor_moved_on_is_a_duplicate(store):
+    """Once a copy of the page advanced the cursor, a late copy gets None (send nothing)
+    and its advance is refused: nothing counted, the cursor stays."""
+    run = new_run_id()
+    store.create(run, {})
+    first = store.store_page(run, page(0, 500, "s1"))
+    assert first is not None and store.advance(run, first, depth=0)
+    assert store.store_page(run, page(0, 500, "s1", "s9", last=True)) is None
+    assert store.advance(run, page(0, 700, "s9", last=True), depth=0) is False
+    progress = store.get(run)
+    assert progress is not None
+    assert (progress.candidates, store.cursor(run), progress.fanout_done) == (1, 500, False)
+
+
+def test_a_page_of_an_unknown_run_is_refused_and_creates_nothing(store, client):
+    assert store.store_page(new_run_id(), page(0, 5, "s1")) is None
+    assert client.dbsize() == 0
+
+
+def test_a_stream_no_page_named_counts_as_a_candidate_when_it_reports(store):
+    """A task sent by hand with a run id: its report adds a candidate too, so done never
+    passes candidates; a stream a page named is not counted twice."""
+    run = new_run_id()
+    store.create(run, {})
+    store.store_page(run, page(0, 5, "s1"))
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=1))
+    assert store.report(run, result("by-hand", Outcome.COMPACTED, deleted=1))
+    progress = store.get(run)
+    assert progress is not None and (progress.candidates, progress.done) == (2, 2)
+
+
+def test_advance_moves_the_cursor_and_keeps_the_deepest_queue(store):
+    """advance moves the cursor to the page's next cursor, records the highest queue
+    depth seen and, after the last page, fanout_done."""
+    run = new_run_id()
+    store.create(run, {})
+    first = store.store_page(run, page(0, 500, "s1"))
+    assert first is not None and store.advance(run, first, depth=40) is True
+    last = store.store_page(run, page(500, 731, "s2", last=True))
+    assert last is not None and store.advance(run, last, depth=12) is True
     got = store.get(run)
     assert got is not None
     assert store.cursor(run) == 731
-    assert got.candidates == 731
+    assert got.candidates == 2
     assert got.max_queue_depth == 40
     assert got.fanout_done
 
 
 def test_advance_is_a_compare_and_set_so_a_duplicate_page_counts_once(store):
-    """A fan-out page enqueued twice calls advance with the same expected cursor; the
-    second call returns False and adds no candidates, moves no cursor, sets no done."""
+    """Two copies of a page both advance from the same cursor; the second call returns
+    False and moves no cursor, sets no done and records no depth."""
     run = new_run_id()
     store.create(run, {})
-    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=0)
-    assert store.advance(run, expected=0, new=500, found=500, done=False, depth=0) is False
-    assert store.advance(run, expected=0, new=900, found=400, done=True, depth=9999) is False
+    first = store.store_page(run, page(0, 500, "s1"))
+    assert first is not None
+    assert store.advance(run, first, depth=0)
+    assert store.advance(run, first, depth=0) is False
+    assert store.advance(run, page(0, 900, last=True), depth=9999) is False
     got = store.get(run)
     assert got is not None
     assert store.cursor(run) == 500
-    assert got.candidates == 500
+    assert got.candidates == 1
     assert not got.fanout_done
     assert got.max_queue_depth == 0
 
 
 def test_advance_on_an_unknown_run_returns_false_and_creates_nothing(store, client):
     """No record, no cursor: the compare fails and no key appears."""
-    assert store.advance(new_run_id(), expected=0, new=5, found=5, done=True, depth=1) is False
+    assert store.advance(new_run_id(), page(0, 5, "s1", last=True), depth=1) is False
     assert client.dbsize() == 0
 
 
@@ -304,14 +382,16 @@ def test_finished_only_when_fanout_done_and_every_candidate_reported(store):
     not finished while candidates are missing; finished when both hold."""
     run = new_run_id()
     store.create(run, {})
-    store.advance(run, expected=0, new=2, found=2, done=False, depth=0)
+    first = store.store_page(run, page(0, 2, "s1", "s2"))
+    assert first is not None and store.advance(run, first, depth=0)
     store.report(run, result("s1", Outcome.COMPACTED, deleted=1))
     store.report(run, result("s2", Outcome.COMPACTED, deleted=1))
     got = store.get(run)
     assert got is not None and got.done == got.candidates == 2
     assert not got.finished  # more pages may come
 
-    store.advance(run, expected=2, new=3, found=1, done=True, depth=0)
+    last = store.store_page(run, page(2, 3, "s3", last=True))
+    assert last is not None and store.advance(run, last, depth=0)
     got = store.get(run)
     assert got is not None and got.fanout_done
     assert not got.finished  # s3 has not reported
@@ -324,7 +404,9 @@ def test_finished_only_when_fanout_done_and_every_candidate_reported(store):
 def test_a_run_without_candidates_is_finished_once_the_fanout_is_done(store):
     run = new_run_id()
     store.create(run, {})
-    store.advance(run, expected=0, new=0, found=0, done=True, depth=0)
+    empty = store.store_page(run, page(0, 0, last=True))
+    assert empty == page(0, 0, last=True)
+    assert store.advance(run, empty, depth=0)
     got = store.get(run)
     assert got is not None and got.finished
 
@@ -345,17 +427,24 @@ def test_an_error_finishes_the_run_at_once(store):
 
 
 def test_every_key_of_a_run_has_a_ttl(store, client):
-    """After create, report (incl. a failure), advance, note_depth and fail, every key
-    of the run (hash, reported set, failed list) expires within the store's ttl."""
+    """After create, store_page, report (incl. a failure), advance, note_depth and fail,
+    every key of the run (hash, streams hash, page list, failed list) expires within the
+    store's ttl; advance drops the page it moved past."""
     run = new_run_id()
     store.create(run, {})
+    first = store.store_page(run, page(0, 2, "ok", "bad"))
+    assert first is not None
     store.report(run, result("ok", Outcome.COMPACTED, deleted=1))
     store.report(run, result("bad", Outcome.FAILED, error="boom"))
-    store.advance(run, expected=0, new=2, found=2, done=True, depth=3)
+    keys = run_keys(client)
+    assert len(keys) == 4  # hash, :streams, :page, :failed
+    for key in keys:
+        assert 0 < client.ttl(key) <= TTL, key
+    store.advance(run, first, depth=3)
     store.note_depth(run, 5000)
     store.fail(run, "stopped")
     keys = run_keys(client)
-    assert len(keys) == 3  # hash, :reported, :failed
+    assert len(keys) == 3  # the page is gone
     for key in keys:
         assert 0 < client.ttl(key) <= TTL, key
     assert client.dbsize() == 3  # nothing outside the run's prefix
@@ -365,9 +454,10 @@ def test_keys_of_a_run_share_one_cluster_hash_tag(store, client):
     """All keys of a run carry ``{<run id>}``, so the Lua scripts touch one Cluster slot."""
     run = new_run_id()
     store.create(run, {})
+    store.store_page(run, page(0, 1, "bad"))
     store.report(run, result("bad", Outcome.FAILED, error="boom"))
     keys = [k.decode() for k in run_keys(client)]
-    assert len(keys) == 3
+    assert len(keys) == 4
     assert all(f"{{{run}}}" in k for k in keys)
 
 
@@ -453,7 +543,8 @@ def test_store_methods_refuse_bad_run_ids_before_touching_redis(store, client, b
         lambda: store.exists(bad),
         lambda: store.cursor(bad),
         lambda: store.report(bad, result("s", Outcome.COMPACTED)),
-        lambda: store.advance(bad, expected=0, new=1, found=1, done=True, depth=0),
+        lambda: store.store_page(bad, page(0, 1, "s")),
+        lambda: store.advance(bad, page(0, 1, "s"), depth=0),
         lambda: store.note_depth(bad, 1),
         lambda: store.fail(bad, "x"),
         lambda: store.failed_streams(bad),

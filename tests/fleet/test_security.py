@@ -126,7 +126,7 @@ def test_a_run_over_hostile_ids_compacts_each_stream_individually(fleet: Fleet):
         assert fleet.store.compaction_log(*pair) == []
 
     # One result per stream in the backend, naming it exactly; every lock released; the
-    # run's dedupe set holds one member per stream.
+    # run's streams hash holds one entry per stream, each reported.
     from tests.fleet.conftest import results_in_backend
 
     compacted = [
@@ -143,7 +143,8 @@ def test_a_run_over_hostile_ids_compacts_each_stream_individually(fleet: Fleet):
     state = redis.Redis(port=fleet.state.port)
     try:
         assert state.keys(f"{LOCK_PREFIX}*") == []
-        assert state.scard(f"{RUN_PREFIX}{{{run.run_id}}}:reported") == len(HOSTILE_STREAMS)
+        streams = state.hgetall(f"{RUN_PREFIX}{{{run.run_id}}}:streams")
+        assert list(streams.values()) == [b"1"] * len(HOSTILE_STREAMS)
     finally:
         state.close()
 
