@@ -238,19 +238,19 @@ class Compactor(Generic[S]):
             Snapshot(c, encoded, digest, False, datetime.now(UTC)),
             fence_token=plan.token,
         )
-        stored = self.snapshot_store.read(stream_type, stream_id, c)
-        if stored is None or stored.state_hash != digest or state_hash(stored.state) != digest:
-            raise _VerificationFailed(
-                f"{label}: the snapshot read back at version {c} is "
-                f"{'missing' if stored is None else 'not the bytes written'}"
-            )
-        decoded = self._verifying(self.codec.decode, stored.state)
-        if decoded != at_cut:
-            raise _VerificationFailed(
-                f"{label}: the snapshot read back at version {c} decodes to a different "
-                f"state: {self._diff(at_cut, decoded)}"
-            )
-        self._verify_tail(stream_type, stream_id, decoded, full, c, head)
+        try:
+            decoded = self._read_back(stream_type, stream_id, c, digest, at_cut)
+            self._verify_tail(stream_type, stream_id, decoded, full, c, head)
+        except _VerificationFailed as exc:
+            # A worker paused after its write may find its snapshot gone: a newer
+            # compaction took the stream over and removed it. That is fencing, not a
+            # snapshot that does not verify.
+            if self._lost_fence(stream_type, stream_id, plan.token):
+                raise FencedError(
+                    f"{exc}: a newer compaction took the stream over meanwhile (fencing "
+                    f"token {plan.token} is stale); nothing deleted"
+                ) from exc
+            raise
 
         self._checkpoint()
         deleted = self.store.commit_compaction(
@@ -270,6 +270,24 @@ class Compactor(Generic[S]):
         fields.update(
             outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed_bytes
         )
+
+    def _read_back(self, stream_type: str, stream_id: str, c: int, digest: str, at_cut: S) -> S:
+        """Read the snapshot just written, check its bytes and decode it: it must be
+        the state at the cut."""
+        label = label_of(stream_type, stream_id)
+        stored = self.snapshot_store.read(stream_type, stream_id, c)
+        if stored is None or stored.state_hash != digest or state_hash(stored.state) != digest:
+            raise _VerificationFailed(
+                f"{label}: the snapshot read back at version {c} is "
+                f"{'missing' if stored is None else 'not the bytes written'}"
+            )
+        decoded: S = self._verifying(self.codec.decode, stored.state)
+        if decoded != at_cut:
+            raise _VerificationFailed(
+                f"{label}: the snapshot read back at version {c} decodes to a different "
+                f"state: {self._diff(at_cut, decoded)}"
+            )
+        return decoded
 
     def _checkpoint(self) -> None:
         if self._guard is not None:

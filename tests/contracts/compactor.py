@@ -412,6 +412,55 @@ class CompactorContract:
         ]
         assert state_of(stores) == (ledger_fold(list(range(10))), 10)
 
+    def test_compaction_overtaken_between_snapshot_write_and_read_back_is_fenced(
+        self, stores: Stores
+    ):
+        """The soak's paused worker: it wrote its snapshot, then a rival compacted the
+        stream further and removed that snapshot. Reading back finds it missing: the
+        outcome is fenced (a stale worker), not verification_failed, and nothing of the
+        rival's work is undone."""
+        seed(stores, list(range(10)))
+        rival: list[CompactionResult] = []
+
+        def read(stream_type, stream_id, version):
+            if not rival:
+                seed(stores, [5, 5])
+                rival.append(compactor(stores).compact(stream_type, stream_id))
+            return stores.snapshots.read(stream_type, stream_id, version)
+
+        slow = Compactor(
+            store=stores.events,
+            snapshot_store=Proxy(stores.snapshots, read=read),
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_last=2),
+        )
+        result = slow.compact("account", "a-1")
+        assert rival[0].outcome == Outcome.COMPACTED
+        assert result.outcome == Outcome.FENCED, result.error
+        assert "missing" in result.error and "stale" in result.error
+        assert result.events_deleted == 0
+        assert [r.compaction_id for r in stores.events.compaction_log("account", "a-1")] == [
+            rival[0].compaction_id
+        ]
+        latest = stores.snapshots.latest("account", "a-1")
+        assert latest is not None and latest.version == 12
+        assert state_of(stores) == (ledger_fold([*range(10), 5, 5]), 12)
+
+    def test_a_snapshot_missing_on_read_back_without_a_rival_is_verification_failed(
+        self, stores: Stores
+    ):
+        """No newer compaction, yet the snapshot is not there: that is a store that does
+        not keep what it was given, and stays verification_failed."""
+        seed(stores, list(range(5)))
+        spy = Proxy(stores.snapshots, read=lambda stream_type, stream_id, version: None)
+        result = Compactor(
+            store=stores.events, snapshot_store=spy, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.VERIFICATION_FAILED, result.error
+        assert "missing" in result.error
+        untouched(stores, 5)
+
     def test_compaction_overtaken_before_delete_is_fenced(self, stores: Stores):
         seed(stores, list(range(10)))
         rival: list[CompactionResult] = []
