@@ -221,3 +221,76 @@ def test_many_workers_creating_tables_at_once_all_succeed(kind, tmp_path: Path, 
         if drop is not None:
             with psycopg.connect(drop[0], autocommit=True) as c:
                 c.execute(f'DROP DATABASE IF EXISTS "{drop[1]}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-12-01 12:34:56.999999+00",
+        "2026-12-01 12:34:57.000001+00",
+        "1970-01-01 00:00:00.000001+00",
+        "1969-12-31 23:59:59.999999+00",
+        "2000-02-29 00:00:00+00",
+        "2262-04-11 23:47:16.854775+00",
+        "9999-12-31 23:59:59.999999+00",
+    ],
+)
+def test_event_timestamps_read_back_to_the_microsecond(postgres_url: str, stamp: str):
+    """The read path gets PostgreSQL's timestamps as microseconds since the epoch,
+    computed in float8: the events carry exactly the instant PostgreSQL stored, near
+    second boundaries, before the epoch and at the far end of its range too."""
+    store = SqlEventStore.from_url(postgres_url)
+    stream_id = f"ts-{uuid.uuid4().hex}"
+    try:
+        store.append("account", stream_id, deposits(1, 2), expected_version=0)
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE eskit_events SET recorded_at = %(t)s::timestamptz WHERE stream_pk = "
+                "(SELECT pk FROM eskit_streams WHERE stream_id = %(s)s)",
+                {"t": stamp, "s": stream_id},
+            )
+            stored = conn.exec_driver_sql("SELECT %(t)s::timestamptz", {"t": stamp}).scalar_one()
+        read = [e.recorded_at for e in store.read("account", stream_id)]
+        assert read == [stored, stored]
+        assert all(t.utcoffset() is not None for t in read)
+    finally:
+        store.engine.dispose()
+
+
+def test_the_fast_timestamp_expression_equals_the_exact_one(postgres_url: str):
+    """The read path's float8 shortcut gives the same microsecond count as PostgreSQL's
+    exact numeric extract(): for 300,000 random instants between 1902 and 2100, 100,000
+    in the two centuries after (where float8 alone would be off), the instants next to
+    each edge, and some far outside."""
+    from eskit_tasks.stores.dialects import _PG_MICROS
+
+    fast = _PG_MICROS.replace("recorded_at", "ts")
+    exact = "(extract(epoch FROM ts) * 1000000)::bigint"
+    edges = [
+        "1901-12-31 23:59:59.999999+00",
+        "1902-01-01 00:00:00+00",
+        "1902-01-01 00:00:00.000001+00",
+        "2099-12-31 23:59:59.999999+00",
+        "2100-01-01 00:00:00+00",
+        "2100-01-01 00:00:00.000001+00",
+        "2262-04-11 23:47:16.854775+00",
+        "9999-12-31 23:59:59.999999+00",
+        "1000-06-15 12:00:00.000001+00",
+    ]
+    libpq = make_url(postgres_url).set(drivername="postgresql")
+    with psycopg.connect(libpq.render_as_string(hide_password=False)) as conn:
+        differ = conn.execute(
+            "WITH t AS ("
+            "  SELECT timestamptz '1902-01-01 00:00:00+00'"
+            "         + random() * (timestamptz '2100-01-01 00:00:00+00'"
+            "                       - timestamptz '1902-01-01 00:00:00+00') AS ts"
+            "  FROM generate_series(1, 300000)"
+            "  UNION ALL SELECT timestamptz '2100-01-01 00:00:00+00'"
+            "         + random() * (timestamptz '2300-01-01 00:00:00+00'"
+            "                       - timestamptz '2100-01-01 00:00:00+00')"
+            "  FROM generate_series(1, 100000)"
+            "  UNION ALL SELECT unnest(%s::timestamptz[]))"
+            f" SELECT count(*) FILTER (WHERE {fast} <> {exact}), count(*) FROM t",
+            (edges,),
+        ).fetchone()
+    assert differ == (0, 400_000 + len(edges))
