@@ -232,10 +232,26 @@ def _payload(version: int) -> str:
     )
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, all) jiffies of the machine's cores so far, from /proc/stat."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    ticks = [int(t) for t in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def busy_cores(since: tuple[int, int]) -> float:
+    """How many cores of the whole machine were busy, on average, since ``since``
+    (a ``_cpu_jiffies()`` reading): shows whether a phase was bound by CPU or waited."""
+    busy, total = _cpu_jiffies()
+    spent = total - since[1]
+    return round((busy - since[0]) / spent * (os.cpu_count() or 1), 2) if spent else 0.0
+
+
 def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, Any]:
     """``eskit-tasks compact-all --local`` over the bench_local streams."""
     cli = str(Path(sys.executable).with_name("eskit-tasks"))
     started = time.perf_counter()
+    cpu = _cpu_jiffies()
     done = subprocess.run(
         [
             cli,
@@ -257,6 +273,7 @@ def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, An
         check=False,
     )
     wall = time.perf_counter() - started
+    cores = busy_cores(cpu)
     if done.returncode != 0:
         raise RuntimeError(f"compact-all --local failed ({done.returncode}):\n{done.stderr}")
     report = json.loads(done.stdout)
@@ -265,6 +282,7 @@ def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, An
     return {
         "elapsed_s": float(report["elapsed_s"]),
         "wall_s": wall,
+        "busy_cores": cores,
         "events_deleted": int(report["events_deleted"]),
     }
 
@@ -308,7 +326,9 @@ def _fleet(
         for w in started:
             w.start()
         args = ["--child", str(streams), stream_type]
-        return run_child("bench.fleet", args, env, timeout=3600 + 60 * streams)
+        cpu = _cpu_jiffies()
+        result = run_child("bench.fleet", args, env, timeout=3600 + 60 * streams)
+        return {**result, "busy_cores": busy_cores(cpu)}
     finally:
         for w in started:
             w.stop()
@@ -355,7 +375,8 @@ def run(scale: str = "full") -> dict[str, Any]:
         "summary": (
             f"{rates['compose']:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local); "
             f"{total / fleet['elapsed_s']:,.0f} vs {total / local['elapsed_s']:,.0f} events/s; "
-            f"2 workers x 1: {rates['split'] / local_rate:.2f}x"
+            f"2 workers x 1: {rates['split'] / local_rate:.2f}x; cores busy "
+            f"{fleet['busy_cores']} vs {local['busy_cores']}"
         ),
         "backend": "postgresql",
         "scale": scale,
@@ -367,14 +388,17 @@ def run(scale: str = "full") -> dict[str, Any]:
         "local_s": round(local["elapsed_s"], 3),
         "local_streams_per_s": round(local_rate, 1),
         "local_events_per_s": round(total / local["elapsed_s"]),
+        "local_busy_cores": local["busy_cores"],
         "fleet_s": round(fleet["elapsed_s"], 3),
         "fleet_streams_per_s": round(rates["compose"], 1),
         "fleet_events_per_s": round(total / fleet["elapsed_s"]),
         "fleet_max_queue_depth": fleet["max_queue_depth"],
+        "fleet_busy_cores": fleet["busy_cores"],
         "ratio": round(ratio, 3),
         "split_workers": "2 x celery worker --concurrency=1 (prefork)",
         "split_s": round(fleets["split"]["elapsed_s"], 3),
         "split_streams_per_s": round(rates["split"], 1),
+        "split_busy_cores": fleets["split"]["busy_cores"],
         "split_ratio": round(rates["split"] / local_rate, 3),
         "goal": f"fleet/local >= {GOAL_RATIO}",
         "met": ratio >= GOAL_RATIO,
