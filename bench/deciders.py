@@ -11,9 +11,17 @@ from typing import Any
 
 from eskit_tasks import NewEvent, RecordedEvent, register_decider
 
-#: Stream types seeded by bench.fleet (one per side, so each side picks only its own
-#: copy of the data) and by bench.fanout.
-STREAM_TYPES = ("bench_fleet", "bench_split", "bench_local", "bench_fanout")
+#: Stream types seeded by bench.fleet (one per side and round, so each run picks only
+#: its own copy of the data) and by bench.fanout.
+FLEET_ROUNDS_MAX = 10
+STREAM_TYPES = (
+    *(
+        f"{side}{r}"
+        for side in ("bench_fleet", "bench_split", "bench_local")
+        for r in range(FLEET_ROUNDS_MAX)
+    ),
+    "bench_fanout",
+)
 
 
 class Sum:

@@ -2,15 +2,17 @@
 ``eskit-tasks compact-all --local`` in one process.
 
 Every run compacts its own identical copy of the data in the same PostgreSQL database:
-the streams are seeded under one stream type per run (``bench_local``, ``bench_fleet``,
-``bench_split``), each run picking only its own type. Baseline ("local"): the CLI's
+the streams are seeded under one stream type per run and round (``bench_local0``,
+``bench_fleet0``, ``bench_split0``, ...), each run picking only its own type. Baseline ("local"): the CLI's
 ``compact-all --local`` in one process; its own ``elapsed_s`` is the time (interpreter
 start-up excluded). Ours ("fleet"): two pool processes, in the layout of
 docker/compose.yaml (one ``celery -A eskit_tasks worker --concurrency=2``) and, for
 comparison, as two ``--concurrency=1`` workers ("split"), each timed from
 ``compact_all()`` to ``run.wait()`` returning (worker start-up excluded), measured in a
 child process whose environment points the Celery app at this benchmark's private
-Redis and database.
+Redis and database. The full size repeats the three runs (local, compose, split) in
+``rounds`` rounds on fresh copies and reports the median ratio of the rounds: a single
+local run on this shared machine varied from 35 to 61 streams/s at one busy core.
 
 Also home of the helpers bench.fanout shares: a scratch PostgreSQL database, a private
 redis-server, workers with their own queues, COPY seeding, /proc memory readings.
@@ -43,8 +45,8 @@ ADMIN_URL = os.environ.get(
 PAYLOAD_PAD = "x" * 60  # with the other fields: about 100 bytes of JSON per event
 
 SCALES = {
-    "tiny": {"streams": 40, "events": 20},
-    "full": {"streams": 2_000, "events": 200},
+    "tiny": {"streams": 40, "events": 20, "rounds": 1},
+    "full": {"streams": 2_000, "events": 200, "rounds": 3},
 }
 GOAL_RATIO = 1.3
 
@@ -247,8 +249,10 @@ def busy_cores(since: tuple[int, int]) -> float:
     return round((busy - since[0]) / spent * (os.cpu_count() or 1), 2) if spent else 0.0
 
 
-def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, Any]:
-    """``eskit-tasks compact-all --local`` over the bench_local streams."""
+def _local(
+    env: dict[str, str], database_url: str, streams: int, stream_type: str
+) -> dict[str, Any]:
+    """``eskit-tasks compact-all --local`` over the streams of ``stream_type``."""
     cli = str(Path(sys.executable).with_name("eskit-tasks"))
     started = time.perf_counter()
     cpu = _cpu_jiffies()
@@ -260,7 +264,7 @@ def _local(env: dict[str, str], database_url: str, streams: int) -> dict[str, An
             "--database",
             database_url,
             "--stream-type",
-            "bench_local",
+            stream_type,
             "--decider-module",
             "bench.deciders",
             "--json",
@@ -337,9 +341,9 @@ def _fleet(
 def run(scale: str = "full") -> dict[str, Any]:
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratio
     size = SCALES[scale]
-    streams, events = size["streams"], size["events"]
+    streams, events, rounds = size["streams"], size["events"], size["rounds"]
     total = streams * events
-    fleets: dict[str, dict[str, Any]] = {}
+    measured: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="eskit-bench-fleet-") as tmp,
         redis_server(Path(tmp)) as redis,
@@ -347,59 +351,76 @@ def run(scale: str = "full") -> dict[str, Any]:
     ):
         env = fleet_env(redis, url)
         started = time.perf_counter()
-        copy_seed(url, "bench_local", 1, streams, events, _payload)
-        for n, (_, stream_type, _, _) in enumerate(LAYOUTS, start=1):
-            copy_seed(url, stream_type, n * streams + 1, streams, events, _payload)
-        vacuum_analyze(url)
+        kinds = [("local", "bench_local"), *((name, t) for name, t, _, _ in LAYOUTS)]
+        for r in range(rounds):
+            for n, (_, stream_type) in enumerate(kinds):
+                first = (r * len(kinds) + n) * streams + 1
+                copy_seed(url, f"{stream_type}{r}", first, streams, events, _payload)
         seed_s = time.perf_counter() - started
-
-        local = _local(env, url, streams)
-        if local["events_deleted"] != total:
-            raise RuntimeError(f"compact-all --local deleted {local['events_deleted']} events")
-        for name, stream_type, workers, conc in LAYOUTS:
+        for r in range(rounds):
             vacuum_analyze(url)
-            fleet = _fleet(env, Path(tmp) / "logs", streams, stream_type, workers, conc)
-            if fleet["events_deleted"] != total:
-                raise RuntimeError(f"the {name} fleet deleted {fleet['events_deleted']} events")
-            fleets[name] = fleet
+            local = _local(env, url, streams, f"bench_local{r}")
+            if local["events_deleted"] != total:
+                raise RuntimeError(f"compact-all --local deleted {local['events_deleted']} events")
+            one: dict[str, Any] = {"local": local}
+            for name, stream_type, workers, conc in LAYOUTS:
+                vacuum_analyze(url)
+                fleet = _fleet(env, Path(tmp) / "logs", streams, f"{stream_type}{r}", workers, conc)
+                if fleet["events_deleted"] != total:
+                    raise RuntimeError(f"the {name} fleet deleted {fleet['events_deleted']} events")
+                one[name] = fleet
+            measured.append(one)
         left = scalar(url, "SELECT count(*) FROM eskit_events")
         if left != 0:
             raise RuntimeError(f"{left} events left after every run")
 
-    local_rate = streams / local["elapsed_s"]
-    rates = {name: streams / f["elapsed_s"] for name, f in fleets.items()}
-    ratio = rates["compose"] / local_rate
-    fleet = fleets["compose"]
+    def rate(r: dict[str, Any], name: str) -> float:
+        return streams / float(r[name]["elapsed_s"])
+
+    ratios = sorted(rate(r, "compose") / rate(r, "local") for r in measured)
+    split_ratios = sorted(rate(r, "split") / rate(r, "local") for r in measured)
+    ratio, split_ratio = ratios[len(ratios) // 2], split_ratios[len(split_ratios) // 2]
+
+    def median(name: str, field: str = "streams_per_s") -> float:
+        values = sorted(
+            rate(r, name) if field == "streams_per_s" else float(r[name][field]) for r in measured
+        )
+        return values[len(values) // 2]
+
+    local_rate, fleet_rate, split_rate = median("local"), median("compose"), median("split")
     return {
         "what": f"{streams:,} streams x {events} events, 2 pool processes",
         "summary": (
-            f"{rates['compose']:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local); "
-            f"{total / fleet['elapsed_s']:,.0f} vs {total / local['elapsed_s']:,.0f} events/s; "
-            f"2 workers x 1: {rates['split'] / local_rate:.2f}x; cores busy "
-            f"{fleet['busy_cores']} vs {local['busy_cores']}"
+            f"{fleet_rate:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local, medians "
+            f"of {rounds}); 2 workers x 1: {split_ratio:.2f}x; cores busy "
+            f"{median('compose', 'busy_cores')} vs {median('local', 'busy_cores')}"
         ),
         "backend": "postgresql",
         "scale": scale,
         "streams": streams,
+        "rounds": rounds,
         "loadavg_1m_at_start": load_at_start,
         "events_per_stream": events,
         "fleet_workers": "1 x celery worker --concurrency=2 (prefork, as in docker/compose.yaml)",
         "seed_s": round(seed_s, 2),
-        "local_s": round(local["elapsed_s"], 3),
         "local_streams_per_s": round(local_rate, 1),
-        "local_events_per_s": round(total / local["elapsed_s"]),
-        "local_busy_cores": local["busy_cores"],
-        "fleet_s": round(fleet["elapsed_s"], 3),
-        "fleet_streams_per_s": round(rates["compose"], 1),
-        "fleet_events_per_s": round(total / fleet["elapsed_s"]),
-        "fleet_max_queue_depth": fleet["max_queue_depth"],
-        "fleet_busy_cores": fleet["busy_cores"],
+        "local_events_per_s": round(local_rate * events),
+        "local_busy_cores": median("local", "busy_cores"),
+        "fleet_streams_per_s": round(fleet_rate, 1),
+        "fleet_events_per_s": round(fleet_rate * events),
+        "fleet_max_queue_depth": max(r["compose"]["max_queue_depth"] for r in measured),
+        "fleet_busy_cores": median("compose", "busy_cores"),
         "ratio": round(ratio, 3),
+        "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
         "split_workers": "2 x celery worker --concurrency=1 (prefork)",
-        "split_s": round(fleets["split"]["elapsed_s"], 3),
-        "split_streams_per_s": round(rates["split"], 1),
-        "split_busy_cores": fleets["split"]["busy_cores"],
-        "split_ratio": round(rates["split"] / local_rate, 3),
+        "split_streams_per_s": round(split_rate, 1),
+        "split_busy_cores": median("split", "busy_cores"),
+        "split_ratio": round(split_ratio, 3),
+        "split_ratio_range": [round(split_ratios[0], 3), round(split_ratios[-1], 3)],
+        "rounds_streams_per_s": [
+            {name: round(rate(r, name), 1) for name in ("local", "compose", "split")}
+            for r in measured
+        ],
         "goal": f"fleet/local >= {GOAL_RATIO}",
         "met": ratio >= GOAL_RATIO,
     }
