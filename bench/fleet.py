@@ -3,16 +3,17 @@
 
 Every run compacts its own identical copy of the data in the same PostgreSQL database:
 the streams are seeded under one stream type per run and round (``bench_local0``,
-``bench_fleet0``, ``bench_split0``, ...), each run picking only its own type. Baseline ("local"): the CLI's
-``compact-all --local`` in one process; its own ``elapsed_s`` is the time (interpreter
-start-up excluded). Ours ("fleet"): two pool processes, in the layout of
-docker/compose.yaml (one ``celery -A eskit_tasks worker --concurrency=2``) and, for
-comparison, as two ``--concurrency=1`` workers ("split"), each timed from
+``bench_fleet0``, ``bench_split0``, ...), each run picking only its own type. Baseline
+("local"): the CLI's ``compact-all --local`` in one process; its own ``elapsed_s`` is
+the time (interpreter start-up excluded). Ours ("fleet"): two pool processes, in the
+layout of docker/compose.yaml (one ``celery -A eskit_tasks worker --concurrency=2``)
+and, for comparison, as two ``--concurrency=1`` workers ("split"), each timed from
 ``compact_all()`` to ``run.wait()`` returning (worker start-up excluded), measured in a
 child process whose environment points the Celery app at this benchmark's private
 Redis and database. The full size repeats the three runs (local, compose, split) in
 ``rounds`` rounds on fresh copies and reports the median ratio of the rounds: a single
-local run on this shared machine varied from 35 to 61 streams/s at one busy core.
+local run on this shared machine varied from 32 to 61 streams/s at one busy core. Each
+phase also reports how many of the machine's cores were busy (from /proc/stat).
 
 Also home of the helpers bench.fanout shares: a scratch PostgreSQL database, a private
 redis-server, workers with their own queues, COPY seeding, /proc memory readings.
