@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 from sqlalchemy.engine import make_url
 
+from bench.deciders import FLEET_ROUNDS_MAX
 from tests.services import QUIET_WORKER, REPO, RedisServer, Worker, free_port
 
 #: Where scratch databases are created (the test suite's variable, same default).
@@ -343,6 +344,8 @@ def run(scale: str = "full") -> dict[str, Any]:
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the ratio
     size = SCALES[scale]
     streams, events, rounds = size["streams"], size["events"], size["rounds"]
+    if rounds > FLEET_ROUNDS_MAX:  # each round's stream types need a registered decider
+        raise ValueError(f"at most {FLEET_ROUNDS_MAX} rounds (bench.deciders)")
     total = streams * events
     measured: list[dict[str, Any]] = []
     with (
@@ -378,23 +381,23 @@ def run(scale: str = "full") -> dict[str, Any]:
     def rate(r: dict[str, Any], name: str) -> float:
         return streams / float(r[name]["elapsed_s"])
 
+    def middle(values: Iterable[float]) -> float:
+        ordered = sorted(values)
+        return ordered[len(ordered) // 2]
+
     ratios = sorted(rate(r, "compose") / rate(r, "local") for r in measured)
     split_ratios = sorted(rate(r, "split") / rate(r, "local") for r in measured)
-    ratio, split_ratio = ratios[len(ratios) // 2], split_ratios[len(split_ratios) // 2]
-
-    def median(name: str, field: str = "streams_per_s") -> float:
-        values = sorted(
-            rate(r, name) if field == "streams_per_s" else float(r[name][field]) for r in measured
-        )
-        return values[len(values) // 2]
-
-    local_rate, fleet_rate, split_rate = median("local"), median("compose"), median("split")
+    ratio, split_ratio = middle(ratios), middle(split_ratios)
+    local_rate, fleet_rate, split_rate = (
+        middle(rate(r, name) for r in measured) for name in ("local", "compose", "split")
+    )
+    cores = {name: middle(r[name]["busy_cores"] for r in measured) for name in measured[0]}
     return {
         "what": f"{streams:,} streams x {events} events, 2 pool processes",
         "summary": (
             f"{fleet_rate:,.1f} vs {local_rate:,.1f} streams/s (compact-all --local, medians "
             f"of {rounds}); 2 workers x 1: {split_ratio:.2f}x; cores busy "
-            f"{median('compose', 'busy_cores')} vs {median('local', 'busy_cores')}"
+            f"{cores['compose']} vs {cores['local']}"
         ),
         "backend": "postgresql",
         "scale": scale,
@@ -406,16 +409,16 @@ def run(scale: str = "full") -> dict[str, Any]:
         "seed_s": round(seed_s, 2),
         "local_streams_per_s": round(local_rate, 1),
         "local_events_per_s": round(local_rate * events),
-        "local_busy_cores": median("local", "busy_cores"),
+        "local_busy_cores": cores["local"],
         "fleet_streams_per_s": round(fleet_rate, 1),
         "fleet_events_per_s": round(fleet_rate * events),
         "fleet_max_queue_depth": max(r["compose"]["max_queue_depth"] for r in measured),
-        "fleet_busy_cores": median("compose", "busy_cores"),
+        "fleet_busy_cores": cores["compose"],
         "ratio": round(ratio, 3),
         "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
         "split_workers": "2 x celery worker --concurrency=1 (prefork)",
         "split_streams_per_s": round(split_rate, 1),
-        "split_busy_cores": median("split", "busy_cores"),
+        "split_busy_cores": cores["split"],
         "split_ratio": round(split_ratio, 3),
         "split_ratio_range": [round(split_ratios[0], 3), round(split_ratios[-1], 3)],
         "rounds_streams_per_s": [
