@@ -7,9 +7,12 @@ state, then delete events 1..C — never losing one.
 import importlib
 from typing import Any
 
+from eskit_tasks.codec import SchemaMarker, StateCodec, schema_fingerprint
 from eskit_tasks.compactor import Compactor
+from eskit_tasks.compare import Difference, first_difference, indistinguishable
 from eskit_tasks.decider import Decider
 from eskit_tasks.errors import (
+    CommitOutcomeUnknownError,
     CompactionError,
     ConcurrencyError,
     ConfigurationError,
@@ -21,14 +24,24 @@ from eskit_tasks.errors import (
     FencedError,
     InvalidPolicyError,
     SnapshotCodecError,
+    SnapshotIntegrityError,
+    SnapshotSchemaError,
     StoreError,
     StreamIntegrityError,
+    TableLayoutError,
     VersionGapError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.loading import load_state
 from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import CompactionRecord, EventStore, Snapshot, SnapshotStore, StreamInfo
+from eskit_tasks.ports import (
+    CompactionRecord,
+    EventStore,
+    Snapshot,
+    SnapshotStore,
+    StoredSnapshot,
+    StreamInfo,
+)
 from eskit_tasks.registry import UnknownStreamTypeError, register_decider
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.stores import (
@@ -50,6 +63,8 @@ _LAZY = {
     "RunTimeoutError": "eskit_tasks.runs",
     "RunNotFoundError": "eskit_tasks.runs",
     "RunProgress": "eskit_tasks.progress",
+    "verify_snapshots": "eskit_tasks.verify",
+    "SnapshotReport": "eskit_tasks.verify",
     "app": "eskit_tasks.celery_app",
 }
 
@@ -71,6 +86,15 @@ __all__ = [
     "Compactor",
     "Outcome",
     "load_state",
+    # proving a snapshot
+    "Difference",
+    "SchemaMarker",
+    "StateCodec",
+    "first_difference",
+    "indistinguishable",
+    "schema_fingerprint",
+    "verify_snapshots",
+    "SnapshotReport",
     # the fleet
     "CompactionRun",
     "RunNotFoundError",
@@ -91,10 +115,12 @@ __all__ = [
     "InMemorySnapshotStore",
     "Snapshot",
     "SnapshotStore",
+    "StoredSnapshot",
     "SqlEventStore",
     "SqlSnapshotStore",
     "StreamInfo",
     # errors
+    "CommitOutcomeUnknownError",
     "CompactionError",
     "ConcurrencyError",
     "ConfigurationError",
@@ -106,7 +132,10 @@ __all__ = [
     "FencedError",
     "InvalidPolicyError",
     "SnapshotCodecError",
+    "SnapshotIntegrityError",
+    "SnapshotSchemaError",
     "StoreError",
     "StreamIntegrityError",
+    "TableLayoutError",
     "VersionGapError",
 ]

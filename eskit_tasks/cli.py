@@ -35,6 +35,7 @@ from eskit_tasks.registry import get_registration, import_decider_modules
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.settings import get_settings
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
+from eskit_tasks.verify import SnapshotReport, verify_snapshots
 
 
 class Exit(IntEnum):
@@ -230,6 +231,8 @@ def compact(
         snapshot_store=SqlSnapshotStore(store.engine),
         decider=registration.decider,
         state_type=registration.state_type,
+        state_version=registration.state_version,
+        upcasters=registration.upcasters,
         policy=policy,
     ).compact(stream_type, stream_id)
     if json_:
@@ -342,6 +345,59 @@ def log(
     out.print(table)
 
 
+@app.command("verify-snapshots")
+def verify_snapshots_cmd(
+    database: Database = None,
+    stream_types: StreamTypes = None,
+    decider_modules: DeciderModules = None,
+    json_: JsonOut = False,
+) -> None:
+    """Check that the deciders about to be deployed can read every verified snapshot
+    (hash, schema marker, upcasters, strict decode); exit 4 if any cannot. Read-only."""
+    _deciders(decider_modules)
+    store = _store(database)
+    report = verify_snapshots(SqlSnapshotStore(store.engine), stream_types=stream_types)
+    if json_:
+        _emit_json(report.to_json())
+    else:
+        _print_snapshot_report(report)
+    if not report.ok:
+        raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+def _print_snapshot_report(report: SnapshotReport) -> None:
+    table = Table(
+        "stream type",
+        "snapshots",
+        "failed",
+        "integrity",
+        "schema",
+        "unregistered",
+        title=f"{report.checked:,} snapshots checked, {report.failed:,} cannot be used",
+    )
+    for stream_type, tally in sorted(report.by_type.items()):
+        table.add_row(
+            stream_type,
+            f"{tally.checked:,}",
+            f"{tally.failures:,}",
+            *(f"{tally.failed.get(kind, 0):,}" for kind in ("integrity", "schema", "unregistered")),
+        )
+    out.print(table)
+    for p in report.problems[:SHOWN_PROBLEMS]:
+        out.print(f"{p.kind}: {p.error}", markup=False)
+    if report.failed > SHOWN_PROBLEMS:
+        out.print(f"... and {report.failed - SHOWN_PROBLEMS:,} more (--json lists up to 1,000)")
+    if report.failed:
+        out.print(
+            "Do not deploy until these load: register upcasters for the old schemas, or "
+            "keep the old state type (see 'State schemas and upcasters' in the README)."
+        )
+
+
+#: Failing snapshots printed in full by verify-snapshots (the rest are counted).
+SHOWN_PROBLEMS = 20
+
+
 # -- helpers -----------------------------------------------------------------------------
 
 
@@ -415,6 +471,8 @@ def _compact_one(
                 snapshot_store=snapshots,
                 decider=reg.decider,
                 state_type=reg.state_type,
+                state_version=reg.state_version,
+                upcasters=reg.upcasters,
                 policy=policy,
             )
         except ConfigurationError as exc:

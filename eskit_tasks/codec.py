@@ -1,61 +1,207 @@
-"""Canonical JSON encoding of states (snapshots) and event payloads."""
+"""JSON encoding of states (snapshots) and event payloads, and snapshot schema markers.
+
+A snapshot is the only record of the events it replaced, so its encoding keeps
+everything a decider can observe that JSON can hold: dict insertion order (the stored
+bytes are exactly what the encoder produced, and the hash is over those bytes), every
+field of a model. What JSON cannot hold (a ``ZoneInfo``, an enum inside a plain
+``dict``, a set) is caught by the strict comparison (:mod:`eskit_tasks.compare`)
+before anything is deleted.
+
+Each snapshot also records which state schema wrote it (:class:`SchemaMarker`): a
+fingerprint of the state type's JSON schema and the version the decider declares. A
+snapshot of another schema is decoded only through the decider's upcasters, and then
+strictly: a key the current type does not know, or a field the snapshot lacks, is an
+error, never a silent default.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import orjson
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from eskit_tasks.errors import SnapshotCodecError
+from eskit_tasks.compare import Difference, first_difference
+from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, SnapshotSchemaError
 
 S = TypeVar("S")
+
+#: The fingerprint of snapshots written before eskit-tasks recorded schemas. Such a
+#: snapshot is used only through an upcaster registered for this key.
+UNRECORDED = "unrecorded"
+
+#: A function from the decoded JSON of an older snapshot to the JSON of a newer schema.
+Upcaster = Callable[[Any], Any]
+
+# JSON-schema keys that describe a type to people and do not change what its JSON
+# looks like: a new docstring or default must not make every snapshot "foreign".
+_ANNOTATIONS = frozenset({"title", "description", "examples", "default", "deprecated"})
+# JSON-schema keys whose values map names to sub-schemas.
+_NAMED = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 
 
 def dumps(value: Any) -> str:
     """Encode an event payload or metadata as compact JSON text.
 
+    Dataclasses, enums (as their values) and pydantic models (as their fields) are
+    accepted anywhere inside ``value``.
+
     Raises:
-        TypeError: the value is not JSON: an unsupported type, or NaN/Infinity, which
-            orjson would silently store as ``null``.
+        TypeError: the value is not JSON: an unsupported type, or NaN/Infinity anywhere
+            inside it (orjson would silently store them as ``null``); the message gives
+            the path, e.g. ``$['items'][2].price``.
     """
-    encoded = orjson.dumps(value)
-    if b"null" in encoded and _has_non_finite(value):
-        raise TypeError("NaN and Infinity are not JSON; store them as strings or null")
+    encoded = orjson.dumps(value, default=_plain_model)
+    if b"null" in encoded:
+        where = non_finite_path(value)
+        if where is not None:
+            raise TypeError(
+                f"{where} is NaN or Infinity, which JSON cannot hold; store it as a string or null"
+            )
     return encoded.decode()
 
 
-def _has_non_finite(value: Any) -> bool:
+def _plain_model(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="python")
+    raise TypeError(f"Type is not JSON serializable: {type(value).__qualname__}")
+
+
+def non_finite_path(value: Any, path: str = "$") -> str | None:
+    """Where NaN or Infinity hides inside ``value`` (containers, dataclasses, enums,
+    pydantic models), or None."""
     if isinstance(value, float):
-        return not math.isfinite(value)
+        return None if math.isfinite(value) else path
+    if isinstance(value, Enum):
+        return non_finite_path(value.value, f"{path}")
     if isinstance(value, dict):
-        return any(_has_non_finite(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_non_finite(v) for v in value)
-    return False
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, BaseModel):
+        fields = {**value.__dict__, **(value.__pydantic_extra__ or {})}
+        items = ((f"{path}.{k}", v) for k, v in fields.items())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return None
+    for where, inner in items:
+        found = non_finite_path(inner, where)
+        if found is not None:
+            return found
+    return None
 
 
 def state_hash(encoded: bytes) -> str:
-    """sha256 of a canonical state encoding, hex."""
+    """sha256 of a state's stored bytes, hex."""
     return hashlib.sha256(encoded).hexdigest()
 
 
-class StateCodec(Generic[S]):
-    """Encodes a state to canonical JSON and decodes it back through pydantic.
+@dataclass(frozen=True, slots=True)
+class SchemaMarker:
+    """Which state schema wrote a snapshot.
 
-    The encoding is canonical (object keys sorted, no whitespace), so equal states
-    give equal bytes and equal hashes. A codec can be *lossy* — e.g. a ``set`` becomes a
-    list, integer dict keys become strings — which is why compaction decodes what it
-    encoded and compares before trusting a snapshot.
+    Args:
+        fingerprint: sha256 of the state type's JSON schema (:func:`schema_fingerprint`),
+            or :data:`UNRECORDED`.
+        version: The ``state_version`` the decider declared, None if it declares none.
+    """
+
+    fingerprint: str
+    version: int | None = None
+
+    def __str__(self) -> str:
+        shown = self.fingerprint if self.fingerprint == UNRECORDED else self.fingerprint[:16]
+        version = "no state_version" if self.version is None else f"state_version {self.version}"
+        return f"{version}, fingerprint {shown}"
+
+
+def schema_fingerprint(state_type: Any) -> str:
+    """A stable fingerprint of ``state_type``'s JSON shape: sha256 of its pydantic JSON
+    schema with titles, descriptions, examples and defaults left out.
+
+    It changes when a field is added, removed, renamed or changes type, not when a
+    docstring or a default does. A type pydantic cannot describe in JSON schema is
+    fingerprinted by its qualified name.
+
+    Computed once per state type.
+    """
+    try:
+        return _fingerprint_cached(state_type)
+    except TypeError:  # an unhashable type expression
+        return _fingerprint(state_type)
+
+
+@functools.lru_cache(maxsize=512)
+def _fingerprint_cached(state_type: Any) -> str:
+    return _fingerprint(state_type)
+
+
+def _fingerprint(state_type: Any) -> str:
+    try:
+        schema: Any = TypeAdapter(state_type).json_schema()
+    except Exception:  # e.g. a custom type without a JSON schema: fall back to its name
+        name = f"{getattr(state_type, '__module__', '')}.{getattr(state_type, '__qualname__', '')}"
+        schema = {"eskit-type-name": name if name != "." else repr(state_type)}
+    canonical = orjson.dumps(_without_annotations(schema), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def _without_annotations(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {
+            k: _named(v) if k in _NAMED else _without_annotations(v)
+            for k, v in schema.items()
+            if k not in _ANNOTATIONS
+        }
+    if isinstance(schema, list):
+        return [_without_annotations(v) for v in schema]
+    return schema
+
+
+def _named(mapping: Any) -> Any:
+    """Under ``properties`` and ``$defs`` the keys are names (a field may be called
+    ``title``): keep every key, clean each sub-schema."""
+    if not isinstance(mapping, dict):
+        return _without_annotations(mapping)
+    return {name: _without_annotations(sub) for name, sub in mapping.items()}
+
+
+class StateCodec(Generic[S]):
+    """Encodes a state to JSON and decodes it back through pydantic.
+
+    Encoding keeps dict insertion order and model field order; the bytes are stored as
+    they are and hashed. A codec can be *lossy* — a ``set`` becomes a list, integer dict
+    keys become strings, an enum in a plain ``dict`` becomes its value — which is why
+    compaction compares what it decodes with the replayed state before trusting it.
 
     Args:
         state_type: Any type pydantic can serialise: a model, a dataclass, ``dict``, ...
+        version: The ``state_version`` the decider declares (None: none).
+        upcasters: Functions from the decoded JSON of an older snapshot to a newer
+            schema, keyed by the ``state_version`` they upgrade *from* (to the next
+            version) or by the fingerprint they upgrade from (to the current schema).
+
+    Raises:
+        SnapshotCodecError: pydantic cannot handle ``state_type``.
+        ConfigurationError: ``version`` or ``upcasters`` are malformed.
     """
 
-    def __init__(self, state_type: type[S] | Any) -> None:
+    def __init__(
+        self,
+        state_type: type[S] | Any,
+        *,
+        version: int | None = None,
+        upcasters: Mapping[int | str, Upcaster] | None = None,
+    ) -> None:
         self.state_type = state_type
         try:
             self._adapter: TypeAdapter[S] = TypeAdapter(state_type)
@@ -63,23 +209,181 @@ class StateCodec(Generic[S]):
             raise SnapshotCodecError(
                 f"pydantic cannot build a codec for state type {state_type!r}: {exc}"
             ) from exc
+        self.upcasters: dict[int | str, Upcaster] = _checked_upcasters(upcasters, version)
+        self.marker = SchemaMarker(schema_fingerprint(state_type), _checked_version(version))
+
+    @property
+    def type_name(self) -> str:
+        """The state type as messages name it."""
+        return getattr(self.state_type, "__qualname__", None) or repr(self.state_type)
 
     def encode(self, state: S) -> bytes:
-        """Return the canonical JSON bytes of ``state``."""
+        """Return the JSON bytes of ``state`` (insertion order kept)."""
         try:
             plain = self._adapter.dump_python(state, mode="json")
-            return orjson.dumps(plain, option=orjson.OPT_SORT_KEYS)
+            return orjson.dumps(plain)
         except (PydanticSerializationError, TypeError, ValueError) as exc:
-            raise SnapshotCodecError(f"cannot encode state as {self._type_name()}: {exc}") from exc
+            raise SnapshotCodecError(f"cannot encode state as {self.type_name}: {exc}") from exc
 
     def decode(self, encoded: bytes | str) -> S:
-        """Return the state that ``encoded`` describes."""
+        """Return the state that ``encoded`` describes, as pydantic validates it (lenient:
+        use :meth:`decode_snapshot` for a stored snapshot)."""
         try:
             return self._adapter.validate_json(encoded)
         except ValidationError as exc:
-            raise SnapshotCodecError(
-                f"cannot decode snapshot as {self._type_name()}: {exc}"
-            ) from exc
+            raise SnapshotCodecError(f"cannot decode snapshot as {self.type_name}: {exc}") from exc
 
-    def _type_name(self) -> str:
-        return getattr(self.state_type, "__qualname__", None) or repr(self.state_type)
+    def to_plain(self, state: S) -> Any:
+        """The state as plain Python values (for messages)."""
+        return self._adapter.dump_python(state)
+
+    def decode_snapshot(
+        self,
+        encoded: bytes,
+        marker: SchemaMarker,
+        *,
+        stream_type: str,
+        stream_id: str,
+        version: int,
+    ) -> S:
+        """Decode a stored snapshot written under ``marker``, strictly.
+
+        Same schema: the decoded state must encode back to exactly the stored bytes.
+        Another schema: the upcasters from ``marker`` to the current schema run on the
+        decoded JSON, then the result must encode back to the same JSON (no key dropped,
+        no default invented).
+
+        Raises:
+            SnapshotSchemaError: no upcaster path, an upcaster raised, or the snapshot
+                does not decode exactly; the message names the stream, the version, the
+                stored and current markers and what to do.
+        """
+        where = f"{stream_type}/{stream_id} snapshot at version {version}"
+
+        def fail(problem: str, advice: str) -> SnapshotSchemaError:
+            return SnapshotSchemaError(
+                f"{where}: {problem} (stored: {marker}; current {self.type_name}: "
+                f"{self.marker}). {advice}",
+                stream_type=stream_type,
+                stream_id=stream_id,
+                version=version,
+            )
+
+        steps = self._upcast_path(marker)
+        if steps is None:
+            raise fail(
+                "written for another state schema and no upcaster leads to the current one",
+                "Register upcasters with the decider (upcasters={old state_version: fn} with "
+                "a higher state_version, or {old fingerprint: fn}), or deploy the old state "
+                "type again; nothing was changed.",
+            )
+        try:
+            plain: Any = orjson.loads(encoded)
+        except orjson.JSONDecodeError as exc:
+            raise fail(f"stored state is not JSON ({exc})", "Restore it from a backup.") from None
+        for name, step in steps:
+            try:
+                plain = step(plain)
+            except Exception as exc:  # the user's upcaster: report it, never half-apply
+                raise fail(
+                    f"upcaster {name} raised {type(exc).__name__}: {exc}", "Fix the upcaster."
+                ) from exc
+        source = encoded if not steps else orjson.dumps(plain)
+        try:
+            state = self._adapter.validate_json(source)
+            again = self.encode(state)
+        except (ValidationError, SnapshotCodecError) as exc:
+            raise fail(
+                f"does not decode as the current state type: {_first_line(exc)}",
+                "Register an upcaster that turns its JSON into the current shape.",
+            ) from None
+        if again != source:
+            ordered = not steps  # upcasters build plain dicts: their key order is free
+            difference = first_difference(_canonical(plain, ordered), _canonical(again, ordered))
+            if difference is not None:
+                raise fail(
+                    f"decoding it would change its JSON: {_explained(difference)}",
+                    "Register an upcaster that produces exactly the current shape.",
+                )
+        return state
+
+    def _upcast_path(self, stored: SchemaMarker) -> list[tuple[str, Upcaster]] | None:
+        """The upcasters from ``stored`` to the current marker ([] when none are needed),
+        None when there is no path."""
+        current = self.marker
+        same_shape = stored.fingerprint == current.fingerprint
+        if same_shape and (
+            stored.version == current.version or None in (stored.version, current.version)
+        ):
+            return []
+        by_fingerprint = self.upcasters.get(stored.fingerprint)
+        if by_fingerprint is not None:
+            return [(f"from fingerprint {stored.fingerprint[:16]}", by_fingerprint)]
+        if stored.version is None or current.version is None or stored.version >= current.version:
+            return None
+        path = []
+        for v in range(stored.version, current.version):
+            step = self.upcasters.get(v)
+            if step is None:
+                return None
+            path.append((f"from state_version {v}", step))
+        return path
+
+
+def _canonical(value: Any, ordered: bool) -> Any:
+    plain = orjson.loads(value) if isinstance(value, bytes) else value
+    if ordered:
+        return plain
+    return orjson.loads(orjson.dumps(plain, option=orjson.OPT_SORT_KEYS))
+
+
+def _explained(difference: Difference) -> str:
+    if difference.reason == "missing key":
+        return f"it holds {difference.path}, which {_THE_TYPE} does not know"
+    if difference.reason == "unexpected key":
+        return f"it lacks {difference.path}, which decoding would fill with a default"
+    return f"{difference} (a coerced value)"
+
+
+_THE_TYPE = "the current state type"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[:3])
+
+
+def _checked_version(version: object) -> int | None:
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigurationError(f"state_version must be an int >= 0 or None, got {version!r}")
+    return version
+
+
+def _checked_upcasters(
+    upcasters: Mapping[int | str, Upcaster] | None, version: int | None
+) -> dict[int | str, Upcaster]:
+    if upcasters is None:
+        return {}
+    if not isinstance(upcasters, Mapping):
+        raise ConfigurationError(
+            f"upcasters must be a mapping of state_version or fingerprint to a function, "
+            f"got {type(upcasters).__name__}"
+        )
+    found: dict[int | str, Upcaster] = {}
+    for key, step in upcasters.items():
+        if isinstance(key, bool) or not isinstance(key, int | str):
+            raise ConfigurationError(
+                f"upcaster key {key!r} must be the state_version (int) or fingerprint (str) "
+                "it upgrades from"
+            )
+        if isinstance(key, int) and (version is None or not 0 <= key < version):
+            raise ConfigurationError(
+                f"upcaster from state_version {key} needs a higher current state_version "
+                f"(declared: {version})"
+            )
+        if not callable(step):
+            raise ConfigurationError(f"upcaster {key!r} is not callable: {step!r}")
+        found[key] = step
+    return found

@@ -25,9 +25,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from eskit_tasks.codec import StateCodec, state_hash
+from eskit_tasks.codec import StateCodec, Upcaster, state_hash
+from eskit_tasks.compare import first_difference
 from eskit_tasks.decider import Decider
 from eskit_tasks.errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    DeletionMismatchError,
     EskitError,
     FencedError,
     InvalidPolicyError,
@@ -35,17 +39,39 @@ from eskit_tasks.errors import (
     StreamIntegrityError,
     VersionGapError,
 )
-from eskit_tasks.loading import fold_measured
+from eskit_tasks.loading import codec_for, fold_measured, open_snapshot
 from eskit_tasks.policy import CompactionPolicy, plan_cut
-from eskit_tasks.ports import DeletionPlan, EventStore, Snapshot, SnapshotStore, StreamInfo
+from eskit_tasks.ports import (
+    CompactionRecord,
+    DeletionPlan,
+    EventStore,
+    Snapshot,
+    SnapshotStore,
+    StreamInfo,
+)
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.stores.common import label_of
 
 S = TypeVar("S")
 
 
+#: Seconds to wait before each further look at the audit log when a delete's outcome is
+#: unknown (the first look is immediate).
+SETTLE_DELAYS_S = (0.5, 2.0)
+#: Longest compaction id the audit log holds.
+MAX_COMPACTION_ID = 36
+
+
 class _VerificationFailed(Exception):
     """The snapshot does not rebuild the replayed state; carries what differed."""
+
+
+class _Committed(Exception):
+    """The audit log already holds this compaction: it committed in an earlier attempt."""
+
+    def __init__(self, record: CompactionRecord) -> None:
+        super().__init__(record.compaction_id)
+        self.record = record
 
 
 @dataclass
@@ -86,10 +112,15 @@ class Compactor(Generic[S]):
         guard: Called before the snapshot is written and before the delete; raising
             (e.g. :class:`~eskit_tasks.errors.FencedError` when a lock was lost) stops the
             compaction there. The database's fencing stays the last word.
+        state_version: The state schema's version, recorded in every snapshot (default:
+            ``decider.state_version``, else none).
+        upcasters: Upgrades of snapshots of older schemas (default:
+            ``decider.upcasters``); see :class:`~eskit_tasks.codec.StateCodec`.
 
     Raises:
         InvalidPolicyError: ``policy`` is not a CompactionPolicy.
         SnapshotCodecError: pydantic cannot handle ``state_type``.
+        ConfigurationError: ``state_version`` or ``upcasters`` are malformed.
     """
 
     def __init__(
@@ -102,6 +133,8 @@ class Compactor(Generic[S]):
         policy: CompactionPolicy | None = None,
         clock: Callable[[], datetime] | None = None,
         guard: Callable[[], None] | None = None,
+        state_version: int | None = None,
+        upcasters: Mapping[int | str, Upcaster] | None = None,
     ) -> None:
         if policy is None:
             policy = CompactionPolicy()
@@ -110,25 +143,43 @@ class Compactor(Generic[S]):
         self.store = store
         self.snapshot_store = snapshot_store
         self.decider = decider
-        self.codec: StateCodec[S] = StateCodec(state_type)
+        self.codec: StateCodec[S] = codec_for(decider, state_type, state_version, upcasters)
         self.policy = policy
         self._clock = clock
         self._guard = guard
 
-    def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
-        """Compact one stream under the policy; see the module docstring for the steps."""
+    def compact(
+        self, stream_type: str, stream_id: str, *, compaction_id: str | None = None
+    ) -> CompactionResult:
+        """Compact one stream under the policy; see the module docstring for the steps.
+
+        Args:
+            stream_type: The stream's type.
+            stream_id: The stream's id.
+            compaction_id: The id of this compaction in the audit log (at most 36
+                characters; a fresh uuid4 by default). Give the same id to a retry of a
+                compaction whose outcome is unknown (the process died, the database was
+                cut off): if the earlier attempt committed, the retry reports that
+                deletion (``recovered``) instead of compacting again.
+
+        Raises:
+            ConfigurationError: ``compaction_id`` is not a string of 1 to 36 characters.
+        """
         started = time.perf_counter()
+        _check_compaction_id(compaction_id)
         fields: dict[str, Any] = {
             "stream_type": stream_type,
             "stream_id": stream_id,
-            "compaction_id": str(uuid.uuid4()),
+            "compaction_id": compaction_id or str(uuid.uuid4()),
         }
         run = _RunState()
         try:
-            plan = self._plan(stream_type, stream_id, fields)
+            plan = self._plan(stream_type, stream_id, fields, settle=compaction_id is not None)
             if plan is not None:
                 run.token = plan.token
                 self._run(stream_type, stream_id, plan, fields, run)
+        except _Committed as done:
+            _report_committed(fields, done.record)
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
@@ -158,8 +209,12 @@ class Compactor(Generic[S]):
 
     # -- steps -------------------------------------------------------------------------
 
-    def _plan(self, stream_type: str, stream_id: str, fields: dict[str, Any]) -> _Plan | None:
+    def _plan(
+        self, stream_type: str, stream_id: str, fields: dict[str, Any], *, settle: bool
+    ) -> _Plan | None:
         info = self.store.stream_info(stream_type, stream_id)
+        if settle:  # a given id may have committed in an earlier attempt: report that one
+            self._check_committed(stream_type, stream_id, fields["compaction_id"])
         if info is None or self._cut(stream_type, stream_id, info) is None:
             fields.update(
                 outcome=Outcome.NOTHING_TO_COMPACT,
@@ -172,6 +227,10 @@ class Compactor(Generic[S]):
             fenced = self.store.acquire_fence(stream_type, stream_id)
             if fenced is None:
                 raise FencedError(f"{label_of(stream_type, stream_id)}: the stream disappeared")
+            if settle and fenced.compacted_through != info.compacted_through:
+                # A delete committed between our first look and the fence (the fence
+                # waited for it): it may be an earlier attempt of this very compaction.
+                self._check_committed(stream_type, stream_id, fields["compaction_id"])
             info, token = fenced, fenced.fence_token
         cut = self._cut(stream_type, stream_id, info)
         fields.update(
@@ -181,6 +240,18 @@ class Compactor(Generic[S]):
             fields.update(outcome=Outcome.NOTHING_TO_COMPACT)
             return None
         return _Plan(info.head_version, info.compacted_through, cut, token)
+
+    def _check_committed(self, stream_type: str, stream_id: str, compaction_id: str) -> None:
+        record = self.store.find_compaction(compaction_id)
+        if record is None:
+            return
+        if (record.stream_type, record.stream_id) != (stream_type, stream_id):
+            raise ConfigurationError(
+                f"{label_of(stream_type, stream_id)}: compaction id {compaction_id!r} is "
+                f"already used by a compaction of {label_of(record.stream_type, record.stream_id)}"
+                "; give each compaction its own id"
+            )
+        raise _Committed(record)
 
     def _cut(self, stream_type: str, stream_id: str, info: StreamInfo) -> int | None:
         newest_old_enough = None
@@ -216,10 +287,12 @@ class Compactor(Generic[S]):
         digest = state_hash(encoded)
         fields.update(state_hash=digest)
         at_cut = self._verifying(self.codec.decode, encoded)
-        if at_cut != state:
+        difference = first_difference(state, at_cut)
+        if difference is not None:
             raise _VerificationFailed(
                 f"{label}: the state at version {c} does not survive a round trip through "
-                f"{self.codec._type_name()} (is the codec lossy?): {self._diff(state, at_cut)}"
+                f"{self.codec.type_name}: {difference}. Nothing deleted; see "
+                "'Supported states' in the README to make it round-trip"
             )
         full, _ = self._fold(stream_type, stream_id, state, c, head)
 
@@ -235,7 +308,15 @@ class Compactor(Generic[S]):
         self.snapshot_store.save(
             stream_type,
             stream_id,
-            Snapshot(c, encoded, digest, False, datetime.now(UTC)),
+            Snapshot(
+                c,
+                encoded,
+                digest,
+                False,
+                datetime.now(UTC),
+                self.codec.marker.fingerprint,
+                self.codec.marker.version,
+            ),
             fence_token=plan.token,
         )
         try:
@@ -253,23 +334,59 @@ class Compactor(Generic[S]):
             raise
 
         self._checkpoint()
-        deleted = self.store.commit_compaction(
-            DeletionPlan(
-                stream_type=stream_type,
-                stream_id=stream_id,
-                fence_token=plan.token,
-                compacted_through_before=p,
-                through_version=c,
-                head_version=head,
-                expected_deleted=c - p,
-                state_hash=digest,
-                bytes_reclaimed=doomed_bytes,
-                compaction_id=fields["compaction_id"],
-            )
+        deletion = DeletionPlan(
+            stream_type=stream_type,
+            stream_id=stream_id,
+            fence_token=plan.token,
+            compacted_through_before=p,
+            through_version=c,
+            head_version=head,
+            expected_deleted=c - p,
+            state_hash=digest,
+            bytes_reclaimed=doomed_bytes,
+            compaction_id=fields["compaction_id"],
         )
+        try:
+            deleted = self.store.commit_compaction(deletion)
+        except (FencedError, DeletionMismatchError):
+            raise  # refused before anything changed
+        except Exception as exc:  # the delete's outcome is unknown: the audit log knows
+            raise _Committed(self._settle(deletion, exc, run)) from exc
         fields.update(
             outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed_bytes
         )
+
+    def _settle(self, deletion: DeletionPlan, error: Exception, run: _RunState) -> CompactionRecord:
+        """After the delete raised: the audit row if it committed after all (its reply
+        was lost); otherwise re-raise ``error``.
+
+        The look is made after taking a new fencing token, which waits for a delete still
+        in flight, so "no audit row" is final (the new token is this compaction's from
+        then on: it discards the snapshot under it).
+
+        Raises:
+            CommitOutcomeUnknownError: the database could not be asked; retry the
+                compaction with the same id to settle it.
+        """
+        st, sid, cid = deletion.stream_type, deletion.stream_id, deletion.compaction_id
+        unreachable: Exception | None = None
+        for delay in (0.0, *SETTLE_DELAYS_S):
+            time.sleep(delay)
+            try:
+                fenced = self.store.acquire_fence(st, sid)
+                record = self.store.find_compaction(cid)
+            except EskitError as exc:
+                unreachable = exc
+                continue
+            if record is None:
+                run.token = None if fenced is None else fenced.fence_token
+                raise error
+            return record
+        raise CommitOutcomeUnknownError(
+            f"{label_of(st, sid)}: the delete's outcome is unknown ({error}), and the "
+            f"audit log could not be read to settle it ({unreachable}). Compact it again "
+            f"with compaction_id={cid!r}: it reports the deletion if it committed"
+        ) from error
 
     def _read_back(self, stream_type: str, stream_id: str, c: int, digest: str, at_cut: S) -> S:
         """Read the snapshot just written, check its bytes and decode it: it must be
@@ -282,10 +399,11 @@ class Compactor(Generic[S]):
                 f"{'missing' if stored is None else 'not the bytes written'}"
             )
         decoded: S = self._verifying(self.codec.decode, stored.state)
-        if decoded != at_cut:
+        difference = first_difference(at_cut, decoded)
+        if difference is not None:
             raise _VerificationFailed(
                 f"{label}: the snapshot read back at version {c} decodes to a different "
-                f"state: {self._diff(at_cut, decoded)}"
+                f"state: {difference}"
             )
         return decoded
 
@@ -312,7 +430,9 @@ class Compactor(Generic[S]):
                 stream_id=stream_id,
                 version=compacted_through,
             )
-        return self.decider.initial_state() if snap is None else self.codec.decode(snap.state)
+        if snap is None:
+            return self.decider.initial_state()
+        return open_snapshot(self.codec, snap, stream_type, stream_id)
 
     def _fold(
         self, stream_type: str, stream_id: str, state: S, after: int, through: int
@@ -338,10 +458,11 @@ class Compactor(Generic[S]):
         self, stream_type: str, stream_id: str, snapshot_state: S, full: S, c: int, head: int
     ) -> None:
         rebuilt, _ = self._fold(stream_type, stream_id, snapshot_state, c, head)
-        if rebuilt != full:
+        difference = first_difference(full, rebuilt)
+        if difference is not None:
             raise _VerificationFailed(
                 f"{label_of(stream_type, stream_id)}: snapshot at {c} + events {c + 1}..{head} "
-                f"does not equal the full replay at {head}: {self._diff(full, rebuilt)}"
+                f"is not the full replay at {head}: {difference}"
             )
 
     # -- failure handling --------------------------------------------------------------
@@ -367,42 +488,30 @@ class Compactor(Generic[S]):
                 stream_type, stream_id, fields["snapshot_version"], fence_token=token
             )
 
-    def _diff(self, expected: Any, actual: Any) -> str:
-        return describe_difference(_plain(self.codec, expected), _plain(self.codec, actual))
 
-
-def _plain(codec: StateCodec[Any], value: Any) -> Any:
-    try:
-        return codec._adapter.dump_python(value)
-    except Exception:  # only used to describe a difference; fall back to the value
-        return value
-
-
-def describe_difference(expected: Any, actual: Any, *, limit: int = 3) -> str:
-    """A short, human description of how two states differ (for error messages)."""
-    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
-        parts = []
-        for key in list(expected.keys() | actual.keys()):
-            if key not in actual:
-                parts.append(f"{key!r} missing")
-            elif key not in expected:
-                parts.append(f"unexpected {key!r}")
-            elif expected[key] != actual[key] or type(expected[key]) is not type(actual[key]):
-                parts.append(
-                    f"{key!r}: expected {_short(expected[key])}, got {_short(actual[key])}"
-                )
-            if len(parts) >= limit:
-                break
-        if parts:
-            return "; ".join(parts)
-        # keys differ in type only, e.g. 1 vs "1"
-        return (
-            f"expected keys {_short(sorted(map(repr, expected)))}, got "
-            f"{_short(sorted(map(repr, actual)))}"
+def _check_compaction_id(compaction_id: object) -> None:
+    if compaction_id is None:
+        return
+    if not isinstance(compaction_id, str) or not 0 < len(compaction_id) <= MAX_COMPACTION_ID:
+        raise ConfigurationError(
+            f"compaction_id must be a string of 1 to {MAX_COMPACTION_ID} characters, "
+            f"got {compaction_id!r}"
         )
-    return f"expected {_short(expected)}, got {_short(actual)}"
 
 
-def _short(value: Any, width: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _report_committed(fields: dict[str, Any], record: CompactionRecord) -> None:
+    """The result of a deletion the audit log holds (reported, not seen committing)."""
+    fields.update(
+        outcome=Outcome.COMPACTED,
+        head_version=record.head_version,
+        compacted_through_before=record.from_version - 1,
+        snapshot_version=record.snapshot_version,
+        events_deleted=record.events_deleted,
+        events_retained=record.head_version - record.through_version,
+        bytes_reclaimed=record.bytes_reclaimed,
+        state_hash=record.state_hash,
+        compaction_id=record.compaction_id,
+        recovered=True,
+        error=None,
+        error_type=None,
+    )

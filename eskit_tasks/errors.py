@@ -9,11 +9,15 @@ the stores translate them at the boundary and chain the original with ``from``.
     │   └── InvalidPolicyError          (also a ValueError)
     ├── StoreError                      the event database
     │   ├── DatabaseUnavailableError    cannot connect / connection lost
-    │   └── ConcurrencyError            expected_version does not match the head
+    │   │   └── CommitOutcomeUnknownError  a delete's COMMIT reply was lost, not settled yet
+    │   ├── ConcurrencyError            expected_version does not match the head
+    │   └── TableLayoutError            the eskit tables differ from what this version expects
     ├── StreamIntegrityError            the stored stream cannot be replayed
     │   ├── EventDecodeError            a payload is not valid JSON
     │   ├── VersionGapError             versions are not contiguous
-    │   └── EvolveError                 the decider raised while folding an event
+    │   ├── EvolveError                 the decider raised while folding an event
+    │   ├── SnapshotIntegrityError      a snapshot's bytes do not match its stored hash
+    │   └── SnapshotSchemaError         a snapshot of another state schema, no upcaster
     └── CompactionError                 a compaction was stopped before deleting
         ├── FencedError                 a newer compaction owns the stream
         ├── SnapshotCodecError          the state cannot be encoded or decoded
@@ -43,8 +47,17 @@ class DatabaseUnavailableError(StoreError):
     """Raised when the database cannot be reached; the message names the host, never a password."""
 
 
+class CommitOutcomeUnknownError(DatabaseUnavailableError):
+    """Raised when the connection was lost during a delete's COMMIT and the audit log
+    could not be read to settle it; compacting again with the same id settles it."""
+
+
 class ConcurrencyError(StoreError):
     """Raised when an append's expected_version is not the stream's head version."""
+
+
+class TableLayoutError(StoreError):
+    """Raised when the eskit tables exist with a layout this version does not expect."""
 
 
 class StreamIntegrityError(EskitError):
@@ -67,6 +80,15 @@ class VersionGapError(StreamIntegrityError):
 
 class EvolveError(StreamIntegrityError):
     """Raised when the decider's ``evolve`` raises while folding an event."""
+
+
+class SnapshotIntegrityError(StreamIntegrityError):
+    """Raised when a stored snapshot's bytes do not match its stored hash; it is not used."""
+
+
+class SnapshotSchemaError(StreamIntegrityError):
+    """Raised when a snapshot was written for another state schema and no upcaster leads
+    from its schema to the current one, or decoding it would drop or invent fields."""
 
 
 class CompactionError(EskitError):

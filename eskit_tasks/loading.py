@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from eskit_tasks.codec import StateCodec
+from eskit_tasks.codec import StateCodec, Upcaster, state_hash
 from eskit_tasks.decider import Decider
-from eskit_tasks.errors import EskitError, EvolveError, VersionGapError
+from eskit_tasks.errors import EskitError, EvolveError, SnapshotIntegrityError, VersionGapError
 from eskit_tasks.events import RecordedEvent
-from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.ports import EventStore, Snapshot, SnapshotStore
 from eskit_tasks.stores.common import label_of
 
 S = TypeVar("S")
@@ -89,6 +89,47 @@ def fold_measured(
     return state, version, stored
 
 
+def codec_for(
+    decider: Any,
+    state_type: Any,
+    state_version: int | None = None,
+    upcasters: Mapping[int | str, Upcaster] | None = None,
+) -> StateCodec[Any]:
+    """The codec of a decider's states: ``state_version`` and ``upcasters`` as given,
+    else as the decider declares them (attributes of the same names)."""
+    return StateCodec(
+        state_type,
+        version=getattr(decider, "state_version", None) if state_version is None else state_version,
+        upcasters=getattr(decider, "upcasters", None) if upcasters is None else upcasters,
+    )
+
+
+def open_snapshot(codec: StateCodec[S], snap: Snapshot, stream_type: str, stream_id: str) -> S:
+    """The state a stored snapshot holds, after checking its hash and its schema.
+
+    Raises:
+        SnapshotIntegrityError: its bytes do not match its stored hash.
+        SnapshotSchemaError: it was written for another schema and no upcaster leads to
+            the current one, or it does not decode exactly.
+    """
+    if state_hash(snap.state) != snap.state_hash:
+        raise SnapshotIntegrityError(
+            f"{label_of(stream_type, stream_id)}: the snapshot at version {snap.version} does "
+            "not match its stored hash (changed or corrupted since it was verified); it is "
+            "not used and nothing is deleted. Restore the snapshot row from a backup.",
+            stream_type=stream_type,
+            stream_id=stream_id,
+            version=snap.version,
+        )
+    return codec.decode_snapshot(
+        snap.state,
+        snap.marker,
+        stream_type=stream_type,
+        stream_id=stream_id,
+        version=snap.version,
+    )
+
+
 def load_state(
     store: EventStore,
     snapshots: SnapshotStore,
@@ -96,12 +137,17 @@ def load_state(
     state_type: type[S] | Any,
     stream_type: str,
     stream_id: str,
+    *,
+    state_version: int | None = None,
+    upcasters: Mapping[int | str, Upcaster] | None = None,
 ) -> tuple[S, int]:
     """Return ``(state, version)`` of a stream: its newest verified snapshot plus the
     events after it. A stream that does not exist gives ``(initial_state, 0)``.
 
     Safe while a compaction runs: if the events after the snapshot it read were deleted
     meanwhile, it starts again from the newer snapshot; it never folds across a gap.
+    The snapshot is used only if its hash matches its bytes and it was written for the
+    current state schema, or upcast to it.
 
     Args:
         store: The event store.
@@ -110,12 +156,17 @@ def load_state(
         state_type: The type snapshots decode to (as given to the Compactor).
         stream_type: The stream's type.
         stream_id: The stream's id.
+        state_version: The state schema's version (default: ``decider.state_version``).
+        upcasters: Upgrades of older snapshots (default: ``decider.upcasters``); see
+            :class:`~eskit_tasks.codec.StateCodec`.
 
     Raises:
         StreamIntegrityError: the stream cannot be folded (bad payload, evolve error,
             or a gap that persists).
+        SnapshotIntegrityError: the snapshot does not match its hash.
+        SnapshotSchemaError: the snapshot is of another schema and cannot be upcast.
     """
-    codec: StateCodec[S] = StateCodec(state_type)
+    codec: StateCodec[S] = codec_for(decider, state_type, state_version, upcasters)
     for _attempt in range(LOAD_RETRIES):
         try:
             return _load_once(store, snapshots, decider, codec, stream_type, stream_id)
@@ -140,7 +191,11 @@ def _load_once(
 ) -> tuple[S, int]:
     snap = snapshots.latest(stream_type, stream_id)
     base = 0 if snap is None else snap.version
-    state = decider.initial_state() if snap is None else codec.decode(snap.state)
+    state = (
+        decider.initial_state()
+        if snap is None
+        else open_snapshot(codec, snap, stream_type, stream_id)
+    )
     try:
         state, version = fold(
             decider,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from eskit_tasks.codec import UNRECORDED, SchemaMarker
 from eskit_tasks.constants import FANOUT_SCAN_FACTOR
 from eskit_tasks.events import NewEvent, RecordedEvent
 
@@ -61,6 +62,9 @@ class Snapshot:
         verified: True once a compaction proved it and deleted the events it covers.
             Readers only ever use verified snapshots.
         created_at: When it was written.
+        fingerprint: The state schema's fingerprint when it was written
+            (:func:`~eskit_tasks.codec.schema_fingerprint`).
+        state_version: The ``state_version`` the decider declared then (None: none).
     """
 
     version: int
@@ -68,6 +72,31 @@ class Snapshot:
     state_hash: str
     verified: bool
     created_at: datetime
+    fingerprint: str = UNRECORDED
+    state_version: int | None = None
+
+    @property
+    def marker(self) -> SchemaMarker:
+        """Which state schema wrote this snapshot."""
+        return SchemaMarker(self.fingerprint, self.state_version)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """A stream's newest verified snapshot, as :meth:`SnapshotStore.verified_snapshots`
+    pages them.
+
+    Args:
+        key: The stream's key (pass the last one as ``after`` for the next page).
+        stream_type: The stream's type.
+        stream_id: The stream's id.
+        snapshot: The snapshot.
+    """
+
+    key: int
+    stream_type: str
+    stream_id: str
+    snapshot: Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +234,15 @@ class EventStore(Protocol):
         """Return the newest audit rows first, optionally for one stream."""
         ...
 
+    def find_compaction(self, compaction_id: str) -> CompactionRecord | None:
+        """Return the audit row of ``compaction_id``, None if no such deletion committed.
+
+        This settles a delete whose outcome is unknown (the COMMIT's reply was lost, or the
+        worker died after it). Ask after a write to the stream (``acquire_fence``), which
+        waits for a delete still in flight, so that "not found" is final.
+        """
+        ...
+
     def candidates(
         self,
         *,
@@ -252,6 +290,13 @@ class SnapshotStore(Protocol):
 
     def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
         """Remove the unverified snapshot at ``version`` (after a failed verification)."""
+        ...
+
+    def verified_snapshots(
+        self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
+    ) -> list[StoredSnapshot]:
+        """Each stream's newest verified snapshot, in stream key order after ``after``
+        (a keyset page of at most ``limit``), for checks over the whole store."""
         ...
 
 

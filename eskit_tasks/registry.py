@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eskit_tasks.codec import StateCodec
+from eskit_tasks.codec import StateCodec, Upcaster
 from eskit_tasks.decider import Decider
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError
+from eskit_tasks.loading import codec_for
 
 
 class UnknownStreamTypeError(ConfigurationError):
@@ -23,17 +24,31 @@ class UnknownStreamTypeError(ConfigurationError):
 
 @dataclass(frozen=True)
 class Registration:
-    """A decider and the state type its snapshots decode to."""
+    """A decider, the state type its snapshots decode to, and the state schema's version
+    and upcasters (see :class:`~eskit_tasks.codec.StateCodec`)."""
 
     decider: Decider[Any]
     state_type: Any
+    state_version: int | None = None
+    upcasters: Mapping[int | str, Upcaster] | None = None
+
+    def codec(self) -> StateCodec[Any]:
+        """The codec of this stream type's snapshots."""
+        return codec_for(self.decider, self.state_type, self.state_version, self.upcasters)
 
 
 _lock = threading.Lock()
 _registry: dict[str, Registration] = {}
 
 
-def register_decider(stream_type: str, decider: Decider[Any], state_type: Any) -> None:
+def register_decider(
+    stream_type: str,
+    decider: Decider[Any],
+    state_type: Any,
+    *,
+    state_version: int | None = None,
+    upcasters: Mapping[int | str, Upcaster] | None = None,
+) -> None:
     """Tell workers how to fold streams of ``stream_type``.
 
     Registering the same type again replaces the earlier registration (module reloads).
@@ -42,10 +57,16 @@ def register_decider(stream_type: str, decider: Decider[Any], state_type: Any) -
         stream_type: The stream type, as passed to ``append``.
         decider: An object with ``initial_state``, ``evolve`` and ``decide``.
         state_type: The state's type, as given to the Compactor.
+        state_version: The state schema's version, recorded in each snapshot; raise it
+            when the meaning or shape of the state changes (default:
+            ``decider.state_version``, else none).
+        upcasters: Functions from an older snapshot's JSON to a newer one, keyed by the
+            ``state_version`` (to the next version) or the fingerprint (to the current
+            schema) they upgrade from (default: ``decider.upcasters``).
 
     Raises:
-        ConfigurationError: the decider lacks a method, or pydantic cannot serialise
-            ``state_type``.
+        ConfigurationError: the decider lacks a method, pydantic cannot serialise
+            ``state_type``, or ``state_version``/``upcasters`` are malformed.
     """
     if not isinstance(stream_type, str):
         raise ConfigurationError(f"stream_type must be a string, got {stream_type!r}")
@@ -57,15 +78,18 @@ def register_decider(stream_type: str, decider: Decider[Any], state_type: Any) -
             f"decider for {stream_type!r} lacks {', '.join(missing)}: a decider needs "
             "initial_state(), evolve(state, event) and decide(command, state)"
         )
+    registration = Registration(decider, state_type, state_version, upcasters)
     try:
-        StateCodec(state_type)  # fail at registration, not in the middle of a fleet run
+        registration.codec()  # fail at registration, not in the middle of a fleet run
     except SnapshotCodecError as exc:
         raise ConfigurationError(
             f"state type {state_type!r} for {stream_type!r} cannot be stored as JSON: use a "
             "pydantic model, a dataclass, a TypedDict or dict of JSON values"
         ) from exc
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"decider for {stream_type!r}: {exc}") from exc
     with _lock:
-        _registry[stream_type] = Registration(decider, state_type)
+        _registry[stream_type] = registration
 
 
 def get_registration(stream_type: str) -> Registration:

@@ -49,6 +49,10 @@ class CompactionResult(BaseModel):
     error: str | None = None
     error_type: str | None = None
     compaction_id: str
+    recovered: bool = False
+    """True when the deletion was reported from the audit log rather than seen
+    committing: its COMMIT reply was lost, or an earlier attempt with the same
+    compaction id died after it. The figures are the audit row's."""
 
     @property
     def ok(self) -> bool:

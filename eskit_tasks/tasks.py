@@ -196,7 +196,7 @@ def compact_stream(
             outcome=Outcome.FAILED,
             error=mask_url(f"{type(exc).__name__}: {exc}"),
             error_type=type(exc).__name__,
-            compaction_id=str(uuid.uuid4()),
+            compaction_id=compaction_id_for(copy.task_id),
         )
         _record(result, run_id, copy.task_id)
     if not copy.claim_result():
@@ -281,7 +281,7 @@ def _compact_locked(
     copy: _Copy, stream_type: str, stream_id: str, policy: dict[str, Any]
 ) -> CompactionResult:
     task, settings, res = copy.task, copy.settings, copy.res
-    compaction_id = str(uuid.uuid4())
+    compaction_id = compaction_id_for(copy.task_id)
 
     def early(outcome: Outcome, error: str, error_type: str) -> CompactionResult:
         return CompactionResult(
@@ -338,9 +338,11 @@ def _compact_locked(
             snapshot_store=snapshots,
             decider=registration.decider,
             state_type=registration.state_type,
+            state_version=registration.state_version,
+            upcasters=registration.upcasters,
             policy=parsed,
             guard=copy.guard(lock),
-        ).compact(stream_type, stream_id)
+        ).compact(stream_type, stream_id, compaction_id=compaction_id)
         _record(result, copy.run_id, copy.task_id, timed=True)
         retry = result.error_type in _TRANSIENT
         # Claim the result while still holding the lock, so a redelivered copy that
@@ -357,8 +359,19 @@ def _compact_locked(
 
 
 # Failures worth another try: the database or Redis was unreachable, or the lock was
-# lost (Redis blipped) — the stream itself is fine.
-_TRANSIENT = ("DatabaseUnavailableError", "LockLostError")
+# lost (Redis blipped) — the stream itself is fine. A delete whose outcome is still
+# unknown is settled by the retry, which carries the same compaction id.
+_TRANSIENT = ("DatabaseUnavailableError", "CommitOutcomeUnknownError", "LockLostError")
+
+#: Namespace of the compaction ids derived from task ids.
+_COMPACTION_IDS = uuid.UUID("5d0c3f7e-8f3a-4c2e-9b1d-6a7e2f0c4b19")
+
+
+def compaction_id_for(task_id: str) -> str:
+    """The compaction id of a task: the same for every retry and redelivery of that task
+    id, so a copy that runs after a crash finds the deletion its predecessor committed
+    and reports it instead of "nothing to compact"."""
+    return str(uuid.uuid5(_COMPACTION_IDS, task_id))
 
 
 def _backoff(settings: EskitSettings, retries: int) -> float:
@@ -419,6 +432,7 @@ def compaction_fields(
         "bytes_reclaimed": result.bytes_reclaimed,
         "duration_ms": result.duration_ms,
         "compaction_id": result.compaction_id,
+        "recovered": result.recovered,
         "run_id": run_id,
         "task_id": task_id,
         "error_type": result.error_type,

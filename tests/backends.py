@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from eskit_tasks import (
     SqlEventStore,
     SqlSnapshotStore,
 )
-from eskit_tasks.stores.schema import events, metadata, streams
+from eskit_tasks.stores.memory import InMemoryDatabase
+from eskit_tasks.stores.schema import events, metadata, snapshots, streams
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Stores:
     remove_event: Callable[[str, str, int], None]
     set_recorded_at: Callable[[str, str, int, datetime], None]
     url: str | None = None
+    #: Rewrite a stored snapshot's ``state`` bytes by hand, its hash left alone.
+    tamper_snapshot: Callable[[str, str, int, bytes], None] = lambda *_: None
 
 
 def _sql_stores(url: str) -> tuple[Stores, SqlEventStore]:
@@ -70,7 +73,27 @@ def _sql_stores(url: str) -> tuple[Stores, SqlEventStore]:
                 .values(recorded_at=moment)
             )
 
-    return Stores(store, SqlSnapshotStore(engine), corrupt, remove, set_recorded_at, url), store
+    def tamper(stream_type: str, stream_id: str, version: int, state: bytes) -> None:
+        with engine.begin() as conn:
+            pk = _pk(conn, stream_type, stream_id)
+            conn.execute(
+                sa.update(snapshots)
+                .where(snapshots.c.stream_pk == pk, snapshots.c.version == version)
+                .values(state=state.decode())
+            )
+
+    found = Stores(store, SqlSnapshotStore(engine), corrupt, remove, set_recorded_at, url, tamper)
+    return found, store
+
+
+def _tamper_in_memory(db: InMemoryDatabase) -> Callable[[str, str, int, bytes], None]:
+    def tamper(stream_type: str, stream_id: str, version: int, state: bytes) -> None:
+        with db.lock:
+            stored = db.streams[(stream_type, stream_id)].snapshots
+            snap, token = stored[version]
+            stored[version] = (replace(snap, state=state), token)
+
+    return tamper
 
 
 class MemoryBackend:
@@ -85,6 +108,7 @@ class MemoryBackend:
             store.engine.corrupt_event,
             store.engine.remove_event,
             store.engine.set_recorded_at,
+            tamper_snapshot=_tamper_in_memory(store.engine),
         )
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
 
@@ -106,3 +109,115 @@ def deposits(*amounts: int) -> list[NewEvent]:
 def ledger_fold(amounts: list[int]) -> dict[str, Any]:
     """The model: what Ledger must give after depositing ``amounts`` in order."""
     return {"total": sum(amounts), "count": len(amounts), "last": len(amounts)}
+
+
+# -- states that are equal to their snapshot, yet behave differently ([1/6] case 1) -----
+
+
+class RecentKeys:
+    """A dict used as an insertion-ordered queue: keeps the newest ``capacity`` keys and
+    evicts the oldest. A snapshot that sorts the keys evicts the wrong one next time."""
+
+    capacity = 3
+
+    def initial_state(self) -> dict[str, int]:
+        return {}
+
+    def evolve(self, state: dict[str, int], event: RecordedEvent) -> dict[str, int]:
+        state = {**state, event.data["key"]: event.version}
+        while len(state) > self.capacity:
+            del state[next(iter(state))]
+        return state
+
+    def decide(self, command: Any, state: dict[str, int]) -> list[NewEvent]:
+        return []
+
+
+def pushes(*keys: str) -> list[NewEvent]:
+    return [NewEvent("Pushed", {"key": k}) for k in keys]
+
+
+class Reminder(BaseModel):
+    due: datetime | None = None
+
+
+class Reminders:
+    """A pydantic state holding a datetime in its own time zone; postponing moves the
+    wall clock, so a fixed offset in place of ``Europe/Berlin`` drifts an hour at DST."""
+
+    def initial_state(self) -> Reminder:
+        return Reminder()
+
+    def evolve(self, state: Reminder, event: RecordedEvent) -> Reminder:
+        if event.type == "Scheduled":
+            zone = ZoneInfo(event.data["zone"])
+            return Reminder(due=datetime.fromisoformat(event.data["at"]).replace(tzinfo=zone))
+        assert state.due is not None
+        return Reminder(due=state.due + timedelta(days=event.data["days"]))
+
+    def decide(self, command: Any, state: Reminder) -> list[NewEvent]:
+        return []
+
+
+class Status(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Tickets:
+    """An enum member inside a plain dict state: ``"open" == Status.OPEN``, but the next
+    event calls ``.name`` on it."""
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"status": Status.OPEN, "history": []}
+
+    def evolve(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        history = [*state["history"], state["status"].name]
+        return {"status": Status(event.data["status"]), "history": history}
+
+    def decide(self, command: Any, state: dict[str, Any]) -> list[NewEvent]:
+        return []
+
+
+# -- state types that change between deployments ([1/6] case 2) -------------------------
+
+
+class BalanceV1(BaseModel):
+    balance: int = 0
+
+
+class BalanceV2(BaseModel):
+    """V1 plus a field with a default: pydantic would silently fill it."""
+
+    balance: int = 0
+    deposits: int = 0
+
+
+class Renamed(BaseModel):
+    """V1 with ``balance`` renamed: pydantic would ignore the old key."""
+
+    amount: int = 0
+
+
+class Balances:
+    """Folds deposits into whichever of the balance models it is given."""
+
+    def __init__(self, state_type: type[BaseModel] = BalanceV1, **declared: Any) -> None:
+        self.state_type = state_type
+        self.__dict__.update(declared)  # state_version / upcasters, as a decider declares
+
+    def initial_state(self) -> Any:
+        return self.state_type()
+
+    def evolve(self, state: Any, event: RecordedEvent) -> Any:
+        fields = state.model_dump()
+        amount = event.data.get("amount", 0)
+        for name in ("balance", "amount"):
+            if name in fields:
+                fields[name] += amount
+        if "deposits" in fields:
+            fields["deposits"] += 1
+        return self.state_type(**fields)
+
+    def decide(self, command: Any, state: Any) -> list[NewEvent]:
+        return []

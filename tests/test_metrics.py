@@ -54,6 +54,7 @@ def test_log_line_is_one_json_object_with_every_field(caplog: pytest.LogCaptureF
         "bytes_reclaimed": 4096,
         "duration_ms": 12.5,
         "compaction_id": "c-1",
+        "recovered": False,
         "run_id": "run-1",
         "task_id": "task-1",
         "error_type": None,

@@ -28,6 +28,7 @@ from eskit_tasks.errors import (
     DatabaseUnavailableError,
     EskitError,
     StoreError,
+    TableLayoutError,
 )
 
 #: Seconds SQLite waits for another connection's write lock before giving up.
@@ -167,12 +168,29 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def create_tables(engine: Engine, metadata: sa.MetaData) -> None:
-    """Create missing tables; safe when many workers start at once on an empty database."""
+def create_tables(
+    engine: Engine,
+    metadata: sa.MetaData,
+    layout_differences: Callable[[Connection], list[str]],
+) -> None:
+    """Create missing tables and check the layout of those that exist; safe when many
+    workers start at once on an empty database.
+
+    Raises:
+        TableLayoutError: the tables exist with another layout (nothing was changed).
+    """
     with write_transaction(engine) as conn:
         if engine.dialect.name == "postgresql":
             # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalogs.
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+        differences = layout_differences(conn)
+        if differences:
+            raise TableLayoutError(
+                f"the eskit tables in {mask_url(engine.url)} do not have the layout this "
+                f"eskit-tasks expects: {'; '.join(differences)}. Nothing was changed; "
+                "upgrade them as docs/upgrading.md describes, or use a database made by "
+                "this version (eskit-tasks init-db)."
+            )
         metadata.create_all(conn, checkfirst=True)
 
 

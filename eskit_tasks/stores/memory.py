@@ -22,7 +22,14 @@ from eskit_tasks.errors import (
     FencedError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.ports import (
+    Candidate,
+    CompactionRecord,
+    DeletionPlan,
+    Snapshot,
+    StoredSnapshot,
+    StreamInfo,
+)
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
     check_aware,
@@ -241,6 +248,10 @@ class InMemoryEventStore:
             s.compacted_through = c
             return len(doomed)
 
+    def find_compaction(self, compaction_id: str) -> CompactionRecord | None:
+        with self.engine.lock:
+            return next((r for r in self.engine.log if r.compaction_id == compaction_id), None)
+
     def candidates(
         self,
         *,
@@ -327,6 +338,19 @@ class InMemorySnapshotStore:
             hit = s.snapshots.get(version)
             if hit is not None and not hit[0].verified:
                 del s.snapshots[version]
+
+    def verified_snapshots(
+        self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
+    ) -> list[StoredSnapshot]:
+        types = None if stream_types is None else set(stream_types)
+        with self.engine.lock:
+            found = []
+            for (t, i), s in self.engine.streams.items():
+                verified = [snap for snap, _ in s.snapshots.values() if snap.verified]
+                if s.key > after and verified and (types is None or t in types):
+                    newest = max(verified, key=lambda snap: snap.version)
+                    found.append(StoredSnapshot(s.key, t, i, newest))
+        return sorted(found, key=lambda f: f.key)[:limit]
 
 
 def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[tuple[int, _Record]]:

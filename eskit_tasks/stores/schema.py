@@ -13,6 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
+from eskit_tasks.codec import UNRECORDED
+
 metadata = sa.MetaData()
 
 # SQLite only turns an INTEGER PRIMARY KEY into an auto-incrementing rowid alias;
@@ -88,6 +90,10 @@ snapshots = sa.Table(
     sa.Column("verified", sa.Boolean, nullable=False),
     sa.Column("fence_token", sa.BigInteger, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    # Which state schema wrote the snapshot: a snapshot of another schema is decoded
+    # only through the decider's upcasters ('unrecorded': written before markers).
+    sa.Column("fingerprint", sa.String(64), nullable=False, server_default=UNRECORDED),
+    sa.Column("state_version", sa.BigInteger, nullable=True),
     sqlite_with_rowid=False,
 )
 
@@ -109,3 +115,35 @@ compaction_log = sa.Table(
     sa.Column("fence_token", sa.BigInteger, nullable=False),
     sa.Column("compacted_at", UtcDateTime, nullable=False),
 )
+
+
+def layout_differences(conn: sa.Connection) -> list[str]:
+    """How the existing eskit tables in ``conn``'s database differ from this version's
+    layout: missing columns, and unknown columns this version could not fill (NOT NULL,
+    no default). Missing tables are not a difference: they are created."""
+    inspector = sa.inspect(conn)
+    existing = set(inspector.get_table_names())
+    found = []
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        columns = {c["name"]: c for c in inspector.get_columns(table.name)}
+        missing = [c.name for c in table.columns if c.name not in columns]
+        if missing:
+            found.append(
+                f"{table.name} lacks column{'s' * (len(missing) > 1)} {', '.join(missing)}"
+            )
+        unknown = [
+            name
+            for name, col in columns.items()
+            if name not in table.columns
+            and not col.get("nullable", True)
+            and col.get("default") is None
+            and not col.get("autoincrement", False)
+        ]
+        if unknown:
+            found.append(
+                f"{table.name} has column{'s' * (len(unknown) > 1)} {', '.join(unknown)} that "
+                "this version cannot fill (NOT NULL without a default; a newer eskit-tasks?)"
+            )
+    return found

@@ -8,6 +8,7 @@ the length of the stream.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,7 +25,14 @@ from eskit_tasks.errors import (
     FencedError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, Snapshot, StreamInfo
+from eskit_tasks.ports import (
+    Candidate,
+    CompactionRecord,
+    DeletionPlan,
+    Snapshot,
+    StoredSnapshot,
+    StreamInfo,
+)
 from eskit_tasks.stores import dialects
 from eskit_tasks.stores.common import (
     ROW_OVERHEAD_BYTES,
@@ -35,15 +43,30 @@ from eskit_tasks.stores.common import (
     encode_events,
     label_of,
 )
-from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshots, streams
+from eskit_tasks.stores.schema import (
+    compaction_log,
+    events,
+    layout_differences,
+    metadata,
+    snapshots,
+    streams,
+)
 
 #: Rows fetched per round trip when streaming events.
 DEFAULT_PAGE_SIZE = 5000
 
 
+# Engines whose tables were created or checked already (once per engine, not per store).
+_checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def _ensure_schema(engine: Engine) -> None:
+    """Create the missing tables and refuse existing ones of another layout."""
+    if engine in _checked_engines:
+        return
     with dialects.translate_errors(engine, "open the event store"):
-        dialects.create_tables(engine, metadata)
+        dialects.create_tables(engine, metadata, layout_differences)
+    _checked_engines.add(engine)
 
 
 def _stream_pk(conn: Connection, stream_type: str, stream_id: str, *, lock: bool = False) -> Any:
@@ -55,13 +78,31 @@ def _stream_pk(conn: Connection, stream_type: str, stream_id: str, *, lock: bool
     return conn.execute(query).one_or_none()
 
 
+_AUDIT_QUERY = sa.select(
+    compaction_log.c.compaction_id,
+    compaction_log.c.stream_type,
+    compaction_log.c.stream_id,
+    compaction_log.c.from_version,
+    compaction_log.c.through_version,
+    compaction_log.c.snapshot_version,
+    compaction_log.c.head_version,
+    compaction_log.c.state_hash,
+    compaction_log.c.events_deleted,
+    compaction_log.c.bytes_reclaimed,
+    compaction_log.c.fence_token,
+    compaction_log.c.compacted_at,
+)
+
+
 class SqlEventStore:
     """Event store on PostgreSQL or SQLite; see :class:`eskit_tasks.ports.EventStore`.
 
     Args:
         engine: A SQLAlchemy engine, best made by :meth:`from_url`, which configures
             SQLite for concurrent readers (WAL) and serialised writers.
-        create_tables: Create the tables if they are missing.
+        create_tables: Create the tables if they are missing and check the layout of
+            those that exist (:class:`~eskit_tasks.errors.TableLayoutError` if it is not
+            this version's). False: no I/O here, for engines already checked.
         page_size: Rows per fetch when streaming events.
     """
 
@@ -301,24 +342,7 @@ class SqlEventStore:
         self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
     ) -> list[CompactionRecord]:
         c = compaction_log.c
-        query = (
-            sa.select(
-                c.compaction_id,
-                c.stream_type,
-                c.stream_id,
-                c.from_version,
-                c.through_version,
-                c.snapshot_version,
-                c.head_version,
-                c.state_hash,
-                c.events_deleted,
-                c.bytes_reclaimed,
-                c.fence_token,
-                c.compacted_at,
-            )
-            .order_by(c.id.desc())
-            .limit(limit)
-        )
+        query = _AUDIT_QUERY.order_by(c.id.desc()).limit(limit)
         if stream_type is not None:
             query = query.where(c.stream_type == stream_type)
         if stream_id is not None:
@@ -328,6 +352,17 @@ class SqlEventStore:
             self.engine.connect() as conn,
         ):
             return [CompactionRecord(**row._mapping) for row in conn.execute(query)]
+
+    def find_compaction(self, compaction_id: str) -> CompactionRecord | None:
+        """The audit row of ``compaction_id``; see the port."""
+        with (
+            dialects.translate_errors(self.engine, "read the compaction log"),
+            self.engine.connect() as conn,
+        ):
+            row = conn.execute(
+                _AUDIT_QUERY.where(compaction_log.c.compaction_id == compaction_id)
+            ).one_or_none()
+        return None if row is None else CompactionRecord(**row._mapping)
 
     # -- compaction --------------------------------------------------------------------
 
@@ -416,12 +451,37 @@ class SqlEventStore:
         return int(deleted)
 
 
+_SNAPSHOT_COLUMNS = (
+    snapshots.c.version,
+    snapshots.c.state,
+    snapshots.c.state_hash,
+    snapshots.c.verified,
+    snapshots.c.created_at,
+    snapshots.c.fingerprint,
+    snapshots.c.state_version,
+)
+
+
+def _snapshot(row: Sequence[Any]) -> Snapshot:
+    version, state, digest, verified, created_at, fingerprint, state_version = row
+    return Snapshot(
+        int(version),
+        state.encode(),
+        digest,
+        bool(verified),
+        created_at,
+        fingerprint,
+        None if state_version is None else int(state_version),
+    )
+
+
 class SqlSnapshotStore:
     """Snapshot store in the event store's database; see :class:`eskit_tasks.ports.SnapshotStore`.
 
     Args:
         engine: The event store's engine (``SqlSnapshotStore(store.engine)``).
-        create_tables: Create the tables if they are missing.
+        create_tables: Create the tables if they are missing and check their layout
+            (once per engine).
     """
 
     def __init__(self, engine: Engine, *, create_tables: bool = True) -> None:
@@ -472,6 +532,8 @@ class SqlSnapshotStore:
                     verified=False,
                     fence_token=fence_token,
                     created_at=snapshot.created_at,
+                    fingerprint=snapshot.fingerprint,
+                    state_version=snapshot.state_version,
                 )
             )
 
@@ -482,14 +544,13 @@ class SqlSnapshotStore:
         return self._one(stream_type, stream_id, snapshots.c.verified.is_(True))
 
     def _one(self, stream_type: str, stream_id: str, condition: Any) -> Snapshot | None:
-        s = snapshots.c
         query = (
-            sa.select(s.version, s.state, s.state_hash, s.verified, s.created_at)
-            .join(streams, streams.c.pk == s.stream_pk)
+            sa.select(*_SNAPSHOT_COLUMNS)
+            .join(streams, streams.c.pk == snapshots.c.stream_pk)
             .where(
                 streams.c.stream_type == stream_type, streams.c.stream_id == stream_id, condition
             )
-            .order_by(s.version.desc())
+            .order_by(snapshots.c.version.desc())
             .limit(1)
         )
         with (
@@ -499,9 +560,32 @@ class SqlSnapshotStore:
             self.engine.connect() as conn,
         ):
             row = conn.execute(query).one_or_none()
-        if row is None:
-            return None
-        return Snapshot(row[0], row[1].encode(), row[2], bool(row[3]), row[4])
+        return None if row is None else _snapshot(row)
+
+    def verified_snapshots(
+        self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
+    ) -> list[StoredSnapshot]:
+        """A keyset page over the streams' key; each stream's newest verified snapshot."""
+        newest = (
+            sa.select(sa.func.max(snapshots.c.version))
+            .where(snapshots.c.stream_pk == streams.c.pk, snapshots.c.verified.is_(True))
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(streams.c.pk, streams.c.stream_type, streams.c.stream_id, *_SNAPSHOT_COLUMNS)
+            .join(snapshots, snapshots.c.stream_pk == streams.c.pk)
+            .where(streams.c.pk > after, snapshots.c.version == newest)
+            .order_by(streams.c.pk)
+            .limit(limit)
+        )
+        if stream_types is not None:
+            query = query.where(streams.c.stream_type.in_(list(stream_types)))
+        with (
+            dialects.translate_errors(self.engine, "list verified snapshots"),
+            self.engine.connect() as conn,
+        ):
+            rows = conn.execute(query).all()
+        return [StoredSnapshot(int(r[0]), r[1], r[2], _snapshot(r[3:])) for r in rows]
 
     def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
         label = label_of(stream_type, stream_id)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 
 import pytest
+from pydantic import BaseModel
 
 from eskit_tasks import (
     ConcurrencyError,
@@ -20,6 +23,21 @@ from eskit_tasks.errors import DeletionMismatchError
 from eskit_tasks.ports import DeletionPlan
 from tests.backends import Stores
 from tests.deciders import deposits
+
+
+@dataclass
+class Priced:
+    price: float
+
+
+class Level(Enum):
+    LOW = 1.0
+    INFINITE = float("inf")
+
+
+class PricedModel(BaseModel):
+    price: float
+
 
 ODD_IDS = [
     "it's",
@@ -120,16 +138,33 @@ class EventStoreContract:
         assert stores.events.head_version("account", "a-1") == 0
         assert list(stores.events.read("account", "a-1")) == []
 
-    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), [1.0, float("-inf")]])
-    def test_non_finite_numbers_are_refused_not_stored_as_null(self, stores: Stores, bad):
-        with pytest.raises(ConfigurationError, match="NaN and Infinity are not JSON"):
-            stores.events.append(
-                "account", "a-1", [NewEvent(type="X", data={"v": bad})], expected_version=0
-            )
-        assert stores.events.head_version("account", "a-1") == 0
+    @pytest.mark.parametrize(
+        ("bad", "path"),
+        [
+            (float("nan"), r"\$\['v'\]"),
+            (float("inf"), r"\$\['v'\]"),
+            ([1.0, float("-inf")], r"\$\['v'\]\[1\]"),
+            # Inside a dataclass, an enum and a pydantic model orjson would write null.
+            ({"at": Priced(float("nan"))}, r"\$\['v'\]\['at'\]\.price"),
+            ((Priced(1.0), Level.INFINITE), r"\$\['v'\]\[1\]"),
+            ([{"m": PricedModel(price=float("inf"))}], r"\$\['v'\]\[0\]\['m'\]\.price"),
+        ],
+    )
+    def test_non_finite_numbers_are_refused_not_stored_as_null(self, stores: Stores, bad, path):
+        for where in ("data", "metadata"):
+            event = NewEvent(type="X", **{where: {"v": bad}})
+            with pytest.raises(ConfigurationError, match=rf"{path} is NaN or Infinity"):
+                stores.events.append("account", "a-1", [*deposits(1), event], expected_version=0)
+            assert stores.events.head_version("account", "a-1") == 0
         stores.events.append(
             "account", "a-1", [NewEvent(type="X", data={"v": None})], expected_version=0
         )
+
+    def test_dataclasses_enums_and_models_in_payloads_are_stored_as_json(self, stores: Stores):
+        data = {"p": Priced(2.5), "level": Level.LOW, "m": PricedModel(price=1.0)}
+        stores.events.append("account", "a-1", [NewEvent("X", data)], expected_version=0)
+        [event] = stores.events.read("account", "a-1")
+        assert event.data == {"p": {"price": 2.5}, "level": 1.0, "m": {"price": 1.0}}
 
     def test_concurrent_appends_with_same_expected_version_one_wins(self, stores: Stores):
         stores.events.append("account", "a-1", deposits(1), expected_version=0)

@@ -1,0 +1,351 @@
+"""The promise at its edges (issue [1/6]), on every backend.
+
+Each test is one of the cases that broke it: a verified compaction that destroyed
+information (equal is not indistinguishable), a state type that changed silently, a
+snapshot changed by hand, a deletion reported as a failure. Each fails on the code
+before the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from eskit_tasks import (
+    CompactionPolicy,
+    Compactor,
+    NewEvent,
+    Outcome,
+    load_state,
+)
+from eskit_tasks import compactor as compactor_module
+from eskit_tasks.codec import UNRECORDED, StateCodec
+from eskit_tasks.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    SnapshotIntegrityError,
+    SnapshotSchemaError,
+)
+from tests.backends import Stores
+from tests.contracts.compactor import Proxy, seed, state_of, untouched
+from tests.contracts.event_store import versions
+from tests.deciders import (
+    Balances,
+    BalanceV1,
+    BalanceV2,
+    Ledger,
+    RecentKeys,
+    Reminder,
+    Reminders,
+    Renamed,
+    Tickets,
+    ledger_fold,
+    pushes,
+)
+
+
+def compact(stores: Stores, decider: Any, state_type: Any, **kwargs: Any):
+    policy = CompactionPolicy(retain_last=kwargs.pop("retain_last", 0))
+    return Compactor(
+        store=kwargs.pop("store", stores.events),
+        snapshot_store=stores.snapshots,
+        decider=decider,
+        state_type=state_type,
+        policy=policy,
+        **kwargs,
+    )
+
+
+def replay(decider: Any, events: list[NewEvent]) -> Any:
+    """The state a decider folds from ``events`` with no store in between (the model)."""
+    from datetime import UTC, datetime
+
+    from eskit_tasks import RecordedEvent
+
+    state = decider.initial_state()
+    for version, e in enumerate(events, start=1):
+        state = decider.evolve(
+            state, RecordedEvent(version, e.type, e.data, e.metadata, datetime.now(UTC))
+        )
+    return state
+
+
+class AdversarialContract:
+    # 1. equal is not indistinguishable ------------------------------------------------
+
+    def test_insertion_ordered_dict_survives_compaction_and_evicts_the_right_key(
+        self, stores: Stores
+    ):
+        first = pushes("zeta", "alpha", "mid")  # not in sorted order
+        stores.events.append("queue", "q", first, expected_version=0)
+        result = compact(stores, RecentKeys(), dict).compact("queue", "q")
+        assert result.outcome == Outcome.COMPACTED, result.error
+        stores.events.append("queue", "q", pushes("beta"), expected_version=3)
+        state, _ = load_state(stores.events, stores.snapshots, RecentKeys(), dict, "queue", "q")
+        expected = replay(RecentKeys(), [*first, *pushes("beta")])
+        assert (
+            list(state.items())
+            == list(expected.items())
+            == [
+                ("alpha", 2),
+                ("mid", 3),
+                ("beta", 4),
+            ]
+        )
+
+    def test_zoneinfo_datetime_in_a_model_fails_verification_and_keeps_every_event(
+        self, stores: Stores
+    ):
+        events = [
+            NewEvent("Scheduled", {"at": "2026-01-10T09:00:00", "zone": "Europe/Berlin"}),
+            NewEvent("Postponed", {"days": 1}),
+        ]
+        stores.events.append("reminder", "r", events, expected_version=0)
+        result = compact(stores, Reminders(), Reminder).compact("reminder", "r")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "reminder/r" in result.error and "at $.due (time zone)" in result.error
+        assert "ZoneInfo('Europe/Berlin')" in result.error and "fixed offset" in result.error
+        assert versions(stores, "reminder", "r") == [1, 2]
+        assert stores.snapshots.latest("reminder", "r") is None
+        # Folding on from the events is still right 120 days later, across DST.
+        stores.events.append(
+            "reminder", "r", [NewEvent("Postponed", {"days": 120})], expected_version=2
+        )
+        state, _ = load_state(
+            stores.events, stores.snapshots, Reminders(), Reminder, "reminder", "r"
+        )
+        assert state.due is not None and state.due.utcoffset().total_seconds() == 7200
+
+    def test_enum_in_a_plain_dict_fails_verification_so_the_stream_stays_loadable(
+        self, stores: Stores
+    ):
+        stores.events.append(
+            "ticket", "t", [NewEvent("Changed", {"status": "closed"})], expected_version=0
+        )
+        result = compact(stores, Tickets(), dict).compact("ticket", "t")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "at $['status'] (type)" in result.error
+        assert "(Status)" in result.error and "'closed' (str)" in result.error
+        stores.events.append(
+            "ticket", "t", [NewEvent("Changed", {"status": "open"})], expected_version=1
+        )
+        state, version = load_state(stores.events, stores.snapshots, Tickets(), dict, "ticket", "t")
+        assert (state["history"], version) == (["OPEN", "CLOSED"], 2)
+
+    def test_a_snapshot_that_would_decode_differently_is_caught_with_a_retained_tail_too(
+        self, stores: Stores
+    ):
+        stores.events.append(
+            "ticket", "t", [NewEvent("Changed", {"status": "closed"})] * 3, expected_version=0
+        )
+        result = compact(stores, Tickets(), dict, retain_last=1).compact("ticket", "t")
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert versions(stores, "ticket", "t") == [1, 2, 3]
+
+    # 2. state type changes ------------------------------------------------------------
+
+    def _compacted_v1(self, stores: Stores, **declared: Any) -> None:
+        seed(stores, [5, 7], stream_type="balance")
+        first = compact(stores, Balances(BalanceV1, **declared), BalanceV1, retain_last=0)
+        assert first.compact("balance", "a-1").outcome == Outcome.COMPACTED
+        seed(stores, [1], stream_type="balance")
+
+    @pytest.mark.parametrize("new_type", [BalanceV2, Renamed], ids=["new-field", "renamed"])
+    def test_a_changed_state_type_is_refused_not_decoded_with_defaults(
+        self, stores: Stores, new_type
+    ):
+        self._compacted_v1(stores)
+        with pytest.raises(SnapshotSchemaError) as info:
+            load_state(
+                stores.events, stores.snapshots, Balances(new_type), new_type, "balance", "a-1"
+            )
+        text = str(info.value)
+        assert "balance/a-1 snapshot at version 2" in text
+        assert "written for another state schema" in text and "upcaster" in text
+        result = compact(stores, Balances(new_type), new_type).compact("balance", "a-1")
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "SnapshotSchemaError")
+        assert versions(stores, "balance", "a-1") == [3]  # nothing more deleted
+
+    def test_upcasters_by_version_are_applied_in_order_and_the_next_snapshot_is_current(
+        self, stores: Stores
+    ):
+        self._compacted_v1(stores, state_version=1)
+        v3 = Balances(
+            BalanceV2,
+            state_version=3,
+            upcasters={
+                1: lambda s: {**s, "deposits": -1},
+                2: lambda s: {**s, "deposits": s["deposits"] + 3},  # v1 -> v2 -> v3
+            },
+        )
+        state, version = load_state(
+            stores.events, stores.snapshots, v3, BalanceV2, "balance", "a-1"
+        )
+        assert (state, version) == (BalanceV2(balance=13, deposits=3), 3)
+        assert compact(stores, v3, BalanceV2).compact("balance", "a-1").outcome == "compacted"
+        snap = stores.snapshots.latest("balance", "a-1")
+        assert snap is not None and snap.marker == StateCodec(BalanceV2, version=3).marker
+        # The new snapshot needs no upcaster any more.
+        plain = Balances(BalanceV2, state_version=3)
+        assert load_state(stores.events, stores.snapshots, plain, BalanceV2, "balance", "a-1")[
+            0
+        ] == BalanceV2(balance=13, deposits=3)
+
+    def test_a_gap_in_the_upcaster_chain_is_refused(self, stores: Stores):
+        self._compacted_v1(stores, state_version=1)
+        v3 = Balances(BalanceV2, state_version=3, upcasters={2: lambda s: s})
+        with pytest.raises(SnapshotSchemaError, match="no upcaster leads"):
+            load_state(stores.events, stores.snapshots, v3, BalanceV2, "balance", "a-1")
+
+    def test_an_upcaster_that_leaves_a_field_to_its_default_is_refused(self, stores: Stores):
+        self._compacted_v1(stores)
+        old = StateCodec(BalanceV1).marker.fingerprint
+        lazy = Balances(BalanceV2, upcasters={old: lambda s: s})
+        with pytest.raises(SnapshotSchemaError, match=r"lacks \$\['deposits'\]"):
+            load_state(stores.events, stores.snapshots, lazy, BalanceV2, "balance", "a-1")
+        careful = Balances(BalanceV2, upcasters={old: lambda s: {**s, "deposits": 0}})
+        state, _ = load_state(stores.events, stores.snapshots, careful, BalanceV2, "balance", "a-1")
+        assert state == BalanceV2(balance=13, deposits=1)
+
+    def test_same_state_version_with_another_shape_is_refused(self, stores: Stores):
+        self._compacted_v1(stores, state_version=1)
+        with pytest.raises(SnapshotSchemaError) as info:
+            load_state(
+                stores.events,
+                stores.snapshots,
+                Balances(BalanceV2, state_version=1),
+                BalanceV2,
+                "balance",
+                "a-1",
+            )
+        assert "stored: state_version 1" in str(info.value)
+
+    def test_an_upcaster_that_raises_is_reported_with_its_error(self, stores: Stores):
+        self._compacted_v1(stores, state_version=1)
+        broken = Balances(BalanceV2, state_version=2, upcasters={1: lambda s: s["nope"]})
+        result = compact(stores, broken, BalanceV2).compact("balance", "a-1")
+        assert result.error_type == "SnapshotSchemaError"
+        assert "upcaster from state_version 1 raised KeyError" in result.error
+
+    def test_snapshots_record_their_schema_marker(self, stores: Stores):
+        self._compacted_v1(stores, state_version=4)
+        snap = stores.snapshots.latest("balance", "a-1")
+        assert snap is not None
+        assert (snap.fingerprint, snap.state_version) == (
+            StateCodec(BalanceV1).marker.fingerprint,
+            4,
+        )
+        assert snap.fingerprint != UNRECORDED
+
+    # 3. a snapshot changed by hand ----------------------------------------------------
+
+    def test_a_tampered_snapshot_is_refused_by_load_state_and_by_compaction(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+        assert compact(stores, Ledger(), dict).compact("account", "a-1").outcome == "compacted"
+        seed(stores, [4])
+        stores.tamper_snapshot("account", "a-1", 3, b'{"total":1000,"count":3,"last":3}')
+        with pytest.raises(SnapshotIntegrityError) as info:
+            state_of(stores)
+        assert "account/a-1" in str(info.value) and "version 3" in str(info.value)
+        assert info.value.version == 3
+        result = compact(stores, Ledger(), dict).compact("account", "a-1")
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "SnapshotIntegrityError")
+        assert result.events_deleted == 0
+        assert versions(stores, "account", "a-1") == [4]
+        snap = stores.snapshots.latest("account", "a-1")
+        assert snap is not None and snap.version == 3  # not replaced by a re-hashed one
+
+    # 4. a deletion whose COMMIT reply was lost -----------------------------------------
+
+    def test_a_lost_commit_reply_is_settled_from_the_audit_log(self, stores: Stores):
+        seed(stores, list(range(1, 91)))
+        real = stores.events.commit_compaction
+
+        def commit_then_lose_the_reply(plan):
+            real(plan)
+            raise DatabaseUnavailableError("server closed the connection unexpectedly")
+
+        store = Proxy(stores.events, commit_compaction=commit_then_lose_the_reply)
+        result = compact(stores, Ledger(), dict, store=store, retain_last=10).compact(
+            "account", "a-1"
+        )
+        assert (result.outcome, result.recovered, result.error) == (
+            Outcome.COMPACTED,
+            True,
+            None,
+        )
+        [row] = stores.events.compaction_log("account", "a-1")
+        assert (result.compaction_id, result.events_deleted) == (row.compaction_id, 80)
+        assert (result.snapshot_version, result.events_retained) == (80, 10)
+        assert result.bytes_reclaimed == row.bytes_reclaimed > 0
+        assert state_of(stores) == (ledger_fold(list(range(1, 91))), 90)
+
+    def test_a_delete_that_did_not_commit_is_still_failed(self, stores: Stores):
+        seed(stores, [1, 2, 3])
+
+        def cut_off_before_commit(plan):
+            raise DatabaseUnavailableError("connection refused")
+
+        store = Proxy(stores.events, commit_compaction=cut_off_before_commit)
+        result = compact(stores, Ledger(), dict, store=store).compact("account", "a-1")
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "DatabaseUnavailableError")
+        assert (result.events_deleted, result.recovered) == (0, False)
+        untouched(stores, 3)
+
+    def test_unknown_outcome_then_a_retry_with_the_same_id_reports_the_deletion_once(
+        self, stores: Stores, monkeypatch: pytest.MonkeyPatch
+    ):
+        monkeypatch.setattr(compactor_module, "SETTLE_DELAYS_S", (0.0,))
+        seed(stores, [1, 2, 3, 4])
+        real = stores.events.commit_compaction
+        down = itertools.count()
+        committed: list[bool] = []
+
+        def unreachable_once_committed(compaction_id):
+            if not committed:
+                return stores.events.find_compaction(compaction_id)
+            next(down)
+            raise DatabaseUnavailableError("database is down")
+
+        def commit_then_go_down(plan):
+            real(plan)
+            committed.append(True)
+            raise DatabaseUnavailableError("server closed the connection unexpectedly")
+
+        store = Proxy(
+            stores.events,
+            commit_compaction=commit_then_go_down,
+            find_compaction=unreachable_once_committed,
+        )
+        first = compact(stores, Ledger(), dict, store=store).compact(
+            "account", "a-1", compaction_id="retry-me"
+        )
+        assert (first.outcome, first.error_type) == (Outcome.FAILED, "CommitOutcomeUnknownError")
+        assert "compaction_id='retry-me'" in first.error and next(down) == 2
+        again = compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id="retry-me")
+        assert (again.outcome, again.recovered, again.events_deleted) == ("compacted", True, 4)
+        assert again.compaction_id == "retry-me"
+        assert len(stores.events.compaction_log("account", "a-1")) == 1
+        # A third attempt reports the same deletion again; it never compacts twice.
+        third = compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id="retry-me")
+        assert third.model_dump(exclude={"duration_ms"}) == again.model_dump(
+            exclude={"duration_ms"}
+        )
+
+    def test_a_compaction_id_of_another_stream_is_refused(self, stores: Stores):
+        seed(stores, [1, 2], stream_id="a-1")
+        seed(stores, [1, 2], stream_id="b-2")
+        done = compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id="x")
+        assert done.outcome == "compacted"
+        other = compact(stores, Ledger(), dict).compact("account", "b-2", compaction_id="x")
+        assert (other.outcome, other.error_type) == (Outcome.FAILED, "ConfigurationError")
+        assert versions(stores, "account", "b-2") == [1, 2]
+
+    @pytest.mark.parametrize("bad", ["", "x" * 37, 7])
+    def test_a_malformed_compaction_id_is_a_configuration_error(self, stores: Stores, bad):
+        seed(stores, [1])
+        with pytest.raises(ConfigurationError, match="compaction_id"):
+            compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id=bad)
+        untouched(stores, 1)
