@@ -35,7 +35,7 @@ from eskit_tasks.registry import get_registration, import_decider_modules
 from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.settings import get_settings
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
-from eskit_tasks.verify import SnapshotReport, verify_snapshots
+from eskit_tasks.verify import MAX_PROBLEMS, SnapshotReport, verify_snapshots
 
 
 class Exit(IntEnum):
@@ -386,7 +386,9 @@ def _print_snapshot_report(report: SnapshotReport) -> None:
     for p in report.problems[:SHOWN_PROBLEMS]:
         out.print(f"{p.kind}: {p.error}", markup=False)
     if report.failed > SHOWN_PROBLEMS:
-        out.print(f"... and {report.failed - SHOWN_PROBLEMS:,} more (--json lists up to 1,000)")
+        out.print(
+            f"... and {report.failed - SHOWN_PROBLEMS:,} more (--json lists up to {MAX_PROBLEMS:,})"
+        )
     if report.failed:
         out.print(
             "Do not deploy until these load: register upcasters for the old schemas, or "

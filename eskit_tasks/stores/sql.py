@@ -128,7 +128,12 @@ class SqlEventStore:
                 host; the password is masked).
             ConfigurationError: the URL is malformed or names an unsupported database.
         """
-        return cls(dialects.create_engine(url, **engine_kwargs), page_size=page_size)
+        engine = dialects.create_engine(url, **engine_kwargs)
+        try:
+            return cls(engine, page_size=page_size)
+        except BaseException:
+            engine.dispose()  # e.g. TableLayoutError: no pooled connection is left behind
+            raise
 
     def __repr__(self) -> str:
         return f"SqlEventStore({dialects.mask_url(self.engine.url)!r})"
@@ -565,16 +570,18 @@ class SqlSnapshotStore:
     def verified_snapshots(
         self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
     ) -> list[StoredSnapshot]:
-        """A keyset page over the streams' key; each stream's newest verified snapshot."""
-        newest = (
-            sa.select(sa.func.max(snapshots.c.version))
-            .where(snapshots.c.stream_pk == streams.c.pk, snapshots.c.verified.is_(True))
-            .scalar_subquery()
-        )
+        """A keyset page over the streams' key; each stream's verified snapshot, which a
+        committed compaction leaves at the compaction point (and only there)."""
         query = (
             sa.select(streams.c.pk, streams.c.stream_type, streams.c.stream_id, *_SNAPSHOT_COLUMNS)
-            .join(snapshots, snapshots.c.stream_pk == streams.c.pk)
-            .where(streams.c.pk > after, snapshots.c.version == newest)
+            .join(
+                snapshots,
+                sa.and_(
+                    snapshots.c.stream_pk == streams.c.pk,
+                    snapshots.c.version == streams.c.compacted_through,
+                ),
+            )
+            .where(streams.c.pk > after, snapshots.c.verified.is_(True))
             .order_by(streams.c.pk)
             .limit(limit)
         )

@@ -1,0 +1,164 @@
+"""Tables of another layout are refused with one line, on SQLite and PostgreSQL ([1/6]
+case 6: `init-db` used to say "tables ready" and compaction failed later)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from eskit_tasks import (
+    CompactionPolicy,
+    Compactor,
+    SqlEventStore,
+    SqlSnapshotStore,
+    TableLayoutError,
+    load_state,
+)
+from eskit_tasks.cli import main
+from eskit_tasks.stores.schema import metadata
+from tests.conftest import _libpq
+from tests.deciders import Ledger, deposits, ledger_fold
+
+UPGRADING = Path(__file__).resolve().parent.parent / "docs" / "upgrading.md"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_url(request, tmp_path: Path) -> Iterator[str]:
+    """A database of its own (the layout is changed by hand, so not the shared one)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'layout.db'}"
+        return
+    admin = request.getfixturevalue("postgres_url")
+    name = f"eskit_layout_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(_libpq(admin), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+        finally:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _alter(url: str, *statements: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def _columns(url: str, table: str) -> list[str]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        names = [c["name"] for c in sa.inspect(conn).get_columns(table)]
+    engine.dispose()
+    return names
+
+
+def _first_layout(url: str) -> None:
+    """The tables as the first release made them (no schema markers on snapshots)."""
+    SqlEventStore.from_url(url).engine.dispose()
+    _alter(
+        url,
+        "ALTER TABLE eskit_snapshots DROP COLUMN state_version",
+        "ALTER TABLE eskit_snapshots DROP COLUMN fingerprint",
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [("eskit_streams", "fence_token"), ("eskit_snapshots", "fingerprint")],
+)
+def test_a_missing_column_is_refused_with_one_line_and_nothing_changes(
+    fresh_url: str, table: str, column: str
+):
+    SqlEventStore.from_url(fresh_url).engine.dispose()
+    _alter(
+        fresh_url, f"ALTER TABLE {table} DROP COLUMN {column}", "DROP TABLE eskit_compaction_log"
+    )
+    with pytest.raises(TableLayoutError) as info:
+        SqlEventStore.from_url(fresh_url)
+    text = str(info.value)
+    assert "\n" not in text
+    assert f"{table} lacks column {column}" in text
+    assert "Nothing was changed" in text and "docs/upgrading.md" in text
+    engine = sa.create_engine(fresh_url)
+    with engine.connect() as conn:
+        assert "eskit_compaction_log" not in sa.inspect(conn).get_table_names()
+    engine.dispose()
+
+
+def test_init_db_refuses_instead_of_saying_ready(fresh_url: str, capsys: pytest.CaptureFixture):
+    _first_layout(fresh_url)
+    assert main(["init-db", "--database", fresh_url]) == 1
+    captured = capsys.readouterr()
+    assert "ready" not in captured.out + captured.err
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("error: the eskit tables in ")
+    assert "eskit_snapshots lacks columns fingerprint, state_version" in line
+
+
+def test_an_unknown_column_this_version_cannot_fill_is_refused(fresh_url: str):
+    SqlEventStore.from_url(fresh_url).engine.dispose()
+    _alter(fresh_url, "ALTER TABLE eskit_events ADD COLUMN tenant TEXT NOT NULL DEFAULT 'x'")
+    SqlEventStore.from_url(fresh_url).engine.dispose()  # a default fills it: fine
+    _alter(fresh_url, "ALTER TABLE eskit_streams ADD COLUMN shard BIGINT")
+    SqlEventStore.from_url(fresh_url).engine.dispose()  # nullable: fine
+    if fresh_url.startswith("sqlite"):
+        return  # SQLite cannot add a NOT NULL column without a default
+    _alter(fresh_url, "ALTER TABLE eskit_streams ALTER COLUMN shard SET NOT NULL")
+    with pytest.raises(TableLayoutError, match="eskit_streams has column shard that this version"):
+        SqlEventStore.from_url(fresh_url)
+
+
+def test_the_upgrade_in_docs_upgrading_md_makes_a_first_layout_database_usable(fresh_url: str):
+    _first_layout(fresh_url)
+    # A snapshot the first release wrote: sorted keys, no marker.
+    store = SqlEventStore(sa.create_engine(fresh_url), create_tables=False)
+    store.append("account", "a-1", deposits(1, 2, 3), expected_version=0)
+    old = b'{"count":3,"last":3,"total":6}'
+    import hashlib
+
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO eskit_snapshots (stream_pk, version, state, state_hash, verified, "
+                "fence_token, created_at) VALUES (1, 3, :s, :h, true, 1, :t)"
+            ),
+            {"s": old.decode(), "h": hashlib.sha256(old).hexdigest(), "t": "2026-01-01 00:00:00"},
+        )
+        conn.execute(sa.text("UPDATE eskit_streams SET compacted_through = 3, fence_token = 1"))
+        conn.exec_driver_sql("DELETE FROM eskit_events")
+    store.engine.dispose()
+
+    sql = re.search(r"```sql\n(.*?)```", UPGRADING.read_text(), flags=re.DOTALL)
+    assert sql is not None
+    _alter(fresh_url, *[s for s in sql.group(1).split(";") if s.strip()])
+    store = SqlEventStore.from_url(fresh_url)
+    snaps = SqlSnapshotStore(store.engine)
+    store.append("account", "a-1", deposits(4), expected_version=3)
+    identity = {"unrecorded": lambda s: s}
+    assert load_state(store, snaps, Ledger(), dict, "account", "a-1", upcasters=identity) == (
+        ledger_fold([1, 2, 3, 4]),
+        4,
+    )
+    result = Compactor(
+        store=store,
+        snapshot_store=snaps,
+        decider=Ledger(),
+        state_type=dict,
+        policy=CompactionPolicy(),
+        upcasters=identity,
+    ).compact("account", "a-1")
+    assert result.outcome == "compacted", result.error
+    # The new snapshot has its real marker: no upcaster needed from now on.
+    assert load_state(store, snaps, Ledger(), dict, "account", "a-1")[1] == 4
+    store.engine.dispose()
+    assert "fingerprint" in _columns(fresh_url, "eskit_snapshots")
+    assert len(metadata.tables) == 4
