@@ -220,8 +220,9 @@ class StateCodec(Generic[S]):
     def encode(self, state: S) -> bytes:
         """Return the JSON bytes of ``state`` (insertion order kept)."""
         try:
-            plain = self._adapter.dump_python(state, mode="json")
-            return orjson.dumps(plain)
+            # pydantic's own JSON writer: compact, insertion order, any int size, and
+            # several times faster than dumping to Python objects and then to JSON.
+            return self._adapter.dump_json(state)
         except (PydanticSerializationError, TypeError, ValueError) as exc:
             raise SnapshotCodecError(f"cannot encode state as {self.type_name}: {exc}") from exc
 
@@ -277,18 +278,17 @@ class StateCodec(Generic[S]):
                 "a higher state_version, or {old fingerprint: fn}), or deploy the old state "
                 "type again; nothing was changed.",
             )
-        try:
-            plain: Any = orjson.loads(encoded)
-        except orjson.JSONDecodeError as exc:
-            raise fail(f"stored state is not JSON ({exc})", "Restore it from a backup.") from None
-        for name, step in steps:
-            try:
-                plain = step(plain)
-            except Exception as exc:  # the user's upcaster: report it, never half-apply
-                raise fail(
-                    f"upcaster {name} raised {type(exc).__name__}: {exc}", "Fix the upcaster."
-                ) from exc
-        source = encoded if not steps else orjson.dumps(plain)
+        source = encoded
+        if steps:
+            plain = _parsed(encoded, fail)
+            for name, step in steps:
+                try:
+                    plain = step(plain)
+                except Exception as exc:  # the user's upcaster: report it, never half-apply
+                    raise fail(
+                        f"upcaster {name} raised {type(exc).__name__}: {exc}", "Fix the upcaster."
+                    ) from exc
+            source = orjson.dumps(plain)
         try:
             state = self._adapter.validate_json(source)
             again = self.encode(state)
@@ -297,8 +297,9 @@ class StateCodec(Generic[S]):
                 f"does not decode as the current state type: {_first_line(exc)}",
                 "Register an upcaster that turns its JSON into the current shape.",
             ) from None
-        if again != source:
+        if again != source:  # not the same bytes: is it the same JSON?
             ordered = not steps  # upcasters build plain dicts: their key order is free
+            plain = _parsed(source, fail)
             difference = first_difference(_canonical(plain, ordered), _canonical(again, ordered))
             if difference is not None:
                 raise fail(
@@ -328,6 +329,13 @@ class StateCodec(Generic[S]):
                 return None
             path.append((f"from state_version {v}", step))
         return path
+
+
+def _parsed(encoded: bytes, fail: Callable[[str, str], SnapshotSchemaError]) -> Any:
+    try:
+        return orjson.loads(encoded)
+    except orjson.JSONDecodeError as exc:
+        raise fail(f"stored state is not JSON ({exc})", "Restore it from a backup.") from None
 
 
 def _canonical(value: Any, ordered: bool) -> Any:

@@ -12,7 +12,8 @@ from bench import run
 
 
 @pytest.mark.parametrize(
-    "name", ["throughput-postgres", "throughput-sqlite", "memory", "fleet", "fanout"]
+    "name",
+    ["throughput-postgres", "throughput-sqlite", "memory", "snapshot-load", "fleet", "fanout"],
 )
 def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
     out = tmp_path / "bench.json"
