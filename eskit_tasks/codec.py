@@ -312,9 +312,11 @@ class StateCodec(Generic[S]):
         """The upcasters from ``stored`` to the current marker ([] when none are needed),
         None when there is no path."""
         current = self.marker
-        same_shape = stored.fingerprint == current.fingerprint
-        if same_shape and (
-            stored.version == current.version or None in (stored.version, current.version)
+        if stored.fingerprint == current.fingerprint and (
+            stored.version == current.version
+            # Written before the decider declared versions, and it now declares its
+            # first: the same shape and, by that declaration, the same meaning.
+            or (stored.version is None and current.version == 1)
         ):
             return []
         by_fingerprint = self.upcasters.get(stored.fingerprint)

@@ -1,4 +1,4 @@
-"""Pure units: the cut arithmetic, policy validation, the state codec."""
+"""Pure units: the cut arithmetic, policy validation, the state codec and its markers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from eskit_tasks import CompactionPolicy, InvalidPolicyError, SnapshotCodecError
-from eskit_tasks.codec import StateCodec, state_hash
+from eskit_tasks import (
+    CompactionPolicy,
+    ConfigurationError,
+    InvalidPolicyError,
+    SnapshotCodecError,
+    SnapshotSchemaError,
+)
+from eskit_tasks.codec import SchemaMarker, StateCodec, schema_fingerprint, state_hash
 from eskit_tasks.policy import plan_cut
 from tests.deciders import LedgerModel
 
@@ -132,3 +139,92 @@ def test_codec_errors_are_eskit_errors():
         codec.decode(b'{"total": "lots"}')
     with pytest.raises(SnapshotCodecError, match="cannot encode"):
         StateCodec(dict).encode({"x": object()})
+
+
+class _Thing(BaseModel):
+    n: int = 0
+
+
+@pytest.mark.parametrize(
+    ("stored_version", "current_version", "upcasters", "usable"),
+    [
+        (None, None, {}, True),
+        (3, 3, {}, True),
+        (None, 1, {}, True),  # versions declared from now on, starting at 1
+        (None, 2, {}, False),  # which of versions 1..2 was it? an upcaster must say
+        (2, None, {}, False),  # versions no longer declared: the meaning may have changed
+        (1, 2, {}, False),  # same shape, new meaning: needs the upcaster
+        (1, 3, {1: lambda s: s, 2: lambda s: s}, True),
+        (1, 3, {2: lambda s: s}, False),
+        (4, 3, {}, False),  # written by newer code
+    ],
+)
+def test_which_markers_decode_without_or_with_upcasters(
+    stored_version, current_version, upcasters, usable
+):
+    codec = StateCodec(_Thing, version=current_version, upcasters=upcasters)
+    stored = SchemaMarker(codec.marker.fingerprint, stored_version)
+    args = {"stream_type": "t", "stream_id": "1", "version": 5}
+    if usable:
+        assert codec.decode_snapshot(b'{"n":2}', stored, **args) == _Thing(n=2)
+    else:
+        with pytest.raises(SnapshotSchemaError, match="t/1 snapshot at version 5"):
+            codec.decode_snapshot(b'{"n":2}', stored, **args)
+
+
+@pytest.mark.parametrize(
+    ("upcasters", "version", "match"),
+    [
+        ({1: "not callable"}, 2, "not callable"),
+        ({2: lambda s: s}, 2, "needs a higher current state_version"),
+        ({1: lambda s: s}, None, "needs a higher current state_version"),
+        ({1.5: lambda s: s}, 2, "must be the state_version"),
+        ([], 2, "must be a mapping"),
+    ],
+)
+def test_malformed_upcasters_are_configuration_errors(upcasters, version, match):
+    with pytest.raises(ConfigurationError, match=match):
+        StateCodec(_Thing, version=version, upcasters=upcasters)
+
+
+@pytest.mark.parametrize("version", [-1, True, "2", 1.0])
+def test_state_version_must_be_a_non_negative_int(version):
+    with pytest.raises(ConfigurationError, match="state_version"):
+        StateCodec(_Thing, version=version)
+
+
+def test_fingerprint_ignores_docs_and_defaults_but_not_fields():
+    class A(BaseModel):
+        n: int = 0
+
+    class B(BaseModel):
+        """Documented."""
+
+        n: int = 5
+
+    class C(BaseModel):
+        n: int = 0
+        title: str = ""  # a field called "title" is a field, not an annotation
+
+    class D(BaseModel):
+        n: str = ""
+
+    fingerprints = {schema_fingerprint(t) for t in (A, B)}
+    assert len(fingerprints) == 1
+    assert schema_fingerprint(C) not in fingerprints
+    assert schema_fingerprint(D) not in fingerprints
+    assert len(schema_fingerprint(dict)) == 64
+
+
+def test_strict_decode_refuses_unknown_keys_and_missing_fields():
+    codec = StateCodec(_Thing)
+    args = {"stream_type": "t", "stream_id": "1", "version": 1}
+    with pytest.raises(SnapshotSchemaError, match=r"holds \$\['x'\], which the current"):
+        codec.decode_snapshot(b'{"n":1,"x":2}', codec.marker, **args)
+    with pytest.raises(SnapshotSchemaError, match=r"lacks \$\['n'\], which decoding would"):
+        codec.decode_snapshot(b"{}", codec.marker, **args)
+    with pytest.raises(SnapshotSchemaError, match="does not decode as the current state type"):
+        codec.decode_snapshot(b'{"n":"many"}', codec.marker, **args)
+    # Other bytes for the same JSON (another writer's float format) are fine.
+    floats = StateCodec(dict[str, float])
+    assert floats.decode_snapshot(b'{"f": 1e300}', floats.marker, **args) == {"f": 1e300}
