@@ -499,6 +499,14 @@ def _check_compaction_id(compaction_id: object) -> None:
         )
 
 
+def recovered_result(record: CompactionRecord, *, duration_ms: float = 0.0) -> CompactionResult:
+    """The result of a deletion the audit log holds, reported rather than seen
+    committing (``recovered``): its COMMIT reply was lost, or its worker died."""
+    fields: dict[str, Any] = {"stream_type": record.stream_type, "stream_id": record.stream_id}
+    _report_committed(fields, record)
+    return CompactionResult(**fields, duration_ms=duration_ms)
+
+
 def _report_committed(fields: dict[str, Any], record: CompactionRecord) -> None:
     """The result of a deletion the audit log holds (reported, not seen committing)."""
     fields.update(

@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from eskit_tasks import metrics
 from eskit_tasks.celery_app import app
-from eskit_tasks.compactor import Compactor
+from eskit_tasks.compactor import Compactor, recovered_result
 from eskit_tasks.constants import (
     COMPACTION_LOGGER,
     DONE_PREFIX,
@@ -465,7 +465,8 @@ def _report_task_failure(
     **_: Any,
 ) -> None:
     """A compact_stream that died with an exception (hard time limit, a bug) still counts
-    in its run, as failed, so ``run.wait()`` finishes."""
+    in its run, so ``run.wait()`` finishes: as the deletion it committed, if the audit log
+    holds its compaction id (killed right after COMMIT), else as failed."""
     if getattr(sender, "name", None) != "eskit_tasks.compact_stream":
         return
     kwargs = kwargs if isinstance(kwargs, dict) else {}  # a hand-made message may be
@@ -475,17 +476,29 @@ def _report_task_failure(
     stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
     if not isinstance(stream_type, str) or not isinstance(stream_id, str):
         return
-    result = CompactionResult(
+    compaction_id = compaction_id_for(task_id) if task_id else str(uuid.uuid4())
+    result = _committed_by(compaction_id) or CompactionResult(
         stream_type=stream_type,
         stream_id=stream_id,
         outcome=Outcome.FAILED,
         error=mask_url(f"task {task_id} died: {type(exception).__name__}: {exception}"),
         error_type=type(exception).__name__,
-        compaction_id=str(uuid.uuid4()),
+        compaction_id=compaction_id,
     )
     _record(result, run_id, task_id)
     if run_id:
         _report(resources(), run_id, result)
+
+
+def _committed_by(compaction_id: str) -> CompactionResult | None:
+    """The deletion a dead task committed, from the audit log (None: none, or the
+    database cannot say; the result then names the id to look up)."""
+    try:
+        record = resources().store.find_compaction(compaction_id)
+    except EskitError as exc:
+        log.warning("could not look up compaction %s in the audit log: %s", compaction_id, exc)
+        return None
+    return None if record is None else recovered_result(record)
 
 
 def _report(res: _Resources, run_id: str, result: CompactionResult) -> None:

@@ -6,20 +6,29 @@ is acks_late and reject_on_worker_lost, so its message is redelivered with the s
 task id, hence the same compaction id: the copy that runs it finds the deletion in the
 audit log and reports it (``recovered``), where it used to report nothing_to_compact —
 no result anywhere said that the events had been deleted.
+
+The other death after COMMIT is Celery's hard time limit: the child hangs (it swallows
+the soft limit) until the worker's main process kills it. That task is acknowledged,
+not redelivered; the main process's ``task_failure`` handler reports it, and it finds
+the deletion in the audit log by the task's compaction id (``recovered``), where it used
+to report the stream as failed. A task killed so before its commit is still failed, and
+names that compaction id.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery.result import AsyncResult
 
 from eskit_tasks import Outcome, compact_all
 from eskit_tasks.tasks import compact_stream, compaction_id_for
 from tests.fleet.conftest import Fleet, results_in_backend, wait_until
-from tests.fleet_crash_after_commit import MARKER_ENV
+from tests.fleet_crash_after_commit import HANG_AFTER_ENV, HANG_BEFORE_ENV, MARKER_ENV
 from tests.services import QUIET_WORKER
 
 #: Redelivery in seconds, not minutes: the dead child's lock (held by this very task id)
@@ -122,4 +131,147 @@ def test_a_run_counts_a_deletion_whose_worker_died_after_commit_exactly_once(
         assert result["recovered"] is (stream_id == doomed), result
         assert fleet.live_versions("ledger", stream_id) == []
     assert results[doomed][1]["compaction_id"] == crash["compaction_id"]
+    fleet.assert_nothing_lost()
+
+
+# -- the hard time limit --------------------------------------------------------------
+
+#: Limits of a few seconds. The compaction itself commits well within 90% of the soft
+#: limit (the task's own deadline before a write); the visibility timeout is far above
+#: the test, so no message comes back by timeout (the hard-killed task is acknowledged).
+HARD_LIMITED = {
+    "ESKIT_DECIDER_MODULES": "tests.fleet_deciders,tests.fleet_crash_after_commit",
+    "ESKIT_LOCK_TTL": "2",
+    "ESKIT_TASK_SOFT_TIME_LIMIT": "3",
+    "ESKIT_TASK_TIME_LIMIT": "5",
+    "ESKIT_VISIBILITY_TIMEOUT": "60",
+}
+
+
+def _hanging_worker(fleet: Fleet, env: str, marker: Path) -> None:
+    fleet.worker("hangs", concurrency=1, options=QUIET_WORKER, **HARD_LIMITED, **{env: str(marker)})
+
+
+def _hang(marker: Path) -> dict[str, Any]:
+    """What the hung process was doing (the test is vacuous without the hang)."""
+    assert marker.exists(), "no worker process hung at its commit"
+    hang: dict[str, Any] = json.loads(marker.read_text())
+    # It saw the soft limit and carried on: the hard limit is what ended it.
+    soft = Path(f"{marker}.soft")
+    assert soft.exists() and soft.read_text().split() == [str(hang["pid"])], "no soft limit"
+    return hang
+
+
+def _timed_out_task(fleet: Fleet, stream_id: str) -> str:
+    """The id of the task whose stored result is the hard time limit, for ``stream_id``."""
+    [task_id] = [
+        task_id
+        for task_id, meta in results_in_backend(fleet.broker).items()
+        if meta["status"] == "FAILURE"
+        and meta["result"]["exc_type"] == "TimeLimitExceeded"
+        and meta["args"][1] == stream_id
+    ]
+    return task_id
+
+
+def _hard_limit_hit(fleet: Fleet, task_id: str, hang: dict[str, Any]) -> None:
+    """The worker logged the hard time limit for that task, and the death of the child
+    it killed for it (reaped a few seconds later)."""
+    limit = rf"Hard time limit \(5(\.0)?s\) exceeded for eskit_tasks\.compact_stream\[{task_id}\]"
+    assert re.search(limit, fleet.workers[0].text()), fleet.worker_logs()
+    exited = re.compile(rf"pid:{hang['pid']} exited with 'signal (9 \(SIGKILL\)|15 \(SIGTERM\))'")
+    wait_until(lambda: exited.search(fleet.workers[0].text()), 20, "the hung child's death")
+
+
+def _failure_report(fleet: Fleet, stream_id: str) -> dict[str, Any]:
+    """The compaction line of the task_failure handler for ``stream_id``.
+
+    Celery 5.7 sends task_failure twice for one hard time limit (from
+    ``Request.on_failure``, as billiard fails the job, and again from
+    ``Request.on_timeout``), so the handler logs the same line twice; the run counts
+    the stream once (progress takes one report per stream).
+    """
+    lines = _compaction_lines(fleet, stream_id)
+    assert 1 <= len(lines) <= 2, lines
+    first = {k: v for k, v in lines[0].items() if k != "ts"}
+    assert all({k: v for k, v in x.items() if k != "ts"} == first for x in lines), lines
+    return first
+
+
+def _nothing_unacked(fleet: Fleet) -> bool:
+    """Every delivered message was acknowledged (none waits to come back)."""
+    client = redis.Redis(port=fleet.broker.port, db=0)
+    return client.hlen("unacked") == 0
+
+
+def test_a_run_counts_a_deletion_its_hard_time_limit_killed_after_commit_exactly_once(
+    fleet: Fleet, tmp_path: Path
+):
+    sizes = {"run-a": 120, "run-b": 80, "run-c": 50}
+    for stream_id, n in sizes.items():
+        fleet.seed("ledger", stream_id, n)
+    marker = tmp_path / "hung.json"
+    _hanging_worker(fleet, HANG_AFTER_ENV, marker)
+    final = compact_all(min_events=1, retain_last=10).wait(timeout=90)
+
+    hang = _hang(marker)
+    doomed = hang["stream_id"]
+    assert hang["events_deleted"] == sizes[doomed] - 10
+    task_id = _timed_out_task(fleet, doomed)
+    assert hang["compaction_id"] == compaction_id_for(task_id)
+    _hard_limit_hit(fleet, task_id, hang)
+    assert final.error is None and final.finished, final
+    assert (final.candidates, final.done) == (3, 3)
+    # Before the handler looked in the audit log: {"compacted": 2, "failed": 1}, and the
+    # killed task's deletion missing from events_deleted.
+    assert final.outcomes == {"compacted": 3}, (final, fleet.worker_logs())
+    assert final.events_deleted == sum(n - 10 for n in sizes.values())
+
+    [row] = fleet.store.compaction_log("ledger", doomed)
+    assert row.compaction_id == compaction_id_for(task_id)
+    assert (row.events_deleted, row.through_version) == (sizes[doomed] - 10, sizes[doomed] - 10)
+    assert fleet.live_versions("ledger", doomed) == list(
+        range(sizes[doomed] - 9, sizes[doomed] + 1)
+    )
+    # The main process's lines only (the hung child never logged); nothing came back.
+    line = _failure_report(fleet, doomed)
+    assert (line["outcome"], line["recovered"]) == ("compacted", True), line
+    assert (line["events_deleted"], line["task_id"]) == (sizes[doomed] - 10, task_id)
+    assert line["compaction_id"] == row.compaction_id and line["error"] is None
+    wait_until(lambda: _nothing_unacked(fleet), 10, "every message acknowledged")
+    for stream_id in set(sizes) - {doomed}:
+        [other] = fleet.store.compaction_log("ledger", stream_id)
+        assert other.events_deleted == sizes[stream_id] - 10
+        [line] = _compaction_lines(fleet, stream_id)
+        assert (line["outcome"], line["recovered"]) == ("compacted", False), line
+    fleet.assert_nothing_lost()
+
+
+def test_a_task_its_hard_time_limit_killed_before_commit_is_failed_with_its_compaction_id(
+    fleet: Fleet, tmp_path: Path
+):
+    fleet.seed("ledger", "stuck", 100)
+    marker = tmp_path / "hung.json"
+    _hanging_worker(fleet, HANG_BEFORE_ENV, marker)
+    run = compact_all(min_events=1)
+    final = run.wait(timeout=60)
+
+    hang = _hang(marker)
+    assert hang["stream_id"] == "stuck"
+    task_id = _timed_out_task(fleet, "stuck")
+    assert hang["compaction_id"] == compaction_id_for(task_id)
+    _hard_limit_hit(fleet, task_id, hang)
+    assert final.error is None and final.finished, final
+    assert (final.outcomes, final.events_deleted) == ({"failed": 1}, 0), final
+    [failed] = run.summary().failed_streams
+    assert failed.stream_id == "stuck" and "TimeLimitExceeded" in str(failed.error), failed
+    assert fleet.store.compaction_log("ledger", "stuck") == []
+    assert fleet.store.find_compaction(compaction_id_for(task_id)) is None
+    assert fleet.live_versions("ledger", "stuck") == list(range(1, 101))
+    line = _failure_report(fleet, "stuck")
+    assert (line["outcome"], line["recovered"], line["events_deleted"]) == ("failed", False, 0)
+    assert line["error_type"] == "TimeLimitExceeded" and line["task_id"] == task_id
+    # Before: a random id per report (two lines, two ids), which no audit row could hold.
+    assert line["compaction_id"] == compaction_id_for(task_id), line
+    wait_until(lambda: _nothing_unacked(fleet), 10, "every message acknowledged")
     fleet.assert_nothing_lost()
