@@ -9,17 +9,20 @@ Per stream, in one REPEATABLE READ transaction:
 * the audit rows (eskit_compaction_log) tile ``1 .. compacted_through`` without overlap
   or gap, each with ``events_deleted = through - from + 1`` and its snapshot version;
 * if anything was deleted, a verified snapshot exists at or above ``compacted_through``,
-  and every verified snapshot's state is a state the model had at that version;
+  and every verified snapshot's state is a state the model had at that version, by the
+  strict comparison (:func:`eskit_tasks.compare.first_difference`: decoded as the
+  stream kind's state type, and as stored JSON; see model.py);
 * bad-input streams were never compacted and keep every event.
 
 And every result (task results from the Celery result backend, attempts from the
 workers' JSON log lines): ``compacted`` only with an audit row of that compaction_id
-for that stream and range; any other outcome with no audit row.
+for that stream and range; any other outcome with no audit row, unless that row was
+written by another attempt of the same task (the fleet derives the compaction_id from
+the task id, so a retried task's attempts share it; a compaction_id deletes once).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,8 +77,8 @@ class DbState:
 
     streams: dict[int, StreamRow] = field(default_factory=dict)
     live: dict[int, LiveEvents] = field(default_factory=dict)
-    #: Verified snapshots per stream: (version, decoded state).
-    verified: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+    #: Verified snapshots per stream: (version, stored JSON text).
+    verified: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
     audit: dict[int, list[AuditRow]] = field(default_factory=dict)
 
     def audit_by_id(self) -> dict[str, AuditRow]:
@@ -84,6 +87,18 @@ class DbState:
     @property
     def audit_rows(self) -> int:
         return sum(len(rows) for rows in self.audit.values())
+
+    def deletions_by_type(self) -> dict[str, dict[str, int]]:
+        """Per stream type: its audit rows (deletions), the events they deleted and the
+        streams that were compacted at least once."""
+        found: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for rows in self.audit.values():
+            for row in rows:
+                found[row.stream_type]["deletions"] += 1
+                found[row.stream_type]["events"] += row.events_deleted
+            if rows:
+                found[rows[0].stream_type]["streams"] += 1
+        return {k: dict(v) for k, v in sorted(found.items())}
 
 
 def read_db_state(conn: psycopg.Connection[Any]) -> DbState:
@@ -104,7 +119,7 @@ def read_db_state(conn: psycopg.Connection[Any]) -> DbState:
             "SELECT stream_pk, version, state FROM eskit_snapshots WHERE verified "
             "ORDER BY stream_pk, version"
         ):
-            db.verified.setdefault(pk, []).append((version, json.loads(state)))
+            db.verified.setdefault(pk, []).append((version, state))
         for row in conn.execute(
             "SELECT compaction_id, stream_pk, stream_type, stream_id, from_version, "
             "through_version, snapshot_version, head_version, events_deleted "
@@ -239,15 +254,24 @@ def audit_problems(rows: Iterable[AuditRow], through: int) -> list[str]:
 # -- results against the audit table -----------------------------------------------------
 
 
+#: Outcomes after which the fleet retries a task (with the same compaction_id).
+RETRIED_OUTCOMES = frozenset({"failed", "fenced", "locked"})
+
+
 @dataclass
 class ResultCheck:
     """What the results said, by outcome, and which deletions no result reported."""
 
     by_outcome: dict[str, int] = field(default_factory=dict)
     bad_input: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Per stream type, the results by outcome.
+    by_type: dict[str, dict[str, int]] = field(default_factory=dict)
     unreported_deletions: int = 0
     #: Results that say failed (database unreachable) for a deletion that committed.
     unacknowledged_commits: int = 0
+    #: Attempts that did not delete, of a task whose other attempt (same compaction_id)
+    #: did: allowed, counted.
+    superseded_attempts: int = 0
 
 
 def check_results(
@@ -261,10 +285,20 @@ def check_results(
     check = ResultCheck()
     counts: dict[str, int] = defaultdict(int)
     bad: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_type: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     reported: set[str] = set()
+    results = list(results)
+    # Compaction ids whose deletion an attempt saw committing (not recovered from the
+    # audit log): that attempt made the row, any other attempt of the id did not.
+    committed = {
+        str(r.get("compaction_id"))
+        for r in results
+        if r.get("outcome") == "compacted" and not r.get("recovered")
+    }
     for result in results:
         outcome = str(result.get("outcome"))
         counts[outcome] += 1
+        by_type[str(result.get("stream_type"))][outcome] += 1
         cid = str(result.get("compaction_id"))
         label = f"{result.get('stream_type')}/{result.get('stream_id')}"
         row = audit.get(cid)
@@ -273,7 +307,11 @@ def check_results(
             for problem in _compacted_problems(result, row):
                 violations.add("result", f"{source}: {label} compaction {cid}: {problem}")
         elif row is not None:
-            if result.get("error_type") == "DatabaseUnavailableError":
+            if outcome in RETRIED_OUTCOMES and (
+                cid in committed or not _could_have_written(result, row)
+            ):
+                check.superseded_attempts += 1
+            elif result.get("error_type") == "DatabaseUnavailableError":
                 # The commit went through but the connection died before its answer
                 # (pg_terminate_backend): the result cannot know. Allowed, counted.
                 check.unacknowledged_commits += 1
@@ -305,8 +343,17 @@ def check_results(
             )
     check.by_outcome = dict(sorted(counts.items()))
     check.bad_input = {k: dict(v) for k, v in sorted(bad.items())}
+    check.by_type = {k: dict(sorted(v.items())) for k, v in sorted(by_type.items())}
     check.unreported_deletions = len(set(audit) - reported)
     return check
+
+
+def _could_have_written(result: dict[str, Any], row: AuditRow) -> bool:
+    """Whether the attempt that gave ``result`` planned the deletion ``row`` records (its
+    cut and head): an attempt that planned another one did not write it. Unknown (no
+    plan in the result): it could have."""
+    planned = (result.get("snapshot_version"), result.get("head_version"))
+    return None in planned or planned == (row.through_version, row.head_version)
 
 
 def _compacted_problems(result: dict[str, Any], row: AuditRow | None) -> list[str]:

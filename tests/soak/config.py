@@ -18,7 +18,8 @@ VISIBILITY_TIMEOUT_S = 30.0
 #: Fleet settings of the workers and of this process's Celery client. Short timings, so
 #: that a killed worker's tasks come back and a lost lock expires within a short run.
 FLEET_ENV: dict[str, str] = {
-    "ESKIT_DECIDER_MODULES": "tests.fleet_deciders",
+    # tests.fleet_deciders and the soak's strictly compared kinds (tests/soak/kinds.py).
+    "ESKIT_DECIDER_MODULES": "tests.soak.fleet_deciders",
     "ESKIT_CELERY_CONFIG": "celeryconfig",
     "ESKIT_LOCK_TTL": str(LOCK_TTL_S),
     "ESKIT_TASK_SOFT_TIME_LIMIT": "20",
@@ -53,6 +54,9 @@ class SoakConfig:
     seed: int | None = None
     ledger_streams: int = 300
     slow_streams: int = 20
+    #: Streams of each strictly compared kind: ``recent`` (an insertion-ordered dict),
+    #: ``agenda`` (a ZoneInfo datetime in a model), ``ticket`` (enums in a model).
+    strict_streams: int = 20
     writers: int = 3
     readers: int = 2
     workers: int = 3

@@ -40,12 +40,21 @@ from eskit_tasks import (
     StreamIntegrityError,
     load_state,
 )
-from tests.deciders import Ledger, LossyTagger
+from eskit_tasks.compare import first_difference
 from tests.soak.checker import DbState, check_db, check_results, read_db_state
 from tests.soak.config import SoakConfig
 from tests.soak.environment import SoakServices, SoakSetupError, postgres_problem, wait_for
 from tests.soak.faults import FaultInjector, make_schedule
-from tests.soak.model import BAD_KINDS, LEDGER_KINDS, Model, Stats, StreamModel, Violations
+from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS
+from tests.soak.model import (
+    BAD_KINDS,
+    Model,
+    Stats,
+    StreamModel,
+    Violations,
+    shown,
+    state_problem,
+)
 from tests.soak.report import Report
 from tests.soak.workload import (
     Reader,
@@ -167,6 +176,10 @@ class Soak:
             self._seed(store, StreamModel("ledger", f"s-{i:03d}", "ledger", i % writers), 1, 30)
         for i in range(self.config.slow_streams):
             self._seed(store, StreamModel("slow", f"slow-{i:02d}", "slow", i % writers), 20, 60)
+        for kind in STRICT_KINDS:
+            for i in range(self.config.strict_streams):
+                stream = StreamModel(kind, f"{kind}-{i:02d}", kind, i % writers)
+                self._seed(store, stream, 1, 30)
         bad: list[tuple[str, str, list[NewEvent]]] = [
             (
                 "ledger",
@@ -196,7 +209,7 @@ class Soak:
         self.model.add(stream)
 
     def start_threads(self, store: SqlEventStore, schedule: Any) -> FaultInjector:
-        appendable = self.model.of_kind(*LEDGER_KINDS)
+        appendable = self.model.of_kind(*FOLD_KINDS)
         for i in range(self.config.writers):
             owned = [s for s in appendable if s.owner == i]
             writer = Writer(
@@ -423,10 +436,10 @@ class Soak:
         for stream in self.model.streams.values():
             if stream.broken or stream.kind == "ghost":
                 continue
-            decider: Any = LossyTagger() if stream.kind == "lossy" else Ledger()
+            decider, state_type = FOLDERS[stream.kind]
             try:
                 state, version = load_state(
-                    store, snapshots, decider, dict, stream.stream_type, stream.stream_id
+                    store, snapshots, decider, state_type, stream.stream_type, stream.stream_id
                 )
             except StreamIntegrityError as exc:
                 if stream.kind != "boom":
@@ -439,14 +452,21 @@ class Soak:
                 self.violations.add("bad_input", f"{stream.label} folded past its Boom event")
             elif stream.kind == "lossy":
                 expected = {"tags": {f"t{i % 7}" for i in range(BAD_EVENTS)}}
-                if (state, version) != (expected, BAD_EVENTS):
-                    self.violations.add("state", f"{stream.label}: {state} at {version}")
-            elif (state, version) != (stream.state_at(stream.acked()), stream.acked()):
+                difference = first_difference((expected, BAD_EVENTS), (state, version))
+                if difference is not None:
+                    self.violations.add(
+                        "state", f"{stream.label}: {shown(state)} at {version}, {difference}"
+                    )
+            elif version != stream.acked():
                 self.violations.add(
                     "state",
-                    f"final load_state({stream.label}) = {state} at {version}; the model "
-                    f"says {stream.state_at(stream.acked())} at {stream.acked()}",
+                    f"final load_state({stream.label}) is at version {version}; the model "
+                    f"says {stream.acked()}",
                 )
+            else:
+                problem = state_problem(version, state, stream.state_at(version))
+                if problem is not None:
+                    self.violations.add("state", f"final load_state({stream.label}): {problem}")
             self.stats.add("final_loads")
 
     def task_results(self) -> list[dict[str, Any]]:
@@ -531,10 +551,13 @@ class Soak:
             task_results=backend.by_outcome,
             run_outcomes=dict(sorted(run_outcomes.items())),
             bad_input=logged.bad_input,
+            compactions_by_type=logged.by_type,
+            deletions_by_type=db.deletions_by_type(),
             audit_rows=db.audit_rows,
             events_deleted=sum(r.events_deleted for rows in db.audit.values() for r in rows),
             unreported_deletions=logged.unreported_deletions,
             unacknowledged_commits=logged.unacknowledged_commits,
+            superseded_attempts=logged.superseded_attempts,
             runs=[asdict(r) for r in self.tracker.runs],
             final_run={}
             if final is None

@@ -3,24 +3,51 @@
 Each stream has exactly one owning writer thread, so the owner always knows the head:
 an append that succeeded is recorded, and one whose outcome is unknown (its connection
 was terminated around the commit) is resolved by reading the head afterwards. The
-model of a stream is the list of acknowledged deposit amounts; the Ledger state at
-version v is the fold of the first v of them, which pins down exactly which events
-were folded (``count``/``last`` reveal a gap or a double fold, ``total`` a wrong one).
+model of a stream is the list of acknowledged amounts (the integers its events were
+made of, tests/soak/kinds.py); the Ledger state at version v is the fold of the first v
+of them, which pins down exactly which events were folded (``count``/``last`` reveal a
+gap or a double fold, ``total`` a wrong one). The strictly compared kinds (``recent``,
+``agenda``, ``ticket``) are folded here by the model's own code, state by state.
 
 Every state anyone observed (a reader's ``load_state``, a verified snapshot in the
 database) is checked against the model: immediately when the model already reaches
-its version, otherwise at the end, when every append is resolved.
+its version, otherwise at the end, when every append is resolved. "Is the model's
+state" means *indistinguishable* from it (:func:`eskit_tasks.compare.first_difference`):
+the same types at every node (an enum is not its value), dict keys in the same order,
+datetimes in the same time zone; a snapshot's stored JSON must also be the JSON of the
+model's state, key for key and in order.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
-#: Stream kinds folded by the Ledger (the model knows their states).
-LEDGER_KINDS = ("ledger", "slow")
+from pydantic import TypeAdapter, ValidationError
+
+from eskit_tasks.compare import first_difference
+from tests.soak.kinds import (
+    AGENDA_BASE,
+    FOLD_KINDS,
+    FOLDERS,
+    RECENT_CAPACITY,
+    TICKET_HISTORY,
+    ZONES,
+    Agenda,
+    Priority,
+    Status,
+    Ticket,
+    recent_key,
+)
+
+#: Longest repr of a state in a violation.
+SHOWN_WIDTH = 160
 #: Bad input: a Boom event the Ledger cannot fold, a type without a decider, a state
 #: whose codec does not round-trip. Never compacted; every event must stay.
 BAD_KINDS = ("boom", "ghost", "lossy")
@@ -44,6 +71,52 @@ def ledger_state(total: int, version: int) -> dict[str, int]:
     return {"total": total, "count": version, "last": version}
 
 
+# -- the model's folds of the strictly compared kinds (tests/soak/kinds.py has the
+# deciders; these work on the amounts, not on the events) --------------------------------
+
+
+def recent_state(state: dict[str, int], amount: int, version: int) -> dict[str, int]:
+    """``recent``: the key moves to the end; only the newest keys stay."""
+    key = recent_key(amount)
+    order = [k for k in state if k != key] + [key]
+    values = {**state, key: version}
+    return {k: values[k] for k in order[-RECENT_CAPACITY:]}
+
+
+def agenda_state(state: Agenda, amount: int, version: int) -> Agenda:
+    """``agenda``: every fifth amount schedules in one of the zones, others postpone."""
+    if amount % 5 == 0:
+        zone = ZoneInfo(ZONES[amount % len(ZONES)])
+        due = (AGENDA_BASE + timedelta(hours=amount)).replace(tzinfo=zone)
+        return Agenda(due=due, moves=0, last=version)
+    moved = None if state.due is None else state.due + timedelta(days=amount % 9, hours=amount % 4)
+    return Agenda(due=moved, moves=state.moves + 1, last=version)
+
+
+def ticket_state(state: Ticket, amount: int, version: int) -> Ticket:
+    """``ticket``: the status and priority drawn from the amount."""
+    status = list(Status)[amount % 4]
+    priority = Priority(1 + (amount // 4) % 4)
+    reached = dict(state.reached)
+    reached[status.name] = max(reached.get(status.name, Priority.LOW), priority)
+    history = [*state.history, state.status][-TICKET_HISTORY:]
+    return Ticket(status=status, priority=priority, history=history, reached=reached, last=version)
+
+
+#: Per strictly compared kind: its initial state and the model's fold.
+STRICT_FOLDS: dict[str, tuple[Any, Any]] = {
+    "recent": (dict, recent_state),
+    "agenda": (Agenda, agenda_state),
+    "ticket": (Ticket, ticket_state),
+}
+
+
+@functools.cache
+def state_adapter(kind: str) -> TypeAdapter[Any]:
+    """pydantic's adapter of the state type that ``kind`` is folded and snapshotted as."""
+    return TypeAdapter(FOLDERS[kind][1])
+
+
 @dataclass(eq=False)
 class StreamModel:
     """One stream as its owning writer knows it.
@@ -60,6 +133,12 @@ class StreamModel:
     prefix: list[int] = field(default_factory=lambda: [0])
     #: The model lost track of this stream (already reported): skip further checks.
     broken: bool = False
+    #: Strictly compared kinds: the state at each version (extended before ``amounts``).
+    states: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind in STRICT_FOLDS and not self.states:
+            self.states.append(STRICT_FOLDS[self.kind][0]())
 
     @property
     def label(self) -> str:
@@ -67,20 +146,26 @@ class StreamModel:
 
     @property
     def folds(self) -> bool:
-        return self.kind in LEDGER_KINDS
+        return self.kind in FOLD_KINDS
 
     def acked(self) -> int:
         return len(self.amounts)
 
     def record(self, amounts: list[int]) -> None:
+        fold = STRICT_FOLDS[self.kind][1] if self.kind in STRICT_FOLDS else None
         for amount in amounts:
             self.prefix.append(self.prefix[-1] + amount)
+            if fold is not None:
+                self.states.append(fold(self.states[-1], amount, len(self.states)))
         self.amounts.extend(amounts)
 
-    def state_at(self, version: int) -> dict[str, int] | None:
-        """The Ledger state at ``version``; None when the model does not reach it yet."""
+    def state_at(self, version: int) -> Any | None:
+        """The state at ``version`` (the Ledger's, or the strict kind's); None when the
+        model does not reach it yet."""
         if version < 0 or version > len(self.amounts):
             return None
+        if self.kind in STRICT_FOLDS:
+            return self.states[version]
         return ledger_state(self.prefix[version], version)
 
 
@@ -88,7 +173,8 @@ class StreamModel:
 class Observation:
     """A state somebody saw: ``source`` "reader" (load_state) or "snapshot" (a verified
     snapshot in the database). ``acked_before`` is the model's head when the read began:
-    a reader must see at least that (0 for snapshots)."""
+    a reader must see at least that (0 for snapshots). A snapshot's ``state`` is its
+    stored JSON text, decoded as the stream kind's state type when it is checked."""
 
     stream: StreamModel
     version: int
@@ -214,6 +300,44 @@ def _problem(obs: Observation, *, final: bool) -> object | None:
             f"version {obs.version} is beyond the {obs.stream.acked()} events ever "
             f"acknowledged (state {obs.state})"
         )
-    if obs.state != expected:
-        return f"state at version {obs.version} is {obs.state}, the model says {expected}"
-    return None
+    if obs.source == "snapshot":
+        return snapshot_problem(obs.stream.kind, obs.version, obs.state, expected)
+    return state_problem(obs.version, obs.state, expected)
+
+
+def state_problem(version: int, state: Any, expected: Any) -> str | None:
+    """None if ``state`` is indistinguishable from the model's ``expected``, else the
+    violation (with the first difference)."""
+    difference = first_difference(expected, state)
+    if difference is None:
+        return None
+    return (
+        f"state at version {version} is not the model's, {difference} "
+        f"(state {shown(state)}; the model says {shown(expected)})"
+    )
+
+
+def snapshot_problem(kind: str, version: int, stored: str, expected: Any) -> str | None:
+    """A verified snapshot's stored JSON: it decodes (as ``kind``'s state type) to the
+    model's state, and it is that state's JSON (the same keys, in the same order)."""
+    adapter = state_adapter(kind)
+    try:
+        state = adapter.validate_json(stored)
+    except ValidationError as exc:
+        first = " ".join(str(exc).splitlines()[:3])
+        return f"snapshot at version {version} does not decode as its state type: {first}"
+    problem = state_problem(version, state, expected)
+    if problem is not None:
+        return f"decoded, the snapshot's {problem}"
+    difference = first_difference(adapter.dump_python(expected, mode="json"), json.loads(stored))
+    if difference is None:
+        return None
+    return (
+        f"the snapshot at version {version} decodes to the model's state, but its stored "
+        f"JSON is not that state's JSON, {difference} (stored {shown(stored)})"
+    )
+
+
+def shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN_WIDTH else text[: SHOWN_WIDTH - 3] + "..."

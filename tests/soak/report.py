@@ -30,6 +30,11 @@ class Report:
     run_outcomes: dict[str, int] = field(default_factory=dict)
     #: Per bad-input stream, its attempts by outcome.
     bad_input: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Per stream type, its attempts by outcome (the workers' JSON log lines).
+    compactions_by_type: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Per stream type, its deletions (audit rows), the events they deleted and how many
+    #: of its streams were compacted at least once.
+    deletions_by_type: dict[str, dict[str, int]] = field(default_factory=dict)
     audit_rows: int = 0
     events_deleted: int = 0
     #: Deletions no compacted result or log line reported (a worker died or lost its
@@ -38,6 +43,9 @@ class Report:
     #: Attempts that reported failed (database unreachable) although their deletion had
     #: committed (the connection died before the commit's answer): allowed, counted.
     unacknowledged_commits: int = 0
+    #: Attempts (fenced, failed) of a task whose retry, with the same compaction_id,
+    #: deleted: allowed, counted.
+    superseded_attempts: int = 0
     final_run: dict[str, Any] = field(default_factory=dict)
     #: Every run started: policy, status, timings, outcomes (JSON only).
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +104,14 @@ class Report:
             f"  finished runs        {_pairs(self.run_outcomes)}",
             f"  deletions unreported {self.unreported_deletions} (no compacted log line), "
             f"{self.unacknowledged_commits} reported failed (commit answer lost)",
+            f"  superseded attempts  {self.superseded_attempts} (fenced or failed, then "
+            "retried under the same compaction id, which deleted)",
+            "",
+            "by stream type (attempts by outcome; deletions)",
+            *(
+                f"  {stype:20} {_pairs(by)}; {_pairs(self.deletions_by_type.get(stype, {}))}"
+                for stype, by in self.compactions_by_type.items()
+            ),
             "",
             "bad input (attempts by outcome; each finished run reported them: "
             f"{ops.get('bad_input_checks', 0)} checks)",

@@ -3,15 +3,21 @@ that breaks it (a soak whose checker never fires proves nothing)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import uuid
 from collections.abc import Iterator
+from datetime import timezone
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 
 from eskit_tasks import CompactionPolicy, Compactor, Outcome, SqlEventStore, SqlSnapshotStore
+from eskit_tasks.codec import StateCodec
+from eskit_tasks.compare import Difference
 from tests.deciders import Ledger
 from tests.soak.checker import (
     AuditRow,
@@ -24,7 +30,16 @@ from tests.soak.checker import (
 )
 from tests.soak.config import admin_url_from_env
 from tests.soak.environment import create_database, drop_database, libpq_url
-from tests.soak.model import Model, Observation, StreamModel, Violations, ledger_state
+from tests.soak.kinds import FOLDERS, STRICT_KINDS, Priority, Status
+from tests.soak.model import (
+    Model,
+    Observation,
+    StreamModel,
+    Violations,
+    ledger_state,
+    snapshot_problem,
+    state_adapter,
+)
 from tests.soak.workload import deposit_events
 
 
@@ -86,6 +101,122 @@ def test_model_rejects_states_it_never_had_and_stale_reads():
     assert "beyond the 3 events" in violations.messages[-1]
 
 
+# -- the strict comparison: equal is not enough -------------------------------------------
+
+
+#: Amounts whose ``recent`` keys arrive out of sorted order (q, w, e, r, t, y).
+OUT_OF_ORDER = [0, 1, 2, 3, 4, 5]
+
+
+def strict_stream(kind: str, amounts: list[int], stream_id: str = "x") -> StreamModel:
+    stream = StreamModel(kind, stream_id, kind, owner=0)
+    stream.record(amounts)
+    return stream
+
+
+def observed(model: Model, stream: StreamModel, state: Any, source: str = "reader") -> list[str]:
+    """Observe ``state`` at the stream's head; return the violations it added."""
+    before = len(model.violations.messages)
+    model.observe(Observation(stream, stream.acked(), state, 0, source))
+    return model.violations.messages[before:]
+
+
+def distinguishable_copies(kind: str, state: Any) -> dict[str, Any]:
+    """States ``==`` to ``state`` that a decider can tell apart from it."""
+    if kind == "recent":
+        return {"keys sorted": dict(sorted(state.items()))}
+    if kind == "agenda":
+        fixed = timezone(state.due.utcoffset())
+        return {
+            "zone as a fixed offset": state.model_copy(update={"due": state.due.astimezone(fixed)})
+        }
+    return {
+        "status as its str value": state.model_copy(update={"status": state.status.value}),
+        "priority as an int": state.model_copy(update={"priority": int(state.priority)}),
+        "history as str values": state.model_copy(
+            update={"history": [s.value for s in state.history]}
+        ),
+        "reached as ints": state.model_copy(
+            update={"reached": {k: int(v) for k, v in state.reached.items()}}
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", STRICT_KINDS)
+def test_model_flags_a_state_that_is_equal_but_distinguishable(kind: str):
+    violations = Violations()
+    model = Model(violations)
+    amounts = [*OUT_OF_ORDER, 7, 11, 13, 17, 40, 22, 9]  # 40 schedules an agenda
+    expected = strict_stream(kind, amounts).state_at(len(amounts))
+    assert expected is not None and expected != FOLDERS[kind][0].initial_state()
+
+    # The very state, and a deep copy of it, are the model's.
+    for same in (expected, copy.deepcopy(expected)):
+        assert observed(model, strict_stream(kind, amounts), same) == []
+
+    reasons = {"recent": "key order", "agenda": "time zone", "ticket": "type"}
+    copies = distinguishable_copies(kind, expected)
+    for i, (what, other) in enumerate(copies.items()):
+        assert other == expected, what  # == forgives it...
+        found = observed(model, strict_stream(kind, amounts, f"x{i}"), other)
+        assert len(found) == 1, (what, found)  # ...the checker does not
+        assert found[0].startswith("[state] reader of "), found
+        assert f"({reasons[kind]})" in found[0], found  # the Difference's text
+    assert dict(violations.by_kind) == {"state": len(copies)}
+
+
+@pytest.mark.parametrize("kind", STRICT_KINDS)
+def test_snapshots_must_decode_to_the_models_state_and_be_its_json(kind: str):
+    stream = strict_stream(kind, [*OUT_OF_ORDER, 40, 41])
+    version = stream.acked()
+    expected = stream.state_at(version)
+    adapter = state_adapter(kind)
+    stored = adapter.dump_json(expected).decode()
+    assert snapshot_problem(kind, version, stored, expected) is None
+
+    # Keys sorted at every level: decodes to an == state in another order (recent), or
+    # to the same state from JSON in another order (the models' fields are named).
+    resorted = orjson.dumps(json.loads(stored), option=orjson.OPT_SORT_KEYS).decode()
+    assert resorted != stored
+    problem = snapshot_problem(kind, version, resorted, expected)
+    assert problem is not None and "key order" in problem, problem
+
+    # A value of another JSON type that pydantic would coerce back.
+    plain = json.loads(stored)
+    if kind == "recent":
+        plain[next(iter(plain))] = str(plain[next(iter(plain))])
+    elif kind == "agenda":
+        plain["moves"] = str(plain["moves"])
+    else:
+        plain["priority"] = str(plain["priority"])
+    problem = snapshot_problem(kind, version, json.dumps(plain), expected)
+    assert problem is not None and "stored JSON" in problem and "(type)" in problem, problem
+
+    problem = snapshot_problem(kind, version, '{"nonsense": true}', expected)
+    assert problem is not None
+
+
+def test_agenda_snapshot_in_another_zone_of_the_same_offset_is_flagged():
+    stream = strict_stream("agenda", [40, 1, 2])  # Europe/Berlin, early March: +01:00
+    expected = stream.state_at(3)
+    plain = state_adapter("agenda").dump_python(expected, mode="json")
+    assert plain["due"]["zone"] == "Europe/Berlin"
+    plain["due"]["zone"] = "Etc/GMT-1"  # +01:00 all year
+    elsewhere = state_adapter("agenda").validate_json(json.dumps(plain))
+    assert elsewhere == expected  # the same instant
+    problem = snapshot_problem("agenda", 3, json.dumps(plain), expected)
+    assert problem is not None and "(time zone)" in problem, problem
+
+
+def test_ticket_enums_survive_their_codec_and_compare_by_member():
+    stream = strict_stream("ticket", [1, 6, 11, 16])
+    state = stream.state_at(4)
+    assert state is not None
+    assert isinstance(state.status, Status) and isinstance(state.priority, Priority)
+    again = StateCodec(FOLDERS["ticket"][1]).decode(StateCodec(FOLDERS["ticket"][1]).encode(state))
+    assert observed(Model(Violations()), stream, again) == []
+
+
 def result(outcome: str, cid: str, **fields: Any) -> dict[str, Any]:
     return {
         "stream_type": "ledger",
@@ -110,7 +241,13 @@ def test_results_must_match_the_audit_table():
     check = check_results(
         [
             result("compacted", "c1"),
-            result("failed", "c2", error_type="DatabaseUnavailableError"),  # answer lost
+            result(  # its commit went through, the answer was lost
+                "failed",
+                "c2",
+                error_type="DatabaseUnavailableError",
+                snapshot_version=12,
+                head_version=17,
+            ),
             {**result("verification_failed", "x"), "stream_type": "lossy", "stream_id": "l"},
             {  # Redis was down: retried
                 **result("failed", "x2", error_type="ConnectionError"),
@@ -149,6 +286,57 @@ def test_results_must_match_the_audit_table():
         "test",
     )
     assert dict(violations.by_kind) == {"result": 5, "bad_input": 2}, violations.messages
+
+
+def test_attempts_of_a_retried_task_share_its_compaction_id():
+    """The fleet derives the compaction_id from the task id: an attempt fenced or failed
+    before writing, then a retry that deletes, is one id with one audit row."""
+    violations = Violations()
+    model = Model(violations)
+    model.add(stream_with(*range(20)))
+    rows = {"c1": audit("c1", 1, 10), "c2": audit("c2", 11, 15), "c3": audit("c3", 16, 18)}
+    planned = {"snapshot_version": 10, "head_version": 15}  # c1's row: through 10, head 15
+    check = check_results(
+        [
+            # c1: fenced with the same plan, then the retry saw its commit.
+            result("fenced", "c1", error_type="LockLostError", **planned),
+            result("compacted", "c1"),
+            # c2: fenced planning another cut; the retry that deleted left no log line.
+            result(
+                "fenced", "c2", error_type="LockLostError", snapshot_version=13, head_version=14
+            ),
+            # c3: failed before planning (Redis down), then the retry deleted.
+            result("failed", "c3", error_type="ConnectionError", snapshot_version=None),
+            result(
+                "compacted",
+                "c3",
+                snapshot_version=18,
+                events_deleted=3,
+                compacted_through_before=15,
+            ),
+        ],
+        rows,
+        model,
+        violations,
+        "test",
+    )
+    assert violations.count == 0, violations.messages
+    assert check.superseded_attempts == 3
+    assert check.unreported_deletions == 1  # c2
+
+    # Without such a retry, an attempt that planned exactly the deletion yet says fenced
+    # (or a dry run of the id) is a violation.
+    check_results(
+        [
+            result("fenced", "c1", error_type="LockLostError", **planned),
+            result("dry_run", "c2", snapshot_version=13),
+        ],
+        rows,
+        model,
+        violations,
+        "test",
+    )
+    assert dict(violations.by_kind) == {"result": 2}, violations.messages
 
 
 # -- against a real database -------------------------------------------------------------
@@ -228,5 +416,60 @@ def test_checker_catches_each_kind_of_corruption_in_the_database(soak_db: str):
             "6, 0, fence_token, now() FROM eskit_compaction_log",
         )
         assert kinds_found(soak_db, model) == {"events": 1, "audit": 1}
+    finally:
+        store.engine.dispose()
+
+
+def equal_is_enough(expected: Any, actual: Any, path: str = "$") -> Difference | None:
+    """The comparison verification used before first_difference: ``==``."""
+    return None if expected == actual else Difference(path, "value", expected, actual)
+
+
+@pytest.mark.slow
+def test_checker_catches_snapshots_that_sort_their_keys_again(
+    soak_db: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A regression of the package: snapshots sorting their keys. Verification refuses
+    it (a good stream failing verification is a violation); were verification back to
+    ``==`` as well, the snapshot's state is a violation of its own."""
+    store = SqlEventStore.from_url(soak_db)
+    model = Model(Violations())
+    stream = StreamModel("recent", "r", "recent", owner=0)
+    amounts = [*OUT_OF_ORDER, 7, 11, 13]
+    store.append("recent", "r", deposit_events(stream, amounts), expected_version=0)
+    stream.record(amounts)
+    model.add(stream)
+    decider, state_type = FOLDERS["recent"]
+    unsorted = StateCodec.encode
+
+    def sorting(self: StateCodec[Any], state: Any) -> bytes:
+        return orjson.dumps(orjson.loads(unsorted(self, state)), option=orjson.OPT_SORT_KEYS)
+
+    def compact() -> Any:
+        return Compactor(
+            store=store,
+            snapshot_store=SqlSnapshotStore(store.engine),
+            decider=decider,
+            state_type=state_type,
+            # No tail: replaying events after a sorted snapshot would evict another key
+            # than the full replay, which even == notices.
+            policy=CompactionPolicy(retain_last=0),
+        ).compact("recent", "r")
+
+    try:
+        monkeypatch.setattr(StateCodec, "encode", sorting)
+        refused = compact()
+        assert refused.outcome == Outcome.VERIFICATION_FAILED, refused
+        assert "key order" in str(refused.error)
+        violations = Violations()
+        check_results([refused.model_dump(mode="json")], {}, model, violations, "test")
+        assert dict(violations.by_kind) == {"result": 1}, violations.messages
+        assert kinds_found(soak_db, model) == {}  # nothing was deleted
+
+        monkeypatch.setattr("eskit_tasks.compactor.first_difference", equal_is_enough)
+        assert compact().outcome == Outcome.COMPACTED  # == lets the sorted snapshot through
+        assert kinds_found(soak_db, model) == {"state": 1}
+        message = model.violations.messages[0]
+        assert message.startswith("[state] snapshot of recent/r:") and "(key order)" in message
     finally:
         store.engine.dispose()

@@ -20,6 +20,7 @@ import pytest
 from tests.soak.config import SoakConfig
 from tests.soak.faults import FAULT_KINDS
 from tests.soak.harness import run_soak
+from tests.soak.kinds import STRICT_KINDS
 from tests.soak.model import BAD_RESULTS
 from tests.soak.report import Report
 
@@ -77,3 +78,7 @@ def test_a_soak_under_faults_keeps_every_invariant(tmp_path: Path):
         outcome, error_type = BAD_RESULTS[kind]
         assert report.bad_input.get(stream, {}).get(f"{outcome}/{error_type}", 0) > 0, text
     assert report.operations.get("bad_input_checks", 0) >= 3, text
+    # The strictly compared kinds round-trip: every stream of them was compacted, none
+    # failed verification (that would be a violation: they are good streams).
+    for kind in STRICT_KINDS:
+        assert report.deletions_by_type.get(kind, {}).get("streams") == config.strict_streams, text

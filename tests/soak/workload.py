@@ -1,8 +1,10 @@
 """The workload: writers, readers, and fan-outs with random policies (and their tracking).
 
 Writers append to the streams they own with optimistic concurrency, and now and then
-try an append with a stale expected version on any stream (it must be rejected).
-Readers call ``load_state`` on random streams and hand what they saw to the model.
+try an append with a stale expected version on any stream (it must be rejected); each
+stream kind makes its events of the amounts drawn (tests/soak/kinds.py). Readers call
+``load_state`` on random streams, with the kind's decider and state type, and hand what
+they saw to the model.
 The scheduler starts ``compact_all`` runs every few seconds; the tracker follows every
 run to its end and checks that each finished run reported the bad-input streams as
 failed.
@@ -33,11 +35,10 @@ from eskit_tasks import (
     VersionGapError,
     load_state,
 )
-from tests.deciders import Ledger
+from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS, events_for
 from tests.soak.model import (
     BAD_KINDS,
     BAD_OUTCOMES,
-    LEDGER_KINDS,
     Model,
     Observation,
     Stats,
@@ -52,8 +53,8 @@ STALE_APPEND_CHANCE = 0.05
 
 
 def deposit_events(stream: StreamModel, amounts: list[int]) -> list[NewEvent]:
-    # The stream id in the metadata: the "slow" decider's marker files name it.
-    return [NewEvent("Deposited", {"amount": a}, {"stream": stream.stream_id}) for a in amounts]
+    """The events of ``amounts`` for ``stream``'s kind (deposits for the Ledger)."""
+    return events_for(stream.kind, stream.stream_id, amounts)
 
 
 class Writer(threading.Thread):
@@ -163,7 +164,7 @@ class Writer(threading.Thread):
             self.store.append(
                 stream.stream_type,
                 stream.stream_id,
-                [NewEvent("Deposited", {"amount": 1_000_000}, {"stale": True})],
+                deposit_events(stream, [1_000_000]),
                 expected_version=expected,
             )
         except ConcurrencyError:
@@ -183,7 +184,8 @@ class Writer(threading.Thread):
 
 
 class Reader(threading.Thread):
-    """Calls load_state on random Ledger streams; every result goes to the model."""
+    """Calls load_state on random streams of every folded kind; every result goes to
+    the model."""
 
     def __init__(
         self,
@@ -198,7 +200,7 @@ class Reader(threading.Thread):
     ) -> None:
         super().__init__(name=f"soak-reader-{index}", daemon=True)
         self.model = model
-        self.streams = model.of_kind(*LEDGER_KINDS)
+        self.streams = model.of_kind(*FOLD_KINDS)
         self.store = store
         self.snapshots = SqlSnapshotStore(store.engine, create_tables=False)
         self.rng = random.Random(seed)
@@ -217,9 +219,15 @@ class Reader(threading.Thread):
 
     def read(self, stream: StreamModel) -> None:
         before = stream.acked()
+        decider, state_type = FOLDERS[stream.kind]
         try:
             state, version = load_state(
-                self.store, self.snapshots, Ledger(), dict, stream.stream_type, stream.stream_id
+                self.store,
+                self.snapshots,
+                decider,
+                state_type,
+                stream.stream_type,
+                stream.stream_id,
             )
         except VersionGapError as exc:
             if "kept disappearing" in str(exc):  # compactions outran it: liveness, not loss
@@ -250,7 +258,11 @@ def random_policy(rng: random.Random) -> dict[str, Any]:
         "dry_run": rng.random() < 0.15,
         "max_streams": rng.choice([None, None, None, None, None, 20, 100]),
         # Mostly without the slow streams, so that they grow long between compactions.
-        "stream_types": rng.choice([None] * 3 + [["ledger", "lossy", "ghost"]] * 4 + [["ledger"]]),
+        "stream_types": rng.choice(
+            [None] * 3
+            + [["ledger", *STRICT_KINDS, "lossy", "ghost"]] * 4
+            + [["ledger"], [*STRICT_KINDS]]
+        ),
     }
 
 
