@@ -28,7 +28,9 @@ import logging
 import os
 import random
 import time
+import types
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -476,6 +478,13 @@ def _report_task_failure(
     stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
     if not isinstance(stream_type, str) or not isinstance(stream_id, str):
         return
+    earlier = _failures_handled.get(task_id) if task_id else None
+    if earlier is not None:
+        # Celery sends task_failure twice for one hard time limit (as the pool fails the
+        # job, and again from on_timeout), writing FAILURE before each: account for the
+        # attempt once, but put the recovered result back each time.
+        _store_recovered(sender, task_id, earlier, args, kwargs)
+        return
     compaction_id = compaction_id_for(task_id) if task_id else str(uuid.uuid4())
     result = _committed_by(compaction_id) or CompactionResult(
         stream_type=stream_type,
@@ -485,9 +494,39 @@ def _report_task_failure(
         error_type=type(exception).__name__,
         compaction_id=compaction_id,
     )
+    if task_id:
+        _failures_handled[task_id] = result
+        while len(_failures_handled) > _FAILURES_REMEMBERED:
+            _failures_handled.popitem(last=False)
     _record(result, run_id, task_id)
     if run_id:
         _report(resources(), run_id, result)
+    _store_recovered(sender, task_id, result, args, kwargs)
+
+
+#: Task ids whose death this process accounted for already (see _report_task_failure).
+_failures_handled: OrderedDict[str, CompactionResult] = OrderedDict()
+_FAILURES_REMEMBERED = 1024
+
+
+def _store_recovered(
+    task: Any, task_id: str | None, result: CompactionResult, args: Any, kwargs: Any
+) -> None:
+    """A task that died after its delete committed: the result backend gets the deletion
+    (SUCCESS, ``recovered``) instead of Celery's FAILURE, so Flower and ``AsyncResult``
+    tell the same as the run, the log line and the audit log."""
+    if not result.recovered or not task_id:
+        return
+    # What an extended result names (task, arguments), as Celery's own write did.
+    request = types.SimpleNamespace(
+        task=task.name, args=args, kwargs=kwargs, hostname=None, retries=None, delivery_info=None
+    )
+    try:
+        task.backend.store_result(
+            task_id, result.model_dump(mode="json"), states.SUCCESS, request=request
+        )
+    except Exception as exc:  # the backend being down must not hide the report above
+        log.warning("could not store the recovered result of task %s: %s", task_id, exc)
 
 
 def _committed_by(compaction_id: str) -> CompactionResult | None:
