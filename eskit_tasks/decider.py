@@ -18,8 +18,10 @@ class Decider(Protocol[S]):
 
     An implementation must guarantee:
 
-    * ``evolve`` is deterministic: the same state and event give an equal state.
-      Compaction proves a snapshot by folding events twice and comparing with ``==``.
+    * ``evolve`` is deterministic: the same state and event give an indistinguishable
+      state. Compaction proves a snapshot by comparing what it decodes to with the
+      replayed state strictly (:func:`eskit_tasks.compare.first_difference`: types,
+      dict order, time zones), not with ``==``.
     * ``evolve`` does not depend on the wall clock, randomness or I/O.
     * ``evolve`` may return a new state or mutate and return the one it was given.
     """
