@@ -38,6 +38,7 @@ LOG_FIELDS = {
     "bytes_reclaimed",
     "duration_ms",
     "compaction_id",
+    "recovered",
     "run_id",
     "task_id",
     "error_type",
@@ -273,7 +274,7 @@ def test_one_json_log_line_per_compaction_with_run_id(fleet: Fleet):
         assert (line["events_deleted"], line["events_retained"]) == (head - 5, 5)
         assert line["bytes_reclaimed"] > 0
         assert line["duration_ms"] > 0
-        assert line["error"] is None
+        assert (line["error"], line["recovered"]) == (None, False)
         [row] = fleet.store.compaction_log("ledger", f"r-{n}")
         assert line["compaction_id"] == row.compaction_id
 
