@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from eskit_tasks import (
     CompactionPolicy,
@@ -19,6 +20,7 @@ from eskit_tasks import (
     SnapshotSchemaError,
 )
 from eskit_tasks.codec import SchemaMarker, StateCodec, schema_fingerprint, state_hash
+from eskit_tasks.loading import codec_for
 from eskit_tasks.policy import plan_cut
 from tests.deciders import LedgerModel
 
@@ -145,6 +147,11 @@ class _Thing(BaseModel):
     n: int = 0
 
 
+class _Pair(BaseModel):
+    a: int = 0
+    b: int = 0
+
+
 @pytest.mark.parametrize(
     ("stored_version", "current_version", "upcasters", "usable"),
     [
@@ -180,11 +187,38 @@ def test_which_markers_decode_without_or_with_upcasters(
         ({1: lambda s: s}, None, "needs a higher current state_version"),
         ({1.5: lambda s: s}, 2, "must be the state_version"),
         ([], 2, "must be a mapping"),
+        ({True: lambda s: s}, 2, "must be the state_version"),  # a bool is not a version
     ],
 )
 def test_malformed_upcasters_are_configuration_errors(upcasters, version, match):
     with pytest.raises(ConfigurationError, match=match):
         StateCodec(_Thing, version=version, upcasters=upcasters)
+
+
+def test_another_fingerprint_at_the_same_state_version_needs_an_upcaster():
+    # Same JSON, same declared version, another schema (a constraint, a set for a list):
+    # only an upcaster by fingerprint may say it means the same.
+    codec = StateCodec(_Thing, version=2)
+    stored = SchemaMarker("0" * 64, 2)
+    args = {"stream_type": "t", "stream_id": "1", "version": 5}
+    with pytest.raises(SnapshotSchemaError, match="no upcaster leads to the current one"):
+        codec.decode_snapshot(b'{"n":2}', stored, **args)
+    by_fingerprint = StateCodec(_Thing, version=2, upcasters={"0" * 64: lambda s: s})
+    assert by_fingerprint.decode_snapshot(b'{"n":2}', stored, **args) == _Thing(n=2)
+
+
+def test_state_version_and_upcasters_given_override_the_deciders():
+    class Declares:
+        def __init__(self) -> None:
+            self.state_version = 2
+            self.upcasters = {1: lambda s: s}
+
+    declared = codec_for(Declares(), _Thing)
+    assert (declared.marker.version, list(declared.upcasters)) == (2, [1])
+    given_ = codec_for(Declares(), _Thing, state_version=3, upcasters={2: lambda s: s})
+    assert (given_.marker.version, list(given_.upcasters)) == (3, [2])
+    bare = codec_for(object(), _Thing, state_version=4)
+    assert (bare.marker.version, bare.upcasters) == (4, {})
 
 
 @pytest.mark.parametrize("version", [-1, True, "2", 1.0])
@@ -209,8 +243,15 @@ def test_fingerprint_ignores_docs_and_defaults_but_not_fields():
     class D(BaseModel):
         n: str = ""
 
+    class E(BaseModel):
+        n: int | None = None
+
+    class F(BaseModel):
+        n: Annotated[int, Field(description="inside anyOf")] | None = None
+
     fingerprints = {schema_fingerprint(t) for t in (A, B)}
     assert len(fingerprints) == 1
+    assert schema_fingerprint(E) == schema_fingerprint(F)
     assert schema_fingerprint(C) not in fingerprints
     assert schema_fingerprint(D) not in fingerprints
     assert len(schema_fingerprint(dict)) == 64
@@ -225,6 +266,11 @@ def test_strict_decode_refuses_unknown_keys_and_missing_fields():
         codec.decode_snapshot(b"{}", codec.marker, **args)
     with pytest.raises(SnapshotSchemaError, match="does not decode as the current state type"):
         codec.decode_snapshot(b'{"n":"many"}', codec.marker, **args)
+    # The same schema keeps the key order it was written in.
+    pair = StateCodec(_Pair)
+    with pytest.raises(SnapshotSchemaError, match=r"at \$ keys \(key order\)"):
+        pair.decode_snapshot(b'{"b":2,"a":1}', pair.marker, **args)
+    assert pair.decode_snapshot(b'{"a":1,"b":2}', pair.marker, **args) == _Pair(a=1, b=2)
     # Other bytes for the same JSON (another writer's float format) are fine.
     floats = StateCodec(dict[str, float])
     assert floats.decode_snapshot(b'{"f": 1e300}', floats.marker, **args) == {"f": 1e300}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from eskit_tasks import (
     CompactionPolicy,
     Compactor,
+    ConfigurationError,
+    Snapshot,
     SqlEventStore,
     SqlSnapshotStore,
     StateCodec,
@@ -18,6 +21,7 @@ from eskit_tasks import (
 from eskit_tasks.cli import Exit, main
 from eskit_tasks.registry import UnknownStreamTypeError
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
+from tests.contracts.compactor import Proxy
 from tests.deciders import Balances, BalanceV1, BalanceV2, Ledger, deposits
 
 
@@ -71,9 +75,44 @@ class VerifyContract:
         report = verify_snapshots(stores.snapshots, codec_of=codec_of, stream_types=["balance"])
         assert report.by_type["balance"].failed == {"integrity": 1}
 
+    def test_a_running_compactions_unverified_snapshot_is_not_the_one_checked(self, stores: Stores):
+        _compact(stores, "ledger", "l-1", Ledger(), dict)  # verified snapshot at 2
+        stores.events.append("ledger", "l-1", deposits(4, 5), expected_version=3)
+        fence = stores.events.acquire_fence("ledger", "l-1")
+        assert fence is not None
+        half_done = Snapshot(4, b"not yet verified", "0" * 64, False, datetime.now(UTC))
+        stores.snapshots.save("ledger", "l-1", half_done, fence_token=fence.fence_token)
+        [found] = stores.snapshots.verified_snapshots()
+        assert (found.stream_id, found.snapshot.version, found.snapshot.verified) == (
+            "l-1",
+            2,
+            True,
+        )
+        report = verify_snapshots(stores.snapshots, codec_of=lambda _t: StateCodec(dict))
+        assert (report.checked, report.ok) == (1, True)
+
+    def test_snapshots_are_read_page_by_page(self, stores: Stores):
+        for i in range(5):
+            _compact(stores, "ledger", f"l-{i}", Ledger(), dict)
+        pages: list[int] = []
+
+        def verified_snapshots(**kwargs):
+            page = stores.snapshots.verified_snapshots(**kwargs)
+            pages.append(len(page))
+            return page
+
+        spy = Proxy(stores.snapshots, verified_snapshots=verified_snapshots)
+        report = verify_snapshots(spy, codec_of=lambda _t: StateCodec(dict), page_size=2)
+        assert (report.checked, report.ok, pages) == (5, True, [2, 2, 1, 0])
+
     def test_an_empty_store_is_ok(self, stores: Stores):
         report = verify_snapshots(stores.snapshots, codec_of=lambda _t: StateCodec(dict))
         assert (report.checked, report.ok) == (0, True)
+
+    def test_a_page_size_below_one_is_refused_not_an_empty_pass(self, stores: Stores):
+        _compact(stores, "ledger", "l-1", Ledger(), dict)
+        with pytest.raises(ConfigurationError, match="page_size"):
+            verify_snapshots(stores.snapshots, codec_of=lambda _t: StateCodec(dict), page_size=0)
 
 
 class TestVerifyMemory(MemoryBackend, VerifyContract):

@@ -279,6 +279,8 @@ class AdversarialContract:
         [row] = stores.events.compaction_log("account", "a-1")
         assert (result.compaction_id, result.events_deleted) == (row.compaction_id, 80)
         assert (result.snapshot_version, result.events_retained) == (80, 10)
+        assert (result.head_version, result.compacted_through_before) == (90, 0)
+        assert result.state_hash == row.state_hash
         assert result.bytes_reclaimed == row.bytes_reclaimed > 0
         assert state_of(stores) == (ledger_fold(list(range(1, 91))), 90)
 
@@ -333,6 +335,32 @@ class AdversarialContract:
         assert third.model_dump(exclude={"duration_ms"}) == again.model_dump(
             exclude={"duration_ms"}
         )
+
+    def test_a_retry_whose_earlier_attempt_commits_while_it_waits_for_the_fence(
+        self, stores: Stores
+    ):
+        # The earlier attempt's delete was still in flight: the retry's first look saw
+        # nothing, its fence waited for that delete, and the stream moved meanwhile.
+        seed(stores, [1, 2, 3])
+        real_fence = stores.events.acquire_fence
+        earlier: list[Any] = []
+
+        def fence_after_the_earlier_attempt_commits(stream_type, stream_id):
+            if not earlier:
+                earlier.append(
+                    compact(stores, Ledger(), dict).compact(
+                        stream_type, stream_id, compaction_id="same"
+                    )
+                )
+            return real_fence(stream_type, stream_id)
+
+        store = Proxy(stores.events, acquire_fence=fence_after_the_earlier_attempt_commits)
+        retry = compact(stores, Ledger(), dict, store=store).compact(
+            "account", "a-1", compaction_id="same"
+        )
+        assert (earlier[0].outcome, earlier[0].recovered) == (Outcome.COMPACTED, False)
+        assert (retry.outcome, retry.recovered, retry.events_deleted) == ("compacted", True, 3)
+        assert len(stores.events.compaction_log("account", "a-1")) == 1
 
     def test_a_compaction_id_of_another_stream_is_refused(self, stores: Stores):
         seed(stores, [1, 2], stream_id="a-1")

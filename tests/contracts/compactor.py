@@ -30,6 +30,7 @@ from tests.deciders import (
     LossyTagger,
     ModelLedger,
     MutatingLedger,
+    ReorderingLedger,
     deposits,
     ledger_fold,
 )
@@ -320,7 +321,17 @@ class CompactorContract:
         assert "'calls'" in result.error
         untouched(stores, 6)
 
-    def test_snapshot_that_reads_back_different_is_not_trusted(self, stores: Stores):
+    def test_a_tail_replay_equal_but_in_another_key_order_fails_verification(self, stores: Stores):
+        seed(stores, list(range(6)))
+        result = compactor(stores, ReorderingLedger(), dict, retain_last=2).compact(
+            "account", "a-1"
+        )
+        assert result.outcome == Outcome.VERIFICATION_FAILED
+        assert "is not the full replay at 6" in result.error and "key order" in result.error
+        untouched(stores, 6)
+
+    @pytest.mark.parametrize("damage", ["bytes", "hash"])
+    def test_snapshot_that_reads_back_different_is_not_trusted(self, stores: Stores, damage):
         seed(stores, list(range(5)))
 
         def read(stream_type, stream_id, version):
@@ -330,8 +341,8 @@ class CompactorContract:
                 if snap is None
                 else type(snap)(
                     snap.version,
-                    snap.state.replace(b"10", b"11"),
-                    snap.state_hash,
+                    snap.state.replace(b"10", b"11") if damage == "bytes" else snap.state,
+                    snap.state_hash if damage == "bytes" else "0" * 64,
                     False,
                     snap.created_at,
                 )
@@ -370,8 +381,10 @@ class CompactorContract:
 
     def test_row_count_mismatch_rolls_back_to_failed(self, stores: Stores):
         seed(stores, list(range(6)))
+        tokens: list[int] = []
 
         def save(stream_type, stream_id, snapshot, *, fence_token):
+            tokens.append(fence_token)
             stores.snapshots.save(stream_type, stream_id, snapshot, fence_token=fence_token)
             stores.remove_event(stream_type, stream_id, 2)  # rows vanish behind our back
 
@@ -383,7 +396,9 @@ class CompactorContract:
         assert "would remove 5 events, the plan says 6" in result.error
         assert versions(stores, "account", "a-1") == [1, 3, 4, 5, 6]
         assert stores.snapshots.latest("account", "a-1") is None
-        assert stores.events.stream_info("account", "a-1").compacted_through == 0
+        info = stores.events.stream_info("account", "a-1")
+        # Refused before anything changed: no further fence was taken to settle it.
+        assert (info.compacted_through, info.fence_token) == (0, tokens[0])
 
     # 6. fencing -----------------------------------------------------------------------
 
@@ -466,9 +481,11 @@ class CompactorContract:
     def test_compaction_overtaken_before_delete_is_fenced(self, stores: Stores):
         seed(stores, list(range(10)))
         rival: list[CompactionResult] = []
+        rival_token: list[int] = []
 
         def commit_compaction(plan):
             rival.append(compactor(stores, retain_last=5).compact("account", "a-1"))
+            rival_token.append(stores.events.stream_info("account", "a-1").fence_token)
             return stores.events.commit_compaction(plan)
 
         slow = Compactor(
@@ -480,6 +497,8 @@ class CompactorContract:
         result = slow.compact("account", "a-1")
         assert rival[0].outcome == Outcome.COMPACTED
         assert result.outcome == Outcome.FENCED
+        # A refused delete changed nothing: no new fence is taken from the rival.
+        assert stores.events.stream_info("account", "a-1").fence_token == rival_token[0]
         assert versions(stores, "account", "a-1") == [6, 7, 8, 9, 10]
         assert len(stores.events.compaction_log("account", "a-1")) == 1
         assert state_of(stores) == (ledger_fold(list(range(10))), 10)
@@ -505,6 +524,15 @@ class CompactorContract:
         result = slow.compact("account", "a-1")
         assert rival[0].outcome == Outcome.COMPACTED
         assert result.outcome == Outcome.FENCED, result.error
+
+    def test_a_stream_gone_when_the_fence_is_taken_is_fenced(self, stores: Stores):
+        seed(stores, [1, 2])
+        gone = Proxy(stores.events, acquire_fence=lambda stream_type, stream_id: None)
+        result = Compactor(
+            store=gone, snapshot_store=stores.snapshots, decider=Ledger(), state_type=dict
+        ).compact("account", "a-1")
+        assert result.outcome == Outcome.FENCED and "disappeared" in result.error
+        untouched(stores, 2)
 
     # 7. dry run -----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from eskit_tasks import (
     ConcurrencyError,
@@ -36,6 +36,11 @@ class Level(Enum):
 
 
 class PricedModel(BaseModel):
+    price: float
+
+
+class PricedExtras(BaseModel):
+    model_config = ConfigDict(extra="allow")
     price: float
 
 
@@ -148,6 +153,7 @@ class EventStoreContract:
             ({"at": Priced(float("nan"))}, r"\$\['v'\]\['at'\]\.price"),
             ((Priced(1.0), Level.INFINITE), r"\$\['v'\]\[1\]"),
             ([{"m": PricedModel(price=float("inf"))}], r"\$\['v'\]\[0\]\['m'\]\.price"),
+            ({"m": PricedExtras(price=1.0, tip=float("nan"))}, r"\$\['v'\]\['m'\]\.tip"),
         ],
     )
     def test_non_finite_numbers_are_refused_not_stored_as_null(self, stores: Stores, bad, path):
