@@ -179,7 +179,9 @@ def _dict(a: dict[Any, Any], b: dict[Any, Any], path: str) -> Difference | None:
             return Difference(f"{path}[{extra[0]!r}]", "unexpected key", _ABSENT, b[extra[0]])
     for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=False):
         if type(ka) is not type(kb) or ka != kb:
-            reason = "key order" if ka in b else "key"
+            # 1 and True are one dict key to Python: the order is at fault only when the
+            # very key (same type) is elsewhere in the other dict.
+            reason = "key order" if any(type(k) is type(ka) and k == ka for k in b) else "key"
             return Difference(f"{path} keys", reason, list(a)[:8], list(b)[:8])
         found = _compare(va, vb, f"{path}[{ka!r}]")
         if found is not None:
