@@ -373,6 +373,7 @@ def _print_snapshot_report(report: SnapshotReport) -> None:
         "integrity",
         "schema",
         "unregistered",
+        "missing",
         title=f"{report.checked:,} snapshots checked, {report.failed:,} cannot be used",
     )
     for stream_type, tally in sorted(report.by_type.items()):
@@ -380,7 +381,7 @@ def _print_snapshot_report(report: SnapshotReport) -> None:
             stream_type,
             f"{tally.checked:,}",
             f"{tally.failures:,}",
-            *(f"{tally.failed.get(kind, 0):,}" for kind in ("integrity", "schema", "unregistered")),
+            *(f"{tally.failed.get(kind, 0):,}" for kind in _PROBLEM_KINDS),
         )
     out.print(table)
     for p in report.problems[:SHOWN_PROBLEMS]:
@@ -396,6 +397,8 @@ def _print_snapshot_report(report: SnapshotReport) -> None:
         )
 
 
+#: The columns of verify-snapshots' table, one per kind of problem.
+_PROBLEM_KINDS = ("integrity", "schema", "unregistered", "missing")
 #: Failing snapshots printed in full by verify-snapshots (the rest are counted).
 SHOWN_PROBLEMS = 20
 

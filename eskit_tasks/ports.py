@@ -83,20 +83,23 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class StoredSnapshot:
-    """A stream's newest verified snapshot, as :meth:`SnapshotStore.verified_snapshots`
+    """A compacted stream's verified snapshot, as :meth:`SnapshotStore.verified_snapshots`
     pages them.
 
     Args:
         key: The stream's key (pass the last one as ``after`` for the next page).
         stream_type: The stream's type.
         stream_id: The stream's id.
-        snapshot: The snapshot.
+        compacted_through: The stream's compaction point, where the snapshot must be.
+        snapshot: The snapshot; None when it is missing (the row was removed by hand):
+            the stream can no longer be loaded.
     """
 
     key: int
     stream_type: str
     stream_id: str
-    snapshot: Snapshot
+    compacted_through: int
+    snapshot: Snapshot | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +298,9 @@ class SnapshotStore(Protocol):
     def verified_snapshots(
         self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
     ) -> list[StoredSnapshot]:
-        """Each stream's newest verified snapshot, in stream key order after ``after``
-        (a keyset page of at most ``limit``), for checks over the whole store."""
+        """Each compacted stream's verified snapshot (None where it is missing), in stream
+        key order after ``after`` (a keyset page of at most ``limit``), for checks over
+        the whole store."""
         ...
 
 

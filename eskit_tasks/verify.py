@@ -20,7 +20,7 @@ from eskit_tasks.errors import (
     SnapshotSchemaError,
 )
 from eskit_tasks.loading import open_snapshot
-from eskit_tasks.ports import SnapshotStore
+from eskit_tasks.ports import SnapshotStore, StoredSnapshot
 from eskit_tasks.registry import get_registration
 
 #: Snapshots read per page.
@@ -38,7 +38,8 @@ class SnapshotProblem:
         stream_id: The stream's id.
         version: The snapshot's version.
         kind: ``integrity`` (bytes do not match the hash), ``schema`` (another schema
-            and no upcaster, or not an exact decode) or ``unregistered`` (no decider).
+            and no upcaster, or not an exact decode), ``unregistered`` (no decider) or
+            ``missing`` (the stream is compacted but its snapshot is gone).
         error: The error ``load_state`` would raise.
     """
 
@@ -123,8 +124,9 @@ def verify_snapshots(
     codec_of: Callable[[str], StateCodec[Any]] = registered_codec,
     page_size: int = PAGE_SIZE,
 ) -> SnapshotReport:
-    """Open every stream's newest verified snapshot as ``load_state`` would; report
-    those that cannot be used. Memory is bounded by ``page_size`` (and ``MAX_PROBLEMS``).
+    """Open every compacted stream's verified snapshot as ``load_state`` would; report
+    those that cannot be used (and compacted streams whose snapshot is missing).
+    Memory is bounded by ``page_size`` (and ``MAX_PROBLEMS``).
 
     Args:
         snapshots: The snapshot store.
@@ -146,27 +148,43 @@ def verify_snapshots(
     ):
         for found in page:
             st, sid, snap = found.stream_type, found.stream_id, found.snapshot
-            if st not in codecs:
-                try:
-                    codecs[st] = codec_of(st)
-                except ConfigurationError as exc:
-                    codecs[st] = exc
             tally = report.by_type.setdefault(st, TypeTally())
             tally.checked += 1
-            codec = codecs[st]
-            kind, error = None, ""
-            if isinstance(codec, ConfigurationError):
-                kind, error = "unregistered", str(codec)
-            else:
-                try:
-                    open_snapshot(codec, snap, st, sid)
-                except SnapshotIntegrityError as exc:
-                    kind, error = "integrity", str(exc)
-                except SnapshotSchemaError as exc:
-                    kind, error = "schema", str(exc)
+            kind, error = _problem(codecs, codec_of, found)
             if kind is not None:
                 tally.failed[kind] = tally.failed.get(kind, 0) + 1
                 if len(report.problems) < MAX_PROBLEMS:
-                    report.problems.append(SnapshotProblem(st, sid, snap.version, kind, error))
+                    version = found.compacted_through if snap is None else snap.version
+                    report.problems.append(SnapshotProblem(st, sid, version, kind, error))
         after = page[-1].key
     return report
+
+
+def _problem(
+    codecs: dict[str, StateCodec[Any] | ConfigurationError],
+    codec_of: Callable[[str], StateCodec[Any]],
+    found: StoredSnapshot,
+) -> tuple[str | None, str]:
+    """(kind, error) of what keeps ``found`` from being used; (None, "") when nothing."""
+    st, sid, snap = found.stream_type, found.stream_id, found.snapshot
+    if snap is None:
+        return "missing", (
+            f"{st}/{sid}: compacted through {found.compacted_through}, but its verified "
+            "snapshot is missing; the stream cannot be loaded until the snapshot row is "
+            "restored from a backup"
+        )
+    if st not in codecs:
+        try:
+            codecs[st] = codec_of(st)
+        except ConfigurationError as exc:
+            codecs[st] = exc
+    codec = codecs[st]
+    if isinstance(codec, ConfigurationError):
+        return "unregistered", str(codec)
+    try:
+        open_snapshot(codec, snap, st, sid)
+    except SnapshotIntegrityError as exc:
+        return "integrity", str(exc)
+    except SnapshotSchemaError as exc:
+        return "schema", str(exc)
+    return None, ""

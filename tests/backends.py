@@ -35,6 +35,8 @@ class Stores:
     url: str | None = None
     #: Rewrite a stored snapshot's ``state`` bytes by hand, its hash left alone.
     tamper_snapshot: Callable[[str, str, int, bytes], None] = lambda *_: None
+    #: Delete a stored snapshot row by hand.
+    remove_snapshot: Callable[[str, str, int], None] = lambda *_: None
 
 
 def _sql_stores(url: str) -> tuple[Stores, SqlEventStore]:
@@ -82,8 +84,34 @@ def _sql_stores(url: str) -> tuple[Stores, SqlEventStore]:
                 .values(state=state.decode())
             )
 
-    found = Stores(store, SqlSnapshotStore(engine), corrupt, remove, set_recorded_at, url, tamper)
+    def remove_snapshot(stream_type: str, stream_id: str, version: int) -> None:
+        with engine.begin() as conn:
+            pk = _pk(conn, stream_type, stream_id)
+            conn.execute(
+                sa.delete(snapshots).where(
+                    snapshots.c.stream_pk == pk, snapshots.c.version == version
+                )
+            )
+
+    found = Stores(
+        store,
+        SqlSnapshotStore(engine),
+        corrupt,
+        remove,
+        set_recorded_at,
+        url,
+        tamper,
+        remove_snapshot,
+    )
     return found, store
+
+
+def _remove_in_memory(db: InMemoryDatabase) -> Callable[[str, str, int], None]:
+    def remove(stream_type: str, stream_id: str, version: int) -> None:
+        with db.lock:
+            del db.streams[(stream_type, stream_id)].snapshots[version]
+
+    return remove
 
 
 def _tamper_in_memory(db: InMemoryDatabase) -> Callable[[str, str, int, bytes], None]:
@@ -109,6 +137,7 @@ class MemoryBackend:
             store.engine.remove_event,
             store.engine.set_recorded_at,
             tamper_snapshot=_tamper_in_memory(store.engine),
+            remove_snapshot=_remove_in_memory(store.engine),
         )
 
 

@@ -105,6 +105,17 @@ class VerifyContract:
         report = verify_snapshots(spy, codec_of=lambda _t: StateCodec(dict), page_size=2)
         assert (report.checked, report.ok, pages) == (5, True, [2, 2, 1, 0])
 
+    def test_a_compacted_stream_whose_snapshot_is_gone_is_reported_missing(self, stores: Stores):
+        _compact(stores, "balance", "ok", Balances(), BalanceV1)
+        _compact(stores, "balance", "lost", Balances(), BalanceV1)
+        stores.remove_snapshot("balance", "lost", 2)
+        report = verify_snapshots(stores.snapshots, codec_of=lambda _t: StateCodec(BalanceV1))
+        assert (report.checked, report.failed) == (2, 1)
+        assert report.by_type["balance"].failed == {"missing": 1}
+        [problem] = report.problems
+        assert (problem.stream_id, problem.kind, problem.version) == ("lost", "missing", 2)
+        assert "compacted through 2, but its verified snapshot is missing" in problem.error
+
     def test_an_empty_store_is_ok(self, stores: Stores):
         report = verify_snapshots(stores.snapshots, codec_of=lambda _t: StateCodec(dict))
         assert (report.checked, report.ok) == (0, True)

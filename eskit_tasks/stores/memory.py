@@ -346,10 +346,10 @@ class InMemorySnapshotStore:
         with self.engine.lock:
             found = []
             for (t, i), s in self.engine.streams.items():
-                verified = [snap for snap, _ in s.snapshots.values() if snap.verified]
-                if s.key > after and verified and (types is None or t in types):
-                    newest = max(verified, key=lambda snap: snap.version)
-                    found.append(StoredSnapshot(s.key, t, i, newest))
+                if s.key > after and s.compacted_through > 0 and (types is None or t in types):
+                    hit = s.snapshots.get(s.compacted_through)
+                    snap = hit[0] if hit is not None and hit[0].verified else None
+                    found.append(StoredSnapshot(s.key, t, i, s.compacted_through, snap))
         return sorted(found, key=lambda f: f.key)[:limit]
 
 

@@ -570,18 +570,26 @@ class SqlSnapshotStore:
     def verified_snapshots(
         self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
     ) -> list[StoredSnapshot]:
-        """A keyset page over the streams' key; each stream's verified snapshot, which a
-        committed compaction leaves at the compaction point (and only there)."""
+        """A keyset page over the compacted streams' key; each one's verified snapshot,
+        which a committed compaction leaves at the compaction point (and only there), or
+        None where it is missing."""
         query = (
-            sa.select(streams.c.pk, streams.c.stream_type, streams.c.stream_id, *_SNAPSHOT_COLUMNS)
-            .join(
+            sa.select(
+                streams.c.pk,
+                streams.c.stream_type,
+                streams.c.stream_id,
+                streams.c.compacted_through,
+                *_SNAPSHOT_COLUMNS,
+            )
+            .outerjoin(
                 snapshots,
                 sa.and_(
                     snapshots.c.stream_pk == streams.c.pk,
                     snapshots.c.version == streams.c.compacted_through,
+                    snapshots.c.verified.is_(True),
                 ),
             )
-            .where(streams.c.pk > after, snapshots.c.verified.is_(True))
+            .where(streams.c.pk > after, streams.c.compacted_through > 0)
             .order_by(streams.c.pk)
             .limit(limit)
         )
@@ -592,7 +600,12 @@ class SqlSnapshotStore:
             self.engine.connect() as conn,
         ):
             rows = conn.execute(query).all()
-        return [StoredSnapshot(int(r[0]), r[1], r[2], _snapshot(r[3:])) for r in rows]
+        return [
+            StoredSnapshot(
+                int(r[0]), r[1], r[2], int(r[3]), None if r[4] is None else _snapshot(r[4:])
+            )
+            for r in rows
+        ]
 
     def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
         label = label_of(stream_type, stream_id)
