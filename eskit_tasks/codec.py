@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,10 +27,11 @@ from enum import Enum
 from typing import Any, Generic, TypeVar
 
 import orjson
+import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from eskit_tasks.compare import Difference, first_difference
+from eskit_tasks.compare import ABSENT, Difference
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, SnapshotSchemaError
 
 S = TypeVar("S")
@@ -81,14 +83,15 @@ def non_finite_path(value: Any, path: str = "$") -> str | None:
     if isinstance(value, float):
         return None if math.isfinite(value) else path
     if isinstance(value, Enum):
-        return non_finite_path(value.value, f"{path}")
+        return non_finite_path(value.value, path)
     if isinstance(value, dict):
         items: Any = ((f"{path}[{k!r}]", v) for k, v in value.items())
     elif isinstance(value, list | tuple):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
     elif isinstance(value, BaseModel):
-        fields = {**value.__dict__, **(value.__pydantic_extra__ or {})}
-        items = ((f"{path}.{k}", v) for k, v in fields.items())
+        # What is stored: the model's dump, with computed fields and serializers' output.
+        dumped = value.model_dump(mode="python")
+        items = ((f"{path}.{k}", v) for k, v in dumped.items())
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         items = ((f"{path}.{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
     else:
@@ -288,7 +291,12 @@ class StateCodec(Generic[S]):
                     raise fail(
                         f"upcaster {name} raised {type(exc).__name__}: {exc}", "Fix the upcaster."
                     ) from exc
-            source = orjson.dumps(plain)
+            try:
+                source = pydantic_core.to_json(plain)
+            except (PydanticSerializationError, TypeError, ValueError) as exc:
+                raise fail(
+                    f"the upcasters' result is not JSON ({exc})", "Fix the upcaster."
+                ) from None
         try:
             state = self._adapter.validate_json(source)
             again = self.encode(state)
@@ -298,9 +306,7 @@ class StateCodec(Generic[S]):
                 "Register an upcaster that turns its JSON into the current shape.",
             ) from None
         if again != source:  # not the same bytes: is it the same JSON?
-            ordered = not steps  # upcasters build plain dicts: their key order is free
-            plain = _parsed(source, fail)
-            difference = first_difference(_canonical(plain, ordered), _canonical(again, ordered))
+            difference = json_difference(_parsed(source, fail), _parsed(again, fail))
             if difference is not None:
                 raise fail(
                     f"decoding it would change its JSON: {_explained(difference)}",
@@ -334,28 +340,61 @@ class StateCodec(Generic[S]):
 
 
 def _parsed(encoded: bytes, fail: Callable[[str, str], SnapshotSchemaError]) -> Any:
+    """JSON as Python values, integers of any size kept (orjson would turn an integer
+    beyond 64 bits into a float)."""
     try:
-        return orjson.loads(encoded)
-    except orjson.JSONDecodeError as exc:
+        return pydantic_core.from_json(encoded)
+    except ValueError as exc:
         raise fail(f"stored state is not JSON ({exc})", "Restore it from a backup.") from None
 
 
-def _canonical(value: Any, ordered: bool) -> Any:
-    plain = orjson.loads(value) if isinstance(value, bytes) else value
-    if ordered:
-        return plain
-    return orjson.loads(orjson.dumps(plain, option=orjson.OPT_SORT_KEYS))
+def json_difference(stored: Any, decoded: Any, path: str = "$") -> Difference | None:
+    """Where the JSON the decoded state encodes to differs from the stored JSON.
+
+    Object keys are compared as sets: the decoded *state* keeps a dict's order (pydantic
+    decodes objects in order, and compaction proved the order before deleting), and a
+    model's fields follow its class, whatever order the stored object had. An array is
+    the same if its items are, in order, or — for a set, which has no order to keep —
+    as a multiset. Numbers keep their type (``1`` is not ``1.0``).
+    """
+    if type(stored) is not type(decoded):
+        return Difference(path, "type", stored, decoded)
+    if isinstance(stored, dict):
+        for key in stored:
+            if key not in decoded:
+                return Difference(f"{path}[{key!r}]", "missing key", stored[key], ABSENT)
+        for key in decoded:
+            if key not in stored:
+                return Difference(f"{path}[{key!r}]", "unexpected key", ABSENT, decoded[key])
+        for key, value in stored.items():
+            found = json_difference(value, decoded[key], f"{path}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(stored, list):
+        if len(stored) != len(decoded):
+            return Difference(path, "length", len(stored), len(decoded))
+        for i, (a, b) in enumerate(zip(stored, decoded, strict=True)):
+            found = json_difference(a, b, f"{path}[{i}]")
+            if found is not None:
+                return None if _same_items(stored, decoded) else found
+        return None
+    return None if stored == decoded else Difference(path, "value", stored, decoded)
+
+
+def _same_items(a: list[Any], b: list[Any]) -> bool:
+    def key(item: Any) -> str:
+        return json.dumps(item, sort_keys=True)
+
+    return sorted(map(key, a)) == sorted(map(key, b))
 
 
 def _explained(difference: Difference) -> str:
     if difference.reason == "missing key":
-        return f"it holds {difference.path}, which {_THE_TYPE} does not know"
+        return f"it holds {difference.path}, which the current state type does not know"
     if difference.reason == "unexpected key":
         return f"it lacks {difference.path}, which decoding would fill with a default"
     return f"{difference} (a coerced value)"
-
-
-_THE_TYPE = "the current state type"
 
 
 def _first_line(exc: Exception) -> str:

@@ -36,6 +36,7 @@ from eskit_tasks.errors import (
     FencedError,
     InvalidPolicyError,
     SnapshotCodecError,
+    SnapshotSchemaError,
     StreamIntegrityError,
     VersionGapError,
 )
@@ -378,7 +379,9 @@ class Compactor(Generic[S]):
             except EskitError as exc:
                 unreachable = exc
                 continue
-            if record is None:
+            if record is None or not _is_ours(record, deletion):
+                # Not committed, or the id's row is another compaction's (an id reused
+                # while this one ran): this delete did not happen.
                 run.token = None if fenced is None else fenced.fence_token
                 raise error
             return record
@@ -398,7 +401,16 @@ class Compactor(Generic[S]):
                 f"{label}: the snapshot read back at version {c} is "
                 f"{'missing' if stored is None else 'not the bytes written'}"
             )
-        decoded: S = self._verifying(self.codec.decode, stored.state)
+        # Decoded exactly as every reader will (strictly, under the marker it was written
+        # with), so a snapshot that readers would refuse is never verified.
+        try:
+            decoded: S = self.codec.decode_snapshot(
+                stored.state, stored.marker, stream_type=stream_type, stream_id=stream_id, version=c
+            )
+        except SnapshotSchemaError as exc:
+            raise _VerificationFailed(
+                f"{label}: the snapshot read back at version {c} would not load: {exc}"
+            ) from exc
         difference = first_difference(at_cut, decoded)
         if difference is not None:
             raise _VerificationFailed(
@@ -487,6 +499,16 @@ class Compactor(Generic[S]):
             self.snapshot_store.discard(
                 stream_type, stream_id, fields["snapshot_version"], fence_token=token
             )
+
+
+def _is_ours(record: CompactionRecord, deletion: DeletionPlan) -> bool:
+    """Is this audit row the delete ``deletion`` planned (stream, token and cut)?"""
+    return (
+        record.stream_type == deletion.stream_type
+        and record.stream_id == deletion.stream_id
+        and record.fence_token == deletion.fence_token
+        and record.through_version == deletion.through_version
+    )
 
 
 def _check_compaction_id(compaction_id: object) -> None:

@@ -174,16 +174,20 @@ def _dict(a: dict[Any, Any], b: dict[Any, Any], path: str) -> Difference | None:
         missing = [k for k in a if k not in b]
         extra = [k for k in b if k not in a]
         if missing:
-            return Difference(f"{path}[{missing[0]!r}]", "missing key", a[missing[0]], _ABSENT)
+            return Difference(f"{path}[{missing[0]!r}]", "missing key", a[missing[0]], ABSENT)
         if extra:
-            return Difference(f"{path}[{extra[0]!r}]", "unexpected key", _ABSENT, b[extra[0]])
+            return Difference(f"{path}[{extra[0]!r}]", "unexpected key", ABSENT, b[extra[0]])
     for (ka, va), (kb, vb) in zip(a.items(), b.items(), strict=False):
         if type(ka) is not type(kb) or ka != kb:
             # 1 and True are one dict key to Python: the order is at fault only when the
             # very key (same type) is elsewhere in the other dict.
             reason = "key order" if any(type(k) is type(ka) and k == ka for k in b) else "key"
             return Difference(f"{path} keys", reason, list(a)[:8], list(b)[:8])
-        found = _compare(va, vb, f"{path}[{ka!r}]")
+        # Equal keys can still be told apart (a ZoneInfo datetime and the same instant
+        # at a fixed offset; (1,) and (True,)): the key itself must be indistinguishable.
+        found = _compare(ka, kb, f"{path} key {ka!r}")
+        if found is None:
+            found = _compare(va, vb, f"{path}[{ka!r}]")
         if found is not None:
             return found
     return None
@@ -206,10 +210,15 @@ def _set(
 ) -> Difference | None:
     # 1, 1.0 and True are one set member to Python; pairing each member with its type
     # tells them apart.
-    typed_b = {(type(x), x) for x in b}
+    typed_b = {(type(x), x): x for x in b}
     for x in a:
-        if (type(x), x) not in typed_b:
-            return Difference(f"{path} member", "missing member", _typed(x), _ABSENT)
+        twin = typed_b.get((type(x), x), ABSENT)
+        if twin is ABSENT:
+            return Difference(f"{path} member", "missing member", _typed(x), ABSENT)
+        # Equal members can still be told apart (time zones, Decimal exponents).
+        found = _compare(x, twin, f"{path} member {x!r}")
+        if found is not None:
+            return found
     if len(a) != len(b):
         return Difference(path, "members", a, b)
     return None
@@ -282,7 +291,8 @@ class _Shown:
         return self.text
 
 
-_ABSENT = _Shown("(absent)")
+#: Shown for the side of a difference that lacks a key or member.
+ABSENT = _Shown("(absent)")
 
 
 class _Typed:

@@ -345,11 +345,15 @@ def _compact_locked(
             policy=parsed,
             guard=copy.guard(lock),
         ).compact(stream_type, stream_id, compaction_id=compaction_id)
-        _record(result, copy.run_id, copy.task_id, timed=True)
         retry = result.error_type in _TRANSIENT
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.
         claimed = False if retry else copy.claim_result()
+        # A deletion is accounted by the copy that owns the task's result only: a copy
+        # paused past its lock may commit while a redelivered copy reports the same
+        # deletion from the audit log (both under the task's compaction id).
+        if claimed or result.outcome is not Outcome.COMPACTED:
+            _record(result, copy.run_id, copy.task_id, timed=True)
     finally:
         lock.release()
     if retry:
@@ -486,7 +490,7 @@ def _report_task_failure(
         _store_recovered(sender, task_id, earlier, args, kwargs)
         return
     compaction_id = compaction_id_for(task_id) if task_id else str(uuid.uuid4())
-    result = _committed_by(compaction_id) or CompactionResult(
+    result = _committed_by(stream_type, stream_id, compaction_id) or CompactionResult(
         stream_type=stream_type,
         stream_id=stream_id,
         outcome=Outcome.FAILED,
@@ -529,15 +533,23 @@ def _store_recovered(
         log.warning("could not store the recovered result of task %s: %s", task_id, exc)
 
 
-def _committed_by(compaction_id: str) -> CompactionResult | None:
+def _committed_by(stream_type: str, stream_id: str, compaction_id: str) -> CompactionResult | None:
     """The deletion a dead task committed, from the audit log (None: none, or the
-    database cannot say; the result then names the id to look up)."""
+    database cannot say; the result then names the id to look up).
+
+    A new fencing token is taken first: it waits for a delete still in flight (the killed
+    process's COMMIT), so "not found" is final, and stops any stale copy of the task.
+    """
+    store = resources().store
     try:
-        record = resources().store.find_compaction(compaction_id)
+        store.acquire_fence(stream_type, stream_id)
+        record = store.find_compaction(compaction_id)
     except EskitError as exc:
         log.warning("could not look up compaction %s in the audit log: %s", compaction_id, exc)
         return None
-    return None if record is None else recovered_result(record)
+    if record is None or (record.stream_type, record.stream_id) != (stream_type, stream_id):
+        return None
+    return recovered_result(record)
 
 
 def _report(res: _Resources, run_id: str, result: CompactionResult) -> None:

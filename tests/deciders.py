@@ -236,3 +236,43 @@ class Balances:
 
     def decide(self, command: Any, state: Any) -> list[NewEvent]:
         return []
+
+
+class TagSet(BaseModel):
+    tags: set[int] = set()
+
+
+class Tagger:
+    """A typed set state: snapshots list its members in whatever order the set iterates."""
+
+    def initial_state(self) -> TagSet:
+        return TagSet()
+
+    def evolve(self, state: TagSet, event: RecordedEvent) -> TagSet:
+        tags = set(state.tags)
+        if "add" in event.data:
+            tags.add(event.data["add"])
+        else:
+            tags.discard(event.data["remove"])
+        return TagSet(tags=tags)
+
+    def decide(self, command: Any, state: TagSet) -> list[NewEvent]:
+        return []
+
+
+class CalendarState(BaseModel):
+    by_start: dict[datetime, str] = {}
+
+
+class Calendar:
+    """Datetimes in their own zone as dict keys: equal to a fixed offset, not the same."""
+
+    def initial_state(self) -> CalendarState:
+        return CalendarState()
+
+    def evolve(self, state: CalendarState, event: RecordedEvent) -> CalendarState:
+        at = datetime.fromisoformat(event.data["at"]).replace(tzinfo=ZoneInfo("Europe/Berlin"))
+        return CalendarState(by_start={**state.by_start, at: event.data["what"]})
+
+    def decide(self, command: Any, state: CalendarState) -> list[NewEvent]:
+        return []

@@ -175,6 +175,18 @@ def test_model_fields_count_in_order():
     assert found is not None and (found.path, found.reason) == ("$ fields", "field names")
 
 
+def test_equal_dict_keys_and_set_members_must_be_indistinguishable_too():
+    fixed = BERLIN.astimezone(timezone(timedelta(hours=1)))
+    found = first_difference({BERLIN: "x"}, {fixed: "x"})
+    assert found is not None and found.reason == "time zone" and " key " in found.path
+    found = first_difference({BERLIN}, {fixed})
+    assert found is not None and found.reason == "time zone" and " member " in found.path
+    found = first_difference({(1,): "x"}, {(True,): "x"})
+    assert found is not None and found.reason == "type"
+    found = first_difference({Decimal("1.0")}, {Decimal("1.00")})
+    assert found is not None and found.reason == "decimal digits or exponent"
+
+
 def test_dict_keys_of_another_type_differ():
     found = first_difference({1: "x"}, {True: "x"})  # 1 == True, one hash
     assert found is not None and (found.path, found.reason) == ("$ keys", "key")

@@ -87,7 +87,7 @@ def test_a_missing_column_is_refused_with_one_line_and_nothing_changes(
     text = str(info.value)
     assert "\n" not in text
     assert f"{table} lacks column {column}" in text
-    assert "Nothing was changed" in text and "docs/upgrading.md" in text
+    assert "The tables were not changed" in text and "docs/upgrading.md" in text
     engine = sa.create_engine(fresh_url)
     with engine.connect() as conn:
         assert "eskit_compaction_log" not in sa.inspect(conn).get_table_names()

@@ -187,7 +187,7 @@ def create_tables(
         if differences:
             raise TableLayoutError(
                 f"the eskit tables in {mask_url(engine.url)} do not have the layout this "
-                f"eskit-tasks expects: {'; '.join(differences)}. Nothing was changed; "
+                f"eskit-tasks expects: {'; '.join(differences)}. The tables were not changed; "
                 "upgrade them as docs/upgrading.md describes, or use a database made by "
                 "this version (eskit-tasks init-db)."
             )

@@ -20,6 +20,7 @@ from eskit_tasks.errors import (
     DeletionMismatchError,
     EventDecodeError,
     FencedError,
+    StoreError,
 )
 from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.ports import (
@@ -209,6 +210,12 @@ class InMemoryEventStore:
             if s is None:
                 raise DeletionMismatchError(f"{label}: the stream no longer exists")
             check_fence(label, plan, s.fence_token, s.compacted_through)
+            if any(r.compaction_id == plan.compaction_id for r in db.log):
+                # The SQL audit log's unique key refuses it the same way.
+                raise StoreError(
+                    f"delete compacted events of {label} failed: compaction id "
+                    f"{plan.compaction_id!r} is already in the audit log"
+                )
             if c > s.head_version:
                 raise DeletionMismatchError(
                     f"{label}: cannot compact through {c}, head is {s.head_version}"

@@ -35,11 +35,15 @@ from tests.deciders import (
     Balances,
     BalanceV1,
     BalanceV2,
+    Calendar,
+    CalendarState,
     Ledger,
     RecentKeys,
     Reminder,
     Reminders,
     Renamed,
+    Tagger,
+    TagSet,
     Tickets,
     ledger_fold,
     pushes,
@@ -143,6 +147,33 @@ class AdversarialContract:
         result = compact(stores, Tickets(), dict, retain_last=1).compact("ticket", "t")
         assert result.outcome == Outcome.VERIFICATION_FAILED
         assert versions(stores, "ticket", "t") == [1, 2, 3]
+
+    def test_a_set_in_a_typed_state_compacts_and_loads_whatever_its_iteration_order(
+        self, stores: Stores
+    ):
+        # Removals and re-additions leave the set iterating in another order than a set
+        # built afresh from its members (and the order differs between processes).
+        kept = {290, 5, 100, 37, 64, 250}
+        events = [NewEvent("Tag", {"add": n}) for n in range(300)]
+        events += [NewEvent("Tag", {"remove": n}) for n in range(300) if n not in kept]
+        stores.events.append("tags", "t", events, expected_version=0)
+        first = compact(stores, Tagger(), TagSet).compact("tags", "t")
+        assert first.outcome == Outcome.COMPACTED, first.error
+        head = len(events)
+        stores.events.append("tags", "t", [NewEvent("Tag", {"add": 99})], expected_version=head)
+        state, version = load_state(stores.events, stores.snapshots, Tagger(), TagSet, "tags", "t")
+        expected = replay(Tagger(), [*events, NewEvent("Tag", {"add": 99})])
+        assert (state, version) == (expected, head + 1)
+        again = compact(stores, Tagger(), TagSet).compact("tags", "t")
+        assert again.outcome == Outcome.COMPACTED, again.error
+
+    def test_datetime_keys_in_their_own_zone_fail_verification(self, stores: Stores):
+        events = [NewEvent("Booked", {"at": "2026-01-10T09:00:00", "what": "dentist"})]
+        stores.events.append("calendar", "c", events, expected_version=0)
+        result = compact(stores, Calendar(), CalendarState).compact("calendar", "c")
+        assert result.outcome == Outcome.VERIFICATION_FAILED, result
+        assert "(time zone)" in result.error and " key " in result.error
+        assert versions(stores, "calendar", "c") == [1]
 
     # 2. state type changes ------------------------------------------------------------
 
@@ -370,6 +401,28 @@ class AdversarialContract:
         other = compact(stores, Ledger(), dict).compact("account", "b-2", compaction_id="x")
         assert (other.outcome, other.error_type) == (Outcome.FAILED, "ConfigurationError")
         assert versions(stores, "account", "b-2") == [1, 2]
+
+    def test_a_compaction_id_reused_meanwhile_is_never_taken_for_this_deletion(
+        self, stores: Stores
+    ):
+        seed(stores, list(range(1, 11)), stream_id="a-1")
+        seed(stores, [1, 2, 3], stream_id="b-2")
+        calls = itertools.count(1)
+
+        def guard() -> None:  # just before a-1's delete, b-2 is compacted under a-1's id
+            if next(calls) == 2:
+                other = compact(stores, Ledger(), dict).compact(
+                    "account", "b-2", compaction_id="shared"
+                )
+                assert other.outcome == Outcome.COMPACTED
+
+        result = compact(stores, Ledger(), dict, guard=guard).compact(
+            "account", "a-1", compaction_id="shared"
+        )
+        assert (result.outcome, result.recovered, result.events_deleted) == ("failed", False, 0)
+        assert versions(stores, "account", "a-1") == list(range(1, 11))
+        [row] = stores.events.compaction_log()
+        assert (row.stream_id, row.compaction_id) == ("b-2", "shared")
 
     @pytest.mark.parametrize("bad", ["", "x" * 37, 7])
     def test_a_malformed_compaction_id_is_a_configuration_error(self, stores: Stores, bad):

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from eskit_tasks import (
     ConcurrencyError,
@@ -37,6 +37,17 @@ class Level(Enum):
 
 class PricedModel(BaseModel):
     price: float
+
+
+class RatioModel(BaseModel):
+    """A computed field is stored too: its NaN must be caught."""
+
+    total: float = 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ratio(self) -> float:
+        return self.total / self.total if self.total else float("nan")
 
 
 class PricedExtras(BaseModel):
@@ -153,6 +164,7 @@ class EventStoreContract:
             ({"at": Priced(float("nan"))}, r"\$\['v'\]\['at'\]\.price"),
             ((Priced(1.0), Level.INFINITE), r"\$\['v'\]\[1\]"),
             ([{"m": PricedModel(price=float("inf"))}], r"\$\['v'\]\[0\]\['m'\]\.price"),
+            (RatioModel(), r"\$\['v'\]\.ratio"),
             ({"m": PricedExtras(price=1.0, tip=float("nan"))}, r"\$\['v'\]\['m'\]\.tip"),
         ],
     )
