@@ -237,10 +237,6 @@ class StateCodec(Generic[S]):
         except ValidationError as exc:
             raise SnapshotCodecError(f"cannot decode snapshot as {self.type_name}: {exc}") from exc
 
-    def to_plain(self, state: S) -> Any:
-        """The state as plain Python values (for messages)."""
-        return self._adapter.dump_python(state)
-
     def decode_snapshot(
         self,
         encoded: bytes,
@@ -252,10 +248,9 @@ class StateCodec(Generic[S]):
     ) -> S:
         """Decode a stored snapshot written under ``marker``, strictly.
 
-        Same schema: the decoded state must encode back to exactly the stored bytes.
         Another schema: the upcasters from ``marker`` to the current schema run on the
-        decoded JSON, then the result must encode back to the same JSON (no key dropped,
-        no default invented).
+        decoded JSON first. Then the decoded state must encode back to the same JSON (see
+        :func:`json_difference`): no key dropped, no default invented, no value coerced.
 
         Raises:
             SnapshotSchemaError: no upcaster path, an upcaster raised, or the snapshot

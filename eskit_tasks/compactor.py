@@ -180,7 +180,7 @@ class Compactor(Generic[S]):
                 run.token = plan.token
                 self._run(stream_type, stream_id, plan, fields, run)
         except _Committed as done:
-            _report_committed(fields, done.record)
+            fields.update(_committed_fields(done.record))
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
@@ -524,14 +524,18 @@ def _check_compaction_id(compaction_id: object) -> None:
 def recovered_result(record: CompactionRecord, *, duration_ms: float = 0.0) -> CompactionResult:
     """The result of a deletion the audit log holds, reported rather than seen
     committing (``recovered``): its COMMIT reply was lost, or its worker died."""
-    fields: dict[str, Any] = {"stream_type": record.stream_type, "stream_id": record.stream_id}
-    _report_committed(fields, record)
-    return CompactionResult(**fields, duration_ms=duration_ms)
+    return CompactionResult(
+        stream_type=record.stream_type,
+        stream_id=record.stream_id,
+        duration_ms=duration_ms,
+        **_committed_fields(record),
+    )
 
 
-def _report_committed(fields: dict[str, Any], record: CompactionRecord) -> None:
-    """The result of a deletion the audit log holds (reported, not seen committing)."""
-    fields.update(
+def _committed_fields(record: CompactionRecord) -> dict[str, Any]:
+    """The result fields of a deletion the audit log holds (reported, not seen
+    committing)."""
+    return dict(
         outcome=Outcome.COMPACTED,
         head_version=record.head_version,
         compacted_through_before=record.from_version - 1,

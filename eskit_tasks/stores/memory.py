@@ -69,6 +69,8 @@ class InMemoryDatabase:
         self.lock = threading.RLock()
         self.streams: dict[Key, _Stream] = {}
         self.log: list[CompactionRecord] = []
+        # The audit rows by compaction id (the SQL table's unique index).
+        self.log_by_id: dict[str, CompactionRecord] = {}
         self.next_key = 0
 
     def corrupt_event(self, stream_type: str, stream_id: str, version: int, raw: str) -> None:
@@ -210,7 +212,7 @@ class InMemoryEventStore:
             if s is None:
                 raise DeletionMismatchError(f"{label}: the stream no longer exists")
             check_fence(label, plan, s.fence_token, s.compacted_through)
-            if any(r.compaction_id == plan.compaction_id for r in db.log):
+            if plan.compaction_id in db.log_by_id:
                 # The SQL audit log's unique key refuses it the same way.
                 raise StoreError(
                     f"delete compacted events of {label} failed: compaction id "
@@ -236,28 +238,28 @@ class InMemoryEventStore:
             for v in doomed:
                 del s.events[v]
             s.snapshots = {c: (replace(snap[0], verified=True), snap[1])}
-            db.log.append(
-                CompactionRecord(
-                    plan.compaction_id,
-                    plan.stream_type,
-                    plan.stream_id,
-                    s.compacted_through + 1,
-                    c,
-                    c,
-                    plan.head_version,
-                    plan.state_hash,
-                    len(doomed),
-                    plan.bytes_reclaimed,
-                    plan.fence_token,
-                    datetime.now(UTC),
-                )
+            record = CompactionRecord(
+                plan.compaction_id,
+                plan.stream_type,
+                plan.stream_id,
+                s.compacted_through + 1,
+                c,
+                c,
+                plan.head_version,
+                plan.state_hash,
+                len(doomed),
+                plan.bytes_reclaimed,
+                plan.fence_token,
+                datetime.now(UTC),
             )
+            db.log.append(record)
+            db.log_by_id[record.compaction_id] = record
             s.compacted_through = c
             return len(doomed)
 
     def find_compaction(self, compaction_id: str) -> CompactionRecord | None:
         with self.engine.lock:
-            return next((r for r in self.engine.log if r.compaction_id == compaction_id), None)
+            return self.engine.log_by_id.get(compaction_id)
 
     def candidates(
         self,
