@@ -2,7 +2,7 @@
 
 Read by the app with ``config_from_object`` (``ESKIT_CELERY_CONFIG`` names another
 module). Every value can be overridden from the environment through
-``eskit_tasks.settings`` (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, ESKIT_DATABASE_URL,
+``eskit_tasks.fleet.settings`` (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, ESKIT_DATABASE_URL,
 ESKIT_REDIS_URL, ESKIT_* timings); edit this file for anything else.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from celery.schedules import crontab
 from kombu import Queue
 
-from eskit_tasks.settings import get_settings
+from eskit_tasks.fleet.settings import get_settings
 
 _s = get_settings()
 

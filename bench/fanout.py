@@ -49,7 +49,7 @@ from bench.fleet import (
     scratch_database,
     vacuum_analyze,
 )
-from eskit_tasks import constants
+from eskit_tasks.fleet import constants
 
 SCALES = {
     # backpressure_high_water: ESKIT_FANOUT_HIGH_WATER in the back-pressure phase, which
@@ -156,7 +156,7 @@ class DepthSampler(threading.Thread):
 
 def _fanout_child(max_streams: int | None) -> dict[str, Any]:
     """One fan-out, timed from compact_all() to the progress saying it is done."""
-    from eskit_tasks.runs import compact_all
+    from eskit_tasks.fleet.runs import compact_all
     from eskit_tasks.tasks import resources
 
     resources().redis.ping()  # connect before the clock starts
@@ -184,7 +184,7 @@ def _publish_child(count: int, sample_path: str, batched: bool) -> dict[str, Any
     ``batched``, inside kombu's ``Producer.batch`` as the fan-out sends its pages."""
     from kombu import Queue
 
-    from eskit_tasks.celery_app import app
+    from eskit_tasks.fleet.app import app
 
     envelope = json.loads(Path(sample_path).read_bytes())
     raw_body = envelope["body"]

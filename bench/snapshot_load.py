@@ -29,7 +29,7 @@ from eskit_tasks import (
     SqlSnapshotStore,
     load_state,
 )
-from eskit_tasks.loading import fold
+from eskit_tasks.core.loading import fold
 
 ROUNDS = 7
 

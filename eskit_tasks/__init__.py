@@ -7,10 +7,15 @@ state, then delete events 1..C — never losing one.
 import importlib
 from typing import Any
 
-from eskit_tasks.codec import SchemaMarker, StateCodec, schema_fingerprint
-from eskit_tasks.compactor import Compactor
-from eskit_tasks.compare import Difference, first_difference, indistinguishable
-from eskit_tasks.decider import Decider
+from eskit_tasks.core.compactor import Compactor
+from eskit_tasks.core.loading import load_state
+from eskit_tasks.core.registry import UnknownStreamTypeError, register_decider
+from eskit_tasks.domain.codec import SchemaMarker, StateCodec, schema_fingerprint
+from eskit_tasks.domain.compare import Difference, first_difference, indistinguishable
+from eskit_tasks.domain.decider import Decider
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import (
     CommitOutcomeUnknownError,
     CompactionError,
@@ -31,9 +36,6 @@ from eskit_tasks.errors import (
     TableLayoutError,
     VersionGapError,
 )
-from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.loading import load_state
-from eskit_tasks.policy import CompactionPolicy
 from eskit_tasks.ports import (
     CompactionRecord,
     EventStore,
@@ -42,8 +44,6 @@ from eskit_tasks.ports import (
     StoredSnapshot,
     StreamInfo,
 )
-from eskit_tasks.registry import UnknownStreamTypeError, register_decider
-from eskit_tasks.result import CompactionResult, Outcome
 from eskit_tasks.stores import (
     InMemoryDatabase,
     InMemoryEventStore,
@@ -57,15 +57,15 @@ __version__ = "0.1.0"
 # The fleet's names import Celery; they load on first use so that the library core
 # stays light. `celery -A eskit_tasks` finds the Celery app as `eskit_tasks.app`.
 _LAZY = {
-    "compact_all": "eskit_tasks.runs",
-    "CompactionRun": "eskit_tasks.runs",
-    "RunSummary": "eskit_tasks.runs",
-    "RunTimeoutError": "eskit_tasks.runs",
-    "RunNotFoundError": "eskit_tasks.runs",
-    "RunProgress": "eskit_tasks.progress",
-    "verify_snapshots": "eskit_tasks.verify",
-    "SnapshotReport": "eskit_tasks.verify",
-    "app": "eskit_tasks.celery_app",
+    "compact_all": "eskit_tasks.fleet.runs",
+    "CompactionRun": "eskit_tasks.fleet.runs",
+    "RunSummary": "eskit_tasks.fleet.runs",
+    "RunTimeoutError": "eskit_tasks.fleet.runs",
+    "RunNotFoundError": "eskit_tasks.fleet.runs",
+    "RunProgress": "eskit_tasks.fleet.progress",
+    "verify_snapshots": "eskit_tasks.core.verify",
+    "SnapshotReport": "eskit_tasks.core.verify",
+    "app": "eskit_tasks.fleet.app",
 }
 
 

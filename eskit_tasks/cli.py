@@ -10,7 +10,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Annotated, Any
 
@@ -20,22 +20,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from eskit_tasks.compactor import Compactor
-from eskit_tasks.constants import FANOUT_PAGE_SIZE
+from eskit_tasks.core.candidates import iter_candidates
+from eskit_tasks.core.compactor import Compactor
+from eskit_tasks.core.loading import load_state
+from eskit_tasks.core.registry import get_registration, import_decider_modules
+from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport, verify_snapshots
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     EskitError,
 )
-from eskit_tasks.loading import load_state
-from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import Candidate, candidate_page
-from eskit_tasks.redact import mask_url
-from eskit_tasks.registry import get_registration, import_decider_modules
-from eskit_tasks.result import CompactionResult, Outcome
-from eskit_tasks.settings import get_settings
+from eskit_tasks.fleet.settings import get_settings
+from eskit_tasks.ports import Candidate
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
-from eskit_tasks.verify import MAX_PROBLEMS, SnapshotReport, verify_snapshots
 
 
 class Exit(IntEnum):
@@ -191,7 +191,15 @@ def candidates(
 ) -> None:
     """List the streams a policy would pick, with their live event counts."""
     store = _store(database)
-    found = list(_iter_candidates(store, min_events, stream_type, retain_last, limit))
+    found = list(
+        iter_candidates(
+            store,
+            min_events=min_events,
+            retain_last=retain_last,
+            stream_types=stream_type,
+            limit=limit,
+        )
+    )
     if json_:
         _emit_json(
             [
@@ -269,7 +277,7 @@ def compact_all_cmd(
             database, policy, min_events, stream_type, max_streams, decider_module, json_
         )
         return
-    from eskit_tasks.runs import compact_all
+    from eskit_tasks.fleet.runs import compact_all
 
     run = compact_all(
         min_events=min_events,
@@ -299,7 +307,7 @@ def status(
     if wait:
         _follow(run_id, timeout, json_)
         return
-    from eskit_tasks.runs import CompactionRun
+    from eskit_tasks.fleet.runs import CompactionRun
 
     summary = CompactionRun(run_id).summary()
     _print_summary(summary, json_)
@@ -410,28 +418,6 @@ def _record(row: Any) -> dict[str, Any]:
     return {name: getattr(row, name) for name in row.__slots__}
 
 
-def _iter_candidates(
-    store: SqlEventStore,
-    min_events: int,
-    stream_types: Sequence[str] | None,
-    retain_last: int,
-    limit: int | None,
-) -> Iterator[Candidate]:
-    """Every candidate, page by page (bounded memory)."""
-    after, seen, last = 0, 0, store.max_stream_key()
-    while after < last and (limit is None or seen < limit):
-        page, after = candidate_page(  # the same bounds as the fleet's fan-out
-            store,
-            after=after,
-            limit=FANOUT_PAGE_SIZE if limit is None else min(FANOUT_PAGE_SIZE, limit - seen),
-            page_size=FANOUT_PAGE_SIZE,
-            min_live_events=max(min_events, retain_last + 1),
-            stream_types=stream_types,
-        )
-        yield from page
-        seen += len(page)
-
-
 def _compact_all_local(
     database: str | None,
     policy: CompactionPolicy,
@@ -447,13 +433,16 @@ def _compact_all_local(
     compactors: dict[str, Compactor[Any] | CompactionResult] = {}
     results: list[CompactionResult] = []
     started = time.perf_counter()
-    todo = sum(
-        1
-        for _ in _iter_candidates(store, min_events, stream_types, policy.retain_last, max_streams)
+    todo = iter_candidates(
+        store,
+        min_events=min_events,
+        retain_last=policy.retain_last,
+        stream_types=stream_types,
+        limit=max_streams,
     )
     with _progress(json_) as progress:
-        task = progress.add_task("compacting", total=todo)
-        for c in _iter_candidates(store, min_events, stream_types, policy.retain_last, max_streams):
+        task = progress.add_task("compacting", total=None)
+        for c in todo:
             results.append(_compact_one(store, snapshots, compactors, policy, c))
             progress.advance(task)
     _report_results(results, time.perf_counter() - started, json_)
@@ -496,7 +485,7 @@ def _compact_one(
 
 
 def _follow(run_id: str, timeout: float | None, json_: bool) -> None:
-    from eskit_tasks.runs import CompactionRun, RunTimeoutError
+    from eskit_tasks.fleet.runs import CompactionRun, RunTimeoutError
 
     run = CompactionRun(run_id)
     deadline = None if timeout is None else time.monotonic() + timeout

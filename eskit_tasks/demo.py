@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from eskit_tasks.events import NewEvent, RecordedEvent
-from eskit_tasks.registry import register_decider
+from eskit_tasks.core.registry import register_decider
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
 from eskit_tasks.stores.sql import SqlEventStore
 
 STREAM_TYPE = "account"

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from eskit_tasks.codec import UNRECORDED, SchemaMarker
-from eskit_tasks.constants import FANOUT_SCAN_FACTOR
-from eskit_tasks.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.codec import UNRECORDED, SchemaMarker
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +62,7 @@ class Snapshot:
             Readers only ever use verified snapshots.
         created_at: When it was written.
         fingerprint: The state schema's fingerprint when it was written
-            (:func:`~eskit_tasks.codec.schema_fingerprint`).
+            (:func:`~eskit_tasks.domain.codec.schema_fingerprint`).
         state_version: The ``state_version`` the decider declared then (None: none).
     """
 
@@ -302,30 +301,3 @@ class SnapshotStore(Protocol):
         key order after ``after`` (a keyset page of at most ``limit``), for checks over
         the whole store."""
         ...
-
-
-def candidate_page(
-    store: EventStore,
-    *,
-    after: int,
-    limit: int,
-    page_size: int,
-    min_live_events: int,
-    stream_types: Sequence[str] | None,
-) -> tuple[list[Candidate], int]:
-    """One bounded page of candidates: at most ``limit`` streams after key ``after``,
-    examining at most ``page_size x FANOUT_SCAN_FACTOR`` keys; and the key the next
-    page starts after (the fan-out and ``compact-all --local`` page alike)."""
-    until = after + page_size * FANOUT_SCAN_FACTOR
-    page = (
-        []
-        if limit <= 0
-        else store.candidates(
-            after=after,
-            until=until,
-            limit=limit,
-            min_live_events=min_live_events,
-            stream_types=stream_types,
-        )
-    )
-    return page, page[-1].key if page and len(page) == limit else until

@@ -1,7 +1,7 @@
 """The fleet's Celery tasks: ``compact_stream`` (one stream) and ``fan_out`` (a run).
 
 Both are thin: ``compact_stream`` wires settings, a Redis lock and the SQL stores into
-a :class:`~eskit_tasks.compactor.Compactor`; ``fan_out`` pages candidate streams and
+a :class:`~eskit_tasks.core.compactor.Compactor`; ``fan_out`` pages candidate streams and
 enqueues one ``compact_stream`` each. Either may be delivered more than once (late
 acknowledgement, redelivery after a crash or visibility timeout); each delivery is
 harmless:
@@ -43,16 +43,12 @@ from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from eskit_tasks import metrics
-from eskit_tasks.celery_app import app
-from eskit_tasks.compactor import Compactor, recovered_result
-from eskit_tasks.constants import (
-    COMPACTION_LOGGER,
-    DONE_PREFIX,
-    FANOUT_MAX_RETRIES,
-    FANOUT_PUBLISH_BATCH,
-    LOCKED_RETRY_MAX_S,
-)
+from eskit_tasks.core.candidates import candidate_page
+from eskit_tasks.core.compactor import Compactor, recovered_result
+from eskit_tasks.core.registry import get_registration, import_decider_modules
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import (
     CompactionError,
     ConfigurationError,
@@ -60,14 +56,18 @@ from eskit_tasks.errors import (
     EskitError,
     InvalidPolicyError,
 )
-from eskit_tasks.locks import StreamLock
-from eskit_tasks.policy import CompactionPolicy
-from eskit_tasks.ports import candidate_page
-from eskit_tasks.progress import Page, RunProgressStore, check_run_id
-from eskit_tasks.redact import mask_url
-from eskit_tasks.registry import get_registration, import_decider_modules
-from eskit_tasks.result import CompactionResult, Outcome
-from eskit_tasks.settings import EskitSettings, get_settings
+from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.app import app
+from eskit_tasks.fleet.constants import (
+    COMPACTION_LOGGER,
+    DONE_PREFIX,
+    FANOUT_MAX_RETRIES,
+    FANOUT_PUBLISH_BATCH,
+    LOCKED_RETRY_MAX_S,
+)
+from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.progress import Page, RunProgressStore, check_run_id
+from eskit_tasks.fleet.settings import EskitSettings, get_settings
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 
 log = get_task_logger("eskit_tasks")

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import BaseModel, ConfigDict, PrivateAttr, TypeAdapter
 
-from eskit_tasks.compare import first_difference, indistinguishable
+from eskit_tasks.domain.compare import first_difference, indistinguishable
 
 
 class Status(StrEnum):

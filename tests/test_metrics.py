@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from eskit_tasks.celery_app import JsonLineFormatter
-from eskit_tasks.result import CompactionResult, Outcome
-from eskit_tasks.settings import EskitSettings
+from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.fleet.app import JsonLineFormatter
+from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.tasks import _log_result
 from tests.services import REPO, free_port
 
@@ -154,9 +154,9 @@ def test_without_a_port_recording_costs_nothing():
     done = _python(
         """
         import sys
-        from eskit_tasks import metrics, tasks
-        from eskit_tasks.result import CompactionResult, Outcome
-        from eskit_tasks.settings import get_settings
+        from eskit_tasks.fleet import metrics, tasks
+        from eskit_tasks.domain.result import CompactionResult, Outcome
+        from eskit_tasks.fleet.settings import get_settings
         assert metrics.start_worker_metrics(get_settings()) is None
         result = CompactionResult(stream_type="t", stream_id="s", outcome=Outcome.COMPACTED,
                                   events_deleted=3, compaction_id="c")
@@ -181,9 +181,9 @@ def test_forked_children_are_added_up_and_a_configured_dir_is_emptied(tmp_path: 
     done = _python(
         """
         import os, sys, urllib.request
-        from eskit_tasks import metrics
-        from eskit_tasks.result import CompactionResult, Outcome
-        from eskit_tasks.settings import get_settings
+        from eskit_tasks.fleet import metrics
+        from eskit_tasks.domain.result import CompactionResult, Outcome
+        from eskit_tasks.fleet.settings import get_settings
         port = metrics.start_worker_metrics(get_settings())
         for n in range(2):
             pid = os.fork()

@@ -37,7 +37,7 @@ from eskit_tasks import (
     VersionGapError,
     load_state,
 )
-from eskit_tasks.loading import LOAD_RETRIES
+from eskit_tasks.core.loading import LOAD_RETRIES
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
 from tests.deciders import Ledger, deposits, ledger_fold
 

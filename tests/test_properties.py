@@ -31,7 +31,7 @@ from eskit_tasks import (
     Outcome,
     load_state,
 )
-from eskit_tasks.codec import StateCodec, state_hash
+from eskit_tasks.domain.codec import StateCodec, state_hash
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
 from tests.deciders import Ledger, LedgerModel, ModelLedger, MutatingLedger, deposits, ledger_fold
 

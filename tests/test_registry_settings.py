@@ -18,10 +18,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from eskit_tasks import registry
-from eskit_tasks.errors import ConfigurationError, EskitError
-from eskit_tasks.redact import MASK, mask_url
-from eskit_tasks.registry import (
+from eskit_tasks.core import registry
+from eskit_tasks.core.registry import (
     UnknownStreamTypeError,
     get_registration,
     import_decider_modules,
@@ -29,7 +27,9 @@ from eskit_tasks.registry import (
     registered_types,
     unregister_decider,
 )
-from eskit_tasks.settings import EskitSettings
+from eskit_tasks.domain.redact import MASK, mask_url
+from eskit_tasks.errors import ConfigurationError, EskitError
+from eskit_tasks.fleet.settings import EskitSettings
 from tests.deciders import Ledger
 
 # --- registry -----------------------------------------------------------------------------

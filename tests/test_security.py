@@ -35,10 +35,10 @@ from eskit_tasks import (
     load_state,
 )
 from eskit_tasks.cli import main as cli_main
-from eskit_tasks.constants import LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.errors import StoreError
-from eskit_tasks.locks import StreamLock, lock_key
-from eskit_tasks.progress import Page, RunProgressStore, check_run_id, new_run_id
+from eskit_tasks.fleet.constants import LOCK_PREFIX, RUN_PREFIX
+from eskit_tasks.fleet.locks import StreamLock, lock_key
+from eskit_tasks.fleet.progress import Page, RunProgressStore, check_run_id, new_run_id
 from eskit_tasks.stores.dialects import PG_KEY_BYTES
 from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshots, streams
 from tests.backends import PostgresBackend, SqliteBackend, Stores

@@ -22,7 +22,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from eskit_tasks import redact
+from eskit_tasks.domain import redact
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,

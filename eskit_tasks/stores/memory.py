@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
 from eskit_tasks.errors import (
     CompactionError,
     DeletionMismatchError,
@@ -22,7 +23,6 @@ from eskit_tasks.errors import (
     FencedError,
     StoreError,
 )
-from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.ports import (
     Candidate,
     CompactionRecord,
@@ -31,14 +31,13 @@ from eskit_tasks.ports import (
     StoredSnapshot,
     StreamInfo,
 )
-from eskit_tasks.stores.common import (
+from eskit_tasks.stores._rules import (
     ROW_OVERHEAD_BYTES,
     check_aware,
     check_expected_version,
     check_fence,
     conflict,
     encode_events,
-    label_of,
 )
 
 Key = tuple[str, str]

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-from eskit_tasks.codec import UNRECORDED
+from eskit_tasks.domain.codec import UNRECORDED
 
 metadata = sa.MetaData()
 

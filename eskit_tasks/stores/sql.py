@@ -17,6 +17,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 
+from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
 from eskit_tasks.errors import (
     CompactionError,
     ConfigurationError,
@@ -24,7 +25,6 @@ from eskit_tasks.errors import (
     EventDecodeError,
     FencedError,
 )
-from eskit_tasks.events import NewEvent, RecordedEvent
 from eskit_tasks.ports import (
     Candidate,
     CompactionRecord,
@@ -34,14 +34,13 @@ from eskit_tasks.ports import (
     StreamInfo,
 )
 from eskit_tasks.stores import dialects
-from eskit_tasks.stores.common import (
+from eskit_tasks.stores._rules import (
     ROW_OVERHEAD_BYTES,
     check_aware,
     check_expected_version,
     check_fence,
     conflict,
     encode_events,
-    label_of,
 )
 from eskit_tasks.stores.schema import (
     compaction_log,

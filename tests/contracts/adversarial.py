@@ -20,8 +20,8 @@ from eskit_tasks import (
     Outcome,
     load_state,
 )
-from eskit_tasks import compactor as compactor_module
-from eskit_tasks.codec import UNRECORDED, StateCodec
+from eskit_tasks.core import compactor as compactor_module
+from eskit_tasks.domain.codec import UNRECORDED, StateCodec
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,

@@ -20,7 +20,7 @@ from eskit_tasks import (
     Outcome,
     load_state,
 )
-from eskit_tasks.codec import StateCodec
+from eskit_tasks.domain.codec import StateCodec
 from tests.backends import Stores
 from tests.contracts.event_store import ODD_IDS, versions
 from tests.deciders import (

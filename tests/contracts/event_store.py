@@ -18,7 +18,7 @@ from eskit_tasks import (
     NewEvent,
     Snapshot,
 )
-from eskit_tasks.codec import state_hash
+from eskit_tasks.domain.codec import state_hash
 from eskit_tasks.errors import DeletionMismatchError
 from eskit_tasks.ports import DeletionPlan
 from tests.backends import Stores

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from eskit_tasks import CompactionError, FencedError, Snapshot
-from eskit_tasks.codec import state_hash
+from eskit_tasks.domain.codec import state_hash
 from tests.backends import Stores
 from tests.deciders import deposits
 

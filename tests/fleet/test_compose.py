@@ -33,7 +33,7 @@ from packaging.specifiers import SpecifierSet
 from sqlalchemy.engine import make_url
 
 from eskit_tasks import SqlSnapshotStore, load_state
-from eskit_tasks.settings import EskitSettings
+from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.stores.schema import metadata
 from tests.fleet.conftest import Fleet, results_in_backend
 from tests.services import REPO, RedisServer, free_port, worker_env

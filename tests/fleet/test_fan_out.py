@@ -13,8 +13,8 @@ import redis
 from celery._state import _set_task_join_will_block, task_join_will_block
 
 from eskit_tasks import Outcome, compact_all
-from eskit_tasks.constants import COMPACTION_QUEUE
-from eskit_tasks.progress import Page, new_run_id
+from eskit_tasks.fleet.constants import COMPACTION_QUEUE
+from eskit_tasks.fleet.progress import Page, new_run_id
 from eskit_tasks.tasks import FANOUT_RETRIED_ERRORS, _enqueue, _fan_out_page, fan_out, resources
 from tests.fleet.conftest import Fleet, results_in_backend
 
@@ -84,7 +84,7 @@ def fresh_resources() -> Iterator[None]:
     """This process's settings and clients, read again now that the fleet fixture has
     set the database URL (an earlier test may have cached others)."""
     from eskit_tasks import tasks
-    from eskit_tasks.settings import get_settings
+    from eskit_tasks.fleet.settings import get_settings
 
     get_settings.cache_clear()
     tasks._per_process.clear()

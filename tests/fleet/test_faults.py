@@ -157,7 +157,7 @@ def test_kill_9_of_the_pool_child_requeues_at_once_and_compacts_once(fleet: Flee
 def test_a_stream_locked_through_every_retry_ends_locked(fleet: Fleet):
     import redis as redis_client
 
-    from eskit_tasks.locks import lock_key
+    from eskit_tasks.fleet.locks import lock_key
 
     fleet.seed("ledger", "held", 5)
     state = redis_client.Redis(port=fleet.state.port)

@@ -17,8 +17,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from eskit_tasks import Outcome, compact_all
-from eskit_tasks.celery_app import app
-from eskit_tasks.locks import StreamLock
+from eskit_tasks.fleet.app import app
+from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.tasks import compact_stream
 from tests.fleet.conftest import Fleet, wait_until
 from tests.services import Worker, free_port

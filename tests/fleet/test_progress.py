@@ -15,11 +15,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from eskit_tasks import progress as progress_module
-from eskit_tasks.constants import RUN_PREFIX
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.progress import Page, RunProgressStore, check_run_id, new_run_id
-from eskit_tasks.result import CompactionResult, Outcome
+from eskit_tasks.fleet import progress as progress_module
+from eskit_tasks.fleet.constants import RUN_PREFIX
+from eskit_tasks.fleet.progress import Page, RunProgressStore, check_run_id, new_run_id
 from tests.services import RedisServer
 
 TTL = 600
@@ -218,8 +218,8 @@ def test_failed_streams_list_every_stream_a_run_did_not_compact_because_of_a_pro
 
 def test_failed_streams_are_capped_but_still_counted(store, monkeypatch):
     """At most RUN_FAILED_KEEP failed streams are kept (the first ones); the outcome
-    counters still count every failure. The cap is read from eskit_tasks.progress at
-    each report call (patching eskit_tasks.constants would not change it)."""
+    counters still count every failure. The cap is read from eskit_tasks.fleet.progress at
+    each report call (patching eskit_tasks.fleet.constants would not change it)."""
     monkeypatch.setattr(progress_module, "RUN_FAILED_KEEP", 3)
     run = new_run_id()
     store.create(run, {})

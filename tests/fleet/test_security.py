@@ -38,7 +38,7 @@ from kombu import Connection, Producer
 from sqlalchemy.engine import make_url
 
 from eskit_tasks import NewEvent, SqlSnapshotStore, compact_all, load_state, register_decider
-from eskit_tasks.constants import COMPACTION_QUEUE, LOCK_PREFIX, RUN_PREFIX
+from eskit_tasks.fleet.constants import COMPACTION_QUEUE, LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.tasks import compact_stream
 from tests.deciders import Ledger, ledger_fold
 from tests.services import CELERY, REPO, RedisServer, free_port

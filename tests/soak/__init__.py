@@ -11,7 +11,7 @@ against a model of what the writers know they appended (model.py, checker.py).
 Besides the Ledger, the streams include kinds whose states ``==`` forgives a lossy copy
 of (kinds.py: an insertion-ordered dict, a ZoneInfo datetime in a model, enums in a
 model); every observed state is compared with the model's by
-``eskit_tasks.compare.first_difference``, as compaction compares its own.
+``eskit_tasks.domain.compare.first_difference``, as compaction compares its own.
 
 Run it with ``make soak MINUTES=10`` or ``python -m tests.soak --minutes 10``; the suite
 runs a short one (test_soak.py).

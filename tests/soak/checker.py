@@ -10,7 +10,7 @@ Per stream, in one REPEATABLE READ transaction:
   or gap, each with ``events_deleted = through - from + 1`` and its snapshot version;
 * if anything was deleted, a verified snapshot exists at or above ``compacted_through``,
   and every verified snapshot's state is a state the model had at that version, by the
-  strict comparison (:func:`eskit_tasks.compare.first_difference`: decoded as the
+  strict comparison (:func:`eskit_tasks.domain.compare.first_difference`: decoded as the
   stream kind's state type, and as stored JSON; see model.py);
 * bad-input streams were never compacted and keep every event.
 

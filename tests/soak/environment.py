@@ -2,7 +2,7 @@
 
 Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>``),
 and the environment variables the Celery app reads are set here, before anything
-imports ``eskit_tasks.celery_app``.
+imports ``eskit_tasks.fleet.app``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from eskit_tasks import (
     StreamIntegrityError,
     load_state,
 )
-from eskit_tasks.compare import first_difference
+from eskit_tasks.domain.compare import first_difference
 from tests.soak.checker import DbState, check_db, check_results, read_db_state
 from tests.soak.config import SoakConfig
 from tests.soak.environment import SoakServices, SoakSetupError, postgres_problem, wait_for
@@ -84,9 +84,9 @@ def run_soak(config: SoakConfig) -> Report:
         SoakSetupError: PostgreSQL or redis-server unavailable, or the Celery app was
             already imported in this process (with someone else's settings).
     """
-    if "eskit_tasks.celery_app" in sys.modules:
+    if "eskit_tasks.fleet.app" in sys.modules:
         raise SoakSetupError(
-            "run_soak needs a process where eskit_tasks.celery_app was not imported yet: "
+            "run_soak needs a process where eskit_tasks.fleet.app was not imported yet: "
             "it configures the Celery app for its own redis-servers"
         )
     problem = postgres_problem(config.admin_url)

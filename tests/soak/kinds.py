@@ -2,7 +2,7 @@
 
 Besides the Ledger (``ledger``, ``slow``) the soak appends to three kinds whose states
 ``==`` would forgive a lossy snapshot of, yet which round-trip when done right, so the
-checker's strict comparison (:func:`eskit_tasks.compare.first_difference`) catches a
+checker's strict comparison (:func:`eskit_tasks.domain.compare.first_difference`) catches a
 snapshot that comes back merely equal:
 
 * ``recent`` (``dict[str, int]``): a dict used as an insertion-ordered structure, the

@@ -12,7 +12,7 @@ gap or a double fold, ``total`` a wrong one). The strictly compared kinds (``rec
 Every state anyone observed (a reader's ``load_state``, a verified snapshot in the
 database) is checked against the model: immediately when the model already reaches
 its version, otherwise at the end, when every append is resolved. "Is the model's
-state" means *indistinguishable* from it (:func:`eskit_tasks.compare.first_difference`):
+state" means *indistinguishable* from it (:func:`eskit_tasks.domain.compare.first_difference`):
 the same types at every node (an enum is not its value), dict keys in the same order,
 datetimes in the same time zone; a snapshot's stored JSON must also be the JSON of the
 model's state, key for key and in order.
@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import TypeAdapter, ValidationError
 
-from eskit_tasks.compare import first_difference
+from eskit_tasks.domain.compare import first_difference
 from tests.soak.kinds import (
     AGENDA_BASE,
     FOLD_KINDS,

@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from eskit_tasks import CompactionPolicy, Compactor, Outcome, SqlEventStore, SqlSnapshotStore
-from eskit_tasks.codec import StateCodec
-from eskit_tasks.compare import Difference
+from eskit_tasks.domain.codec import StateCodec
+from eskit_tasks.domain.compare import Difference
 from tests.deciders import Ledger
 from tests.soak.checker import (
     AuditRow,
@@ -466,7 +466,7 @@ def test_checker_catches_snapshots_that_sort_their_keys_again(
         assert dict(violations.by_kind) == {"result": 1}, violations.messages
         assert kinds_found(soak_db, model) == {}  # nothing was deleted
 
-        monkeypatch.setattr("eskit_tasks.compactor.first_difference", equal_is_enough)
+        monkeypatch.setattr("eskit_tasks.core.compactor.first_difference", equal_is_enough)
         assert compact().outcome == Outcome.COMPACTED  # == lets the sorted snapshot through
         assert kinds_found(soak_db, model) == {"state": 1}
         message = model.violations.messages[0]

@@ -9,7 +9,7 @@ The scheduler starts ``compact_all`` runs every few seconds; the tracker follows
 run to its end and checks that each finished run reported the bad-input streams as
 failed.
 
-The Celery names (``eskit_tasks.runs``/``tasks``) are imported inside functions: this
+The Celery names (``eskit_tasks.fleet.runs``/``tasks``) are imported inside functions: this
 module is imported before the soak's environment exists.
 """
 
@@ -298,7 +298,7 @@ class RunTracker:
         self._send = threading.Lock()  # one Celery/Redis client call at a time
 
     def start(self, policy: dict[str, Any], kind: str) -> TrackedRun | None:
-        from eskit_tasks.runs import compact_all
+        from eskit_tasks.fleet.runs import compact_all
 
         try:
             with self._send:
@@ -310,7 +310,7 @@ class RunTracker:
 
     def start_duplicate(self, policy: dict[str, Any]) -> TrackedRun | None:
         """The same fan-out twice at once: one run id, its first page sent twice."""
-        from eskit_tasks.progress import new_run_id
+        from eskit_tasks.fleet.progress import new_run_id
         from eskit_tasks.tasks import fan_out, policy_kwargs, resources
 
         run_id = new_run_id()
@@ -348,7 +348,7 @@ class RunTracker:
 
     def poll(self) -> None:
         """Look at every running run once."""
-        from eskit_tasks.runs import CompactionRun, RunNotFoundError
+        from eskit_tasks.fleet.runs import CompactionRun, RunNotFoundError
         from eskit_tasks.tasks import resources
 
         for run in self.running():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from eskit_tasks.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
 
 S = TypeVar("S")
 
@@ -20,7 +20,7 @@ class Decider(Protocol[S]):
 
     * ``evolve`` is deterministic: the same state and event give an indistinguishable
       state. Compaction proves a snapshot by comparing what it decodes to with the
-      replayed state strictly (:func:`eskit_tasks.compare.first_difference`: types,
+      replayed state strictly (:func:`eskit_tasks.domain.compare.first_difference`: types,
       dict order, time zones), not with ``==``.
     * ``evolve`` does not depend on the wall clock, randomness or I/O.
     * ``evolve`` may return a new state or mutate and return the one it was given.

@@ -4,7 +4,7 @@ A snapshot is the only record of the events it replaced, so its encoding keeps
 everything a decider can observe that JSON can hold: dict insertion order (the stored
 bytes are exactly what the encoder produced, and the hash is over those bytes), every
 field of a model. What JSON cannot hold (a ``ZoneInfo``, an enum inside a plain
-``dict``, a set) is caught by the strict comparison (:mod:`eskit_tasks.compare`)
+``dict``, a set) is caught by the strict comparison (:mod:`eskit_tasks.domain.compare`)
 before anything is deleted.
 
 Each snapshot also records which state schema wrote it (:class:`SchemaMarker`): a
@@ -31,7 +31,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from eskit_tasks.compare import ABSENT, Difference
+from eskit_tasks.domain.compare import ABSENT, Difference
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, SnapshotSchemaError
 
 S = TypeVar("S")

@@ -22,8 +22,8 @@ from types import TracebackType
 import redis
 from redis.exceptions import LockError, RedisError
 
-from eskit_tasks.constants import LOCK_PREFIX, LOCK_RENEW_FRACTION
 from eskit_tasks.errors import FencedError
+from eskit_tasks.fleet.constants import LOCK_PREFIX, LOCK_RENEW_FRACTION
 
 
 class LockLostError(FencedError):

@@ -16,11 +16,11 @@ from celery import Celery, signals
 from celery.worker.consumer import Consumer
 from vine import promise
 
-from eskit_tasks import metrics
-from eskit_tasks.constants import COMPACTION_LOGGER
+from eskit_tasks.core.registry import import_decider_modules
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.registry import import_decider_modules
-from eskit_tasks.settings import get_settings
+from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.constants import COMPACTION_LOGGER
+from eskit_tasks.fleet.settings import get_settings
 
 log = logging.getLogger("eskit_tasks")
 
@@ -43,7 +43,7 @@ def create_app() -> Celery:
     celery = Celery("eskit_tasks", include=["eskit_tasks.tasks"])
     celery.config_from_object(name)
     # Not left to the config module: a worker must never die on a malformed message.
-    celery.conf.worker_consumer = "eskit_tasks.celery_app:GuardedConsumer"
+    celery.conf.worker_consumer = "eskit_tasks.fleet.app:GuardedConsumer"
     return celery
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from eskit_tasks.errors import EskitError
-from eskit_tasks.progress import FailedStream, RunProgress, check_run_id, new_run_id
+from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
 from eskit_tasks.tasks import _check_run_args, fan_out, policy_kwargs, resources
 
 

@@ -12,10 +12,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eskit_tasks.codec import StateCodec, Upcaster
-from eskit_tasks.decider import Decider
+from eskit_tasks.core.loading import codec_for
+from eskit_tasks.domain.codec import StateCodec, Upcaster
+from eskit_tasks.domain.decider import Decider
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError
-from eskit_tasks.loading import codec_for
 
 
 class UnknownStreamTypeError(ConfigurationError):
@@ -25,7 +25,7 @@ class UnknownStreamTypeError(ConfigurationError):
 @dataclass(frozen=True)
 class Registration:
     """A decider, the state type its snapshots decode to, and the state schema's version
-    and upcasters (see :class:`~eskit_tasks.codec.StateCodec`)."""
+    and upcasters (see :class:`~eskit_tasks.domain.codec.StateCodec`)."""
 
     decider: Decider[Any]
     state_type: Any

@@ -13,15 +13,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eskit_tasks.codec import StateCodec
+from eskit_tasks.core.loading import open_snapshot
+from eskit_tasks.core.registry import get_registration
+from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.errors import (
     ConfigurationError,
     SnapshotIntegrityError,
     SnapshotSchemaError,
 )
-from eskit_tasks.loading import open_snapshot
 from eskit_tasks.ports import SnapshotStore, StoredSnapshot
-from eskit_tasks.registry import get_registration
 
 #: Snapshots read per page.
 PAGE_SIZE = 500

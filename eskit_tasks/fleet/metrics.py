@@ -51,16 +51,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from eskit_tasks.constants import COMPACTION_DURATION_BUCKETS_S, METRICS_DIR_PREFIX
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.result import CompactionResult, Outcome
+from eskit_tasks.fleet.constants import COMPACTION_DURATION_BUCKETS_S, METRICS_DIR_PREFIX
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import Counter, Histogram
 
-    from eskit_tasks.settings import EskitSettings
+    from eskit_tasks.fleet.settings import EskitSettings
 
 log = logging.getLogger("eskit_tasks")
 

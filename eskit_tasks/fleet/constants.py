@@ -46,9 +46,6 @@ LOCKED_RETRY_MAX_S = 300.0
 
 #: Candidate streams read per fan-out page.
 FANOUT_PAGE_SIZE = 500
-#: A page examines at most this many times FANOUT_PAGE_SIZE stream keys, so a table
-#: where few streams qualify is paged in bounded steps, never scanned in one query.
-FANOUT_SCAN_FACTOR = 20
 #: A page's task messages are sent to a Redis broker in pipelines of this many commands
 #: (kombu's Producer.batch); other brokers publish them one by one.
 FANOUT_PUBLISH_BATCH = 100

@@ -25,9 +25,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from eskit_tasks.codec import StateCodec, Upcaster, state_hash
-from eskit_tasks.compare import first_difference
-from eskit_tasks.decider import Decider
+from eskit_tasks.core.loading import codec_for, fold_measured, open_snapshot
+from eskit_tasks.domain.codec import StateCodec, Upcaster, state_hash
+from eskit_tasks.domain.compare import first_difference
+from eskit_tasks.domain.decider import Decider
+from eskit_tasks.domain.events import label_of
+from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -40,8 +44,6 @@ from eskit_tasks.errors import (
     StreamIntegrityError,
     VersionGapError,
 )
-from eskit_tasks.loading import codec_for, fold_measured, open_snapshot
-from eskit_tasks.policy import CompactionPolicy, plan_cut
 from eskit_tasks.ports import (
     CompactionRecord,
     DeletionPlan,
@@ -50,8 +52,6 @@ from eskit_tasks.ports import (
     SnapshotStore,
     StreamInfo,
 )
-from eskit_tasks.result import CompactionResult, Outcome
-from eskit_tasks.stores.common import label_of
 
 S = TypeVar("S")
 
@@ -116,7 +116,7 @@ class Compactor(Generic[S]):
         state_version: The state schema's version, recorded in every snapshot (default:
             ``decider.state_version``, else none).
         upcasters: Upgrades of snapshots of older schemas (default:
-            ``decider.upcasters``); see :class:`~eskit_tasks.codec.StateCodec`.
+            ``decider.upcasters``); see :class:`~eskit_tasks.domain.codec.StateCodec`.
 
     Raises:
         InvalidPolicyError: ``policy`` is not a CompactionPolicy.

@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from eskit_tasks import constants as c
+from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.redact import mask_url
+from eskit_tasks.fleet import constants as c
 
 
 class EskitSettings(BaseSettings):
@@ -70,7 +70,7 @@ class EskitSettings(BaseSettings):
     #: ESKIT_NIGHTLY_POLICY: the nightly fan-out's policy, as JSON keyword arguments.
     nightly_policy: str = '{"min_events": 1000, "retain_last": 100}'
     #: ESKIT_METRICS_PORT: serve Prometheus metrics from each worker on this port
-    #: (unset or empty: no metrics, nothing listens). See eskit_tasks.metrics.
+    #: (unset or empty: no metrics, nothing listens). See eskit_tasks.fleet.metrics.
     metrics_port: int | None = Field(None, ge=1, le=65535)
     #: ESKIT_METRICS_ADDRESS: the address the metrics port binds to.
     metrics_address: str = c.METRICS_ADDRESS

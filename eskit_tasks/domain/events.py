@@ -48,3 +48,8 @@ class RecordedEvent(NamedTuple):
     metadata: dict[str, Any]
     recorded_at: datetime
     stored_bytes: int = 0
+
+
+def label_of(stream_type: str, stream_id: str) -> str:
+    """How messages name a stream: ``type/id``."""
+    return f"{stream_type}/{stream_id}"

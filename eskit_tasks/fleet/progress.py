@@ -28,9 +28,9 @@ from typing import Any
 import redis
 from pydantic import BaseModel, Field
 
-from eskit_tasks.constants import RUN_FAILED_KEEP, RUN_PREFIX
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.result import CompactionResult, Outcome
+from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -5,20 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from eskit_tasks.codec import dumps
+from eskit_tasks.domain.codec import dumps
+from eskit_tasks.domain.events import NewEvent
 from eskit_tasks.errors import ConcurrencyError, ConfigurationError, FencedError
-from eskit_tasks.events import NewEvent
 from eskit_tasks.ports import DeletionPlan
 
 #: Versions are 64-bit signed integers in the database.
 MAX_VERSION = 2**63
 #: Approximate per-row overhead (key, version, type name, timestamp) added to payload sizes.
 ROW_OVERHEAD_BYTES = 48
-
-
-def label_of(stream_type: str, stream_id: str) -> str:
-    """How messages name a stream."""
-    return f"{stream_type}/{stream_id}"
 
 
 def check_aware(moment: datetime) -> None:

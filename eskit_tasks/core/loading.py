@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from eskit_tasks.codec import StateCodec, Upcaster, state_hash
-from eskit_tasks.decider import Decider
+from eskit_tasks.domain.codec import StateCodec, Upcaster, state_hash
+from eskit_tasks.domain.decider import Decider
+from eskit_tasks.domain.events import RecordedEvent, label_of
 from eskit_tasks.errors import EskitError, EvolveError, SnapshotIntegrityError, VersionGapError
-from eskit_tasks.events import RecordedEvent
 from eskit_tasks.ports import EventStore, Snapshot, SnapshotStore
-from eskit_tasks.stores.common import label_of
 
 S = TypeVar("S")
 
@@ -158,7 +157,7 @@ def load_state(
         stream_id: The stream's id.
         state_version: The state schema's version (default: ``decider.state_version``).
         upcasters: Upgrades of older snapshots (default: ``decider.upcasters``); see
-            :class:`~eskit_tasks.codec.StateCodec`.
+            :class:`~eskit_tasks.domain.codec.StateCodec`.
 
     Raises:
         StreamIntegrityError: the stream cannot be folded (bad payload, evolve error,
