@@ -156,8 +156,8 @@ class DepthSampler(threading.Thread):
 
 def _fanout_child(max_streams: int | None) -> dict[str, Any]:
     """One fan-out, timed from compact_all() to the progress saying it is done."""
+    from eskit_tasks.fleet.app import resources
     from eskit_tasks.fleet.runs import compact_all
-    from eskit_tasks.tasks import resources
 
     resources().redis.ping()  # connect before the clock starts
     started = time.perf_counter()

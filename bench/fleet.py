@@ -295,8 +295,8 @@ def _local(
 
 def _fleet_child(streams: int, stream_type: str, timeout: float) -> dict[str, Any]:
     """In a child whose environment configures the Celery app: one timed fleet run."""
+    from eskit_tasks.fleet.app import resources
     from eskit_tasks.fleet.runs import compact_all
-    from eskit_tasks.tasks import resources
 
     resources().redis.ping()  # connect before the clock starts
     started = time.perf_counter()

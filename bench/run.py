@@ -3,7 +3,7 @@
 Every figure is a ratio against a baseline measured in the same run on the same
 database, because these machines are noisy. ``--scale tiny`` runs everything in seconds
 (the test suite does, so the benchmarks cannot rot); ``--scale full`` runs the sizes in
-the README's Performance section. Results are also written as JSON.
+docs/performance.md. Results are also written as JSON.
 """
 
 from __future__ import annotations

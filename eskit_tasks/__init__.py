@@ -9,7 +9,8 @@ from typing import Any
 
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
-from eskit_tasks.core.registry import UnknownStreamTypeError, register_decider
+from eskit_tasks.core.registry import register_decider
+from eskit_tasks.core.verify import SnapshotReport, verify_snapshots
 from eskit_tasks.domain.codec import SchemaMarker, StateCodec, schema_fingerprint
 from eskit_tasks.domain.compare import Difference, first_difference, indistinguishable
 from eskit_tasks.domain.decider import Decider
@@ -28,12 +29,15 @@ from eskit_tasks.errors import (
     EvolveError,
     FencedError,
     InvalidPolicyError,
+    RunNotFoundError,
+    RunTimeoutError,
     SnapshotCodecError,
     SnapshotIntegrityError,
     SnapshotSchemaError,
     StoreError,
     StreamIntegrityError,
     TableLayoutError,
+    UnknownStreamTypeError,
     VersionGapError,
 )
 from eskit_tasks.ports import (
@@ -60,11 +64,7 @@ _LAZY = {
     "compact_all": "eskit_tasks.fleet.runs",
     "CompactionRun": "eskit_tasks.fleet.runs",
     "RunSummary": "eskit_tasks.fleet.runs",
-    "RunTimeoutError": "eskit_tasks.fleet.runs",
-    "RunNotFoundError": "eskit_tasks.fleet.runs",
     "RunProgress": "eskit_tasks.fleet.progress",
-    "verify_snapshots": "eskit_tasks.core.verify",
-    "SnapshotReport": "eskit_tasks.core.verify",
     "app": "eskit_tasks.fleet.app",
 }
 

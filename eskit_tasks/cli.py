@@ -32,6 +32,7 @@ from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     EskitError,
+    RunTimeoutError,
 )
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.ports import Candidate
@@ -401,7 +402,7 @@ def _print_snapshot_report(report: SnapshotReport) -> None:
     if report.failed:
         out.print(
             "Do not deploy until these load: register upcasters for the old schemas, or "
-            "keep the old state type (see 'State schemas and upcasters' in the README)."
+            "keep the old state type (see docs/snapshots.md, 'State schemas and upcasters')."
         )
 
 
@@ -474,18 +475,13 @@ def _compact_one(
     found = compactors[c.stream_type]
     if isinstance(found, Compactor):
         return found.compact(c.stream_type, c.stream_id)
-    return CompactionResult(
-        stream_type=c.stream_type,
-        stream_id=c.stream_id,
-        outcome=Outcome.FAILED,
-        error=str(found),
-        error_type=type(found).__name__,
-        compaction_id="-",
+    return CompactionResult.failed(
+        c.stream_type, c.stream_id, str(found), error_type=type(found).__name__, compaction_id="-"
     )
 
 
 def _follow(run_id: str, timeout: float | None, json_: bool) -> None:
-    from eskit_tasks.fleet.runs import CompactionRun, RunTimeoutError
+    from eskit_tasks.fleet.runs import CompactionRun
 
     run = CompactionRun(run_id)
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -6,7 +6,8 @@ the stores translate them at the boundary and chain the original with ``from``.
 
     EskitError
     ├── ConfigurationError              bad input, raised before any I/O
-    │   └── InvalidPolicyError          (also a ValueError)
+    │   ├── InvalidPolicyError          (also a ValueError)
+    │   └── UnknownStreamTypeError      no decider is registered for a stream type
     ├── StoreError                      the event database
     │   ├── DatabaseUnavailableError    cannot connect / connection lost
     │   │   └── CommitOutcomeUnknownError  a delete's COMMIT reply was lost, not settled yet
@@ -18,10 +19,16 @@ the stores translate them at the boundary and chain the original with ``from``.
     │   ├── EvolveError                 the decider raised while folding an event
     │   ├── SnapshotIntegrityError      a snapshot's bytes do not match its stored hash
     │   └── SnapshotSchemaError         a snapshot of another state schema, no upcaster
-    └── CompactionError                 a compaction was stopped before deleting
-        ├── FencedError                 a newer compaction owns the stream
-        ├── SnapshotCodecError          the state cannot be encoded or decoded
-        └── DeletionMismatchError       the delete would not match the plan
+    ├── CompactionError                 a compaction was stopped before deleting
+    │   ├── FencedError                 a newer compaction owns the stream
+    │   │   └── LockLostError           the fleet's stream lock could not be renewed
+    │   ├── SnapshotCodecError          the state cannot be encoded or decoded
+    │   ├── DeletionMismatchError       the delete would not match the plan
+    │   └── TimeBudgetError             a fleet task stopped near its soft time limit
+    ├── RunNotFoundError                no progress is stored for a fleet run id
+    └── RunTimeoutError                 a fleet run did not finish in time (also a TimeoutError)
+
+Every exception class of the package is defined here, and only here.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ class ConfigurationError(EskitError):
 
 class InvalidPolicyError(ConfigurationError, ValueError):
     """Raised when a compaction policy has an invalid value (e.g. negative retain_last)."""
+
+
+class UnknownStreamTypeError(ConfigurationError):
+    """Raised when no decider is registered for a stream type."""
 
 
 class StoreError(EskitError):
@@ -99,9 +110,25 @@ class FencedError(CompactionError):
     """Raised when a newer compaction took the stream's fencing token; this one must stop."""
 
 
+class LockLostError(FencedError):
+    """Raised at a checkpoint when the stream lock could not be renewed or is gone."""
+
+
 class SnapshotCodecError(CompactionError):
     """Raised when a state cannot be encoded to JSON or decoded with the state type."""
 
 
 class DeletionMismatchError(CompactionError):
     """Raised when the rows a delete would remove differ from the plan; it was rolled back."""
+
+
+class TimeBudgetError(CompactionError):
+    """Raised before a write when a fleet task is about to reach its soft time limit."""
+
+
+class RunNotFoundError(EskitError):
+    """Raised when no progress is stored for a run id (unknown, or expired)."""
+
+
+class RunTimeoutError(EskitError, TimeoutError):
+    """Raised when a run did not finish within the time given to ``wait``."""

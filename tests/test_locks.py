@@ -16,9 +16,9 @@ import fakeredis
 import pytest
 import redis
 
-from eskit_tasks.errors import FencedError
+from eskit_tasks.errors import FencedError, LockLostError
 from eskit_tasks.fleet.constants import LOCK_PREFIX
-from eskit_tasks.fleet.locks import LockLostError, StreamLock, lock_key
+from eskit_tasks.fleet.locks import StreamLock, lock_key
 
 SHORT_TTL = 0.3  # renewed every 0.1 s
 LONG_TTL = 30.0  # no renewal happens during a test

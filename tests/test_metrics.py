@@ -15,9 +15,8 @@ import pytest
 from pydantic import ValidationError
 
 from eskit_tasks.domain.result import CompactionResult, Outcome
-from eskit_tasks.fleet.app import JsonLineFormatter
+from eskit_tasks.fleet.observability import JsonLineFormatter, log_result
 from eskit_tasks.fleet.settings import EskitSettings
-from eskit_tasks.tasks import _log_result
 from tests.services import REPO, free_port
 
 
@@ -39,7 +38,7 @@ def _result(**fields: object) -> CompactionResult:
 
 def test_log_line_is_one_json_object_with_every_field(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="eskit_tasks.compaction")
-    _log_result(_result(), "run-1", "task-1")
+    log_result(_result(), "run-1", "task-1")
     [record] = [r for r in caplog.records if r.name == "eskit_tasks.compaction"]
     assert record.levelno == logging.INFO
     assert json.loads(record.getMessage()) == {
@@ -65,7 +64,7 @@ def test_log_line_is_one_json_object_with_every_field(caplog: pytest.LogCaptureF
 def test_log_line_masks_passwords_in_the_error(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="eskit_tasks.compaction")
     error = "cannot reach redis://u:secret@h:6379/0 nor postgresql://eskit:p%40ss@db/events"
-    _log_result(_result(outcome=Outcome.FAILED, error=error, error_type="X"), None)
+    log_result(_result(outcome=Outcome.FAILED, error=error, error_type="X"), None)
     [record] = [r for r in caplog.records if r.name == "eskit_tasks.compaction"]
     assert record.levelno == logging.WARNING
     line = JsonLineFormatter().format(record)
@@ -78,7 +77,7 @@ def test_log_line_masks_passwords_in_the_error(caplog: pytest.LogCaptureFixture)
 
 def test_verification_failed_is_logged_as_an_error(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="eskit_tasks.compaction")
-    _log_result(_result(outcome=Outcome.VERIFICATION_FAILED, events_deleted=0), None)
+    log_result(_result(outcome=Outcome.VERIFICATION_FAILED, events_deleted=0), None)
     [record] = [r for r in caplog.records if r.name == "eskit_tasks.compaction"]
     assert record.levelno == logging.ERROR
 
@@ -154,7 +153,8 @@ def test_without_a_port_recording_costs_nothing():
     done = _python(
         """
         import sys
-        from eskit_tasks.fleet import metrics, tasks
+        from eskit_tasks.fleet import metrics
+        import eskit_tasks.tasks  # the whole fleet, imported as a worker does
         from eskit_tasks.domain.result import CompactionResult, Outcome
         from eskit_tasks.fleet.settings import get_settings
         assert metrics.start_worker_metrics(get_settings()) is None

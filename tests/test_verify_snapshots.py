@@ -19,7 +19,7 @@ from eskit_tasks import (
     verify_snapshots,
 )
 from eskit_tasks.cli import Exit, main
-from eskit_tasks.core.registry import UnknownStreamTypeError
+from eskit_tasks.errors import UnknownStreamTypeError
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
 from tests.contracts.compactor import Proxy
 from tests.deciders import Balances, BalanceV1, BalanceV2, Ledger, deposits

@@ -293,7 +293,7 @@ class Compactor(Generic[S]):
             raise _VerificationFailed(
                 f"{label}: the state at version {c} does not survive a round trip through "
                 f"{self.codec.type_name}: {difference}. Nothing deleted; see "
-                "'Supported states' in the README to make it round-trip"
+                "docs/snapshots.md, 'Supported states', to make it round-trip"
             )
         full, _ = self._fold(stream_type, stream_id, state, c, head)
 

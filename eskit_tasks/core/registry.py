@@ -15,11 +15,7 @@ from typing import Any
 from eskit_tasks.core.loading import codec_for
 from eskit_tasks.domain.codec import StateCodec, Upcaster
 from eskit_tasks.domain.decider import Decider
-from eskit_tasks.errors import ConfigurationError, SnapshotCodecError
-
-
-class UnknownStreamTypeError(ConfigurationError):
-    """Raised when no decider is registered for a stream type."""
+from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
 
 
 @dataclass(frozen=True)

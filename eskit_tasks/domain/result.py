@@ -6,6 +6,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict
 
+from eskit_tasks.domain.redact import mask_url
+
 
 class Outcome(StrEnum):
     """How a compaction ended. Only ``compacted`` deleted anything."""
@@ -24,6 +26,18 @@ class Outcome(StrEnum):
     """The stream could not be replayed or the database refused; nothing deleted."""
     LOCKED = "locked"
     """Another worker holds the stream's lock; this copy did not run (fleet only)."""
+
+    @property
+    def needs_attention(self) -> bool:
+        """True when the stream was not compacted because of a problem someone should
+        look at: ``verification_failed``, ``failed``, ``fenced`` or ``locked``. The one
+        definition behind ``CompactionResult.ok``, a run's failed streams and the CLI's
+        exit status."""
+        return self not in _FINE
+
+
+#: The outcomes that need no attention.
+_FINE = frozenset({Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT})
 
 
 class CompactionResult(BaseModel):
@@ -56,5 +70,33 @@ class CompactionResult(BaseModel):
 
     @property
     def ok(self) -> bool:
-        """True unless the compaction failed, failed verification or was fenced."""
-        return self.outcome not in (Outcome.FAILED, Outcome.VERIFICATION_FAILED, Outcome.FENCED)
+        """True unless the outcome needs attention (see ``Outcome.needs_attention``)."""
+        return not self.outcome.needs_attention
+
+    @classmethod
+    def failed(
+        cls,
+        stream_type: str,
+        stream_id: str,
+        error: BaseException | str,
+        *,
+        compaction_id: str,
+        outcome: Outcome = Outcome.FAILED,
+        error_type: str | None = None,
+    ) -> CompactionResult:
+        """A result for a compaction that deleted nothing because of ``error``: the one
+        constructor for results built outside the compactor (bad arguments, an unknown
+        stream type, an unreachable service, a task that died). An exception gives
+        ``error_type`` (its class name) and the message ``Type: message``; passwords in
+        URLs are masked either way."""
+        if isinstance(error, BaseException):
+            error_type = error_type or type(error).__name__
+            error = f"{type(error).__name__}: {error}"
+        return cls(
+            stream_type=stream_type,
+            stream_id=stream_id,
+            outcome=outcome,
+            error=mask_url(error),
+            error_type=error_type,
+            compaction_id=compaction_id,
+        )

@@ -1,109 +1,105 @@
-"""The Celery application: ``celery -A eskit_tasks worker`` / ``beat`` find it here."""
+"""The Celery application: ``celery -A eskit_tasks worker`` / ``beat`` find it here.
+
+:func:`create_app` builds an app from the settings it is given — its Celery
+configuration, its two tasks (``eskit_tasks.compact_stream``, ``eskit_tasks.fan_out``)
+and the resources its tasks use — so a test can build a whole fleet in-process::
+
+    app = create_app(settings, config={"broker_url": "memory://"}, resources=resources)
+
+``app`` is the process's default app, built from the environment on first import.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
-import json
 import logging
-import sys
-from collections.abc import Callable
-from datetime import UTC, datetime
-from logging.handlers import WatchedFileHandler
+from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 from celery import Celery, signals
-from celery.worker.consumer import Consumer
-from vine import promise
 
 from eskit_tasks.core.registry import import_decider_modules
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.fleet import metrics
-from eskit_tasks.fleet.constants import COMPACTION_LOGGER
-from eskit_tasks.fleet.settings import get_settings
+from eskit_tasks.fleet import celeryconfig as packaged
+from eskit_tasks.fleet import failures, metrics, observability
+from eskit_tasks.fleet.compact_task import compact_stream
+from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK, FANOUT_MAX_RETRIES
+from eskit_tasks.fleet.fan_out import fan_out
+from eskit_tasks.fleet.resources import PerProcess, Resources
+from eskit_tasks.fleet.settings import EskitSettings, get_settings
 
 log = logging.getLogger("eskit_tasks")
 
+#: Imported for their signal handlers (task failures, the workers' JSON log lines).
+_SIGNAL_MODULES = (failures, observability)
 
-def create_app() -> Celery:
-    """Build the app from the config module named by ESKIT_CELERY_CONFIG.
+#: Where Celery's settings come from when ESKIT_CELERY_CONFIG is not set and no
+#: ``celeryconfig`` module can be imported (a wheel install with no file of its own).
+PACKAGED_CONFIG = packaged.__name__
+
+
+class FleetApp(Celery):
+    """A Celery app that carries the eskit-tasks settings and per-process resources."""
+
+    eskit_settings: EskitSettings
+    eskit_resources: PerProcess
+
+
+def create_app(
+    settings: EskitSettings | None = None,
+    *,
+    config: str | Mapping[str, Any] | None = None,
+    resources: Resources | Callable[[], Resources] | None = None,
+) -> FleetApp:
+    """Build a fleet app.
+
+    Args:
+        settings: The fleet's settings (default: from the environment).
+        config: Celery's settings: a module name, or a mapping laid over the packaged
+            defaults for ``settings``. Default: the module ESKIT_CELERY_CONFIG names
+            (``celeryconfig``); if that variable is unset and no such module exists, the
+            packaged defaults.
+        resources: The clients the tasks use (or a factory called once per process).
+            Default: made from ``settings`` in each process.
 
     Raises:
         ConfigurationError: the config module cannot be imported.
     """
-    name = get_settings().celery_config
+    settings = settings or get_settings()
+    app = FleetApp("eskit_tasks", set_as_current=False)
+    if isinstance(config, Mapping):
+        app.config_from_object({**packaged.celery_config(settings), **config})
+    else:
+        app.config_from_object(_config_module(settings, config))
+    # Not left to the config module: a worker must never die on a malformed message.
+    app.conf.worker_consumer = "eskit_tasks.fleet.consumer:GuardedConsumer"
+    app.eskit_settings = settings
+    if isinstance(resources, Resources):
+        given = resources
+        app.eskit_resources = PerProcess(lambda: given)
+    else:
+        app.eskit_resources = PerProcess(resources or (lambda: Resources(settings)))
+    app.task(bind=True, shared=False, name=COMPACT_STREAM_TASK, max_retries=None)(compact_stream)
+    app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
+    return app
+
+
+def _config_module(settings: EskitSettings, name: str | None) -> ModuleType:
+    explicit = name is not None or "celery_config" in settings.model_fields_set
+    name = name or settings.celery_config
     try:
-        importlib.import_module(name)
+        return importlib.import_module(name)
     except ImportError as exc:
+        if not explicit and exc.name == name:
+            return packaged
         raise ConfigurationError(
             f"cannot import the Celery config module {name!r} ({exc}). Run from the "
             "directory that holds celeryconfig.py, put it on PYTHONPATH, or set "
-            "ESKIT_CELERY_CONFIG to your own module."
+            f"ESKIT_CELERY_CONFIG to your own module (or to {PACKAGED_CONFIG} for the "
+            "packaged defaults)."
         ) from exc
-    celery = Celery("eskit_tasks", include=["eskit_tasks.tasks"])
-    celery.config_from_object(name)
-    # Not left to the config module: a worker must never die on a malformed message.
-    celery.conf.worker_consumer = "eskit_tasks.fleet.app:GuardedConsumer"
-    return celery
-
-
-class GuardedConsumer(Consumer):
-    """Celery's consumer, rejecting malformed task messages instead of dying on them.
-
-    Celery's handler of incoming task messages indexes their headers and decoded body
-    before checking their shapes: a JSON body such as ``42``, ``null``, ``""`` or a list
-    of two items, or a ``task``/``id``/``timelimit`` header of the wrong type, raises in
-    the worker's main process, which stops ("Unrecoverable error") and leaves the message
-    for the next worker to die on. Such messages are rejected (dropped, logged) here.
-    """
-
-    def create_task_handler(self, promise: Any = promise) -> Callable[[Any], None]:
-        handle: Callable[[Any], None] = super().create_task_handler(promise)
-
-        def on_task_received(message: Any) -> None:
-            problem = malformed_task_message(message)
-            if problem is None:
-                handle(message)
-                return
-            log.error("eskit-tasks: rejected a malformed task message: %s", problem)
-            message.reject_log_error(log, self.connection_errors)  # type: ignore[attr-defined]
-
-        return on_task_received
-
-
-def _number_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
-
-
-def malformed_task_message(message: Any) -> str | None:
-    """What is wrong with a protocol 2 task message, None if Celery may handle it (also
-    when it is not a task message or cannot be decoded: Celery rejects those itself)."""
-    headers = message.headers
-    if not isinstance(headers, dict) or "task" not in headers:
-        return None
-    if not isinstance(headers["task"], str) or not isinstance(headers.get("id"), str):
-        return "the task and id headers must be strings"
-    limits = headers.get("timelimit")
-    if limits is not None and not (
-        isinstance(limits, list | tuple) and len(limits) == 2 and all(map(_number_or_none, limits))
-    ):
-        return "the timelimit header must be [soft, hard] seconds"
-    try:
-        body = message.payload
-    except Exception:  # untrusted content type or undecodable: Celery rejects it
-        return None
-    if not (
-        isinstance(body, list | tuple)
-        and len(body) == 3
-        and isinstance(body[0], list | tuple)
-        and isinstance(body[1], dict)
-        and (body[2] is None or isinstance(body[2], dict))
-    ):
-        return "the body must be a JSON list [args, kwargs, embed]"
-    return None
-
-
-app = create_app()
 
 
 def _fatal_at_start(receiver: Callable[..., None]) -> Callable[..., None]:
@@ -121,22 +117,33 @@ def _fatal_at_start(receiver: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def _settings_of(sender: Any) -> EskitSettings | None:
+    """The settings of the worker's app, None for a worker of another app."""
+    settings = getattr(getattr(sender, "app", None), "eskit_settings", None)
+    return settings if isinstance(settings, EskitSettings) else None
+
+
 @signals.worker_init.connect
 @_fatal_at_start
-def _import_deciders_at_start(**_: Any) -> None:
+def _import_deciders_at_start(sender: Any = None, **_: Any) -> None:
     """Import ESKIT_DECIDER_MODULES in the main worker process, before it forks, so a bad
     module name stops the worker at start-up instead of failing every task."""
-    modules = get_settings().decider_module_list
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    modules = settings.decider_module_list
     import_decider_modules(modules)
     log.info("eskit-tasks: deciders imported from %s", ", ".join(modules) or "(none)")
 
 
 @signals.worker_init.connect
 @_fatal_at_start
-def _start_metrics(**_: Any) -> None:
+def _start_metrics(sender: Any = None, **_: Any) -> None:
     """With ESKIT_METRICS_PORT, serve Prometheus metrics from the main worker process; set
     up before it forks, so its children write where the server reads (see metrics.py)."""
-    metrics.start_worker_metrics(get_settings())
+    settings = _settings_of(sender)
+    if settings is not None:
+        metrics.start_worker_metrics(settings)
 
 
 @signals.worker_ready.connect
@@ -162,44 +169,10 @@ def _stop_metrics(**_: Any) -> None:
     metrics.stop_worker_metrics()
 
 
-class JsonLineFormatter(logging.Formatter):
-    """One JSON object per record: ``ts`` (UTC), ``level``, ``logger``, then the fields
-    the record carries in ``eskit_fields`` (or its ``message``)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        line: dict[str, Any] = {
-            "ts": ts.replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-        }
-        fields = getattr(record, "eskit_fields", None)
-        if isinstance(fields, dict):
-            line.update(fields)
-        else:
-            line["message"] = record.getMessage()
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+app = create_app()
+app.set_current()
 
 
-@signals.after_setup_logger.connect
-def _compaction_log_as_json_lines(logfile: Any = None, **_: Any) -> None:
-    """In a worker, write the one-line-per-compaction records as bare JSON lines (no
-    "[time: LEVEL/process]" prefix) to where the worker logs (stderr or --logfile), so a
-    log shipper can parse each of those lines whole. Elsewhere (the CLI, your own logging
-    set-up) the record propagates as usual; its message is the same JSON object."""
-    target = logging.getLogger(COMPACTION_LOGGER)
-    for old in [h for h in target.handlers if isinstance(h.formatter, JsonLineFormatter)]:
-        target.removeHandler(old)
-        old.close()
-    handler: logging.Handler
-    if logfile is None:
-        handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
-    elif hasattr(logfile, "write"):
-        handler = logging.StreamHandler(logfile)
-    else:
-        handler = WatchedFileHandler(logfile, encoding="utf-8")
-    handler.setFormatter(JsonLineFormatter())
-    target.addHandler(handler)
-    target.propagate = False
+def resources() -> Resources:
+    """The default app's resources in this process (its store, Redis, run progress)."""
+    return app.eskit_resources.get()

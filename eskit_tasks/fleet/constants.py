@@ -88,3 +88,8 @@ COMPACTION_DURATION_BUCKETS_S = (
 
 #: Logger of the one structured (JSON) line per compaction attempt.
 COMPACTION_LOGGER = "eskit_tasks.compaction"
+
+#: The task names: part of the message format (beat schedules and other producers send
+#: them by name), never to change.
+COMPACT_STREAM_TASK = "eskit_tasks.compact_stream"
+FAN_OUT_TASK = "eskit_tasks.fan_out"

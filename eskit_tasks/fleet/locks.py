@@ -22,12 +22,8 @@ from types import TracebackType
 import redis
 from redis.exceptions import LockError, RedisError
 
-from eskit_tasks.errors import FencedError
+from eskit_tasks.errors import LockLostError
 from eskit_tasks.fleet.constants import LOCK_PREFIX, LOCK_RENEW_FRACTION
-
-
-class LockLostError(FencedError):
-    """Raised at a checkpoint when the stream lock could not be renewed or is gone."""
 
 
 def lock_key(stream_type: str, stream_id: str) -> str:

@@ -108,10 +108,6 @@ return 1
 """
 
 
-# Outcomes that need no attention; every other one is listed with its error.
-_FINE = (Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT)
-
-
 class RunProgress(BaseModel):
     """A run's counters, as read from Redis."""
 
@@ -137,9 +133,8 @@ class RunProgress(BaseModel):
 
     @property
     def failed(self) -> int:
-        return sum(
-            self.outcomes.get(o.value, 0) for o in (Outcome.FAILED, Outcome.VERIFICATION_FAILED)
-        )
+        """Streams whose outcome needs attention (see ``Outcome.needs_attention``)."""
+        return sum(self.outcomes.get(o.value, 0) for o in Outcome if o.needs_attention)
 
 
 @dataclass(frozen=True)
@@ -286,7 +281,7 @@ class RunProgressStore:
         digest = _digest(result.stream_type, result.stream_id)
         compacted = result.outcome == Outcome.COMPACTED
         dry = result.outcome == Outcome.DRY_RUN
-        failed = result.outcome not in _FINE
+        failed = result.outcome.needs_attention
         entry = (
             FailedStream(
                 stream_type=result.stream_type,

@@ -12,19 +12,14 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from celery import Celery
 from pydantic import BaseModel
 
-from eskit_tasks.errors import EskitError
+from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
+from eskit_tasks.fleet.constants import FAN_OUT_TASK
+from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
-from eskit_tasks.tasks import _check_run_args, fan_out, policy_kwargs, resources
-
-
-class RunTimeoutError(EskitError, TimeoutError):
-    """Raised when a run did not finish within the time given to ``wait``."""
-
-
-class RunNotFoundError(EskitError):
-    """Raised when no progress is stored for a run id (unknown, or expired)."""
+from eskit_tasks.fleet.resources import Resources, resources_of
 
 
 class RunSummary(BaseModel):
@@ -49,10 +44,15 @@ class CompactionRun:
 
     Args:
         run_id: The id ``compact_all`` returned (``run.run_id``).
+        app: The fleet app whose Redis holds the run (default: the process's app).
     """
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, *, app: Celery | None = None) -> None:
         self.run_id = check_run_id(run_id)
+        self._app = app
+
+    def _resources(self) -> Resources:
+        return resources_of(self._app or _default_app())
 
     def __repr__(self) -> str:
         return f"CompactionRun({self.run_id!r})"
@@ -63,7 +63,7 @@ class CompactionRun:
         Raises:
             RunNotFoundError: nothing is stored for this run (wrong id, or expired).
         """
-        found = resources().progress.get(self.run_id)
+        found = self._resources().progress.get(self.run_id)
         if found is None:
             raise RunNotFoundError(
                 f"no progress stored for run {self.run_id}: unknown id, or older than ESKIT_RUN_TTL"
@@ -103,7 +103,7 @@ class CompactionRun:
             dry_run_events=p.dry_run_events,
             dry_run_bytes=p.dry_run_bytes,
             elapsed_s=round(p.updated_at - p.started_at, 3),
-            failed_streams=resources().progress.failed_streams(self.run_id),
+            failed_streams=self._resources().progress.failed_streams(self.run_id),
             error=p.error,
         )
 
@@ -116,6 +116,7 @@ def compact_all(
     retain_last: int = 0,
     retain_younger_than: timedelta | float | str | None = None,
     dry_run: bool = False,
+    app: Celery | None = None,
 ) -> CompactionRun:
     """Start a fleet run: a fan-out over every candidate stream, compacted by the workers.
 
@@ -127,12 +128,14 @@ def compact_all(
         retain_last: Keep this many newest events per stream.
         retain_younger_than: Keep events younger than this (timedelta, seconds, "30d").
         dry_run: Verify in memory, delete nothing; the run reports what would go.
+        app: The fleet app to send the run to (default: the process's app, configured
+            from the environment).
 
     Raises:
         InvalidPolicyError: a bad value; nothing was sent.
     """
     policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
-    _check_run_args(min_events, stream_types, max_streams)
+    check_run_args(min_events, stream_types, max_streams)
     run_id = new_run_id()
     kwargs: dict[str, Any] = {
         "run_id": run_id,
@@ -141,6 +144,13 @@ def compact_all(
         "max_streams": max_streams,
         **policy,
     }
-    resources().progress.create(run_id, kwargs)
-    fan_out.apply_async(kwargs=kwargs)
-    return CompactionRun(run_id)
+    app = app or _default_app()
+    resources_of(app).progress.create(run_id, kwargs)
+    app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    return CompactionRun(run_id, app=app)
+
+
+def _default_app() -> Celery:
+    from eskit_tasks.fleet.app import app  # the environment's app, built on first use
+
+    return app

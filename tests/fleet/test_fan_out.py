@@ -13,9 +13,12 @@ import redis
 from celery._state import _set_task_join_will_block, task_join_will_block
 
 from eskit_tasks import Outcome, compact_all
-from eskit_tasks.fleet.constants import COMPACTION_QUEUE
+from eskit_tasks.fleet.app import app
+from eskit_tasks.fleet.constants import COMPACTION_QUEUE, FAN_OUT_TASK
+from eskit_tasks.fleet.fan_out import FANOUT_RETRIED_ERRORS, enqueue, fan_out_page
 from eskit_tasks.fleet.progress import Page, new_run_id
-from eskit_tasks.tasks import FANOUT_RETRIED_ERRORS, _enqueue, _fan_out_page, fan_out, resources
+from eskit_tasks.fleet.resources import Resources
+from eskit_tasks.tasks import fan_out
 from tests.fleet.conftest import Fleet, results_in_backend
 
 
@@ -80,22 +83,12 @@ def as_in_a_worker() -> Iterator[None]:
 
 
 @pytest.fixture
-def fresh_resources() -> Iterator[None]:
-    """This process's settings and clients, read again now that the fleet fixture has
-    set the database URL (an earlier test may have cached others)."""
-    from eskit_tasks import tasks
-    from eskit_tasks.fleet.settings import get_settings
-
-    get_settings.cache_clear()
-    tasks._per_process.clear()
-    yield
-    for res in tasks._per_process.values():
-        if res._store is not None:
-            res._store.engine.dispose()
-        if res._redis is not None:
-            res._redis.close()
-    get_settings.cache_clear()
-    tasks._per_process.clear()
+def res(fleet: Fleet) -> Iterator[Resources]:
+    """The clients a fan-out in this process works with: the fleet's database and its
+    state Redis, given to the task explicitly rather than read from the environment."""
+    state = redis.Redis(port=fleet.state.port)
+    yield Resources(app.eskit_settings, store=fleet.store, redis=state)
+    state.close()
 
 
 def _queued(fleet: Fleet) -> list[dict[str, Any]]:
@@ -110,7 +103,7 @@ def test_a_page_is_sent_in_order_with_every_message_intact(fleet: Fleet):
     page.append(("ledger", long_id))
     kwargs = {"run_id": "a" * 32, "retain_last": 1, "retain_younger_than": None, "dry_run": False}
 
-    _enqueue(page, kwargs)
+    enqueue(app, page, kwargs)
 
     messages = _queued(fleet)
     assert len(messages) == 251  # more than two pipelines' worth, none lost or doubled
@@ -141,21 +134,21 @@ def test_a_page_the_broker_cannot_take_raises_an_error_the_fan_out_retries(
         broker.config_set("maxmemory", 1)
     try:
         with pytest.raises(FANOUT_RETRIED_ERRORS):
-            _enqueue(page, kwargs)
+            enqueue(app, page, kwargs)
     finally:
         if fault == "stopped":
             fleet.broker.start()
         else:
             broker.config_set("maxmemory", 0)
     assert _queued(fleet) == []
-    _enqueue(page, kwargs)  # the retry, once the broker is back
+    enqueue(app, page, kwargs)  # the retry, once the broker is back
     assert [json.loads(base64.b64decode(m["body"]))[0][1] for m in _queued(fleet)] == [
         f"s-{n}" for n in range(1, 11)
     ]
 
 
-@pytest.mark.usefixtures("as_in_a_worker", "fresh_resources")
-def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet):
+@pytest.mark.usefixtures("as_in_a_worker")
+def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet, res: Resources):
     """The same fan-out page twice while writers append (the soak's duplicate fan-out):
     the first copy stored its page of two streams and stalled; a third stream became a
     candidate; the second copy sends the stored two, not its own reading of three, so
@@ -172,14 +165,14 @@ def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet):
         "retain_younger_than": None,
         "dry_run": False,
     }
-    progress = resources().progress
+    progress = res.progress
     progress.create(run_id, args)
     streams = (("ledger", "s-0"), ("ledger", "s-1"))
     first = progress.store_page(run_id, Page(0, 10_000, True, streams))
     assert first is not None
     fleet.seed("ledger", "s-2", 6)
 
-    got = _fan_out_page(args, 0)
+    got = fan_out_page(app.tasks[FAN_OUT_TASK], res, args, 0)
 
     assert (got["enqueued"], got["done"]) == (2, True)
     sent = [json.loads(base64.b64decode(m["body"]))[0] for m in _queued(fleet)]
@@ -188,4 +181,7 @@ def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet):
     assert run is not None and (run.candidates, run.fanout_done) == (2, True)
     # The first copy wakes up, sends its (same) page again and cannot advance.
     assert progress.advance(run_id, first, depth=0) is False
-    assert _fan_out_page(args, 0) == {"run_id": run_id, "duplicate_page": 0}
+    assert fan_out_page(app.tasks[FAN_OUT_TASK], res, args, 0) == {
+        "run_id": run_id,
+        "duplicate_page": 0,
+    }

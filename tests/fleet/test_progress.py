@@ -173,7 +173,7 @@ def test_report_counts_each_outcome(store):
     assert got is not None
     assert got.outcomes == {o.value: n for o, n in reported.items()}
     assert got.done == sum(reported.values())
-    assert got.failed == 3  # failed + verification_failed
+    assert got.failed == 5  # every outcome that needs attention: fenced, locked, failed...
 
 
 def test_only_compacted_counts_as_deleted_and_only_dry_run_as_would_delete(store):

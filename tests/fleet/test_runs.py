@@ -15,8 +15,10 @@ import sqlalchemy as sa
 from kombu import Connection
 
 from eskit_tasks import CompactionRun, NewEvent, compact_all
+from eskit_tasks.fleet.app import app, resources
+from eskit_tasks.fleet.fan_out import queue_depth
 from eskit_tasks.stores.schema import events, streams
-from eskit_tasks.tasks import compact_stream, fan_out, queue_depth, resources
+from eskit_tasks.tasks import compact_stream, fan_out
 from tests.fleet.conftest import Fleet, wait_until
 from tests.services import CELERY, REPO, worker_env
 
@@ -98,7 +100,7 @@ def test_fan_out_keeps_the_queue_under_its_high_water_mark(fleet: Fleet):
 
     def sample() -> None:
         while not stop.is_set():
-            depths.append(queue_depth("compaction"))
+            depths.append(queue_depth(app, "compaction"))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)

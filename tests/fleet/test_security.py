@@ -571,7 +571,7 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
     passwords and unreachable URLs, no worker log, CLI output, result, run progress key
     or metrics page holds a password, raw or encoded — while the masked form "***" is
     there wherever a URL is shown."""
-    from eskit_tasks.tasks import policy_kwargs
+    from eskit_tasks.fleet.messages import policy_kwargs
     from tests.services import worker_env
 
     db_url = make_url(postgres_url).set(password=PG_SECRET).render_as_string(hide_password=False)

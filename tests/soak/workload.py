@@ -310,8 +310,10 @@ class RunTracker:
 
     def start_duplicate(self, policy: dict[str, Any]) -> TrackedRun | None:
         """The same fan-out twice at once: one run id, its first page sent twice."""
+        from eskit_tasks.fleet.app import resources
+        from eskit_tasks.fleet.messages import policy_kwargs
         from eskit_tasks.fleet.progress import new_run_id
-        from eskit_tasks.tasks import fan_out, policy_kwargs, resources
+        from eskit_tasks.tasks import fan_out
 
         run_id = new_run_id()
         kwargs = {
@@ -348,8 +350,9 @@ class RunTracker:
 
     def poll(self) -> None:
         """Look at every running run once."""
-        from eskit_tasks.fleet.runs import CompactionRun, RunNotFoundError
-        from eskit_tasks.tasks import resources
+        from eskit_tasks.errors import RunNotFoundError
+        from eskit_tasks.fleet.app import resources
+        from eskit_tasks.fleet.runs import CompactionRun
 
         for run in self.running():
             try:

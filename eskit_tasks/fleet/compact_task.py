@@ -1,0 +1,158 @@
+"""The ``eskit_tasks.compact_stream`` task: one stream, under a per-stream Redis lock.
+
+It wires the process's resources, a :class:`~eskit_tasks.fleet.locks.StreamLock` and
+the registered decider into a :class:`~eskit_tasks.core.compactor.Compactor`. Each
+delivery is harmless (see :mod:`eskit_tasks.fleet.redelivery`):
+
+* a copy whose task's result is already stored ignores itself;
+* a copy that finds the stream locked by *another* task retries later (``locked`` when
+  its retries run out); one that finds it locked by its *own* id (a redelivered copy of
+  a task still running, or of one whose worker died) retries after the lock's TTL and
+  never stores a result over the copy that worked;
+* a copy that finishes after another copy of the same task id stores nothing: the first
+  to finish claims the result in Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Retry
+from redis.exceptions import RedisError
+
+from eskit_tasks.core.compactor import Compactor
+from eskit_tasks.core.registry import get_registration, import_decider_modules
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
+from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.observability import record, report_to_run
+from eskit_tasks.fleet.redelivery import TRANSIENT, TaskCopy, already_finished
+from eskit_tasks.fleet.resources import resources_of
+
+
+def compact_stream(
+    self: Task[Any, Any],
+    /,
+    stream_type: str,
+    stream_id: str,
+    run_id: str | None = None,
+    **policy: Any,
+) -> dict[str, Any]:
+    """Compact one stream under a per-stream lock; return its CompactionResult as JSON.
+
+    Args:
+        stream_type: The stream's type (a decider must be registered for it).
+        stream_id: The stream's id.
+        run_id: The fleet run this task belongs to, for progress.
+        **policy: ``retain_last``, ``retain_younger_than`` (seconds or "30d"), ``dry_run``.
+    """
+    if not isinstance(stream_type, str) or not isinstance(stream_id, str):
+        raise TypeError(  # a hand-made message: no result can name such a stream
+            "compact_stream takes the stream type and id as strings, got "
+            f"{type(stream_type).__name__} and {type(stream_id).__name__}"
+        )
+    res = resources_of(self.app)
+    if already_finished(self, res):
+        raise Ignore()
+    copy = TaskCopy(self, res, run_id)
+    try:
+        import_decider_modules(res.settings.decider_module_list)
+        result = _compact_locked(copy, stream_type, stream_id, policy)
+    except (Ignore, Retry):
+        raise
+    except Exception as exc:  # anything else still ends in a reported result
+        if isinstance(exc, DatabaseUnavailableError | RedisError):
+            copy.retry_later()
+        result = CompactionResult.failed(
+            stream_type, stream_id, exc, compaction_id=copy.compaction_id
+        )
+        record(result, run_id, copy.task_id)
+    if not copy.claim_result():
+        raise Ignore()  # another copy of this very task finished first and owns the result
+    if run_id is not None:
+        report_to_run(res, run_id, result)
+    return result.model_dump(mode="json")
+
+
+def _compact_locked(
+    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+) -> CompactionResult:
+    settings, res = copy.settings, copy.res
+
+    def early(outcome: Outcome, error: str, error_type: str) -> CompactionResult:
+        result = CompactionResult.failed(
+            stream_type,
+            stream_id,
+            error,
+            outcome=outcome,
+            error_type=error_type,
+            compaction_id=copy.compaction_id,
+        )
+        record(result, copy.run_id, copy.task_id)
+        return result
+
+    try:
+        parsed = CompactionPolicy(**policy)
+        registration = get_registration(stream_type)
+    except ConfigurationError as exc:  # an invalid policy, an unknown stream type
+        return early(Outcome.FAILED, str(exc), type(exc).__name__)
+    store, snapshots = res.store, res.snapshots  # connect before taking the lock
+
+    lock = StreamLock(res.redis, stream_type, stream_id, ttl=settings.lock_ttl, owner=copy.task_id)
+    try:
+        acquired = lock.acquire()
+        holder = None if acquired else lock.holder()
+    except RedisError as exc:
+        copy.retry_later()
+        return early(
+            Outcome.FAILED,
+            f"Redis for locks unreachable at {mask_url(settings.redis_url)}: {exc}",
+            type(exc).__name__,
+        )
+    if not acquired:
+        metrics.record_lock_wait()
+        if holder == copy.task_id:
+            # A redelivered copy of this very task: the first copy is still running, or
+            # died and its lock has not expired yet. Look again once it has.
+            copy.retry_later(settings.lock_ttl + 1, unlimited=True)
+        copy.retry_later()
+        return early(
+            Outcome.LOCKED,
+            f"{stream_type}/{stream_id} is locked by task {holder}; gave up after "
+            f"{settings.locked_max_retries} retries",
+            "LockedError",
+        )
+    try:
+        if copy.result_claimed_by_other():
+            raise Ignore()  # a copy of this task finished while we waited for the lock
+        result = Compactor(
+            store=store,
+            snapshot_store=snapshots,
+            decider=registration.decider,
+            state_type=registration.state_type,
+            state_version=registration.state_version,
+            upcasters=registration.upcasters,
+            policy=parsed,
+            guard=copy.guard(lock),
+        ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
+        retry = result.error_type in TRANSIENT
+        # Claim the result while still holding the lock, so a redelivered copy that
+        # takes the lock next sees that this task is done.
+        claimed = False if retry else copy.claim_result()
+        # A deletion is accounted by the copy that owns the task's result only: a copy
+        # paused past its lock may commit while a redelivered copy reports the same
+        # deletion from the audit log (both under the task's compaction id).
+        if claimed or result.outcome is not Outcome.COMPACTED:
+            record(result, copy.run_id, copy.task_id, timed=True)
+    finally:
+        lock.release()
+    if retry:
+        copy.retry_later()  # Ignore unless the retries are used up
+        claimed = copy.claim_result()
+    if not claimed:
+        raise Ignore()
+    return result

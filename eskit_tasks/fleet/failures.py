@@ -1,0 +1,115 @@
+"""Accounting for a ``compact_stream`` task that died with an exception (a hard time
+limit, a bug): it still counts in its run, so ``run.wait()`` finishes — as the deletion
+it committed, if the audit log holds its compaction id (killed right after COMMIT), else
+as failed — and the result backend tells the same."""
+
+from __future__ import annotations
+
+import types
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+from celery import signals, states
+from celery.utils.log import get_task_logger
+
+from eskit_tasks.core.compactor import recovered_result
+from eskit_tasks.domain.result import CompactionResult
+from eskit_tasks.errors import EskitError
+from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
+from eskit_tasks.fleet.observability import record, report_to_run
+from eskit_tasks.fleet.redelivery import compaction_id_for
+from eskit_tasks.fleet.resources import Resources, resources_of
+
+log = get_task_logger("eskit_tasks")
+
+#: Task ids whose death this process accounted for already (see _report_task_failure).
+_failures_handled: OrderedDict[str, CompactionResult] = OrderedDict()
+_FAILURES_REMEMBERED = 1024
+
+
+@signals.task_failure.connect
+def _report_task_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    if getattr(sender, "name", None) != COMPACT_STREAM_TASK:
+        return
+    kwargs = kwargs if isinstance(kwargs, dict) else {}  # a hand-made message may be
+    args = list(args) if isinstance(args, list | tuple) else []  # any JSON at all
+    run_id = kwargs.get("run_id")
+    stream_type = args[0] if args else kwargs.get("stream_type")
+    stream_id = args[1] if len(args) > 1 else kwargs.get("stream_id")
+    if not isinstance(stream_type, str) or not isinstance(stream_id, str):
+        return
+    earlier = _failures_handled.get(task_id) if task_id else None
+    if earlier is not None:
+        # Celery sends task_failure twice for one hard time limit (as the pool fails the
+        # job, and again from on_timeout), writing FAILURE before each: account for the
+        # attempt once, but put the recovered result back each time.
+        _store_recovered(sender, task_id, earlier, args, kwargs)
+        return
+    res = resources_of(sender.app)
+    compaction_id = compaction_id_for(task_id) if task_id else str(uuid.uuid4())
+    result = _committed_by(res, stream_type, stream_id, compaction_id)
+    if result is None:
+        died = f"task {task_id} died: {type(exception).__name__}: {exception}"
+        result = CompactionResult.failed(
+            stream_type,
+            stream_id,
+            died,
+            error_type=type(exception).__name__,
+            compaction_id=compaction_id,
+        )
+    if task_id:
+        _failures_handled[task_id] = result
+        while len(_failures_handled) > _FAILURES_REMEMBERED:
+            _failures_handled.popitem(last=False)
+    record(result, run_id, task_id)
+    if run_id:
+        report_to_run(res, run_id, result)
+    _store_recovered(sender, task_id, result, args, kwargs)
+
+
+def _store_recovered(
+    task: Any, task_id: str | None, result: CompactionResult, args: Any, kwargs: Any
+) -> None:
+    """A task that died after its delete committed: the result backend gets the deletion
+    (SUCCESS, ``recovered``) instead of Celery's FAILURE, so Flower and ``AsyncResult``
+    tell the same as the run, the log line and the audit log."""
+    if not result.recovered or not task_id:
+        return
+    # What an extended result names (task, arguments), as Celery's own write did.
+    request = types.SimpleNamespace(
+        task=task.name, args=args, kwargs=kwargs, hostname=None, retries=None, delivery_info=None
+    )
+    try:
+        task.backend.store_result(
+            task_id, result.model_dump(mode="json"), states.SUCCESS, request=request
+        )
+    except Exception as exc:  # the backend being down must not hide the report above
+        log.warning("could not store the recovered result of task %s: %s", task_id, exc)
+
+
+def _committed_by(
+    res: Resources, stream_type: str, stream_id: str, compaction_id: str
+) -> CompactionResult | None:
+    """The deletion a dead task committed, from the audit log (None: none, or the
+    database cannot say; the result then names the id to look up).
+
+    A new fencing token is taken first: it waits for a delete still in flight (the killed
+    process's COMMIT), so "not found" is final, and stops any stale copy of the task.
+    """
+    try:
+        res.store.acquire_fence(stream_type, stream_id)
+        record_ = res.store.find_compaction(compaction_id)
+    except EskitError as exc:
+        log.warning("could not look up compaction %s in the audit log: %s", compaction_id, exc)
+        return None
+    if record_ is None or (record_.stream_type, record_.stream_id) != (stream_type, stream_id):
+        return None
+    return recovered_result(record_)

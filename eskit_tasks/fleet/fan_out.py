@@ -1,0 +1,205 @@
+"""The ``eskit_tasks.fan_out`` task: a run, one bounded page of candidates at a time.
+
+Each page enqueues one ``compact_stream`` per candidate and re-sends the fan-out for
+the next page, so memory stays bounded by one page whatever the number of candidates.
+A page is fixed in the run's progress before any of its messages is sent, and the run's
+cursor moves atomically after it: a copy of a page (a retry, a redelivery, the same
+fan-out sent twice) sends the stored streams or finds the cursor moved and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import MaxRetriesExceededError
+from kombu import exceptions as kombu_errors
+from kombu.exceptions import ChannelError
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
+
+from eskit_tasks.core.candidates import candidate_page
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.errors import DatabaseUnavailableError, EskitError
+from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
+from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
+from eskit_tasks.fleet.progress import Page, check_run_id
+from eskit_tasks.fleet.redelivery import backoff
+from eskit_tasks.fleet.resources import Resources, resources_of
+
+#: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
+BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
+#: Errors after which a fan-out page is tried again later (with backoff).
+FANOUT_RETRIED_ERRORS = (
+    RedisError,
+    KombuOperationalError,
+    BatchPublishError,
+    DatabaseUnavailableError,
+)
+
+
+def fan_out(
+    self: Task[Any, Any],
+    /,
+    run_id: str | None = None,
+    cursor: int = 0,
+    min_events: int = 1,
+    stream_types: list[str] | None = None,
+    max_streams: int | None = None,
+    retain_last: int = 0,
+    retain_younger_than: Any = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Enqueue one compact_stream per candidate stream, a page at a time.
+
+    Candidates are streams with at least ``min_events`` events since their last
+    compaction (and more than ``retain_last``), of ``stream_types`` if given, at most
+    ``max_streams`` per run. While the compaction queue holds ``ESKIT_FANOUT_HIGH_WATER``
+    messages or more, the fan-out waits and looks again; it re-sends itself for each
+    next page, so memory stays bounded by one page whatever the number of candidates.
+    If the database, Redis or the broker is unreachable it retries with backoff; if that
+    keeps failing, the run is marked failed (``run.wait()`` returns with its error).
+    """
+    if run_id is None:  # started by beat: derive the id from the task, so a redelivered
+        run_id = run_id_for(self.request.id)  # first page continues the same run
+    run_id = check_run_id(run_id)
+    args = {
+        "run_id": run_id,
+        "min_events": min_events,
+        "stream_types": stream_types,
+        "max_streams": max_streams,
+        "retain_last": retain_last,
+        "retain_younger_than": retain_younger_than,
+        "dry_run": dry_run,
+    }
+    res = resources_of(self.app)
+    try:
+        return fan_out_page(self, res, args, cursor)
+    except FANOUT_RETRIED_ERRORS as exc:
+        try:
+            raise self.retry(exc=exc, countdown=backoff(res.settings, self.request.retries))
+        # Out of retries, retry(exc=...) raises exc itself, not MaxRetriesExceededError.
+        except (MaxRetriesExceededError, *FANOUT_RETRIED_ERRORS):
+            with contextlib.suppress(RedisError):
+                res.progress.fail(run_id, mask_url(f"fan-out gave up: {exc}"))
+            raise
+
+
+def fan_out_page(
+    task: Task[Any, Any], res: Resources, args: dict[str, Any], cursor: int
+) -> dict[str, Any]:
+    """Send the page of the run ``args`` that starts after ``cursor``; re-send the
+    fan-out for the next page. Returns what it did (its task result)."""
+    settings, app = res.settings, task.app
+    run_id = args["run_id"]
+    try:
+        policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
+        check_run_args(args["min_events"], args["stream_types"], args["max_streams"])
+    except EskitError as exc:
+        res.progress.create(run_id, args)
+        res.progress.fail(run_id, str(exc))
+        return {"run_id": run_id, "error": str(exc)}
+    if cursor != 0 and not res.progress.exists(run_id):
+        return _progress_lost(res, args)
+    res.progress.create(run_id, args)
+    if res.progress.cursor(run_id) != cursor:
+        return {"run_id": run_id, "duplicate_page": cursor}
+
+    depth = queue_depth(app, settings.compaction_queue)
+    if depth >= settings.fanout_high_water:
+        res.progress.note_depth(run_id, depth)
+        task.apply_async(kwargs={**args, "cursor": cursor}, countdown=settings.fanout_backoff)
+        return {"run_id": run_id, "waiting": depth}
+
+    progress = res.progress.get(run_id)
+    budget = (
+        None
+        if args["max_streams"] is None
+        else args["max_streams"] - (0 if progress is None else progress.candidates)
+    )
+    limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
+    if budget is not None:
+        limit = min(limit, budget)
+    page, new_cursor = candidate_page(
+        res.store,
+        after=cursor,
+        limit=limit,
+        page_size=settings.fanout_page_size,
+        min_live_events=max(args["min_events"], args["retain_last"] + 1),
+        stream_types=args["stream_types"],
+    )
+    full = bool(page) and len(page) == limit
+    # Not full: every key up to the new cursor was examined.
+    exhausted = limit <= 0 or (not full and new_cursor >= res.store.max_stream_key())
+    finished = exhausted or (budget is not None and len(page) >= budget)
+    # Fix the page before sending anything: a copy of this page (a retry, the same
+    # fan-out sent twice) sends the stored streams, not its own reading.
+    stored = res.progress.store_page(
+        run_id,
+        Page(cursor, new_cursor, finished, tuple((c.stream_type, c.stream_id) for c in page)),
+    )
+    if stored is None:
+        if not res.progress.exists(run_id):
+            return _progress_lost(res, args)
+        return {"run_id": run_id, "duplicate_page": cursor}
+    enqueue(app, stored.streams, {"run_id": run_id, **policy})
+    claimed = res.progress.advance(run_id, stored, depth=depth)
+    if claimed and not stored.last:
+        task.apply_async(kwargs={**args, "cursor": stored.next_cursor})
+    return {
+        "run_id": run_id,
+        "enqueued": len(stored.streams),
+        "cursor": stored.next_cursor,
+        "done": stored.last,
+    }
+
+
+def _progress_lost(res: Resources, args: dict[str, Any]) -> dict[str, Any]:
+    run_id = args["run_id"]
+    error = (
+        f"the progress of run {run_id} disappeared from Redis (expired, or Redis "
+        "restarted without persistence) while paging; start a new run. Compactions "
+        "already done are unaffected."
+    )
+    res.progress.create(run_id, args)
+    res.progress.fail(run_id, error)
+    return {"run_id": run_id, "error": error}
+
+
+def enqueue(app: Celery, streams: Iterable[tuple[str, str]], kwargs: dict[str, Any]) -> None:
+    """Send one compact_stream message per candidate, as fast as the broker allows.
+
+    On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
+    pipeline raises, and the page is sent again by the fan-out's retry (a stream
+    enqueued twice is compacted once). Celery's own per-message costs are cut where it
+    lets us: the queue is declared with the first message only, and the argument
+    reprs shown by monitoring tools are built here (Celery's generic ``saferepr`` was
+    a fifth of the fan-out's time).
+    """
+    kwargsrepr = short_repr(kwargs)
+    declare: list[Any] | None = None  # Celery's default: declare the routed queue
+    send: Any = app.tasks[COMPACT_STREAM_TASK].apply_async  # stubs predate these options
+    with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
+        for args in streams:
+            send(
+                args=args,
+                kwargs=kwargs,
+                producer=producer,
+                declare=declare,
+                argsrepr=short_repr(args),
+                kwargsrepr=kwargsrepr,
+            )
+            declare = []
+
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Messages waiting in ``queue`` on the app's broker (0 if it does not exist yet)."""
+    try:
+        with app.connection_for_read() as conn:
+            channel: Any = conn.default_channel
+            declared = channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except ChannelError:
+        return 0  # not declared yet

@@ -1,0 +1,137 @@
+"""How the copies of one ``compact_stream`` task id stay harmless to each other.
+
+A task may be delivered more than once (late acknowledgement, redelivery after a crash
+or a visibility timeout). Every copy of a task id shares its compaction id (so a copy
+that runs after a crash finds the deletion its predecessor committed), and the first copy
+to finish claims the task's result in Redis; later copies store nothing over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from celery import states
+from celery.exceptions import Ignore, MaxRetriesExceededError
+from redis.exceptions import RedisError
+
+from eskit_tasks.errors import TimeBudgetError
+from eskit_tasks.fleet.constants import DONE_PREFIX, LOCKED_RETRY_MAX_S
+from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.resources import Resources
+from eskit_tasks.fleet.settings import EskitSettings
+
+#: Failures worth another try: the database or Redis was unreachable, or the lock was
+#: lost (Redis blipped) — the stream itself is fine. A delete whose outcome is still
+#: unknown is settled by the retry, which carries the same compaction id.
+TRANSIENT = frozenset({"DatabaseUnavailableError", "CommitOutcomeUnknownError", "LockLostError"})
+
+#: Namespace of the compaction ids derived from task ids.
+_COMPACTION_IDS = uuid.UUID("5d0c3f7e-8f3a-4c2e-9b1d-6a7e2f0c4b19")
+
+
+def compaction_id_for(task_id: str) -> str:
+    """The compaction id of a task: the same for every retry and redelivery of that task
+    id, so a copy that runs after a crash finds the deletion its predecessor committed
+    and reports it instead of "nothing to compact"."""
+    return str(uuid.uuid5(_COMPACTION_IDS, task_id))
+
+
+def done_key(task_id: str) -> str:
+    """Redis key claiming the result of a task id (hashed: task ids are data)."""
+    return DONE_PREFIX + hashlib.sha256(task_id.encode()).hexdigest()[:32]
+
+
+def backoff(settings: EskitSettings, retries: int) -> float:
+    """Doubling delays with jitter, capped well below the visibility timeout (a delayed
+    message waits unacknowledged in a worker; past the timeout Redis would redeliver it)."""
+    cap = min(LOCKED_RETRY_MAX_S, settings.visibility_timeout / 3)
+    base = settings.locked_retry_base * (2**retries)
+    jitter = random.uniform(0.8, 1.2)  # noqa: S311 -- spreading retries, not security
+    return float(min(base, cap) * jitter)
+
+
+def already_finished(task: Any, res: Resources) -> bool:
+    """True when a copy of this task id already finished (a redelivered message)."""
+    task_id = task.request.id
+    if not task_id:
+        return False
+    try:
+        if res.redis.exists(done_key(task_id)):
+            return True
+    except RedisError:
+        pass
+    try:
+        return task.AsyncResult(task_id).state in states.READY_STATES
+    except Exception:  # the backend being down must not stop the compaction
+        return False
+
+
+class TaskCopy:
+    """One delivery of a compact_stream task, and how it coordinates with other copies
+    of the same task id (redeliveries) through a "result claimed" key in Redis."""
+
+    def __init__(self, task: Any, res: Resources, run_id: str | None) -> None:
+        self.task = task
+        self.run_id = run_id
+        self.res = res
+        self.settings = res.settings
+        self.task_id: str = task.request.id or uuid.uuid4().hex
+        self.compaction_id = compaction_id_for(self.task_id)
+        self.token = uuid.uuid4().hex
+        self.deadline = time.monotonic() + self.settings.task_soft_time_limit * 0.9
+
+    def retry_later(self, countdown: float | None = None, *, unlimited: bool = False) -> None:
+        """Re-send this task after ``countdown`` (default: the backoff for its retries so
+        far) and end this delivery without storing a state (``Ignore``), so no other
+        copy's result is overwritten. Returns only when the retries are used up."""
+        if countdown is None:
+            countdown = backoff(self.settings, self.task.request.retries)
+        limit = None if unlimited else self.settings.locked_max_retries
+        try:
+            self.task.retry(countdown=countdown, max_retries=limit, throw=False)
+        except MaxRetriesExceededError:
+            return
+        raise Ignore()
+
+    def claim_result(self) -> bool:
+        """True if this copy may store the task's result: the first copy to finish owns
+        it. Without Redis it cannot coordinate and stores (the database stays safe)."""
+        key = done_key(self.task_id)
+        ttl = int(self.settings.visibility_timeout * 2)
+        try:
+            if self.res.redis.set(key, self.token, nx=True, ex=ttl):
+                return True
+            owner = self.res.redis.get(key)
+        except RedisError:
+            return True
+        return owner is not None and _text(owner) == self.token
+
+    def result_claimed_by_other(self) -> bool:
+        try:
+            owner = self.res.redis.get(done_key(self.task_id))
+        except RedisError:
+            return False
+        return owner is not None and _text(owner) != self.token
+
+    def guard(self, lock: StreamLock) -> Callable[[], None]:
+        """The check the compactor runs before each write: the lock is still ours and the
+        task is not about to reach its soft time limit."""
+
+        def check() -> None:
+            lock.check()
+            if time.monotonic() > self.deadline:
+                raise TimeBudgetError(
+                    "stopped before writing: the task is near its soft time limit "
+                    f"({self.settings.task_soft_time_limit:.0f}s, ESKIT_TASK_SOFT_TIME_LIMIT)"
+                )
+
+        return check
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,114 @@
+"""The clients a fleet process works with, built from the settings it is given.
+
+A :class:`Resources` holds the event store, the snapshot store, the Redis client (locks,
+result claims) and the run-progress store of one process. Each is made on first use from
+:class:`~eskit_tasks.fleet.settings.EskitSettings`, or given ready-made, so a test can
+build a fleet in-process with an SQLite file and fakeredis instead of resetting caches::
+
+    resources = Resources(settings, redis=fakeredis.FakeRedis())
+    app = create_app(settings, config={"broker_url": "memory://"}, resources=resources)
+
+:class:`PerProcess` hands each process its own: a prefork child never reuses the
+connections it inherited from its parent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import redis
+
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.fleet.progress import RunProgressStore
+from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
+
+
+class Resources:
+    """Database and Redis clients of one process, made on first use unless given.
+
+    Args:
+        settings: Where the database and Redis are, and the run TTL.
+        store: The event store (default: ``SqlEventStore`` at ``settings.database_url``).
+        snapshots: The snapshot store (default: SQL, in the event store's database).
+        redis: The client for locks, result claims and run progress (default:
+            ``settings.redis_url`` with short socket timeouts).
+    """
+
+    def __init__(
+        self,
+        settings: EskitSettings,
+        *,
+        store: EventStore | None = None,
+        snapshots: SnapshotStore | None = None,
+        redis: redis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._snapshots = snapshots
+        self._redis = redis
+        self._progress: RunProgressStore | None = None
+
+    @property
+    def store(self) -> EventStore:
+        if self._store is None:
+            self._store = SqlEventStore.from_url(self.settings.database_url)
+        return self._store
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        if self._snapshots is None:
+            store = self.store
+            if not isinstance(store, SqlEventStore):
+                raise TypeError("give Resources a snapshot store along with a non-SQL event store")
+            self._snapshots = SqlSnapshotStore(store.engine, create_tables=False)
+        return self._snapshots
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_url,
+                socket_timeout=10,
+                socket_connect_timeout=5,
+                health_check_interval=30,
+            )
+        return self._redis
+
+    @property
+    def progress(self) -> RunProgressStore:
+        if self._progress is None:
+            self._progress = RunProgressStore(self.redis, ttl=self.settings.run_ttl)
+        return self._progress
+
+
+class PerProcess:
+    """One :class:`Resources` per process id, made by ``factory`` on first use there."""
+
+    def __init__(self, factory: Callable[[], Resources]) -> None:
+        self._factory = factory
+        self._pid: int | None = None
+        self._current: Resources | None = None
+
+    def get(self) -> Resources:
+        pid = os.getpid()
+        if self._current is None or self._pid != pid:
+            self._current, self._pid = self._factory(), pid
+        return self._current
+
+
+def resources_of(app: object) -> Resources:
+    """The resources of this process for a Celery app made by ``create_app``.
+
+    Raises:
+        ConfigurationError: the app was not made by ``eskit_tasks.fleet.app.create_app``.
+    """
+    per_process = getattr(app, "eskit_resources", None)
+    if not isinstance(per_process, PerProcess):
+        raise ConfigurationError(
+            f"the Celery app {app!r} was not made by eskit_tasks.fleet.app.create_app: "
+            "it has no eskit-tasks resources"
+        )
+    return per_process.get()
