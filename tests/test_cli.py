@@ -179,7 +179,7 @@ def test_unreachable_database_exits_3_with_masked_password(capsys):
 def test_unreachable_redis_exits_3(capsys, monkeypatch):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from eskit_tasks.cli import _is_unreachable
+    from eskit_tasks.fleet.runs import service_unreachable as _is_unreachable
 
     assert _is_unreachable(RedisConnectionError("Error 111 connecting"))
     code, _, err = run(capsys, "status", "0" * 32)

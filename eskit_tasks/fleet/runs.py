@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -70,8 +71,19 @@ class CompactionRun:
             )
         return found
 
-    def wait(self, timeout: float | None = None, poll: float = 0.5) -> RunProgress:
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll: float = 0.5,
+        *,
+        on_progress: Callable[[RunProgress], object] | None = None,
+    ) -> RunProgress:
         """Block until every candidate has reported; return the final progress.
+
+        Args:
+            timeout: Give up after this many seconds (default: wait for ever).
+            poll: Seconds between two reads of the run's progress.
+            on_progress: Called with each progress read (a progress bar, a log line).
 
         Raises:
             RunTimeoutError: still running after ``timeout`` seconds (it keeps running).
@@ -79,6 +91,8 @@ class CompactionRun:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             current = self.progress()
+            if on_progress is not None:
+                on_progress(current)
             if current.finished:
                 return current
             if deadline is not None and time.monotonic() >= deadline:
@@ -154,3 +168,13 @@ def _default_app() -> Celery:
     from eskit_tasks.fleet.app import app  # the environment's app, built on first use
 
     return app
+
+
+def service_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` says the fleet's Redis or broker could not be reached (the
+    clients' own error classes, which only the fleet layer knows)."""
+    from kombu.exceptions import OperationalError as BrokerUnreachable
+    from redis.exceptions import ConnectionError as RedisUnreachable
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return isinstance(exc, RedisUnreachable | RedisTimeout | BrokerUnreachable)

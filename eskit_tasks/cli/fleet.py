@@ -1,0 +1,111 @@
+"""Commands that talk to the fleet: start a run on the workers, follow it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from eskit_tasks.cli.local import compact_all_here
+from eskit_tasks.cli.options import (
+    Database,
+    DeciderModules,
+    DryRun,
+    Exit,
+    JsonOut,
+    MaxStreams,
+    MinEvents,
+    RetainLast,
+    RetainYounger,
+    StreamTypes,
+    app,
+    policy_of,
+)
+from eskit_tasks.cli.render import emit_json, out, print_summary, progress_bar
+from eskit_tasks.errors import RunTimeoutError
+
+
+@app.command("compact-all")
+def compact_all_cmd(
+    database: Database = None,
+    min_events: MinEvents = 1,
+    stream_type: StreamTypes = None,
+    max_streams: MaxStreams = None,
+    retain_last: RetainLast = 0,
+    retain_younger_than: RetainYounger = None,
+    dry_run: DryRun = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Compact in this process; no broker needed.")
+    ] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the fleet run to its end.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="With --wait: give up after N seconds.")
+    ] = None,
+    decider_module: DeciderModules = None,
+    json_: JsonOut = False,
+) -> None:
+    """Compact every candidate stream: on the fleet (default) or in this process (--local)."""
+    policy = policy_of(retain_last, retain_younger_than, dry_run)
+    if local:
+        compact_all_here(
+            database, policy, min_events, stream_type, max_streams, decider_module, json_
+        )
+        return
+    from eskit_tasks.fleet.runs import compact_all
+
+    run = compact_all(
+        min_events=min_events,
+        stream_types=stream_type,
+        max_streams=max_streams,
+        retain_last=retain_last,
+        retain_younger_than=retain_younger_than,
+        dry_run=dry_run,
+    )
+    if not wait:
+        if json_:
+            emit_json({"run_id": run.run_id})
+        else:
+            out.print(f"started run {run.run_id}; follow it with: eskit-tasks status {run.run_id}")
+        return
+    follow(run.run_id, timeout, json_)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str, typer.Argument(help="The id compact-all printed.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end.")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout")] = None,
+    json_: JsonOut = False,
+) -> None:
+    """Show a fleet run's progress and the streams it could not compact."""
+    if wait:
+        follow(run_id, timeout, json_)
+        return
+    from eskit_tasks.fleet.runs import CompactionRun
+
+    summary = CompactionRun(run_id).summary()
+    print_summary(summary, json_)
+    if summary.failed_streams or summary.error:
+        raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+def follow(run_id: str, timeout: float | None, json_: bool) -> None:
+    """Wait for a run with a progress bar, then print its summary."""
+    from eskit_tasks.fleet.runs import CompactionRun
+
+    run = CompactionRun(run_id)
+    with progress_bar(json_) as progress:
+        task = progress.add_task("compacting", total=None)
+        try:
+            run.wait(
+                timeout,
+                on_progress=lambda p: progress.update(
+                    task, total=p.candidates if p.fanout_done else None, completed=p.done
+                ),
+            )
+        except RunTimeoutError as exc:
+            raise RunTimeoutError(f"{exc}; it keeps running: eskit-tasks status {run_id}") from exc
+    summary = run.summary()
+    print_summary(summary, json_)
+    if summary.failed_streams or summary.error:
+        raise typer.Exit(Exit.FAILED_STREAMS)

@@ -1,0 +1,256 @@
+"""Commands that work on the event database in this process; no broker needed."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+
+from eskit_tasks.cli.options import (
+    Database,
+    DeciderModules,
+    DryRun,
+    Exit,
+    JsonOut,
+    MinEvents,
+    RetainLast,
+    RetainYounger,
+    StreamTypes,
+    app,
+    import_deciders,
+    open_store,
+    policy_of,
+)
+from eskit_tasks.cli.render import (
+    emit_json,
+    out,
+    print_candidates,
+    print_log,
+    print_result,
+    print_snapshot_report,
+    progress_bar,
+    report_results,
+)
+from eskit_tasks.core.candidates import iter_candidates
+from eskit_tasks.core.compactor import Compactor
+from eskit_tasks.core.loading import load_state
+from eskit_tasks.core.registry import get_registration
+from eskit_tasks.core.verify import verify_snapshots
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.result import CompactionResult
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.stores.sql import SqlSnapshotStore
+
+
+@app.command("init-db")
+def init_db(database: Database = None, json_: JsonOut = False) -> None:
+    """Create eskit-tasks' tables in the event database (safe to run again)."""
+    store = open_store(database)
+    where = mask_url(str(store.engine.url.render_as_string(hide_password=True)))
+    if json_:
+        emit_json({"database": where, "tables": "ready"})
+    else:
+        out.print(f"tables ready in {where}")
+
+
+@app.command()
+def demo(
+    database: Annotated[
+        str, typer.Option("--database", help="Where to put the demo streams.")
+    ] = "sqlite:///eskit-demo.db",
+    streams: Annotated[int, typer.Option(min=1, help="Accounts to seed.")] = 5,
+    events: Annotated[int, typer.Option(min=1, help="Events per account.")] = 20_000,
+    retain_last: RetainLast = 100,
+    json_: JsonOut = False,
+) -> None:
+    """Seed demo accounts in an embedded SQLite file, compact them, print a summary.
+
+    Needs no broker and no server.
+    """
+    from eskit_tasks import demo as demo_mod
+
+    store = open_store(database)
+    snapshots = SqlSnapshotStore(store.engine)
+    ids = [f"acct-{n:03d}" for n in range(1, streams + 1)]
+    rng = random.Random(7)  # noqa: S311 -- demo data
+    with progress_bar(json_) as progress:
+        task = progress.add_task("seeding", total=len(ids))
+        for stream_id in ids:
+            demo_mod.seed(store, stream_id, events, rng)
+            progress.advance(task)
+    decider = demo_mod.Account()
+    before = {
+        i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
+    }
+    compactor = Compactor(
+        store=store,
+        snapshot_store=snapshots,
+        decider=decider,
+        state_type=demo_mod.AccountState,
+        policy=CompactionPolicy(retain_last=retain_last),
+    )
+    started = time.perf_counter()
+    results = []
+    with progress_bar(json_) as progress:
+        task = progress.add_task("compacting", total=len(ids))
+        for stream_id in ids:
+            results.append(compactor.compact("account", stream_id))
+            progress.advance(task)
+    elapsed = time.perf_counter() - started
+    after = {
+        i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
+    }
+    unchanged = before == after
+    report_results(results, elapsed, json_, extra={"state_unchanged": unchanged})
+    if not json_:
+        out.print(f"state after compaction equals state before: {'yes' if unchanged else 'NO'}")
+    if not unchanged or any(not r.ok for r in results):
+        raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+@app.command()
+def candidates(
+    database: Database = None,
+    min_events: MinEvents = 1,
+    stream_type: StreamTypes = None,
+    retain_last: RetainLast = 0,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most N.")] = 50,
+    json_: JsonOut = False,
+) -> None:
+    """List the streams a policy would pick, with their live event counts."""
+    found = iter_candidates(
+        open_store(database),
+        min_events=min_events,
+        retain_last=retain_last,
+        stream_types=stream_type,
+        limit=limit,
+    )
+    print_candidates(list(found), json_)
+
+
+@app.command()
+def compact(
+    stream_type: Annotated[str, typer.Argument(help="The stream's type.")],
+    stream_id: Annotated[str, typer.Argument(help="The stream's id.")],
+    database: Database = None,
+    retain_last: RetainLast = 0,
+    retain_younger_than: RetainYounger = None,
+    dry_run: DryRun = False,
+    decider_module: DeciderModules = None,
+    json_: JsonOut = False,
+) -> None:
+    """Compact one stream, in this process."""
+    policy = policy_of(retain_last, retain_younger_than, dry_run)
+    import_deciders(decider_module)
+    get_registration(stream_type)  # an unknown type is a usage error, not a result
+    store = open_store(database)
+    result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy).compact(
+        stream_type, stream_id
+    )
+    print_result(result, json_)
+    if not result.ok:
+        raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+@app.command()
+def log(
+    database: Database = None,
+    stream_type: Annotated[str | None, typer.Option("--stream-type")] = None,
+    stream_id: Annotated[str | None, typer.Option("--stream-id")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    json_: JsonOut = False,
+) -> None:
+    """Show the compaction audit log, newest first."""
+    print_log(open_store(database).compaction_log(stream_type, stream_id, limit=limit), json_)
+
+
+@app.command("verify-snapshots")
+def verify_snapshots_cmd(
+    database: Database = None,
+    stream_types: StreamTypes = None,
+    decider_modules: DeciderModules = None,
+    json_: JsonOut = False,
+) -> None:
+    """Check that the deciders about to be deployed can read every verified snapshot
+    (hash, schema marker, upcasters, strict decode); exit 4 if any cannot. Read-only."""
+    import_deciders(decider_modules)
+    store = open_store(database)
+    report = verify_snapshots(SqlSnapshotStore(store.engine), stream_types=stream_types)
+    print_snapshot_report(report, json_)
+    if not report.ok:
+        raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+class LocalCompactors:
+    """One Compactor per stream type, made from its registration on first use; a type
+    without a registered decider gives each of its streams a ``failed`` result."""
+
+    def __init__(self, store: EventStore, snapshots: SnapshotStore, policy: CompactionPolicy):
+        self.store, self.snapshots, self.policy = store, snapshots, policy
+        self._by_type: dict[str, Compactor[Any] | ConfigurationError] = {}
+
+    def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
+        found = self._by_type.get(stream_type)
+        if found is None:
+            found = self._by_type[stream_type] = self._make(stream_type)
+        if isinstance(found, ConfigurationError):
+            return CompactionResult.failed(
+                stream_type,
+                stream_id,
+                str(found),
+                error_type=type(found).__name__,
+                compaction_id="-",
+            )
+        return found.compact(stream_type, stream_id)
+
+    def _make(self, stream_type: str) -> Compactor[Any] | ConfigurationError:
+        try:
+            reg = get_registration(stream_type)
+        except ConfigurationError as exc:
+            return exc
+        return Compactor(
+            store=self.store,
+            snapshot_store=self.snapshots,
+            decider=reg.decider,
+            state_type=reg.state_type,
+            state_version=reg.state_version,
+            upcasters=reg.upcasters,
+            policy=self.policy,
+        )
+
+
+def compact_all_here(
+    database: str | None,
+    policy: CompactionPolicy,
+    min_events: int,
+    stream_types: Sequence[str] | None,
+    max_streams: int | None,
+    decider_module: Sequence[str] | None,
+    json_: bool,
+) -> None:
+    """``compact-all --local``: walk the candidates once, compacting each in turn."""
+    import_deciders(decider_module)
+    store = open_store(database)
+    compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy)
+    results: list[CompactionResult] = []
+    started = time.perf_counter()
+    todo = iter_candidates(
+        store,
+        min_events=min_events,
+        retain_last=policy.retain_last,
+        stream_types=stream_types,
+        limit=max_streams,
+    )
+    with progress_bar(json_) as progress:
+        task = progress.add_task("compacting", total=None)
+        for c in todo:
+            results.append(compactors.compact(c.stream_type, c.stream_id))
+            progress.advance(task)
+    report_results(results, time.perf_counter() - started, json_)
+    if any(not r.ok for r in results):
+        raise typer.Exit(Exit.FAILED_STREAMS)

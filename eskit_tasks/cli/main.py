@@ -1,0 +1,58 @@
+"""The entry point: run a command, turn expected errors into one line and an exit status."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import typer
+from typer.exceptions import TyperException
+
+# Importing the command modules registers their commands on the app.
+from eskit_tasks.cli import fleet as _fleet_commands
+from eskit_tasks.cli import local as _local_commands
+from eskit_tasks.cli.options import Exit, app
+from eskit_tasks.cli.render import err
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+
+COMMAND_MODULES = (_local_commands, _fleet_commands)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; expected errors print one line and set the exit status."""
+    try:
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        return int(code or 0)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        return Exit.ERROR
+    except TyperException as exc:  # a usage error found by the argument parser
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path.split(" ", 1)[-1] if ctx is not None else ""
+        hint = f" (see: eskit-tasks {command} --help)".replace("  ", " ")
+        err.print(f"error: {exc.format_message()}{hint}")
+        return Exit.USAGE
+    except ConfigurationError as exc:  # includes InvalidPolicyError: a bad value given
+        err.print(f"error: {mask_url(str(exc))}")
+        return Exit.USAGE
+    except DatabaseUnavailableError as exc:
+        err.print(f"error: {mask_url(str(exc))}")
+        return Exit.UNAVAILABLE
+    except EskitError as exc:
+        err.print(f"error: {mask_url(str(exc))}")
+        return Exit.ERROR
+    except Exception as exc:
+        from eskit_tasks.fleet.runs import service_unreachable  # the fleet's clients failed
+
+        if service_unreachable(exc):
+            err.print(f"error: service unreachable: {mask_url(str(exc))}")
+            return Exit.UNAVAILABLE
+        raise
+
+
+def run() -> None:
+    """The ``eskit-tasks`` console script."""
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""What the commands print: tables, summaries, progress bars and JSON. No work here.
+
+Human output goes to standard output as rich tables; ``--json`` prints one JSON
+document instead. Progress bars go to standard error, only on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport
+from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.ports import Candidate, CompactionRecord
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: The columns of verify-snapshots' table, one per kind of problem.
+PROBLEM_KINDS = ("integrity", "schema", "unregistered", "missing")
+#: Failing snapshots printed in full by verify-snapshots (the rest are counted).
+SHOWN_PROBLEMS = 20
+
+
+def emit_json(value: Any) -> None:
+    out.print_json(json.dumps(value, default=str))
+
+
+def progress_bar(quiet: bool) -> Progress:
+    """A progress bar on standard error; silent with ``--json`` or off a terminal."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+        transient=True,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover -- the loop returns at GiB
+
+
+def print_candidates(found: Sequence[Candidate], json_: bool) -> None:
+    if json_:
+        emit_json(
+            [
+                {
+                    "stream_type": c.stream_type,
+                    "stream_id": c.stream_id,
+                    "live_events": c.live_events,
+                }
+                for c in found
+            ]
+        )
+        return
+    table = Table("stream type", "stream id", "live events", title=f"{len(found)} candidates")
+    for c in found:
+        table.add_row(c.stream_type, c.stream_id, f"{c.live_events:,}")
+    out.print(table)
+
+
+def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
+    if json_:
+        emit_json([{name: getattr(r, name) for name in r.__slots__} for r in rows])
+        return
+    table = Table(
+        "when",
+        "stream",
+        "versions",
+        "deleted",
+        "bytes",
+        "head",
+        "state hash",
+        "compaction id",
+        title=f"{len(rows)} compactions",
+    )
+    for r in rows:
+        table.add_row(
+            r.compacted_at.strftime("%Y-%m-%d %H:%M:%S"),
+            f"{r.stream_type}/{r.stream_id}",
+            f"{r.from_version}..{r.through_version}",
+            f"{r.events_deleted:,}",
+            f"{r.bytes_reclaimed:,}",
+            str(r.head_version),
+            r.state_hash[:12],
+            r.compaction_id,
+        )
+    out.print(table)
+
+
+def print_result(r: CompactionResult, json_: bool) -> None:
+    if json_:
+        emit_json(r.model_dump(mode="json"))
+        return
+    colour = "green" if r.ok else "red"
+    out.print(f"[{colour}]{r.outcome.value}[/{colour}] {r.stream_type}/{r.stream_id}")
+    table = Table(show_header=False)
+    table.add_row("head version", str(r.head_version))
+    table.add_row("snapshot version", str(r.snapshot_version or "-"))
+    table.add_row("events deleted", f"{r.events_deleted:,}")
+    table.add_row("events retained", f"{r.events_retained:,}")
+    table.add_row("bytes reclaimed", human_bytes(r.bytes_reclaimed))
+    table.add_row("duration", f"{r.duration_ms:.1f} ms")
+    table.add_row("compaction id", r.compaction_id)
+    out.print(table)
+    if r.error:
+        out.print(f"error: {r.error}")
+
+
+def report_results(
+    results: Sequence[CompactionResult],
+    elapsed: float,
+    json_: bool,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The totals of compactions run in this process, as a table or JSON."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    done = [r for r in results if r.outcome == Outcome.COMPACTED]
+    dry = [r for r in results if r.outcome == Outcome.DRY_RUN]
+    totals = {
+        "streams": len(results),
+        "outcomes": counts,
+        "events_deleted": sum(r.events_deleted for r in done),
+        "bytes_reclaimed": sum(r.bytes_reclaimed for r in done),
+        "dry_run_events": sum(r.events_deleted for r in dry),
+        "dry_run_bytes": sum(r.bytes_reclaimed for r in dry),
+        "elapsed_s": round(elapsed, 3),
+        "failed_streams": [
+            {
+                "stream_type": r.stream_type,
+                "stream_id": r.stream_id,
+                "outcome": r.outcome.value,
+                "error": r.error,
+            }
+            for r in results
+            if not r.ok
+        ],
+        **(extra or {}),
+    }
+    if json_:
+        emit_json(totals)
+        return
+    summary_table(totals)
+
+
+def summary_table(t: dict[str, Any]) -> None:
+    outcomes = t["outcomes"]
+    table = Table(title="summary", show_header=False)
+    table.add_row("streams compacted", f"{outcomes.get('compacted', 0):,}")
+    if outcomes.get("dry_run"):
+        table.add_row("streams verified (dry run)", f"{outcomes['dry_run']:,}")
+    table.add_row("nothing to do", f"{outcomes.get('nothing_to_compact', 0):,}")
+    failed = sum(outcomes.get(o.value, 0) for o in Outcome if o.needs_attention)
+    table.add_row("failed", f"{failed:,}")
+    table.add_row("events deleted", f"{t['events_deleted']:,}")
+    table.add_row("bytes reclaimed", human_bytes(t["bytes_reclaimed"]))
+    if t.get("dry_run_events"):
+        table.add_row(
+            "would delete (dry run)",
+            f"{t['dry_run_events']:,} events, {human_bytes(t['dry_run_bytes'])}",
+        )
+    table.add_row("time", f"{t['elapsed_s']:.2f}s")
+    out.print(table)
+    for f in t["failed_streams"]:
+        out.print(f"[red]{f['outcome']}[/red] {f['stream_type']}/{f['stream_id']}: {f['error']}")
+
+
+def print_summary(summary: Any, json_: bool) -> None:
+    """A fleet run's :class:`~eskit_tasks.fleet.runs.RunSummary`."""
+    totals = summary.model_dump(mode="json")
+    if json_:
+        emit_json(totals)
+        return
+    state = "finished" if summary.finished else "running"
+    out.print(f"run {summary.run_id}: {state}, {summary.done} of {summary.candidates} streams done")
+    if summary.error:
+        out.print(f"[red]run error:[/red] {summary.error}")
+    totals["failed_streams"] = [f.model_dump() for f in summary.failed_streams]
+    summary_table(totals)
+
+
+def print_snapshot_report(report: SnapshotReport, json_: bool) -> None:
+    if json_:
+        emit_json(report.to_json())
+        return
+    table = Table(
+        "stream type",
+        "snapshots",
+        "failed",
+        "integrity",
+        "schema",
+        "unregistered",
+        "missing",
+        title=f"{report.checked:,} snapshots checked, {report.failed:,} cannot be used",
+    )
+    for stream_type, tally in sorted(report.by_type.items()):
+        table.add_row(
+            stream_type,
+            f"{tally.checked:,}",
+            f"{tally.failures:,}",
+            *(f"{tally.failed.get(kind, 0):,}" for kind in PROBLEM_KINDS),
+        )
+    out.print(table)
+    for p in report.problems[:SHOWN_PROBLEMS]:
+        out.print(f"{p.kind}: {p.error}", markup=False)
+    if report.failed > SHOWN_PROBLEMS:
+        out.print(
+            f"... and {report.failed - SHOWN_PROBLEMS:,} more (--json lists up to {MAX_PROBLEMS:,})"
+        )
+    if report.failed:
+        out.print(
+            "Do not deploy until these load: register upcasters for the old schemas, or "
+            "keep the old state type (see docs/snapshots.md, 'State schemas and upcasters')."
+        )
