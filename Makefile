@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo lint format types test check bench clean soak
+.PHONY: install demo lint format types test test-fast check bench clean soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ types: $(STAMP)
 ## test: the whole test suite (needs PostgreSQL; see README)
 test: $(STAMP)
 	$(BIN)/pytest
+
+## test-fast: the fast tier, logic only: no PostgreSQL, Redis or worker processes (< 60 s)
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not services" -q
 
 ## check: lint, types and tests — what CI runs
 check: lint types test

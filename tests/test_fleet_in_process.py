@@ -1,0 +1,215 @@
+"""The fleet's logic on an in-process worker: kombu ``memory://``, fakeredis, SQLite.
+
+These tests check what the tasks decide (a bad policy, ``max_streams``, an unknown
+stream type, the run's counters), not how they survive a real broker or a dying
+process — tests/fleet/ does that with redis-servers and real ``celery worker``
+processes. The module builds its own app with ``create_app(settings, config=...,
+resources=...)``: its settings, broker and clients are given, no cache needs resetting;
+each test starts from an empty database and an empty Redis.
+(Celery itself prefers CELERY_BROKER_URL / CELERY_RESULT_BACKEND from the environment to
+any configuration, so the fixture hides those two.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+from celery.contrib.testing.worker import start_worker
+
+from eskit_tasks import NewEvent, Outcome, load_state
+from eskit_tasks.fleet.app import FleetApp, create_app
+from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
+from eskit_tasks.fleet.resources import Resources
+from eskit_tasks.fleet.runs import CompactionRun, compact_all
+from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.stores.schema import metadata
+from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
+from tests.deciders import Ledger, ledger_fold
+
+
+@dataclass
+class InProcessFleet:
+    app: FleetApp
+    store: SqlEventStore
+    redis: fakeredis.FakeRedis
+
+    def seed(self, stream_id: str, n: int, stream_type: str = "ledger") -> None:
+        head = self.store.head_version(stream_type, stream_id)
+        events = [NewEvent("Deposited", {"amount": head + i}) for i in range(1, n + 1)]
+        self.store.append(stream_type, stream_id, events, expected_version=head)
+
+    def live(self, stream_id: str, stream_type: str = "ledger") -> list[int]:
+        return [e.version for e in self.store.read(stream_type, stream_id)]
+
+    def state(self, stream_id: str) -> tuple[object, int]:
+        snaps = SqlSnapshotStore(self.store.engine, create_tables=False)
+        return load_state(self.store, snaps, Ledger(), dict, "ledger", stream_id)
+
+
+@pytest.fixture(scope="module")
+def _running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessFleet]:
+    """One app and one in-process worker for the module (a worker takes seconds to stop)."""
+    path = tmp_path_factory.mktemp("in-process") / "events.db"
+    settings = EskitSettings(
+        database_url=f"sqlite:///{path}",
+        broker_url="memory://",
+        result_backend="cache+memory://",
+        decider_modules="tests.fleet_deciders",
+        locked_max_retries=0,
+        fanout_page_size=4,
+        fanout_backoff=0,
+        metrics_port=None,
+    )
+    store = SqlEventStore.from_url(settings.database_url)
+    client = fakeredis.FakeRedis()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("CELERY_BROKER_URL", raising=False)
+        env.delenv("CELERY_RESULT_BACKEND", raising=False)
+        app = create_app(
+            settings,
+            config={
+                "broker_url": "memory://",
+                "result_backend": "cache+memory://",
+                "broker_transport_options": {"polling_interval": 0.01},
+            },
+            resources=Resources(settings, store=store, redis=client),
+        )
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            yield InProcessFleet(app, store, client)
+    store.engine.dispose()
+
+
+@pytest.fixture
+def fleet(_running: InProcessFleet) -> InProcessFleet:
+    """The module's fleet with an empty database and an empty Redis."""
+    with _running.store.engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    _running.redis.flushall()
+    return _running
+
+
+def _compact(fleet: InProcessFleet, stream_id: str, stream_type: str = "ledger", **policy):
+    sent = fleet.app.tasks[COMPACT_STREAM_TASK].apply_async(
+        args=(stream_type, stream_id), kwargs=policy
+    )
+    return sent.get(timeout=30)
+
+
+def test_a_stream_is_compacted_and_its_state_kept(fleet: InProcessFleet):
+    fleet.seed("a", 12)
+    before = fleet.state("a")
+
+    got = _compact(fleet, "a", retain_last=2)
+
+    assert (got["outcome"], got["events_deleted"], got["snapshot_version"]) == (
+        "compacted",
+        10,
+        10,
+    )
+    assert fleet.live("a") == [11, 12]
+    assert fleet.state("a") == before == (ledger_fold(list(range(1, 13))), 12)
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        ({"retain_last": -1}, "retain_last"),
+        ({"retain_younger_than": "soon"}, "retain_younger_than"),
+        ({"no_such_option": 1}, "no_such_option"),
+    ],
+)
+def test_an_invalid_policy_is_a_failed_result_and_deletes_nothing(
+    fleet: InProcessFleet, policy: dict[str, object], words: str
+):
+    fleet.seed("a", 6)
+
+    got = _compact(fleet, "a", **policy)
+
+    assert got["outcome"] == Outcome.FAILED
+    assert got["error_type"] == "InvalidPolicyError"
+    assert words in got["error"]
+    assert fleet.live("a") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stream_type_without_a_decider_is_a_failed_result(fleet: InProcessFleet):
+    fleet.seed("g", 6, stream_type="ghost")
+
+    got = _compact(fleet, "g", stream_type="ghost")
+
+    assert (got["outcome"], got["error_type"]) == ("failed", "UnknownStreamTypeError")
+    assert "ghost" in got["error"]
+    assert fleet.live("g", stream_type="ghost") == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stream_locked_by_another_task_is_reported_locked(fleet: InProcessFleet):
+    fleet.seed("a", 6)
+    from eskit_tasks.fleet.locks import StreamLock
+
+    held = StreamLock(fleet.redis, "ledger", "a", ttl=30, owner="someone-else")
+    assert held.acquire()
+
+    got = _compact(fleet, "a")
+
+    assert (got["outcome"], got["events_deleted"]) == ("locked", 0)
+    assert "someone-else" in got["error"]
+    assert fleet.live("a") == [1, 2, 3, 4, 5, 6]
+    held.release()
+
+
+def test_a_run_compacts_every_candidate_and_counts_them(fleet: InProcessFleet):
+    for n in range(9):  # three pages of four: the fan-out pages through all of them
+        fleet.seed(f"s-{n}", 6)
+    fleet.seed("small", 2)  # below min_events
+
+    run = compact_all(min_events=5, retain_last=1, app=fleet.app)
+    final = run.wait(timeout=60, poll=0.05)
+
+    assert (final.candidates, final.done, final.outcomes) == (9, 9, {"compacted": 9})
+    assert final.events_deleted == 9 * 5
+    assert all(fleet.live(f"s-{n}") == [6] for n in range(9))
+    assert fleet.live("small") == [1, 2]
+    summary = CompactionRun(run.run_id, app=fleet.app).summary()
+    assert summary.finished and summary.failed_streams == []
+
+
+def test_max_streams_caps_a_run(fleet: InProcessFleet):
+    for n in range(10):
+        fleet.seed(f"s-{n}", 6)
+
+    final = compact_all(min_events=5, max_streams=3, app=fleet.app).wait(timeout=60, poll=0.05)
+
+    assert (final.candidates, final.done, final.outcomes) == (3, 3, {"compacted": 3})
+    compacted = [n for n in range(10) if fleet.live(f"s-{n}") == []]
+    untouched = [n for n in range(10) if fleet.live(f"s-{n}") == [1, 2, 3, 4, 5, 6]]
+    assert len(compacted) == 3 and len(untouched) == 7
+
+
+def test_a_dry_run_reports_what_would_go_and_deletes_nothing(fleet: InProcessFleet):
+    for n in range(3):
+        fleet.seed(f"s-{n}", 8)
+
+    final = compact_all(min_events=5, retain_last=3, dry_run=True, app=fleet.app).wait(
+        timeout=60, poll=0.05
+    )
+
+    assert final.outcomes == {"dry_run": 3}
+    assert (final.events_deleted, final.dry_run_events) == (0, 3 * 5)
+    assert all(fleet.live(f"s-{n}") == list(range(1, 9)) for n in range(3))
+
+
+def test_failed_streams_are_listed_with_their_error(fleet: InProcessFleet):
+    fleet.seed("ok", 6)
+    fleet.seed("bad", 6, stream_type="ghost")
+
+    run = compact_all(min_events=5, app=fleet.app)
+    run.wait(timeout=60, poll=0.05)
+    summary = run.summary()
+
+    assert summary.outcomes == {"compacted": 1, "failed": 1}
+    [failed] = summary.failed_streams
+    assert (failed.stream_type, failed.stream_id, failed.outcome) == ("ghost", "bad", "failed")
+    assert failed.error is not None and "ghost" in failed.error
