@@ -213,3 +213,28 @@ def test_failed_streams_are_listed_with_their_error(fleet: InProcessFleet):
     [failed] = summary.failed_streams
     assert (failed.stream_type, failed.stream_id, failed.outcome) == ("ghost", "bad", "failed")
     assert failed.error is not None and "ghost" in failed.error
+
+
+@pytest.mark.parametrize(
+    ("error_type", "retried"),
+    [
+        ("DatabaseUnavailableError", True),
+        ("CommitOutcomeUnknownError", True),  # a subclass: the retry settles the commit
+        ("LockLostError", True),
+        ("FencedError", False),  # a newer compaction owns the stream: retrying is pointless
+        ("EvolveError", False),
+        (None, False),
+    ],
+)
+def test_which_failed_results_a_task_retries(error_type: str | None, retried: bool):
+    from eskit_tasks import CompactionResult
+    from eskit_tasks.fleet.redelivery import is_transient
+
+    result = CompactionResult(
+        stream_type="t",
+        stream_id="s",
+        outcome=Outcome.FAILED,
+        error_type=error_type,
+        compaction_id="c",
+    )
+    assert is_transient(result) is retried

@@ -30,7 +30,7 @@ from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import record, report_to_run
-from eskit_tasks.fleet.redelivery import TRANSIENT, TaskCopy, already_finished
+from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
 from eskit_tasks.fleet.resources import resources_of
 
 
@@ -139,7 +139,7 @@ def _compact_locked(
             policy=parsed,
             guard=copy.guard(lock),
         ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
-        retry = result.error_type in TRANSIENT
+        retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.
         claimed = False if retry else copy.claim_result()

@@ -19,7 +19,8 @@ from celery import states
 from celery.exceptions import Ignore, MaxRetriesExceededError
 from redis.exceptions import RedisError
 
-from eskit_tasks.errors import TimeBudgetError
+from eskit_tasks.domain.result import CompactionResult
+from eskit_tasks.errors import DatabaseUnavailableError, EskitError, LockLostError, TimeBudgetError
 from eskit_tasks.fleet.constants import DONE_PREFIX, LOCKED_RETRY_MAX_S
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.resources import Resources
@@ -27,8 +28,30 @@ from eskit_tasks.fleet.settings import EskitSettings
 
 #: Failures worth another try: the database or Redis was unreachable, or the lock was
 #: lost (Redis blipped) — the stream itself is fine. A delete whose outcome is still
-#: unknown is settled by the retry, which carries the same compaction id.
-TRANSIENT = frozenset({"DatabaseUnavailableError", "CommitOutcomeUnknownError", "LockLostError"})
+#: unknown (CommitOutcomeUnknownError, a DatabaseUnavailableError) is settled by the
+#: retry, which carries the same compaction id.
+TRANSIENT_ERRORS: tuple[type[EskitError], ...] = (DatabaseUnavailableError, LockLostError)
+
+
+def _with_subclasses(classes: tuple[type[EskitError], ...]) -> frozenset[str]:
+    found: set[str] = set()
+    todo = list(classes)
+    while todo:
+        cls = todo.pop()
+        found.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return frozenset(found)
+
+
+_TRANSIENT_NAMES = _with_subclasses(TRANSIENT_ERRORS)
+
+
+def is_transient(result: CompactionResult) -> bool:
+    """True when a result's error is one of :data:`TRANSIENT_ERRORS` (or a subclass).
+    A result carries its error's class name only, so the names are derived from the
+    classes here, once: renaming a class cannot silently stop its retries."""
+    return result.error_type in _TRANSIENT_NAMES
+
 
 #: Namespace of the compaction ids derived from task ids.
 _COMPACTION_IDS = uuid.UUID("5d0c3f7e-8f3a-4c2e-9b1d-6a7e2f0c4b19")
