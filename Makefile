@@ -37,7 +37,7 @@ test: $(STAMP)
 
 ## test-fast: the fast tier, logic only: no PostgreSQL, Redis or worker processes (< 60 s)
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not services" -q
+	$(BIN)/pytest -m "not services and not slow" -q
 
 ## check: lint, types and tests — what CI runs
 check: lint types test

@@ -41,12 +41,12 @@ import redis as redis_lib
 
 from bench.fleet import (
     BenchWorker,
+    bench_database,
     copy_seed,
     fleet_env,
     proc_kb,
     redis_server,
     run_child,
-    scratch_database,
     vacuum_analyze,
 )
 from eskit_tasks.fleet import constants
@@ -283,7 +283,7 @@ def run(scale: str = "full") -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="eskit-bench-fanout-") as tmpdir,
         redis_server(Path(tmpdir)) as redis,
-        scratch_database("fanout") as url,
+        bench_database("fanout") as url,
     ):
         tmp = Path(tmpdir)
         env = fleet_env(redis, url)

@@ -15,8 +15,9 @@ Redis and database. The full size repeats the three runs (local, compose, split)
 local run on this shared machine varied from 32 to 61 streams/s at one busy core. Each
 phase also reports how many of the machine's cores were busy (from /proc/stat).
 
-Also home of the helpers bench.fanout shares: a scratch PostgreSQL database, a private
-redis-server, workers with their own queues, COPY seeding, /proc memory readings.
+Also home of the helpers bench.fanout shares: a scratch database with eskit's tables,
+the workers' environment, workers on their own queues, COPY seeding, /proc memory
+readings. The services themselves are :mod:`eskit_tasks.testing.services`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -35,15 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import make_url
 
+from bench import REPO
 from bench.deciders import FLEET_ROUNDS_MAX
-from tests.services import QUIET_WORKER, REPO, RedisServer, Worker, free_port
-
-#: Where scratch databases are created (the test suite's variable, same default).
-ADMIN_URL = os.environ.get(
-    "ESKIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from eskit_tasks.testing.services import (
+    QUIET_WORKER,
+    RedisServer,
+    Worker,
+    free_port,
+    libpq_url,
+    postgres_admin_url,
+    scratch_database,
+    worker_env,
 )
+
 PAYLOAD_PAD = "x" * 60  # with the other fields: about 100 bytes of JSON per event
 
 SCALES = {
@@ -56,46 +61,29 @@ GOAL_RATIO = 1.3
 # -- shared helpers -------------------------------------------------------------------
 
 
-def libpq(url: str) -> str:
-    """A SQLAlchemy URL as a libpq connection string for psycopg."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextmanager
-def scratch_database(tag: str) -> Iterator[str]:
-    """A fresh PostgreSQL database ``eskit_bench_<tag>_...`` (dropped afterwards) with
-    eskit-tasks' tables; yields its SQLAlchemy URL."""
+def bench_database(tag: str) -> Iterator[str]:
+    """A scratch PostgreSQL database ``eskit_bench_<tag>_...`` (ESKIT_TEST_POSTGRES_URL's
+    server, dropped afterwards) with eskit-tasks' tables; yields its SQLAlchemy URL."""
     from eskit_tasks import SqlEventStore, SqlSnapshotStore
 
-    name = f"eskit_bench_{tag}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq(ADMIN_URL), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-            store = SqlEventStore.from_url(url)
-            SqlSnapshotStore(store.engine)
-            store.engine.dispose()
-            yield url
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_admin_url(), f"eskit_bench_{tag}") as url:
+        store = SqlEventStore.from_url(url)
+        SqlSnapshotStore(store.engine)
+        store.engine.dispose()
+        yield url
 
 
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), workdir / "redis")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+def redis_server(workdir: Path) -> RedisServer:
+    """A private redis-server on a free port (``with`` starts and stops it)."""
+    return RedisServer(free_port(), workdir / "redis")
 
 
 def fleet_env(redis: RedisServer, database_url: str, **extra: str) -> dict[str, str]:
     """The environment of workers and measuring children: this benchmark's broker,
     result backend, Redis and database, eskit defaults for everything else (a caller's
     own CELERY_*/ESKIT_* variables, e.g. the test suite's short timings, are dropped)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "ESKIT_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {k: v for k, v in worker_env(REPO).items() if not k.startswith(("CELERY_", "ESKIT_"))}
     env.update(
         {
             "CELERY_BROKER_URL": redis.url(0),
@@ -111,7 +99,7 @@ def fleet_env(redis: RedisServer, database_url: str, **extra: str) -> dict[str, 
 
 
 class BenchWorker(Worker):
-    """The test suite's real ``celery -A eskit_tasks worker`` (prefork), optionally on
+    """A real ``celery -A eskit_tasks worker`` (prefork) in the checkout, optionally on
     chosen queues, that can tell its pool processes' pids."""
 
     def __init__(
@@ -124,7 +112,7 @@ class BenchWorker(Worker):
         loglevel: str = "INFO",
     ) -> None:
         options = QUIET_WORKER + (("-Q", queues) if queues else ())
-        super().__init__(name, env, logdir, concurrency, options, loglevel)
+        super().__init__(name, env, logdir, concurrency, options, loglevel, cwd=REPO)
 
     def pool_children(self) -> list[int]:
         """Pids of the worker's prefork pool processes."""
@@ -181,7 +169,7 @@ def copy_seed(
     backslash: COPY text format)."""
     now = datetime.now(UTC).isoformat()
     payloads = [data(v) for v in range(1, events + 1)]
-    with psycopg.connect(libpq(url)) as conn:
+    with psycopg.connect(libpq_url(url)) as conn:
         conn.execute("SET synchronous_commit = off")
         with conn.cursor() as cur:
             with cur.copy(
@@ -217,12 +205,12 @@ def copy_seed(
 
 
 def vacuum_analyze(url: str) -> None:
-    with psycopg.connect(libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
 
 
 def scalar(url: str, sql: str) -> Any:
-    with psycopg.connect(libpq(url)) as conn:
+    with psycopg.connect(libpq_url(url)) as conn:
         row = conn.execute(sql).fetchone()
         return None if row is None else row[0]
 
@@ -351,7 +339,7 @@ def run(scale: str = "full") -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="eskit-bench-fleet-") as tmp,
         redis_server(Path(tmp)) as redis,
-        scratch_database("fleet") as url,
+        bench_database("fleet") as url,
     ):
         env = fleet_env(redis, url)
         started = time.perf_counter()

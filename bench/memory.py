@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import REPO
 
 
 def _status(field: str) -> int:

@@ -12,23 +12,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parent.parent
-ADMIN_URL = os.environ.get(
-    "ESKIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+from bench import REPO
+from eskit_tasks.testing.services import postgres_admin_url, postgres_problem, scratch_database
 
 SIZES = {
     "tiny": {"throughput": 3_000, "memory": (2_000, 20_000), "snapshot_keys": 2_000},
@@ -38,21 +35,10 @@ SIZES = {
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
-    """A scratch PostgreSQL database for one benchmark, dropped afterwards."""
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(ADMIN_URL).set(drivername="postgresql")
-    name = f"eskit_bench_{uuid.uuid4().hex[:8]}"
-    libpq = admin.render_as_string(hide_password=False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(
-            hide_password=False
-        )
-    finally:
-        with psycopg.connect(libpq, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A scratch PostgreSQL database for one benchmark (ESKIT_TEST_POSTGRES_URL's
+    server, as the tests), dropped afterwards."""
+    with scratch_database(postgres_admin_url(), "eskit_bench") as url:
+        yield url
 
 
 def throughput_postgres(scale: str) -> dict[str, Any]:
@@ -110,6 +96,10 @@ BENCHMARKS: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 
 
+#: The benchmarks that run without a PostgreSQL server.
+WITHOUT_POSTGRES = {"throughput-sqlite"}
+
+
 def headline(name: str, r: dict[str, Any]) -> tuple[str, str, str]:
     """(what was measured, ours vs baseline, ratio) for the table."""
     if name.startswith("throughput"):
@@ -139,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     console = Console()
+    names = args.only or list(BENCHMARKS)
+    if set(names) - WITHOUT_POSTGRES:
+        problem = postgres_problem(postgres_admin_url(), purpose="the benchmarks")
+        if problem is not None:
+            print(f"bench: cannot start: {problem}", file=sys.stderr)
+            return 3
     results: dict[str, Any] = {}
-    for name in args.only or list(BENCHMARKS):
+    for name in names:
         started = time.perf_counter()
         console.print(f"running {name} ({args.scale}) ...")
         results[name] = BENCHMARKS[name](args.scale)

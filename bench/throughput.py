@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import psycopg
-from sqlalchemy.engine import make_url
 
 from bench.deciders import Sum
 from eskit_tasks import (
@@ -27,6 +26,7 @@ from eskit_tasks import (
     SqlEventStore,
     SqlSnapshotStore,
 )
+from eskit_tasks.testing.services import libpq_url
 
 PAYLOAD_PAD = "x" * 60  # with the other fields: about 100 bytes of JSON per event
 
@@ -72,8 +72,7 @@ def _raw_fold(cur: Any) -> dict[str, int]:
 
 
 def raw_postgres(url: str, pk: int) -> tuple[int, dict[str, int]]:
-    libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(libpq) as conn, conn.transaction():
+    with psycopg.connect(libpq_url(url)) as conn, conn.transaction():
         with conn.cursor(name="raw_bench") as cur:
             cur.execute(
                 "SELECT version, type, data FROM eskit_events WHERE stream_pk = %s "

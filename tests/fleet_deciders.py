@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eskit_tasks import RecordedEvent, register_decider
-from tests.deciders import Ledger, LossyTagger
+from eskit_tasks.testing.deciders import Ledger, LossyTagger
 
 
 class SlowLedger(Ledger):

@@ -1,5 +1,5 @@
+from eskit_tasks.testing.contracts import AdversarialContract
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend
-from tests.contracts.adversarial import AdversarialContract
 
 
 class TestAdversarialMemory(MemoryBackend, AdversarialContract):

@@ -12,7 +12,7 @@ import pytest
 
 from eskit_tasks import NewEvent, SqlEventStore
 from eskit_tasks.cli import Exit, main
-from tests.deciders import deposits
+from eskit_tasks.testing.deciders import deposits
 
 SECRET = "Sup3rSecret"  # noqa: S105 -- a fake password the tests look for in output
 CLI = str(Path(sys.executable).with_name("eskit-tasks"))

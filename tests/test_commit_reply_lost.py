@@ -26,7 +26,7 @@ from eskit_tasks import (
 )
 from eskit_tasks.errors import DatabaseUnavailableError
 from eskit_tasks.stores.schema import metadata
-from tests.deciders import Ledger, ledger_fold
+from eskit_tasks.testing.deciders import Ledger, ledger_fold
 from tests.tcp_proxy import PgProxy
 
 N = 100

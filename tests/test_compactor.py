@@ -1,5 +1,5 @@
+from eskit_tasks.testing.contracts import CompactorContract
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend
-from tests.contracts.compactor import CompactorContract
 
 
 class TestCompactorMemory(MemoryBackend, CompactorContract):

@@ -1,5 +1,5 @@
+from eskit_tasks.testing.contracts import EventStoreContract
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend
-from tests.contracts.event_store import EventStoreContract
 
 
 class TestEventStoreMemory(MemoryBackend, EventStoreContract):

@@ -27,7 +27,7 @@ from eskit_tasks.fleet.runs import CompactionRun, compact_all
 from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.stores.schema import metadata
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
-from tests.deciders import Ledger, ledger_fold
+from eskit_tasks.testing.deciders import Ledger, ledger_fold
 
 
 @dataclass

@@ -4,14 +4,11 @@ case 6: `init-db` used to say "tables ready" and compaction failed later)."""
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from eskit_tasks import (
     CompactionPolicy,
@@ -23,26 +20,20 @@ from eskit_tasks import (
 )
 from eskit_tasks.cli import main
 from eskit_tasks.stores.schema import metadata
-from tests.conftest import _libpq
-from tests.deciders import Ledger, deposits, ledger_fold
+from eskit_tasks.testing.deciders import Ledger, deposits, ledger_fold
+from eskit_tasks.testing.services import scratch_database
 
 UPGRADING = Path(__file__).resolve().parent.parent / "docs" / "upgrading.md"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
 def fresh_url(request, tmp_path: Path) -> Iterator[str]:
     """A database of its own (the layout is changed by hand, so not the shared one)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'layout.db'}"
         return
-    admin = request.getfixturevalue("postgres_url")
-    name = f"eskit_layout_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(admin), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_url(admin).set(database=name).render_as_string(hide_password=False)
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(request.getfixturevalue("postgres_url"), "eskit_layout") as url:
+        yield url
 
 
 def _alter(url: str, *statements: str) -> None:

@@ -33,7 +33,7 @@ from eskit_tasks import (
     SqlSnapshotStore,
     load_state,
 )
-from tests.deciders import Ledger
+from eskit_tasks.testing.deciders import Ledger
 
 EVENTS = 25_000
 PAGE_SIZE = 200
@@ -68,7 +68,7 @@ def _peak(action: Callable[[], Any]) -> int:
     return peak
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "postgres":
         pg: str = request.getfixturevalue("postgres_url")

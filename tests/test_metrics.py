@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.fleet.observability import JsonLineFormatter, log_result
 from eskit_tasks.fleet.settings import EskitSettings
-from tests.services import REPO, free_port
+from eskit_tasks.testing.services import free_port
+from tests import REPO
 
 
 def _result(**fields: object) -> CompactionResult:

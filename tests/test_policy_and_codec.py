@@ -22,7 +22,7 @@ from eskit_tasks import (
 from eskit_tasks.core.loading import codec_for
 from eskit_tasks.domain.codec import SchemaMarker, StateCodec, schema_fingerprint, state_hash
 from eskit_tasks.domain.policy import plan_cut
-from tests.deciders import LedgerModel
+from eskit_tasks.testing.deciders import LedgerModel
 
 
 @pytest.mark.parametrize(

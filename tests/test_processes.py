@@ -38,8 +38,8 @@ from eskit_tasks import (
     load_state,
 )
 from eskit_tasks.core.loading import LOAD_RETRIES
+from eskit_tasks.testing.deciders import Ledger, deposits, ledger_fold
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
-from tests.deciders import Ledger, deposits, ledger_fold
 
 #: Seconds the writers, readers and compactors run together.
 RUN_SECONDS = 7.0
@@ -294,7 +294,7 @@ def _check_streams_after_the_race(
     return logged
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.services), "sqlite"])
 def race_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The database the race runs on: the session's PostgreSQL database, or a fresh
     SQLite file (WAL, BEGIN IMMEDIATE for writes, 30 s busy timeout)."""

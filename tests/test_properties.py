@@ -32,8 +32,15 @@ from eskit_tasks import (
     load_state,
 )
 from eskit_tasks.domain.codec import StateCodec, state_hash
+from eskit_tasks.testing.deciders import (
+    Ledger,
+    LedgerModel,
+    ModelLedger,
+    MutatingLedger,
+    deposits,
+    ledger_fold,
+)
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
-from tests.deciders import Ledger, LedgerModel, ModelLedger, MutatingLedger, deposits, ledger_fold
 
 STREAM_TYPE = "prop-account"
 

@@ -41,7 +41,7 @@ PAGES = [README, *DOCS]
 #: tests/fleet/test_docs_fleet.py).
 EXAMPLES: dict[str, list[str]] = {
     "README.md": ["script", "fleet"],
-    "architecture.md": [],
+    "architecture.md": ["script"],
     "cli.md": [],
     "fleet.md": ["module", "fleet"],
     "library.md": ["script", "module"],

@@ -30,7 +30,7 @@ from eskit_tasks.core.registry import (
 from eskit_tasks.domain.redact import MASK, mask_url
 from eskit_tasks.errors import ConfigurationError, EskitError
 from eskit_tasks.fleet.settings import EskitSettings
-from tests.deciders import Ledger
+from eskit_tasks.testing.deciders import Ledger
 
 # --- registry -----------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ def test_import_decider_modules_runs_the_modules_registrations(module_dir, strea
     module = f"eskit_test_mod_{uuid.uuid4().hex[:8]}"
     (module_dir / f"{module}.py").write_text(
         "from eskit_tasks import register_decider\n"
-        "from tests.deciders import Ledger\n"
+        "from eskit_tasks.testing.deciders import Ledger\n"
         f"register_decider({name!r}, Ledger(), dict)\n"
     )
     import_decider_modules([module])

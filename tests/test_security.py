@@ -39,10 +39,10 @@ from eskit_tasks.errors import StoreError
 from eskit_tasks.fleet.constants import LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.fleet.locks import StreamLock, lock_key
 from eskit_tasks.fleet.progress import Page, RunProgressStore, check_run_id, new_run_id
-from eskit_tasks.stores.dialects import PG_KEY_BYTES
+from eskit_tasks.stores.driver_errors import PG_KEY_BYTES
 from eskit_tasks.stores.schema import compaction_log, events, metadata, snapshots, streams
+from eskit_tasks.testing.deciders import Ledger
 from tests.backends import PostgresBackend, SqliteBackend, Stores
-from tests.deciders import Ledger
 
 # -- the hostile values ---------------------------------------------------------------
 

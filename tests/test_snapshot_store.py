@@ -1,5 +1,5 @@
+from eskit_tasks.testing.contracts import SnapshotStoreContract
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend
-from tests.contracts.snapshot_store import SnapshotStoreContract
 
 
 class TestSnapshotStoreMemory(MemoryBackend, SnapshotStoreContract):

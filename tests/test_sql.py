@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import uuid
 from pathlib import Path
@@ -20,7 +21,8 @@ from eskit_tasks import (
     SqlSnapshotStore,
     StoreError,
 )
-from tests.deciders import deposits
+from eskit_tasks.testing.deciders import deposits
+from eskit_tasks.testing.services import scratch_database
 
 SECRET = "s3cr3t-Pa55"  # noqa: S105 -- a fake password the tests look for in messages
 
@@ -202,25 +204,14 @@ def _open_store(url: str) -> str:
 def test_many_workers_creating_tables_at_once_all_succeed(kind, tmp_path: Path, postgres_url):
     import multiprocessing
 
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fresh.db'}"
-        drop = None
-    else:
-        name = f"eskit_schema_race_{uuid.uuid4().hex[:8]}"
-        admin = make_url(postgres_url).set(drivername="postgresql", database="postgres")
-        libpq = admin.render_as_string(hide_password=False)
-        with psycopg.connect(libpq, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
-        url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-        drop = (libpq, name)
-    try:
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlite":
+            url = f"sqlite:///{tmp_path / 'fresh.db'}"
+        else:  # a database without tables, not the session's
+            url = stack.enter_context(scratch_database(postgres_url, "eskit_schema_race"))
         with multiprocessing.get_context("spawn").Pool(8) as pool:
             outcomes = pool.map(_open_store, [url] * 8)
-        assert outcomes == ["ok"] * 8
-    finally:
-        if drop is not None:
-            with psycopg.connect(drop[0], autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{drop[1]}" WITH (FORCE)')
+    assert outcomes == ["ok"] * 8
 
 
 @pytest.mark.parametrize(
@@ -262,7 +253,7 @@ def test_the_fast_timestamp_expression_equals_the_exact_one(postgres_url: str):
     exact numeric extract(): for 300,000 random instants between 1902 and 2100, 100,000
     in the two centuries after (where float8 alone would be off), the instants next to
     each edge, and some far outside."""
-    from eskit_tasks.stores.dialects import _PG_MICROS
+    from eskit_tasks.stores.reads import _PG_MICROS
 
     fast = _PG_MICROS.replace("recorded_at", "ts")
     exact = "(extract(epoch FROM ts) * 1000000)::bigint"

@@ -20,9 +20,9 @@ from eskit_tasks import (
 )
 from eskit_tasks.cli import Exit, main
 from eskit_tasks.errors import UnknownStreamTypeError
+from eskit_tasks.testing.contracts.helpers import Proxy
+from eskit_tasks.testing.deciders import Balances, BalanceV1, BalanceV2, Ledger, deposits
 from tests.backends import MemoryBackend, PostgresBackend, SqliteBackend, Stores
-from tests.contracts.compactor import Proxy
-from tests.deciders import Balances, BalanceV1, BalanceV2, Ledger, deposits
 
 
 def _compact(stores: Stores, stream_type: str, stream_id: str, decider, state_type) -> None:
@@ -181,7 +181,7 @@ def test_cli_filters_by_stream_type_and_names_unregistered_types(
 ):
     db = f"sqlite:///{tmp_path / 'v.db'}"
     store = SqlEventStore.from_url(db)
-    stores = Stores(store, SqlSnapshotStore(store.engine), *([lambda *_: None] * 3))
+    stores = Stores(store, SqlSnapshotStore(store.engine))
     _compact(stores, "nobody-registered-this", "x", Ledger(), dict)
     assert main(["verify-snapshots", "--database", db, "--stream-type", "ledger"]) == Exit.OK
     capsys.readouterr()

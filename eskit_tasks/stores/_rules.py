@@ -1,19 +1,55 @@
-"""Rules both store families share, so the in-memory store cannot drift from SQL."""
+"""Rules both store families share, so the in-memory store cannot drift from SQL.
+
+Each store finds the facts its own way (a dict lookup, a locked row); what the facts
+must be, what is refused with which error, how a stored row becomes an event and what
+the audit row says are decided here, once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+import orjson
 
 from eskit_tasks.domain.codec import dumps
-from eskit_tasks.domain.events import NewEvent
-from eskit_tasks.errors import ConcurrencyError, ConfigurationError, FencedError
+from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
+from eskit_tasks.errors import (
+    CompactionError,
+    ConcurrencyError,
+    ConfigurationError,
+    DeletionMismatchError,
+    EventDecodeError,
+    FencedError,
+)
 from eskit_tasks.ports import DeletionPlan
 
 #: Versions are 64-bit signed integers in the database.
 MAX_VERSION = 2**63
 #: Approximate per-row overhead (key, version, type name, timestamp) added to payload sizes.
 ROW_OVERHEAD_BYTES = 48
+
+#: A stored event as both stores hand it to :func:`decode_events`:
+#: (version, type, data JSON, metadata JSON, raw timestamp).
+StoredRow = tuple[int, str, str, str, Any]
+
+
+class StreamRow(Protocol):
+    """A stream's bookkeeping as a store holds it (a :class:`~eskit_tasks.ports.StreamInfo`,
+    the in-memory store's own record)."""
+
+    @property
+    def head_version(self) -> int: ...
+    @property
+    def compacted_through(self) -> int: ...
+    @property
+    def fence_token(self) -> int: ...
+
+
+Row = TypeVar("Row", bound=StreamRow)
+
+# -- appending -------------------------------------------------------------------------
 
 
 def check_aware(moment: datetime) -> None:
@@ -56,14 +92,135 @@ def conflict(label: str, expected: int, actual: int) -> ConcurrencyError:
     )
 
 
-def check_fence(label: str, plan: DeletionPlan, token: int, compacted_through: int) -> None:
-    if token != plan.fence_token:
-        raise FencedError(
-            f"{label}: fencing token {plan.fence_token} is stale (current {token}); "
-            "a newer compaction owns the stream, nothing deleted"
+# -- reading ---------------------------------------------------------------------------
+
+
+def decode_events(
+    stream_type: str,
+    stream_id: str,
+    rows: Iterable[StoredRow],
+    to_datetime: Callable[[Any], datetime],
+) -> Iterator[RecordedEvent]:
+    """Decode stored rows into events, lazily; ``to_datetime`` turns a row's raw
+    timestamp into an aware datetime.
+
+    This is the hot loop of every replay: names are bound to locals, and events appended
+    together (one timestamp) have it converted once.
+
+    Raises:
+        EventDecodeError: a payload is not valid JSON (names stream and version).
+    """
+    loads, event, overhead = orjson.loads, RecordedEvent, ROW_OVERHEAD_BYTES
+    last_raw: Any = None
+    recorded_at: datetime = datetime.min
+    for version, type_, data, meta, raw_ts in rows:
+        if raw_ts != last_raw:
+            last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
+        try:
+            payload = loads(data)
+            meta_obj = {} if meta == "{}" else loads(meta)
+        except orjson.JSONDecodeError as exc:
+            raise EventDecodeError(
+                f"{label_of(stream_type, stream_id)} version {version}: stored payload is "
+                f"not valid JSON ({exc})",
+                stream_type=stream_type,
+                stream_id=stream_id,
+                version=version,
+            ) from None
+        yield event(
+            version, type_, payload, meta_obj, recorded_at, len(data) + len(meta) + overhead
         )
-    if compacted_through != plan.compacted_through_before:
+
+
+# -- snapshots -------------------------------------------------------------------------
+
+
+def check_snapshot_save(
+    label: str, stream: Row | None, snapshot_version: int, fence_token: int
+) -> Row:
+    """A snapshot is written only to an existing stream, under its current fencing
+    token, and above its compaction point.
+
+    Returns:
+        ``stream``, known to exist.
+    """
+    if stream is None:
+        raise CompactionError(f"{label}: cannot snapshot a stream that does not exist")
+    if stream.fence_token != fence_token:
         raise FencedError(
-            f"{label}: compacted through {compacted_through} since this compaction planned "
-            f"from {plan.compacted_through_before}; nothing deleted"
+            f"{label}: fencing token {fence_token} is stale (current {stream.fence_token}); "
+            "a newer compaction owns the stream, snapshot not written"
         )
+    if snapshot_version <= stream.compacted_through:
+        raise FencedError(
+            f"{label}: already compacted through {stream.compacted_through}; a snapshot at "
+            f"{snapshot_version} would not be newer, not written"
+        )
+    return stream
+
+
+# -- the delete transaction ------------------------------------------------------------
+
+
+def check_commit(label: str, plan: DeletionPlan, stream: Row | None) -> Row:
+    """The checks on the stream's row before anything is deleted: it exists, the plan's
+    token is current, its compaction point has not moved, the cut is not beyond the head.
+
+    Returns:
+        ``stream``, known to exist.
+    """
+    if stream is None:
+        raise DeletionMismatchError(f"{label}: the stream no longer exists")
+    if stream.fence_token != plan.fence_token:
+        raise FencedError(
+            f"{label}: fencing token {plan.fence_token} is stale (current "
+            f"{stream.fence_token}); a newer compaction owns the stream, nothing deleted"
+        )
+    if stream.compacted_through != plan.compacted_through_before:
+        raise FencedError(
+            f"{label}: compacted through {stream.compacted_through} since this compaction "
+            f"planned from {plan.compacted_through_before}; nothing deleted"
+        )
+    if plan.through_version > stream.head_version:
+        raise DeletionMismatchError(
+            f"{label}: cannot compact through {plan.through_version}, head is {stream.head_version}"
+        )
+    return stream
+
+
+def check_snapshot(label: str, plan: DeletionPlan, stored_hash: str | None) -> None:
+    """The snapshot at the cut must be stored, with the hash the compaction verified."""
+    if stored_hash != plan.state_hash:
+        raise DeletionMismatchError(
+            f"{label}: the snapshot at version {plan.through_version} is "
+            f"{'missing' if stored_hash is None else 'different from the verified one'}; "
+            "nothing deleted"
+        )
+
+
+def check_deleted(label: str, plan: DeletionPlan, deleted: int) -> None:
+    """Exactly the planned rows go (the transaction is rolled back otherwise)."""
+    if deleted != plan.expected_deleted:
+        raise DeletionMismatchError(
+            f"{label}: deleting versions up to {plan.through_version} would remove {deleted} "
+            f"events, the plan says {plan.expected_deleted}; rolled back, nothing deleted"
+        )
+
+
+def audit_fields(plan: DeletionPlan, stream: StreamRow, deleted: int) -> dict[str, Any]:
+    """The audit row of a committed deletion, but for its ``compacted_at`` (each store
+    stamps that with its own clock): a :class:`~eskit_tasks.ports.CompactionRecord`'s
+    fields, named as the ``eskit_compaction_log`` columns."""
+    return {
+        "compaction_id": plan.compaction_id,
+        "stream_type": plan.stream_type,
+        "stream_id": plan.stream_id,
+        "from_version": stream.compacted_through + 1,
+        "through_version": plan.through_version,
+        "snapshot_version": plan.through_version,
+        "head_version": plan.head_version,
+        "state_hash": plan.state_hash,
+        "events_deleted": deleted,
+        "bytes_reclaimed": plan.bytes_reclaimed,
+        "fence_token": plan.fence_token,
+    }

@@ -13,16 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-import orjson
-
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
-from eskit_tasks.errors import (
-    CompactionError,
-    DeletionMismatchError,
-    EventDecodeError,
-    FencedError,
-    StoreError,
-)
+from eskit_tasks.errors import StoreError
 from eskit_tasks.ports import (
     Candidate,
     CompactionRecord,
@@ -32,11 +24,16 @@ from eskit_tasks.ports import (
     StreamInfo,
 )
 from eskit_tasks.stores._rules import (
-    ROW_OVERHEAD_BYTES,
+    StoredRow,
+    audit_fields,
     check_aware,
+    check_commit,
+    check_deleted,
     check_expected_version,
-    check_fence,
+    check_snapshot,
+    check_snapshot_save,
     conflict,
+    decode_events,
     encode_events,
 )
 
@@ -60,6 +57,9 @@ class _Stream:
     events: dict[int, _Record] = field(default_factory=dict)
     snapshots: dict[int, tuple[Snapshot, int]] = field(default_factory=dict)
 
+    def info(self) -> StreamInfo:
+        return StreamInfo(self.head_version, self.compacted_through, self.fence_token)
+
 
 class InMemoryDatabase:
     """What an in-memory event store and snapshot store share (like one SQL database)."""
@@ -71,24 +71,6 @@ class InMemoryDatabase:
         # The audit rows by compaction id (the SQL table's unique index).
         self.log_by_id: dict[str, CompactionRecord] = {}
         self.next_key = 0
-
-    def corrupt_event(self, stream_type: str, stream_id: str, version: int, raw: str) -> None:
-        """Replace an event's stored payload text (tests of undecodable payloads)."""
-        with self.lock:
-            rec = self.streams[(stream_type, stream_id)].events[version]
-            rec.data = raw
-
-    def set_recorded_at(
-        self, stream_type: str, stream_id: str, version: int, moment: datetime
-    ) -> None:
-        """Rewrite an event's timestamp (tests of clock skew)."""
-        with self.lock:
-            self.streams[(stream_type, stream_id)].events[version].recorded_at = moment
-
-    def remove_event(self, stream_type: str, stream_id: str, version: int) -> None:
-        """Remove one stored event, leaving a version gap (tests of gap detection)."""
-        with self.lock:
-            del self.streams[(stream_type, stream_id)].events[version]
 
 
 class InMemoryEventStore:
@@ -137,11 +119,7 @@ class InMemoryEventStore:
     def stream_info(self, stream_type: str, stream_id: str) -> StreamInfo | None:
         with self.engine.lock:
             s = self.engine.streams.get((stream_type, stream_id))
-            return (
-                None
-                if s is None
-                else StreamInfo(s.head_version, s.compacted_through, s.fence_token)
-            )
+            return None if s is None else s.info()
 
     def read(
         self,
@@ -154,31 +132,7 @@ class InMemoryEventStore:
         with self.engine.lock:
             s = self.engine.streams.get((stream_type, stream_id))
             view = _sorted_range(s, from_version, to_version)
-        return self._decode(stream_type, stream_id, view)
-
-    @staticmethod
-    def _decode(
-        stream_type: str, stream_id: str, view: list[tuple[int, _Record]]
-    ) -> Iterator[RecordedEvent]:
-        for version, r in view:
-            try:
-                data, meta = orjson.loads(r.data), orjson.loads(r.metadata)
-            except orjson.JSONDecodeError as exc:
-                raise EventDecodeError(
-                    f"{label_of(stream_type, stream_id)} version {version}: stored payload is "
-                    f"not valid JSON ({exc})",
-                    stream_type=stream_type,
-                    stream_id=stream_id,
-                    version=version,
-                ) from None
-            yield RecordedEvent(
-                version,
-                r.type,
-                data,
-                meta,
-                r.recorded_at,
-                len(r.data) + len(r.metadata) + ROW_OVERHEAD_BYTES,
-            )
+        return decode_events(stream_type, stream_id, view, _as_is)
 
     def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
@@ -200,56 +154,30 @@ class InMemoryEventStore:
             if s is None:
                 return None
             s.fence_token += 1
-            return StreamInfo(s.head_version, s.compacted_through, s.fence_token)
+            return s.info()
 
     def commit_compaction(self, plan: DeletionPlan) -> int:
         label = label_of(plan.stream_type, plan.stream_id)
         c = plan.through_version
         db = self.engine
         with db.lock:
-            s = db.streams.get((plan.stream_type, plan.stream_id))
-            if s is None:
-                raise DeletionMismatchError(f"{label}: the stream no longer exists")
-            check_fence(label, plan, s.fence_token, s.compacted_through)
+            s = check_commit(label, plan, db.streams.get((plan.stream_type, plan.stream_id)))
+            snap = s.snapshots.get(c)
+            check_snapshot(label, plan, None if snap is None else snap[0].state_hash)
+            doomed = [v for v in s.events if v <= c]
+            check_deleted(label, plan, len(doomed))
             if plan.compaction_id in db.log_by_id:
                 # The SQL audit log's unique key refuses it the same way.
                 raise StoreError(
                     f"delete compacted events of {label} failed: compaction id "
                     f"{plan.compaction_id!r} is already in the audit log"
                 )
-            if c > s.head_version:
-                raise DeletionMismatchError(
-                    f"{label}: cannot compact through {c}, head is {s.head_version}"
-                )
-            snap = s.snapshots.get(c)
-            if snap is None or snap[0].state_hash != plan.state_hash:
-                raise DeletionMismatchError(
-                    f"{label}: the snapshot at version {c} is "
-                    f"{'missing' if snap is None else 'different from the verified one'}; "
-                    "nothing deleted"
-                )
-            doomed = [v for v in s.events if v <= c]
-            if len(doomed) != plan.expected_deleted:
-                raise DeletionMismatchError(
-                    f"{label}: deleting versions up to {c} would remove {len(doomed)} events, "
-                    f"the plan says {plan.expected_deleted}; rolled back, nothing deleted"
-                )
             for v in doomed:
                 del s.events[v]
-            s.snapshots = {c: (replace(snap[0], verified=True), snap[1])}
+            kept, token = s.snapshots[c]
+            s.snapshots = {c: (replace(kept, verified=True), token)}
             record = CompactionRecord(
-                plan.compaction_id,
-                plan.stream_type,
-                plan.stream_id,
-                s.compacted_through + 1,
-                c,
-                c,
-                plan.head_version,
-                plan.state_hash,
-                len(doomed),
-                plan.bytes_reclaimed,
-                plan.fence_token,
-                datetime.now(UTC),
+                **audit_fields(plan, s, len(doomed)), compacted_at=datetime.now(UTC)
             )
             db.log.append(record)
             db.log_by_id[record.compaction_id] = record
@@ -309,19 +237,12 @@ class InMemorySnapshotStore:
     ) -> None:
         label = label_of(stream_type, stream_id)
         with self.engine.lock:
-            s = self.engine.streams.get((stream_type, stream_id))
-            if s is None:
-                raise CompactionError(f"{label}: cannot snapshot a stream that does not exist")
-            if s.fence_token != fence_token:
-                raise FencedError(
-                    f"{label}: fencing token {fence_token} is stale (current {s.fence_token}); "
-                    "a newer compaction owns the stream, snapshot not written"
-                )
-            if snapshot.version <= s.compacted_through:
-                raise FencedError(
-                    f"{label}: already compacted through {s.compacted_through}; a snapshot at "
-                    f"{snapshot.version} would not be newer, not written"
-                )
+            s = check_snapshot_save(
+                label,
+                self.engine.streams.get((stream_type, stream_id)),
+                snapshot.version,
+                fence_token,
+            )
             s.snapshots[snapshot.version] = (replace(snapshot, verified=False), fence_token)
 
     def read(self, stream_type: str, stream_id: str, version: int) -> Snapshot | None:
@@ -361,7 +282,17 @@ class InMemorySnapshotStore:
         return sorted(found, key=lambda f: f.key)[:limit]
 
 
-def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[tuple[int, _Record]]:
+def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[StoredRow]:
+    """The stored rows ``lo..hi``, copied out in version order (read under the lock)."""
     if s is None:
         return []
-    return sorted((v, r) for v, r in s.events.items() if v >= lo and (hi is None or v <= hi))
+    return sorted(
+        (v, r.type, r.data, r.metadata, r.recorded_at)
+        for v, r in s.events.items()
+        if v >= lo and (hi is None or v <= hi)
+    )
+
+
+def _as_is(moment: datetime) -> datetime:
+    """The in-memory store keeps ``recorded_at`` as the aware datetime it stamped."""
+    return moment

@@ -1,4 +1,5 @@
-"""Tables shared by the SQL event store and snapshot store (one database, one metadata).
+"""Tables shared by the SQL event store and snapshot store (one database, one metadata),
+their creation and layout check, and the lookup of a stream's row.
 
 Streams get a surrogate integer key: events, snapshots and the audit log refer to it,
 which keeps their indexes small whatever the length of stream ids, and makes "this
@@ -7,13 +8,21 @@ stream's rows" one integer comparison — no LIKE, no prefix match, no id collis
 
 from __future__ import annotations
 
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 from eskit_tasks.domain.codec import UNRECORDED
+from eskit_tasks.errors import TableLayoutError
+from eskit_tasks.ports import StreamInfo
+from eskit_tasks.stores.driver_errors import mask_url, translate_errors
+from eskit_tasks.stores.engine import write_transaction
+
+#: Arbitrary constant key of the advisory lock that serialises table creation.
+_SCHEMA_LOCK_KEY = 0x65736B6974  # "eskit"
 
 metadata = sa.MetaData()
 
@@ -147,3 +156,50 @@ def layout_differences(conn: sa.Connection) -> list[str]:
                 "this version cannot fill (NOT NULL without a default; a newer eskit-tasks?)"
             )
     return found
+
+
+# Engines whose tables were created or checked already (once per engine, not per store).
+_checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the missing tables and refuse existing ones of another layout, once per
+    engine; safe when many workers start at once on an empty database.
+
+    Raises:
+        TableLayoutError: the tables exist with another layout (nothing was changed).
+    """
+    if engine in _checked_engines:
+        return
+    with translate_errors(engine, "open the event store"), write_transaction(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalogs.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+        differences = layout_differences(conn)
+        if differences:
+            raise TableLayoutError(
+                f"the eskit tables in {mask_url(engine.url)} do not have the layout this "
+                f"eskit-tasks expects: {'; '.join(differences)}. The tables were not changed; "
+                "upgrade them as docs/upgrading.md describes, or use a database made by "
+                "this version (eskit-tasks init-db)."
+            )
+        metadata.create_all(conn, checkfirst=True)
+    _checked_engines.add(engine)
+
+
+def stream_row(
+    conn: Connection, stream_type: str, stream_id: str, *, lock: bool = False
+) -> tuple[int, StreamInfo] | tuple[None, None]:
+    """A stream's key and bookkeeping, ``(None, None)`` if there is no such stream;
+    ``lock`` takes the row lock the writers serialise on (``FOR UPDATE``; on SQLite the
+    write transaction holds the database's lock already)."""
+    s = streams.c
+    query = sa.select(s.pk, s.head_version, s.compacted_through, s.fence_token).where(
+        s.stream_type == stream_type, s.stream_id == stream_id
+    )
+    if lock:
+        query = query.with_for_update()
+    row = conn.execute(query).one_or_none()
+    if row is None:
+        return None, None
+    return int(row[0]), StreamInfo(row[1], row[2], row[3])

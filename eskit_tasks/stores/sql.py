@@ -1,81 +1,58 @@
-"""The SQL event store and snapshot store (PostgreSQL via psycopg 3, or SQLite).
+"""The SQL event store (PostgreSQL via psycopg 3, or SQLite).
 
-Hot path: events are stored as JSON text and read with a streamed cursor in pages of
-``page_size`` rows, decoded with orjson. Memory is bounded by the page size, whatever
-the length of the stream.
+Its neighbours do the rest: :mod:`.engine` sets the engine up, :mod:`.reads` is the
+hot read path (streamed, ``page_size`` rows at a time, decoded with orjson),
+:mod:`.driver_errors` turns driver errors into eskit errors, :mod:`.schema` holds the
+tables and :mod:`._rules` the checks shared with the in-memory store. The snapshot store
+is in :mod:`.sql_snapshots` (importable from here too).
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Engine
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
-from eskit_tasks.errors import (
-    CompactionError,
-    ConfigurationError,
-    DeletionMismatchError,
-    EventDecodeError,
-    FencedError,
-)
-from eskit_tasks.ports import (
-    Candidate,
-    CompactionRecord,
-    DeletionPlan,
-    Snapshot,
-    StoredSnapshot,
-    StreamInfo,
-)
-from eskit_tasks.stores import dialects
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, StreamInfo
 from eskit_tasks.stores._rules import (
-    ROW_OVERHEAD_BYTES,
+    audit_fields,
     check_aware,
+    check_commit,
+    check_deleted,
     check_expected_version,
-    check_fence,
+    check_snapshot,
     conflict,
     encode_events,
 )
+from eskit_tasks.stores.driver_errors import mask_url, translate_errors
+from eskit_tasks.stores.engine import (
+    clock_expression,
+    create_engine,
+    insert_ignoring_conflicts,
+    reading,
+    write_transaction,
+    writing,
+)
+from eskit_tasks.stores.reads import read_events
 from eskit_tasks.stores.schema import (
     compaction_log,
+    ensure_schema,
     events,
-    layout_differences,
-    metadata,
     snapshots,
+    stream_row,
     streams,
 )
+from eskit_tasks.stores.sql_snapshots import SqlSnapshotStore
+
+__all__ = ["DEFAULT_PAGE_SIZE", "SqlEventStore", "SqlSnapshotStore"]
 
 #: Rows fetched per round trip when streaming events.
 DEFAULT_PAGE_SIZE = 5000
-
-
-# Engines whose tables were created or checked already (once per engine, not per store).
-_checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _ensure_schema(engine: Engine) -> None:
-    """Create the missing tables and refuse existing ones of another layout."""
-    if engine in _checked_engines:
-        return
-    with dialects.translate_errors(engine, "open the event store"):
-        dialects.create_tables(engine, metadata, layout_differences)
-    _checked_engines.add(engine)
-
-
-def _stream_pk(conn: Connection, stream_type: str, stream_id: str, *, lock: bool = False) -> Any:
-    query = sa.select(
-        streams.c.pk, streams.c.head_version, streams.c.compacted_through, streams.c.fence_token
-    ).where(streams.c.stream_type == stream_type, streams.c.stream_id == stream_id)
-    if lock:
-        query = query.with_for_update()
-    return conn.execute(query).one_or_none()
-
 
 _AUDIT_QUERY = sa.select(
     compaction_log.c.compaction_id,
@@ -113,7 +90,7 @@ class SqlEventStore:
         self.engine = engine
         self.page_size = page_size
         if create_tables:
-            _ensure_schema(engine)
+            ensure_schema(engine)
 
     @classmethod
     def from_url(
@@ -127,7 +104,7 @@ class SqlEventStore:
                 host; the password is masked).
             ConfigurationError: the URL is malformed or names an unsupported database.
         """
-        engine = dialects.create_engine(url, **engine_kwargs)
+        engine = create_engine(url, **engine_kwargs)
         try:
             return cls(engine, page_size=page_size)
         except BaseException:
@@ -135,7 +112,7 @@ class SqlEventStore:
             raise
 
     def __repr__(self) -> str:
-        return f"SqlEventStore({dialects.mask_url(self.engine.url)!r})"
+        return f"SqlEventStore({mask_url(self.engine.url)!r})"
 
     # -- writing -----------------------------------------------------------------------
 
@@ -155,17 +132,17 @@ class SqlEventStore:
         check_expected_version(expected_version)
         label = label_of(stream_type, stream_id)
         rows = encode_events(label, events_)
-        now = dialects.clock_expression(self.engine)
+        now = clock_expression(self.engine)
         new_head = expected_version + len(rows)
-        with dialects.translate_errors(self.engine, f"append to {label}"):
+        with translate_errors(self.engine, f"append to {label}"):
             if not rows:
                 actual = self.head_version(stream_type, stream_id)
                 if actual != expected_version:
                     raise conflict(label, expected_version, actual)
                 return actual
-            with dialects.write_transaction(self.engine) as conn:
+            with write_transaction(self.engine) as conn:
                 if expected_version == 0:
-                    insert = dialects.insert_ignoring_conflicts(self.engine, streams).values(
+                    insert = insert_ignoring_conflicts(self.engine, streams).values(
                         stream_type=stream_type,
                         stream_id=stream_id,
                         head_version=new_head,
@@ -198,7 +175,8 @@ class SqlEventStore:
                         ],
                     )
             if pk is None:
-                raise conflict(label, expected_version, self.head_version(stream_type, stream_id))
+                actual = self.head_version(stream_type, stream_id)
+                raise conflict(label, expected_version, actual)
         return new_head
 
     # -- reading -----------------------------------------------------------------------
@@ -208,12 +186,10 @@ class SqlEventStore:
         return 0 if info is None else info.head_version
 
     def stream_info(self, stream_type: str, stream_id: str) -> StreamInfo | None:
-        with (
-            dialects.translate_errors(self.engine, f"read {label_of(stream_type, stream_id)}"),
-            self.engine.connect() as conn,
-        ):
-            row = _stream_pk(conn, stream_type, stream_id)
-        return None if row is None else StreamInfo(row[1], row[2], row[3])
+        label = label_of(stream_type, stream_id)
+        with reading(self.engine, f"read {label}") as conn:
+            _, info = stream_row(conn, stream_type, stream_id)
+        return info
 
     def read(
         self,
@@ -231,50 +207,9 @@ class SqlEventStore:
         Raises:
             EventDecodeError: a payload is not valid JSON (names stream and version).
         """
-        return self._stream(stream_type, stream_id, from_version, to_version)
-
-    def _stream(
-        self, stream_type: str, stream_id: str, from_version: int, to_version: int | None
-    ) -> Iterator[RecordedEvent]:
-        label = label_of(stream_type, stream_id)
-        loads = orjson.loads
-        with (
-            dialects.translate_errors(self.engine, f"read {label}"),
-            self.engine.connect() as conn,
-            conn.begin(),
-        ):
-            pages, to_datetime = dialects.stream_events(
-                conn, stream_type, stream_id, from_version, to_version, self.page_size
-            )
-            event, overhead = RecordedEvent, ROW_OVERHEAD_BYTES  # locals: read per row
-            # Events appended together share one timestamp: convert each distinct one once.
-            last_raw: Any = None
-            recorded_at: datetime = datetime.min
-            # closing(): an abandoned read closes its cursor before the connection goes.
-            with contextlib.closing(pages):
-                for page in pages:
-                    for version, type_, data, meta, raw_ts in page:
-                        if raw_ts != last_raw:
-                            last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
-                        try:
-                            payload = loads(data)
-                            meta_obj = {} if meta == "{}" else loads(meta)
-                        except orjson.JSONDecodeError as exc:
-                            raise EventDecodeError(
-                                f"{label} version {version}: stored payload is not valid "
-                                f"JSON ({exc})",
-                                stream_type=stream_type,
-                                stream_id=stream_id,
-                                version=version,
-                            ) from None
-                        yield event(
-                            version,
-                            type_,
-                            payload,
-                            meta_obj,
-                            recorded_at,
-                            len(data) + len(meta) + overhead,
-                        )
+        return read_events(
+            self.engine, stream_type, stream_id, from_version, to_version, self.page_size
+        )
 
     def oldest_version_after(
         self, stream_type: str, stream_id: str, cutoff: datetime
@@ -289,21 +224,16 @@ class SqlEventStore:
                 events.c.recorded_at > cutoff,
             )
         )
-        with (
-            dialects.translate_errors(self.engine, f"read {label_of(stream_type, stream_id)}"),
-            self.engine.connect() as conn,
-        ):
+        label = label_of(stream_type, stream_id)
+        with reading(self.engine, f"read {label}") as conn:
             value = conn.execute(query).scalar_one_or_none()
         return None if value is None else int(value)
 
     def now(self) -> datetime:
-        clock = dialects.clock_expression(self.engine)
+        clock = clock_expression(self.engine)
         if isinstance(clock, datetime):
             return clock
-        with (
-            dialects.translate_errors(self.engine, "read the database clock"),
-            self.engine.connect() as conn,
-        ):
+        with reading(self.engine, "read the database clock") as conn:
             value: datetime = conn.execute(sa.select(clock)).scalar_one()
         return value
 
@@ -329,17 +259,11 @@ class SqlEventStore:
             query = query.where(s.stream_type.in_(list(stream_types)))
         if until is not None:
             query = query.where(s.pk <= until)
-        with (
-            dialects.translate_errors(self.engine, "list candidate streams"),
-            self.engine.connect() as conn,
-        ):
+        with reading(self.engine, "list candidate streams") as conn:
             return [Candidate(int(r[0]), r[1], r[2], int(r[3])) for r in conn.execute(query)]
 
     def max_stream_key(self) -> int:
-        with (
-            dialects.translate_errors(self.engine, "list candidate streams"),
-            self.engine.connect() as conn,
-        ):
+        with reading(self.engine, "list candidate streams") as conn:
             return int(conn.execute(sa.select(sa.func.max(streams.c.pk))).scalar_one() or 0)
 
     def compaction_log(
@@ -351,32 +275,21 @@ class SqlEventStore:
             query = query.where(c.stream_type == stream_type)
         if stream_id is not None:
             query = query.where(c.stream_id == stream_id)
-        with (
-            dialects.translate_errors(self.engine, "read the compaction log"),
-            self.engine.connect() as conn,
-        ):
+        with reading(self.engine, "read the compaction log") as conn:
             return [CompactionRecord(**row._mapping) for row in conn.execute(query)]
 
     def find_compaction(self, compaction_id: str) -> CompactionRecord | None:
         """The audit row of ``compaction_id``; see the port."""
-        with (
-            dialects.translate_errors(self.engine, "read the compaction log"),
-            self.engine.connect() as conn,
-        ):
-            row = conn.execute(
-                _AUDIT_QUERY.where(compaction_log.c.compaction_id == compaction_id)
-            ).one_or_none()
+        query = _AUDIT_QUERY.where(compaction_log.c.compaction_id == compaction_id)
+        with reading(self.engine, "read the compaction log") as conn:
+            row = conn.execute(query).one_or_none()
         return None if row is None else CompactionRecord(**row._mapping)
 
     # -- compaction --------------------------------------------------------------------
 
     def acquire_fence(self, stream_type: str, stream_id: str) -> StreamInfo | None:
-        with (
-            dialects.translate_errors(
-                self.engine, f"take a fencing token for {label_of(stream_type, stream_id)}"
-            ),
-            dialects.write_transaction(self.engine) as conn,
-        ):
+        label = label_of(stream_type, stream_id)
+        with writing(self.engine, f"take a fencing token for {label}") as conn:
             row = conn.execute(
                 sa.update(streams)
                 .where(streams.c.stream_type == stream_type, streams.c.stream_id == stream_id)
@@ -396,229 +309,30 @@ class SqlEventStore:
         """
         label = label_of(plan.stream_type, plan.stream_id)
         c = plan.through_version
-        with (
-            dialects.translate_errors(self.engine, f"delete compacted events of {label}"),
-            dialects.write_transaction(self.engine) as conn,
-        ):
-            row = _stream_pk(conn, plan.stream_type, plan.stream_id, lock=True)
-            if row is None:
-                raise DeletionMismatchError(f"{label}: the stream no longer exists")
-            pk, head, compacted_through, token = row
-            check_fence(label, plan, token, compacted_through)
-            if c > head:
-                raise DeletionMismatchError(f"{label}: cannot compact through {c}, head is {head}")
-            snap = conn.execute(
-                sa.select(snapshots.c.state_hash).where(
-                    snapshots.c.stream_pk == pk, snapshots.c.version == c
-                )
+        with writing(self.engine, f"delete compacted events of {label}") as conn:
+            pk, found = stream_row(conn, plan.stream_type, plan.stream_id, lock=True)
+            stream = check_commit(label, plan, found)
+            at_cut = (snapshots.c.stream_pk == pk, snapshots.c.version == c)
+            stored_hash = conn.execute(
+                sa.select(snapshots.c.state_hash).where(*at_cut)
             ).scalar_one_or_none()
-            if snap != plan.state_hash:
-                raise DeletionMismatchError(
-                    f"{label}: the snapshot at version {c} is "
-                    f"{'missing' if snap is None else 'different from the verified one'}; "
-                    "nothing deleted"
-                )
-            deleted = conn.execute(
-                sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)
-            ).rowcount
-            if deleted != plan.expected_deleted:
-                raise DeletionMismatchError(
-                    f"{label}: deleting versions up to {c} would remove {deleted} events, "
-                    f"the plan says {plan.expected_deleted}; rolled back, nothing deleted"
-                )
-            conn.execute(
-                sa.update(snapshots)
-                .where(snapshots.c.stream_pk == pk, snapshots.c.version == c)
-                .values(verified=True)
+            check_snapshot(label, plan, stored_hash)
+            deleted = int(
+                conn.execute(
+                    sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)
+                ).rowcount
             )
+            check_deleted(label, plan, deleted)
+            conn.execute(sa.update(snapshots).where(*at_cut).values(verified=True))
             conn.execute(
                 sa.delete(snapshots).where(snapshots.c.stream_pk == pk, snapshots.c.version < c)
             )
             conn.execute(
                 compaction_log.insert().values(
-                    compaction_id=plan.compaction_id,
                     stream_pk=pk,
-                    stream_type=plan.stream_type,
-                    stream_id=plan.stream_id,
-                    from_version=compacted_through + 1,
-                    through_version=c,
-                    snapshot_version=c,
-                    head_version=plan.head_version,
-                    state_hash=plan.state_hash,
-                    events_deleted=deleted,
-                    bytes_reclaimed=plan.bytes_reclaimed,
-                    fence_token=plan.fence_token,
-                    compacted_at=dialects.clock_expression(self.engine),
+                    compacted_at=clock_expression(self.engine),
+                    **audit_fields(plan, stream, deleted),
                 )
             )
             conn.execute(sa.update(streams).where(streams.c.pk == pk).values(compacted_through=c))
-        return int(deleted)
-
-
-_SNAPSHOT_COLUMNS = (
-    snapshots.c.version,
-    snapshots.c.state,
-    snapshots.c.state_hash,
-    snapshots.c.verified,
-    snapshots.c.created_at,
-    snapshots.c.fingerprint,
-    snapshots.c.state_version,
-)
-
-
-def _snapshot(row: Sequence[Any]) -> Snapshot:
-    version, state, digest, verified, created_at, fingerprint, state_version = row
-    return Snapshot(
-        int(version),
-        state.encode(),
-        digest,
-        bool(verified),
-        created_at,
-        fingerprint,
-        None if state_version is None else int(state_version),
-    )
-
-
-class SqlSnapshotStore:
-    """Snapshot store in the event store's database; see :class:`eskit_tasks.ports.SnapshotStore`.
-
-    Args:
-        engine: The event store's engine (``SqlSnapshotStore(store.engine)``).
-        create_tables: Create the tables if they are missing and check their layout
-            (once per engine).
-    """
-
-    def __init__(self, engine: Engine, *, create_tables: bool = True) -> None:
-        self.engine = engine
-        if create_tables:
-            _ensure_schema(engine)
-
-    def __repr__(self) -> str:
-        return f"SqlSnapshotStore({dialects.mask_url(self.engine.url)!r})"
-
-    def save(
-        self, stream_type: str, stream_id: str, snapshot: Snapshot, *, fence_token: int
-    ) -> None:
-        label = label_of(stream_type, stream_id)
-        with (
-            dialects.translate_errors(self.engine, f"save a snapshot of {label}"),
-            dialects.write_transaction(self.engine) as conn,
-        ):
-            row = _stream_pk(conn, stream_type, stream_id, lock=True)
-            if row is None:
-                raise CompactionError(f"{label}: cannot snapshot a stream that does not exist")
-            pk, _head, compacted_through, token = row
-            if token != fence_token:
-                raise FencedError(
-                    f"{label}: fencing token {fence_token} is stale (current {token}); "
-                    "a newer compaction owns the stream, snapshot not written"
-                )
-            if snapshot.version <= compacted_through:
-                raise FencedError(
-                    f"{label}: already compacted through {compacted_through}; a snapshot at "
-                    f"{snapshot.version} would not be newer, not written"
-                )
-            # An unverified leftover at this version (a crashed or failed compaction) is
-            # replaced; verified snapshots only exist at the compaction point, below us.
-            conn.execute(
-                sa.delete(snapshots).where(
-                    snapshots.c.stream_pk == pk,
-                    snapshots.c.version == snapshot.version,
-                    snapshots.c.verified.is_(False),
-                )
-            )
-            conn.execute(
-                snapshots.insert().values(
-                    stream_pk=pk,
-                    version=snapshot.version,
-                    state=snapshot.state.decode(),
-                    state_hash=snapshot.state_hash,
-                    verified=False,
-                    fence_token=fence_token,
-                    created_at=snapshot.created_at,
-                    fingerprint=snapshot.fingerprint,
-                    state_version=snapshot.state_version,
-                )
-            )
-
-    def read(self, stream_type: str, stream_id: str, version: int) -> Snapshot | None:
-        return self._one(stream_type, stream_id, snapshots.c.version == version)
-
-    def latest(self, stream_type: str, stream_id: str) -> Snapshot | None:
-        return self._one(stream_type, stream_id, snapshots.c.verified.is_(True))
-
-    def _one(self, stream_type: str, stream_id: str, condition: Any) -> Snapshot | None:
-        query = (
-            sa.select(*_SNAPSHOT_COLUMNS)
-            .join(streams, streams.c.pk == snapshots.c.stream_pk)
-            .where(
-                streams.c.stream_type == stream_type, streams.c.stream_id == stream_id, condition
-            )
-            .order_by(snapshots.c.version.desc())
-            .limit(1)
-        )
-        with (
-            dialects.translate_errors(
-                self.engine, f"read a snapshot of {label_of(stream_type, stream_id)}"
-            ),
-            self.engine.connect() as conn,
-        ):
-            row = conn.execute(query).one_or_none()
-        return None if row is None else _snapshot(row)
-
-    def verified_snapshots(
-        self, *, after: int = 0, limit: int = 500, stream_types: Sequence[str] | None = None
-    ) -> list[StoredSnapshot]:
-        """A keyset page over the compacted streams' key; each one's verified snapshot,
-        which a committed compaction leaves at the compaction point (and only there), or
-        None where it is missing."""
-        query = (
-            sa.select(
-                streams.c.pk,
-                streams.c.stream_type,
-                streams.c.stream_id,
-                streams.c.compacted_through,
-                *_SNAPSHOT_COLUMNS,
-            )
-            .outerjoin(
-                snapshots,
-                sa.and_(
-                    snapshots.c.stream_pk == streams.c.pk,
-                    snapshots.c.version == streams.c.compacted_through,
-                    snapshots.c.verified.is_(True),
-                ),
-            )
-            .where(streams.c.pk > after, streams.c.compacted_through > 0)
-            .order_by(streams.c.pk)
-            .limit(limit)
-        )
-        if stream_types is not None:
-            query = query.where(streams.c.stream_type.in_(list(stream_types)))
-        with (
-            dialects.translate_errors(self.engine, "list verified snapshots"),
-            self.engine.connect() as conn,
-        ):
-            rows = conn.execute(query).all()
-        return [
-            StoredSnapshot(
-                int(r[0]), r[1], r[2], int(r[3]), None if r[4] is None else _snapshot(r[4:])
-            )
-            for r in rows
-        ]
-
-    def discard(self, stream_type: str, stream_id: str, version: int, *, fence_token: int) -> None:
-        label = label_of(stream_type, stream_id)
-        with (
-            dialects.translate_errors(self.engine, f"discard a snapshot of {label}"),
-            dialects.write_transaction(self.engine) as conn,
-        ):
-            row = _stream_pk(conn, stream_type, stream_id, lock=True)
-            if row is None or row[3] != fence_token:
-                return  # a newer compaction owns the stream and its own snapshot
-            conn.execute(
-                sa.delete(snapshots).where(
-                    snapshots.c.stream_pk == row[0],
-                    snapshots.c.version == version,
-                    snapshots.c.verified.is_(False),
-                )
-            )
+        return deleted

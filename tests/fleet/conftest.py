@@ -14,9 +14,10 @@ import redis
 
 from eskit_tasks import NewEvent, SqlEventStore, SqlSnapshotStore, load_state
 from eskit_tasks.stores.schema import metadata
+from eskit_tasks.testing.deciders import Ledger, ledger_fold
+from eskit_tasks.testing.services import QUIET_WORKER, RedisServer, Worker, worker_env
+from tests import REPO
 from tests.conftest import BROKER_REDIS_PORT, STATE_REDIS_PORT
-from tests.deciders import Ledger, ledger_fold
-from tests.services import QUIET_WORKER, RedisServer, Worker, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +27,8 @@ def redis_servers(
     base = tmp_path_factory.mktemp("redis")
     broker = RedisServer(BROKER_REDIS_PORT, base / "broker")
     state = RedisServer(STATE_REDIS_PORT, base / "state")
-    broker.start()
-    state.start()
-    yield broker, state
-    broker.stop()
-    state.stop()
+    with broker, state:
+        yield broker, state
 
 
 @dataclass
@@ -53,7 +51,7 @@ class Fleet:
         **env: str,
     ) -> Worker:
         overrides = {"ESKIT_TEST_MARKERS": str(self.markers), **env}
-        w = Worker(name, worker_env(**overrides), self.logdir, concurrency, options)
+        w = Worker(name, worker_env(REPO, **overrides), self.logdir, concurrency, options, cwd=REPO)
         self.workers.append(w)
         return w.start()
 
@@ -103,7 +101,7 @@ def fleet(
     redis_servers: tuple[RedisServer, RedisServer], postgres_url: str, tmp_path: Path
 ) -> Iterator[Fleet]:
     broker, state = redis_servers
-    if state.proc is None:  # a previous test left it stopped
+    if not state.running:  # a previous test left it stopped
         state.start()
     broker.flush()
     state.flush()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 
+from eskit_tasks.testing.services import worker_env
+from tests import REPO
 from tests.fleet.conftest import Fleet
-from tests.services import REPO, worker_env
 from tests.test_cli import CLI
 
 
@@ -14,7 +15,7 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CLI, *args],
         cwd=REPO,
-        env=worker_env(COLUMNS="120"),
+        env=worker_env(REPO, COLUMNS="120"),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -28,9 +28,9 @@ from celery.result import AsyncResult
 from eskit_tasks import Outcome, compact_all
 from eskit_tasks.fleet.redelivery import compaction_id_for
 from eskit_tasks.tasks import compact_stream
+from eskit_tasks.testing.services import QUIET_WORKER
 from tests.fleet.conftest import Fleet, results_in_backend, wait_until
 from tests.fleet_crash_after_commit import HANG_AFTER_ENV, HANG_BEFORE_ENV, MARKER_ENV
-from tests.services import QUIET_WORKER
 
 #: Redelivery in seconds, not minutes: the dead child's lock (held by this very task id)
 #: expires after ESKIT_LOCK_TTL and the redelivered copy looks again a second later.

@@ -19,13 +19,11 @@ import sys
 import time
 import tomllib
 import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 import yaml
@@ -35,8 +33,9 @@ from sqlalchemy.engine import make_url
 from eskit_tasks import SqlSnapshotStore, load_state
 from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.stores.schema import metadata
+from eskit_tasks.testing.services import RedisServer, free_port, scratch_database, worker_env
+from tests import REPO
 from tests.fleet.conftest import Fleet, results_in_backend
-from tests.services import REPO, RedisServer, free_port, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -268,20 +267,11 @@ def processes() -> Iterator[list[Process]]:
         p.kill()
 
 
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture
 def empty_database(postgres_url: str) -> Iterator[str]:
     """A database with no tables, like the compose postgres volume on first start."""
-    name = f"eskit_compose_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(postgres_url, "eskit_compose") as url:
+        yield url
 
 
 # -- the file itself -------------------------------------------------------------------

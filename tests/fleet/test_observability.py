@@ -20,8 +20,8 @@ from eskit_tasks import Outcome, compact_all
 from eskit_tasks.fleet.app import app
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.tasks import compact_stream
+from eskit_tasks.testing.services import Worker, free_port
 from tests.fleet.conftest import Fleet, wait_until
-from tests.services import Worker, free_port
 
 LOG_FIELDS = {
     "ts",

@@ -20,7 +20,7 @@ from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet import progress as progress_module
 from eskit_tasks.fleet.constants import RUN_PREFIX
 from eskit_tasks.fleet.progress import Page, RunProgressStore, check_run_id, new_run_id
-from tests.services import RedisServer
+from eskit_tasks.testing.services import RedisServer
 
 TTL = 600
 

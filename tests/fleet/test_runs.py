@@ -19,8 +19,9 @@ from eskit_tasks.fleet.app import app, resources
 from eskit_tasks.fleet.fan_out import queue_depth
 from eskit_tasks.stores.schema import events, streams
 from eskit_tasks.tasks import compact_stream, fan_out
+from eskit_tasks.testing.services import CELERY, worker_env
+from tests import REPO
 from tests.fleet.conftest import Fleet, wait_until
-from tests.services import CELERY, REPO, worker_env
 
 RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -171,7 +172,7 @@ def test_rabbitmq_broker_runs_a_fan_out_triggered_from_a_python_shell(fleet: Fle
         done = subprocess.run(
             [sys.executable, "-c", shell],
             cwd=REPO,
-            env=worker_env(**env),
+            env=worker_env(REPO, **env),
             capture_output=True,
             text=True,
             timeout=180,
@@ -210,7 +211,7 @@ def test_beat_starts_with_the_nightly_schedule(fleet: Fleet, tmp_path: Path):
                 "--loglevel=DEBUG",
             ],
             cwd=REPO,
-            env=worker_env(ESKIT_NIGHTLY_CRON="30 2 * * *"),
+            env=worker_env(REPO, ESKIT_NIGHTLY_CRON="30 2 * * *"),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

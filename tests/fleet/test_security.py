@@ -8,8 +8,8 @@
   result, a run's progress or the metrics page.
 
 The workers of the first test import this module as a decider module (it registers the
-odd stream types below), so it must not import ``tests.fleet.conftest`` at module level:
-that would import ``tests.conftest``, which rewrites the environment.
+odd stream types below), so it imports only what a worker can use: ``tests.fleet.conftest``
+(and with it pytest's fixtures and ``tests.conftest``) is imported for type checking only.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from sqlalchemy.engine import make_url
 from eskit_tasks import NewEvent, SqlSnapshotStore, compact_all, load_state, register_decider
 from eskit_tasks.fleet.constants import COMPACTION_QUEUE, LOCK_PREFIX, RUN_PREFIX
 from eskit_tasks.tasks import compact_stream
-from tests.deciders import Ledger, ledger_fold
-from tests.services import CELERY, REPO, RedisServer, free_port
+from eskit_tasks.testing.deciders import Ledger, ledger_fold
+from eskit_tasks.testing.services import CELERY, RedisServer, free_port, worker_env
+from tests import REPO
 
 if TYPE_CHECKING:
+    from eskit_tasks.testing.services import Worker
     from tests.fleet.conftest import Fleet
-    from tests.services import Worker
 
 # -- odd stream types, registered in the test process and in the workers ---------------
 
@@ -572,7 +573,6 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
     or metrics page holds a password, raw or encoded — while the masked form "***" is
     there wherever a URL is shown."""
     from eskit_tasks.fleet.messages import policy_kwargs
-    from tests.services import worker_env
 
     db_url = make_url(postgres_url).set(password=PG_SECRET).render_as_string(hide_password=False)
     dead_port = free_port()
@@ -673,8 +673,8 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
     assert f"postgres:***@127.0.0.1:{dead_port}" in results["dead-db"]["error"]
 
     # CLI commands. Every one's output is checked; `expect` is its exit status.
-    base = worker_env(**good_env)
-    dead_base = worker_env(**dead_env)
+    base = worker_env(REPO, **good_env)
+    dead_base = worker_env(REPO, **dead_env)
     wrong_pg = make_url(dead_db_url).set(password=WRONG_PG_SECRET)
     outputs: dict[str, str] = {}
 

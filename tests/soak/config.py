@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Admin URL of the PostgreSQL server where the soak creates (and drops) its database.
-DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from eskit_tasks.testing.services import postgres_admin_url
 
 #: Seconds a stream lock lives without renewal; a paused worker is stopped longer than this.
 LOCK_TTL_S = 3.0
@@ -38,10 +36,6 @@ FLEET_ENV: dict[str, str] = {
     # takes long enough for a kill -9 or a pause to land in the middle of it.
     "ESKIT_TEST_SLOW_S": "0.01",
 }
-
-
-def admin_url_from_env() -> str:
-    return os.environ.get("ESKIT_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL)
 
 
 @dataclass
@@ -74,7 +68,8 @@ class SoakConfig:
     progress_every: float = 15.0
     #: Upper bound on each wait of the quiesce phase.
     drain_timeout: float = VISIBILITY_TIMEOUT_S + 150.0
-    admin_url: str = field(default_factory=admin_url_from_env)
+    #: Admin URL of the PostgreSQL server where the soak creates (and drops) its database.
+    admin_url: str = field(default_factory=postgres_admin_url)
     #: Where logs go; None: a temporary directory, removed after a clean run.
     workdir: Path | None = None
 

@@ -1,8 +1,9 @@
 """The soak's own world: a fresh PostgreSQL database, two redis-servers, celery workers.
 
-Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>``),
+Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>_...``),
 and the environment variables the Celery app reads are set here, before anything
-imports ``eskit_tasks.fleet.app``.
+imports ``eskit_tasks.fleet.app``. The services themselves are
+:mod:`eskit_tasks.testing.services`, shared with the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy.engine import make_url
 
-from tests.services import RedisServer, Worker, free_port, worker_env
+from eskit_tasks.testing.services import (
+    RedisServer,
+    Worker,
+    free_port,
+    libpq_url,
+    scratch_database,
+    worker_env,
+)
+from tests import REPO
 from tests.soak.config import FLEET_ENV, SoakConfig
 
 
@@ -29,37 +37,9 @@ class SoakSetupError(RuntimeError):
     """The soak cannot start (PostgreSQL unreachable, redis-server missing, ...)."""
 
 
-def libpq_url(url: str) -> str:
-    """A SQLAlchemy URL as libpq wants it (no ``+psycopg``)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def postgres_problem(admin_url: str) -> str | None:
-    """None if PostgreSQL answers at ``admin_url``, else what to do about it."""
-    try:
-        psycopg.connect(libpq_url(admin_url), connect_timeout=5).close()
-    except psycopg.OperationalError as exc:
-        shown = make_url(admin_url).render_as_string(hide_password=True)
-        return (
-            f"PostgreSQL is not reachable at {shown}: {exc}\n"
-            "The soak needs a real PostgreSQL. Start the local one with\n"
-            "    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n"
-            "or point ESKIT_TEST_POSTGRES_URL at a server where you may create databases."
-        )
-    return None
-
-
-def create_database(admin_url: str, name: str) -> str:
-    """Create database ``name`` (dropping a leftover of that name); return its URL."""
-    with psycopg.connect(libpq_url(admin_url), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(libpq_url(admin_url), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def _with_notes(exc: BaseException) -> str:
+    """An exception's text and its notes (which say which database and server)."""
+    return "; ".join([str(exc).strip(), *getattr(exc, "__notes__", [])])
 
 
 class SoakServices:
@@ -69,8 +49,9 @@ class SoakServices:
         self.config = config
         self.workdir = workdir
         self.logdir = workdir / "logs"
-        self.db_name = f"eskit_soak_{os.getpid()}"
         self.db_url = ""
+        #: Drops the database on close (scratch_database's exit).
+        self._database = contextlib.ExitStack()
         self.broker = RedisServer(free_port(), workdir / "redis-broker")
         self.state = RedisServer(free_port(), workdir / "redis-state")
         self.workers: list[Worker] = []
@@ -87,7 +68,12 @@ class SoakServices:
 
     def start_backends(self) -> None:
         """Database, redis-servers and the environment; then the Celery app may be imported."""
-        self.db_url = create_database(self.config.admin_url, self.db_name)
+        try:
+            self.db_url = self._database.enter_context(
+                scratch_database(self.config.admin_url, "eskit_soak")
+            )
+        except psycopg.Error as exc:
+            raise SoakSetupError(f"cannot create the soak's database: {_with_notes(exc)}") from exc
         try:
             self.broker.start()
             self.state.start()
@@ -130,7 +116,13 @@ class SoakServices:
         n = self._incarnation.get(index, 0)
         self._incarnation[index] = n + 1
         name = f"w{index + 1}" if n == 0 else f"w{index + 1}-r{n}"
-        worker = Worker(name, worker_env(), self.logdir, concurrency=self.config.worker_concurrency)
+        worker = Worker(
+            name,
+            worker_env(REPO),
+            self.logdir,
+            concurrency=self.config.worker_concurrency,
+            cwd=REPO,
+        )
         self.all_workers.append(worker)
         return worker
 
@@ -155,9 +147,9 @@ class SoakServices:
         self.state.stop()
         if self.db_url:
             try:
-                drop_database(self.config.admin_url, self.db_name)
+                self._database.close()
             except psycopg.Error as exc:  # do not hide why the run ended
-                print(f"soak: could not drop database {self.db_name}: {exc}", file=sys.stderr)
+                print(f"soak: could not drop its database: {_with_notes(exc)}", file=sys.stderr)
             self.db_url = ""
 
     # -- the checker's connection -------------------------------------------------------
@@ -229,7 +221,7 @@ class SoakServices:
         """After the faults: resume paused workers, restart dead ones, start Redis if down."""
         notes = []
         self.resume_all()
-        if self.state.proc is None or self.state.proc.poll() is not None:
+        if not self.state.running:
             self.state.start()
             notes.append("the Redis for locks was down at the end of the faults; started it")
         for index in self.dead_workers():

@@ -41,9 +41,10 @@ from eskit_tasks import (
     load_state,
 )
 from eskit_tasks.domain.compare import first_difference
+from eskit_tasks.testing.services import postgres_problem
 from tests.soak.checker import DbState, check_db, check_results, read_db_state
 from tests.soak.config import SoakConfig
-from tests.soak.environment import SoakServices, SoakSetupError, postgres_problem, wait_for
+from tests.soak.environment import SoakServices, SoakSetupError, wait_for
 from tests.soak.faults import FaultInjector, make_schedule
 from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS
 from tests.soak.model import (
@@ -89,7 +90,7 @@ def run_soak(config: SoakConfig) -> Report:
             "run_soak needs a process where eskit_tasks.fleet.app was not imported yet: "
             "it configures the Celery app for its own redis-servers"
         )
-    problem = postgres_problem(config.admin_url)
+    problem = postgres_problem(config.admin_url, purpose="the soak")
     if problem is not None:
         raise SoakSetupError(problem)
     seed = config.seed if config.seed is not None else random.SystemRandom().randrange(10**9)

@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, BeforeValidator, PlainSerializer, WithJsonSchema
 
 from eskit_tasks import NewEvent, RecordedEvent
-from tests.deciders import Ledger, LossyTagger
+from eskit_tasks.testing.deciders import Ledger, LossyTagger
 
 #: Kinds folded by the Ledger.
 LEDGER_KINDS = ("ledger", "slow")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from datetime import timezone
 from typing import Any
@@ -18,7 +16,8 @@ import pytest
 from eskit_tasks import CompactionPolicy, Compactor, Outcome, SqlEventStore, SqlSnapshotStore
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.compare import Difference
-from tests.deciders import Ledger
+from eskit_tasks.testing.deciders import Ledger
+from eskit_tasks.testing.services import libpq_url, scratch_database
 from tests.soak.checker import (
     AuditRow,
     LiveEvents,
@@ -28,8 +27,6 @@ from tests.soak.checker import (
     live_events_problems,
     read_db_state,
 )
-from tests.soak.config import admin_url_from_env
-from tests.soak.environment import create_database, drop_database, libpq_url
 from tests.soak.kinds import FOLDERS, STRICT_KINDS, Priority, Status
 from tests.soak.model import (
     Model,
@@ -345,11 +342,8 @@ def test_attempts_of_a_retried_task_share_its_compaction_id():
 @pytest.fixture
 def soak_db(postgres_url: str) -> Iterator[str]:
     """A database of its own: the checker reads every stream in it."""
-    del postgres_url  # requested for its check that PostgreSQL is up
-    name = f"eskit_soakcheck_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = create_database(admin_url_from_env(), name)
-    yield url
-    drop_database(admin_url_from_env(), name)
+    with scratch_database(postgres_url, "eskit_soakcheck") as url:
+        yield url
 
 
 def kinds_found(url: str, model: Model, *, final: bool = True) -> dict[str, int]:

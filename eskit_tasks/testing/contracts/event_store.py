@@ -1,28 +1,30 @@
-"""The EventStore contract; run on every backend by tests/test_event_store.py."""
+"""The :class:`~eskit_tasks.ports.EventStore` contract: appends and optimistic concurrency,
+reads, payload encoding, odd ids, fencing and the delete transaction driven directly."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, computed_field
 
-from eskit_tasks import (
+from eskit_tasks.domain.codec import state_hash
+from eskit_tasks.domain.events import NewEvent
+from eskit_tasks.errors import (
     ConcurrencyError,
     ConfigurationError,
+    DeletionMismatchError,
     EventDecodeError,
     FencedError,
-    NewEvent,
-    Snapshot,
 )
-from eskit_tasks.domain.codec import state_hash
-from eskit_tasks.errors import DeletionMismatchError
-from eskit_tasks.ports import DeletionPlan
-from tests.backends import Stores
-from tests.deciders import deposits
+from eskit_tasks.ports import DeletionPlan, Snapshot
+from eskit_tasks.testing.contracts.backend import Stores
+from eskit_tasks.testing.contracts.helpers import ODD_IDS, versions
+from eskit_tasks.testing.deciders import deposits
 
 
 @dataclass
@@ -55,29 +57,10 @@ class PricedExtras(BaseModel):
     price: float
 
 
-ODD_IDS = [
-    "it's",
-    'quote"d',
-    "100%",
-    "a_b",
-    "%",
-    "_",
-    "ünï©ødé-账户-🙂",
-    "x" * 500,
-    "🙂" * 500,
-    "a'; DROP TABLE eskit_events; --",
-    "*",
-    "{a}:b",
-    "",
-]
-
-
-def versions(stores: Stores, stream_type: str, stream_id: str, **kw: int) -> list[int]:
-    return [e.version for e in stores.events.read(stream_type, stream_id, **kw)]
-
-
 class EventStoreContract:
-    def test_append_returns_new_head_and_read_gives_events_oldest_first(self, stores: Stores):
+    def test_append_returns_new_head_and_read_gives_events_oldest_first(
+        self, stores: Stores
+    ) -> None:
         before = datetime.now(UTC)
         assert stores.events.append("account", "a-1", deposits(5, 7), expected_version=0) == 2
         assert (
@@ -103,37 +86,39 @@ class EventStoreContract:
             assert before - timedelta(seconds=1) <= e.recorded_at <= datetime.now(UTC)
             assert e.stored_bytes > 0
 
-    def test_head_version_is_zero_for_unknown_stream(self, stores: Stores):
+    def test_head_version_is_zero_for_unknown_stream(self, stores: Stores) -> None:
         assert stores.events.head_version("account", "nobody") == 0
         assert list(stores.events.read("account", "nobody")) == []
         assert stores.events.stream_info("account", "nobody") is None
 
-    def test_read_is_lazy_iterator_not_list(self, stores: Stores):
+    def test_read_is_lazy_iterator_not_list(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1, 2, 3), expected_version=0)
         it = stores.events.read("account", "a-1")
         assert iter(it) is it
         assert next(it).version == 1
 
-    def test_read_range_is_inclusive(self, stores: Stores):
+    def test_read_range_is_inclusive(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(*range(10)), expected_version=0)
         assert versions(stores, "account", "a-1", from_version=4, to_version=6) == [4, 5, 6]
         assert versions(stores, "account", "a-1", from_version=9) == [9, 10]
         assert versions(stores, "account", "a-1", from_version=11) == []
 
     @pytest.mark.parametrize("expected", [0, 1, 3])
-    def test_wrong_expected_version_raises_concurrency_error(self, stores: Stores, expected):
+    def test_wrong_expected_version_raises_concurrency_error(
+        self, stores: Stores, expected: int
+    ) -> None:
         stores.events.append("account", "a-1", deposits(1, 2), expected_version=0)
         with pytest.raises(ConcurrencyError, match="head is 2"):
             stores.events.append("account", "a-1", deposits(3), expected_version=expected)
         assert stores.events.head_version("account", "a-1") == 2
         assert versions(stores, "account", "a-1") == [1, 2]
 
-    def test_appending_to_missing_stream_with_nonzero_version_fails(self, stores: Stores):
+    def test_appending_to_missing_stream_with_nonzero_version_fails(self, stores: Stores) -> None:
         with pytest.raises(ConcurrencyError):
             stores.events.append("account", "a-1", deposits(1), expected_version=1)
         assert stores.events.head_version("account", "a-1") == 0
 
-    def test_empty_append_checks_version_and_writes_nothing(self, stores: Stores):
+    def test_empty_append_checks_version_and_writes_nothing(self, stores: Stores) -> None:
         assert stores.events.append("account", "a-1", [], expected_version=0) == 0
         assert stores.events.stream_info("account", "a-1") is None
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
@@ -142,12 +127,12 @@ class EventStoreContract:
             stores.events.append("account", "a-1", [], expected_version=0)
 
     @pytest.mark.parametrize("bad", [-1, True, 1.0, "1", None])
-    def test_invalid_expected_version_is_rejected_before_io(self, stores: Stores, bad):
+    def test_invalid_expected_version_is_rejected_before_io(self, stores: Stores, bad: Any) -> None:
         with pytest.raises(ConfigurationError, match="expected_version"):
             stores.events.append("account", "a-1", deposits(1), expected_version=bad)
         assert stores.events.head_version("account", "a-1") == 0
 
-    def test_unserialisable_payload_writes_nothing(self, stores: Stores):
+    def test_unserialisable_payload_writes_nothing(self, stores: Stores) -> None:
         batch = [*deposits(1), NewEvent(type="Bad", data={"when": object()})]
         with pytest.raises(ConfigurationError, match=r"event 2 .*not JSON-serialisable"):
             stores.events.append("account", "a-1", batch, expected_version=0)
@@ -168,7 +153,9 @@ class EventStoreContract:
             ({"m": PricedExtras(price=1.0, tip=float("nan"))}, r"\$\['v'\]\['m'\]\.tip"),
         ],
     )
-    def test_non_finite_numbers_are_refused_not_stored_as_null(self, stores: Stores, bad, path):
+    def test_non_finite_numbers_are_refused_not_stored_as_null(
+        self, stores: Stores, bad: Any, path: str
+    ) -> None:
         for where in ("data", "metadata"):
             event = NewEvent(type="X", **{where: {"v": bad}})
             with pytest.raises(ConfigurationError, match=rf"{path} is NaN or Infinity"):
@@ -178,13 +165,15 @@ class EventStoreContract:
             "account", "a-1", [NewEvent(type="X", data={"v": None})], expected_version=0
         )
 
-    def test_dataclasses_enums_and_models_in_payloads_are_stored_as_json(self, stores: Stores):
+    def test_dataclasses_enums_and_models_in_payloads_are_stored_as_json(
+        self, stores: Stores
+    ) -> None:
         data = {"p": Priced(2.5), "level": Level.LOW, "m": PricedModel(price=1.0)}
         stores.events.append("account", "a-1", [NewEvent("X", data)], expected_version=0)
         [event] = stores.events.read("account", "a-1")
         assert event.data == {"p": {"price": 2.5}, "level": 1.0, "m": {"price": 1.0}}
 
-    def test_concurrent_appends_with_same_expected_version_one_wins(self, stores: Stores):
+    def test_concurrent_appends_with_same_expected_version_one_wins(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         barrier = threading.Barrier(4)
         outcomes: list[str] = []
@@ -205,7 +194,7 @@ class EventStoreContract:
         assert sorted(outcomes) == ["conflict", "conflict", "conflict", "ok"]
         assert versions(stores, "account", "a-1") == [1, 2]
 
-    def test_concurrent_creates_one_wins(self, stores: Stores):
+    def test_concurrent_creates_one_wins(self, stores: Stores) -> None:
         barrier = threading.Barrier(3)
         outcomes: list[str] = []
 
@@ -226,7 +215,7 @@ class EventStoreContract:
         assert stores.events.head_version("account", "new") == 1
 
     @pytest.mark.parametrize("stream_id", ODD_IDS)
-    def test_ids_are_data(self, stores: Stores, stream_id: str):
+    def test_ids_are_data(self, stores: Stores, stream_id: str) -> None:
         stores.events.append("account", stream_id, deposits(1, 2), expected_version=0)
         stores.events.append("account", stream_id + "x", deposits(9), expected_version=0)
         stores.events.append("acc'ount%", stream_id, deposits(8), expected_version=0)
@@ -234,7 +223,7 @@ class EventStoreContract:
         assert stores.events.head_version("account", stream_id) == 2
         assert stores.events.head_version("acc'ount%", stream_id) == 1
 
-    def test_prefix_sharing_ids_and_types_are_separate_streams(self, stores: Stores):
+    def test_prefix_sharing_ids_and_types_are_separate_streams(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         stores.events.append("account", "a-10", deposits(2, 2), expected_version=0)
         stores.events.append("accounts", "a-1", deposits(3, 3, 3), expected_version=0)
@@ -242,7 +231,7 @@ class EventStoreContract:
         assert stores.events.head_version("account", "a-10") == 2
         assert stores.events.head_version("accounts", "a-1") == 3
 
-    def test_undecodable_payload_raises_naming_stream_and_version(self, stores: Stores):
+    def test_undecodable_payload_raises_naming_stream_and_version(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1, 2, 3), expected_version=0)
         stores.corrupt_event("account", "a-1", 2, "{not json")
         it = stores.events.read("account", "a-1")
@@ -251,14 +240,14 @@ class EventStoreContract:
             next(it)
         assert info.value.version == 2
 
-    def test_oldest_version_after_cutoff(self, stores: Stores):
+    def test_oldest_version_after_cutoff(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1, 2), expected_version=0)
         now = stores.events.now()
         assert stores.events.oldest_version_after("account", "a-1", now + timedelta(days=1)) is None
         assert stores.events.oldest_version_after("account", "a-1", now - timedelta(days=1)) == 1
         assert stores.events.oldest_version_after("account", "zz", now - timedelta(days=1)) is None
 
-    def test_store_clock_is_the_clock_that_stamps_events(self, stores: Stores):
+    def test_store_clock_is_the_clock_that_stamps_events(self, stores: Stores) -> None:
         before = stores.events.now()
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         after = stores.events.now()
@@ -266,16 +255,16 @@ class EventStoreContract:
         assert before.utcoffset() is not None
         assert before - timedelta(seconds=1) <= event.recorded_at <= after + timedelta(seconds=1)
 
-    def test_naive_cutoff_is_a_configuration_error(self, stores: Stores):
+    def test_naive_cutoff_is_a_configuration_error(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         with pytest.raises(ConfigurationError, match="timezone-aware"):
             stores.events.oldest_version_after("account", "a-1", datetime.now())
 
-    def test_expected_version_beyond_64_bits_is_rejected(self, stores: Stores):
+    def test_expected_version_beyond_64_bits_is_rejected(self, stores: Stores) -> None:
         with pytest.raises(ConfigurationError, match="expected_version"):
             stores.events.append("account", "a-1", deposits(1), expected_version=2**63)
 
-    def test_fence_tokens_are_monotonic_per_stream(self, stores: Stores):
+    def test_fence_tokens_are_monotonic_per_stream(self, stores: Stores) -> None:
         stores.events.append("account", "a-1", deposits(1), expected_version=0)
         stores.events.append("account", "a-2", deposits(1), expected_version=0)
         first = stores.events.acquire_fence("account", "a-1")
@@ -312,7 +301,7 @@ class EventStoreContract:
             compaction_id="cid-1",
         )
 
-    def test_commit_deletes_through_cut_and_keeps_head(self, stores: Stores):
+    def test_commit_deletes_through_cut_and_keeps_head(self, stores: Stores) -> None:
         plan = self._prepare(stores)
         assert stores.events.commit_compaction(plan) == 3
         assert versions(stores, "account", "a-1") == [4, 5]
@@ -329,7 +318,7 @@ class EventStoreContract:
             123,
         )
 
-    def test_commit_with_stale_token_is_fenced_and_deletes_nothing(self, stores: Stores):
+    def test_commit_with_stale_token_is_fenced_and_deletes_nothing(self, stores: Stores) -> None:
         plan = self._prepare(stores)
         stores.events.acquire_fence("account", "a-1")  # a newer compaction starts
         with pytest.raises(FencedError, match="stale"):
@@ -337,21 +326,21 @@ class EventStoreContract:
         assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
         assert stores.events.compaction_log("account", "a-1") == []
 
-    def test_commit_without_the_snapshot_deletes_nothing(self, stores: Stores):
+    def test_commit_without_the_snapshot_deletes_nothing(self, stores: Stores) -> None:
         plan = self._prepare(stores)
         stores.snapshots.discard("account", "a-1", 3, fence_token=plan.fence_token)
         with pytest.raises(DeletionMismatchError, match="missing"):
             stores.events.commit_compaction(plan)
         assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
 
-    def test_commit_with_other_snapshot_hash_deletes_nothing(self, stores: Stores):
+    def test_commit_with_other_snapshot_hash_deletes_nothing(self, stores: Stores) -> None:
         plan = self._prepare(stores)
-        wrong = DeletionPlan(**{**_fields(plan), "state_hash": "0" * 64})
+        wrong = replace(plan, state_hash="0" * 64)
         with pytest.raises(DeletionMismatchError, match="different"):
             stores.events.commit_compaction(wrong)
         assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
 
-    def test_commit_with_wrong_row_count_rolls_back(self, stores: Stores):
+    def test_commit_with_wrong_row_count_rolls_back(self, stores: Stores) -> None:
         plan = self._prepare(stores)
         stores.remove_event("account", "a-1", 2)  # someone deleted a row behind our back
         with pytest.raises(DeletionMismatchError, match="would remove 2 events, the plan says 3"):
@@ -362,22 +351,22 @@ class EventStoreContract:
         assert stores.snapshots.latest("account", "a-1") is None
         assert stores.events.compaction_log() == []
 
-    def test_commit_after_the_compaction_point_moved_is_fenced(self, stores: Stores):
+    def test_commit_after_the_compaction_point_moved_is_fenced(self, stores: Stores) -> None:
         plan = self._prepare(stores)
-        moved = DeletionPlan(**{**_fields(plan), "compacted_through_before": 2})
+        moved = replace(plan, compacted_through_before=2)
         with pytest.raises(FencedError, match="compacted through 0 since"):
             stores.events.commit_compaction(moved)
         assert versions(stores, "account", "a-1") == [1, 2, 3, 4, 5]
 
-    def test_commit_beyond_the_head_is_refused(self, stores: Stores):
+    def test_commit_beyond_the_head_is_refused(self, stores: Stores) -> None:
         plan = self._prepare(stores, n=5, c=3)
-        beyond = DeletionPlan(**{**_fields(plan), "through_version": 6, "expected_deleted": 5})
+        beyond = replace(plan, through_version=6, expected_deleted=5)
         with pytest.raises(DeletionMismatchError, match="head is 5"):
             stores.events.commit_compaction(beyond)
         info = stores.events.stream_info("account", "a-1")
         assert info is not None and info.compacted_through == 0
 
-    def test_compacted_stream_keeps_head_for_optimistic_concurrency(self, stores: Stores):
+    def test_compacted_stream_keeps_head_for_optimistic_concurrency(self, stores: Stores) -> None:
         plan = self._prepare(stores, n=3, c=3)
         stores.events.commit_compaction(plan)
         assert list(stores.events.read("account", "a-1")) == []
@@ -388,7 +377,3 @@ class EventStoreContract:
             stores.events.append("account", "a-1", deposits(1), expected_version=2)
         assert stores.events.append("account", "a-1", deposits(1), expected_version=3) == 4
         assert versions(stores, "account", "a-1") == [4]
-
-
-def _fields(plan: DeletionPlan) -> dict[str, object]:
-    return {name: getattr(plan, name) for name in plan.__slots__}

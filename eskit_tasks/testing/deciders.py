@@ -1,8 +1,12 @@
-"""Deciders used by the tests."""
+"""The deciders the contract suites compact, each built to expose one way a compaction
+can go wrong (a nondeterministic fold, a lossy state type, a set or an enum that only
+compares equal, a state type that changed between deployments ...).
+
+Plain classes with no I/O; ``tests/`` and the soak use them too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -10,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
 
-from eskit_tasks import NewEvent, RecordedEvent
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
 
 
 class Ledger:
@@ -94,11 +98,6 @@ class ModelLedger:
 
     def decide(self, command: Any, state: LedgerModel) -> list[NewEvent]:
         return []
-
-
-@dataclass
-class Tags:
-    names: set[str] = field(default_factory=set)
 
 
 class LossyTagger:

@@ -1,4 +1,5 @@
-"""The SnapshotStore contract; run on every backend by tests/test_snapshot_store.py."""
+"""The :class:`~eskit_tasks.ports.SnapshotStore` contract: fenced writes, unverified
+snapshots invisible to readers, nothing written at or below the compaction point."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from eskit_tasks import CompactionError, FencedError, Snapshot
 from eskit_tasks.domain.codec import state_hash
-from tests.backends import Stores
-from tests.deciders import deposits
+from eskit_tasks.errors import CompactionError, FencedError
+from eskit_tasks.ports import DeletionPlan, Snapshot
+from eskit_tasks.testing.contracts.backend import Stores
+from eskit_tasks.testing.deciders import deposits
 
 
 def snap(version: int, body: bytes = b'{"n":1}') -> Snapshot:
@@ -24,7 +26,9 @@ class SnapshotStoreContract:
         assert info is not None
         return info.fence_token
 
-    def test_saved_snapshot_reads_back_byte_exact_but_is_not_latest(self, stores, token):
+    def test_saved_snapshot_reads_back_byte_exact_but_is_not_latest(
+        self, stores: Stores, token: int
+    ) -> None:
         body = '{"name":"ünï","n":1.5}'.encode()
         stores.snapshots.save("account", "a-1", snap(2, body), fence_token=token)
         got = stores.snapshots.read("account", "a-1", 2)
@@ -32,32 +36,32 @@ class SnapshotStoreContract:
         assert (got.state, got.state_hash, got.verified) == (body, state_hash(body), False)
         assert stores.snapshots.latest("account", "a-1") is None, "unverified must be invisible"
 
-    def test_stale_token_cannot_write(self, stores, token):
+    def test_stale_token_cannot_write(self, stores: Stores, token: int) -> None:
         stores.events.acquire_fence("account", "a-1")
         with pytest.raises(FencedError, match="stale"):
             stores.snapshots.save("account", "a-1", snap(2), fence_token=token)
         assert stores.snapshots.read("account", "a-1", 2) is None
 
-    def test_snapshot_for_missing_stream_is_refused(self, stores):
+    def test_snapshot_for_missing_stream_is_refused(self, stores: Stores) -> None:
         with pytest.raises(CompactionError, match="does not exist"):
             stores.snapshots.save("account", "ghost", snap(1), fence_token=1)
 
-    def test_unverified_leftover_is_replaced(self, stores, token):
+    def test_unverified_leftover_is_replaced(self, stores: Stores, token: int) -> None:
         stores.snapshots.save("account", "a-1", snap(2, b'{"n":1}'), fence_token=token)
         stores.snapshots.save("account", "a-1", snap(2, b'{"n":2}'), fence_token=token)
         got = stores.snapshots.read("account", "a-1", 2)
         assert got is not None and got.state == b'{"n":2}'
 
-    def test_discard_removes_unverified_only_under_current_token(self, stores, token):
+    def test_discard_removes_unverified_only_under_current_token(
+        self, stores: Stores, token: int
+    ) -> None:
         stores.snapshots.save("account", "a-1", snap(2), fence_token=token)
         stores.snapshots.discard("account", "a-1", 2, fence_token=token - 1)
         assert stores.snapshots.read("account", "a-1", 2) is not None
         stores.snapshots.discard("account", "a-1", 2, fence_token=token)
         assert stores.snapshots.read("account", "a-1", 2) is None
 
-    def test_never_writes_at_or_below_compaction_point(self, stores: Stores, token: int):
-        from eskit_tasks.ports import DeletionPlan
-
+    def test_never_writes_at_or_below_compaction_point(self, stores: Stores, token: int) -> None:
         body = b'{"n":3}'
         stores.snapshots.save("account", "a-1", snap(3, body), fence_token=token)
         stores.events.commit_compaction(

@@ -1,4 +1,4 @@
-"""The promise at its edges (issue [1/6]), on every backend.
+"""The promise at its edges, on every backend.
 
 Each test is one of the cases that broke it: a verified compaction that destroyed
 information (equal is not indistinguishable), a state type that changed silently, a
@@ -9,29 +9,35 @@ before the fix.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
 import pytest
 
-from eskit_tasks import (
-    CompactionPolicy,
-    Compactor,
-    NewEvent,
-    Outcome,
-    load_state,
-)
 from eskit_tasks.core import compactor as compactor_module
+from eskit_tasks.core.compactor import Compactor
+from eskit_tasks.core.loading import load_state
 from eskit_tasks.domain.codec import UNRECORDED, StateCodec
+from eskit_tasks.domain.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.result import Outcome
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
     SnapshotIntegrityError,
     SnapshotSchemaError,
 )
-from tests.backends import Stores
-from tests.contracts.compactor import Proxy, seed, state_of, untouched
-from tests.contracts.event_store import versions
-from tests.deciders import (
+from eskit_tasks.ports import CompactionRecord, DeletionPlan, StreamInfo
+from eskit_tasks.testing.contracts.backend import Stores
+from eskit_tasks.testing.contracts.helpers import (
+    Proxy,
+    error_of,
+    seed,
+    state_of,
+    untouched,
+    versions,
+)
+from eskit_tasks.testing.deciders import (
     Balances,
     BalanceV1,
     BalanceV2,
@@ -50,7 +56,7 @@ from tests.deciders import (
 )
 
 
-def compact(stores: Stores, decider: Any, state_type: Any, **kwargs: Any):
+def compact(stores: Stores, decider: Any, state_type: Any, **kwargs: Any) -> Compactor[Any]:
     policy = CompactionPolicy(retain_last=kwargs.pop("retain_last", 0))
     return Compactor(
         store=kwargs.pop("store", stores.events),
@@ -64,10 +70,6 @@ def compact(stores: Stores, decider: Any, state_type: Any, **kwargs: Any):
 
 def replay(decider: Any, events: list[NewEvent]) -> Any:
     """The state a decider folds from ``events`` with no store in between (the model)."""
-    from datetime import UTC, datetime
-
-    from eskit_tasks import RecordedEvent
-
     state = decider.initial_state()
     for version, e in enumerate(events, start=1):
         state = decider.evolve(
@@ -81,7 +83,7 @@ class AdversarialContract:
 
     def test_insertion_ordered_dict_survives_compaction_and_evicts_the_right_key(
         self, stores: Stores
-    ):
+    ) -> None:
         first = pushes("zeta", "alpha", "mid")  # not in sorted order
         stores.events.append("queue", "q", first, expected_version=0)
         result = compact(stores, RecentKeys(), dict).compact("queue", "q")
@@ -101,7 +103,7 @@ class AdversarialContract:
 
     def test_zoneinfo_datetime_in_a_model_fails_verification_and_keeps_every_event(
         self, stores: Stores
-    ):
+    ) -> None:
         events = [
             NewEvent("Scheduled", {"at": "2026-01-10T09:00:00", "zone": "Europe/Berlin"}),
             NewEvent("Postponed", {"days": 1}),
@@ -109,8 +111,10 @@ class AdversarialContract:
         stores.events.append("reminder", "r", events, expected_version=0)
         result = compact(stores, Reminders(), Reminder).compact("reminder", "r")
         assert result.outcome == Outcome.VERIFICATION_FAILED
-        assert "reminder/r" in result.error and "at $.due (time zone)" in result.error
-        assert "ZoneInfo('Europe/Berlin')" in result.error and "fixed offset" in result.error
+        assert "reminder/r" in error_of(result) and "at $.due (time zone)" in error_of(result)
+        assert "ZoneInfo('Europe/Berlin')" in error_of(result) and "fixed offset" in error_of(
+            result
+        )
         assert versions(stores, "reminder", "r") == [1, 2]
         assert stores.snapshots.latest("reminder", "r") is None
         # Folding on from the events is still right 120 days later, across DST.
@@ -120,18 +124,20 @@ class AdversarialContract:
         state, _ = load_state(
             stores.events, stores.snapshots, Reminders(), Reminder, "reminder", "r"
         )
-        assert state.due is not None and state.due.utcoffset().total_seconds() == 7200
+        assert state.due is not None
+        offset = state.due.utcoffset()
+        assert offset is not None and offset.total_seconds() == 7200
 
     def test_enum_in_a_plain_dict_fails_verification_so_the_stream_stays_loadable(
         self, stores: Stores
-    ):
+    ) -> None:
         stores.events.append(
             "ticket", "t", [NewEvent("Changed", {"status": "closed"})], expected_version=0
         )
         result = compact(stores, Tickets(), dict).compact("ticket", "t")
         assert result.outcome == Outcome.VERIFICATION_FAILED
-        assert "at $['status'] (type)" in result.error
-        assert "(Status)" in result.error and "'closed' (str)" in result.error
+        assert "at $['status'] (type)" in error_of(result)
+        assert "(Status)" in error_of(result) and "'closed' (str)" in error_of(result)
         stores.events.append(
             "ticket", "t", [NewEvent("Changed", {"status": "open"})], expected_version=1
         )
@@ -140,7 +146,7 @@ class AdversarialContract:
 
     def test_a_snapshot_that_would_decode_differently_is_caught_with_a_retained_tail_too(
         self, stores: Stores
-    ):
+    ) -> None:
         stores.events.append(
             "ticket", "t", [NewEvent("Changed", {"status": "closed"})] * 3, expected_version=0
         )
@@ -150,7 +156,7 @@ class AdversarialContract:
 
     def test_a_set_in_a_typed_state_compacts_and_loads_whatever_its_iteration_order(
         self, stores: Stores
-    ):
+    ) -> None:
         # Removals and re-additions leave the set iterating in another order than a set
         # built afresh from its members (and the order differs between processes).
         kept = {290, 5, 100, 37, 64, 250}
@@ -167,12 +173,12 @@ class AdversarialContract:
         again = compact(stores, Tagger(), TagSet).compact("tags", "t")
         assert again.outcome == Outcome.COMPACTED, again.error
 
-    def test_datetime_keys_in_their_own_zone_fail_verification(self, stores: Stores):
+    def test_datetime_keys_in_their_own_zone_fail_verification(self, stores: Stores) -> None:
         events = [NewEvent("Booked", {"at": "2026-01-10T09:00:00", "what": "dentist"})]
         stores.events.append("calendar", "c", events, expected_version=0)
         result = compact(stores, Calendar(), CalendarState).compact("calendar", "c")
         assert result.outcome == Outcome.VERIFICATION_FAILED, result
-        assert "(time zone)" in result.error and " key " in result.error
+        assert "(time zone)" in error_of(result) and " key " in error_of(result)
         assert versions(stores, "calendar", "c") == [1]
 
     # 2. state type changes ------------------------------------------------------------
@@ -185,8 +191,8 @@ class AdversarialContract:
 
     @pytest.mark.parametrize("new_type", [BalanceV2, Renamed], ids=["new-field", "renamed"])
     def test_a_changed_state_type_is_refused_not_decoded_with_defaults(
-        self, stores: Stores, new_type
-    ):
+        self, stores: Stores, new_type: Any
+    ) -> None:
         self._compacted_v1(stores)
         with pytest.raises(SnapshotSchemaError) as info:
             load_state(
@@ -201,7 +207,7 @@ class AdversarialContract:
 
     def test_upcasters_by_version_are_applied_in_order_and_the_next_snapshot_is_current(
         self, stores: Stores
-    ):
+    ) -> None:
         self._compacted_v1(stores, state_version=1)
         v3 = Balances(
             BalanceV2,
@@ -224,13 +230,15 @@ class AdversarialContract:
             0
         ] == BalanceV2(balance=13, deposits=3)
 
-    def test_a_gap_in_the_upcaster_chain_is_refused(self, stores: Stores):
+    def test_a_gap_in_the_upcaster_chain_is_refused(self, stores: Stores) -> None:
         self._compacted_v1(stores, state_version=1)
         v3 = Balances(BalanceV2, state_version=3, upcasters={2: lambda s: s})
         with pytest.raises(SnapshotSchemaError, match="no upcaster leads"):
             load_state(stores.events, stores.snapshots, v3, BalanceV2, "balance", "a-1")
 
-    def test_an_upcaster_that_leaves_a_field_to_its_default_is_refused(self, stores: Stores):
+    def test_an_upcaster_that_leaves_a_field_to_its_default_is_refused(
+        self, stores: Stores
+    ) -> None:
         self._compacted_v1(stores)
         old = StateCodec(BalanceV1).marker.fingerprint
         lazy = Balances(BalanceV2, upcasters={old: lambda s: s})
@@ -240,7 +248,7 @@ class AdversarialContract:
         state, _ = load_state(stores.events, stores.snapshots, careful, BalanceV2, "balance", "a-1")
         assert state == BalanceV2(balance=13, deposits=1)
 
-    def test_same_state_version_with_another_shape_is_refused(self, stores: Stores):
+    def test_same_state_version_with_another_shape_is_refused(self, stores: Stores) -> None:
         self._compacted_v1(stores, state_version=1)
         with pytest.raises(SnapshotSchemaError) as info:
             load_state(
@@ -253,14 +261,14 @@ class AdversarialContract:
             )
         assert "stored: state_version 1" in str(info.value)
 
-    def test_an_upcaster_that_raises_is_reported_with_its_error(self, stores: Stores):
+    def test_an_upcaster_that_raises_is_reported_with_its_error(self, stores: Stores) -> None:
         self._compacted_v1(stores, state_version=1)
         broken = Balances(BalanceV2, state_version=2, upcasters={1: lambda s: s["nope"]})
         result = compact(stores, broken, BalanceV2).compact("balance", "a-1")
         assert result.error_type == "SnapshotSchemaError"
-        assert "upcaster from state_version 1 raised KeyError" in result.error
+        assert "upcaster from state_version 1 raised KeyError" in error_of(result)
 
-    def test_snapshots_record_their_schema_marker(self, stores: Stores):
+    def test_snapshots_record_their_schema_marker(self, stores: Stores) -> None:
         self._compacted_v1(stores, state_version=4)
         snap = stores.snapshots.latest("balance", "a-1")
         assert snap is not None
@@ -272,7 +280,9 @@ class AdversarialContract:
 
     # 3. a snapshot changed by hand ----------------------------------------------------
 
-    def test_a_tampered_snapshot_is_refused_by_load_state_and_by_compaction(self, stores: Stores):
+    def test_a_tampered_snapshot_is_refused_by_load_state_and_by_compaction(
+        self, stores: Stores
+    ) -> None:
         seed(stores, [1, 2, 3])
         assert compact(stores, Ledger(), dict).compact("account", "a-1").outcome == "compacted"
         seed(stores, [4])
@@ -290,11 +300,11 @@ class AdversarialContract:
 
     # 4. a deletion whose COMMIT reply was lost -----------------------------------------
 
-    def test_a_lost_commit_reply_is_settled_from_the_audit_log(self, stores: Stores):
+    def test_a_lost_commit_reply_is_settled_from_the_audit_log(self, stores: Stores) -> None:
         seed(stores, list(range(1, 91)))
         real = stores.events.commit_compaction
 
-        def commit_then_lose_the_reply(plan):
+        def commit_then_lose_the_reply(plan: DeletionPlan) -> NoReturn:
             real(plan)
             raise DatabaseUnavailableError("server closed the connection unexpectedly")
 
@@ -315,10 +325,10 @@ class AdversarialContract:
         assert result.bytes_reclaimed == row.bytes_reclaimed > 0
         assert state_of(stores) == (ledger_fold(list(range(1, 91))), 90)
 
-    def test_a_delete_that_did_not_commit_is_still_failed(self, stores: Stores):
+    def test_a_delete_that_did_not_commit_is_still_failed(self, stores: Stores) -> None:
         seed(stores, [1, 2, 3])
 
-        def cut_off_before_commit(plan):
+        def cut_off_before_commit(plan: DeletionPlan) -> NoReturn:
             raise DatabaseUnavailableError("connection refused")
 
         store = Proxy(stores.events, commit_compaction=cut_off_before_commit)
@@ -329,20 +339,20 @@ class AdversarialContract:
 
     def test_unknown_outcome_then_a_retry_with_the_same_id_reports_the_deletion_once(
         self, stores: Stores, monkeypatch: pytest.MonkeyPatch
-    ):
+    ) -> None:
         monkeypatch.setattr(compactor_module, "SETTLE_DELAYS_S", (0.0,))
         seed(stores, [1, 2, 3, 4])
         real = stores.events.commit_compaction
         down = itertools.count()
         committed: list[bool] = []
 
-        def unreachable_once_committed(compaction_id):
+        def unreachable_once_committed(compaction_id: str) -> CompactionRecord | None:
             if not committed:
                 return stores.events.find_compaction(compaction_id)
             next(down)
             raise DatabaseUnavailableError("database is down")
 
-        def commit_then_go_down(plan):
+        def commit_then_go_down(plan: DeletionPlan) -> NoReturn:
             real(plan)
             committed.append(True)
             raise DatabaseUnavailableError("server closed the connection unexpectedly")
@@ -356,7 +366,7 @@ class AdversarialContract:
             "account", "a-1", compaction_id="retry-me"
         )
         assert (first.outcome, first.error_type) == (Outcome.FAILED, "CommitOutcomeUnknownError")
-        assert "compaction_id='retry-me'" in first.error and next(down) == 2
+        assert "compaction_id='retry-me'" in error_of(first) and next(down) == 2
         again = compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id="retry-me")
         assert (again.outcome, again.recovered, again.events_deleted) == ("compacted", True, 4)
         assert again.compaction_id == "retry-me"
@@ -369,14 +379,16 @@ class AdversarialContract:
 
     def test_a_retry_whose_earlier_attempt_commits_while_it_waits_for_the_fence(
         self, stores: Stores
-    ):
+    ) -> None:
         # The earlier attempt's delete was still in flight: the retry's first look saw
         # nothing, its fence waited for that delete, and the stream moved meanwhile.
         seed(stores, [1, 2, 3])
         real_fence = stores.events.acquire_fence
         earlier: list[Any] = []
 
-        def fence_after_the_earlier_attempt_commits(stream_type, stream_id):
+        def fence_after_the_earlier_attempt_commits(
+            stream_type: str, stream_id: str
+        ) -> StreamInfo | None:
             if not earlier:
                 earlier.append(
                     compact(stores, Ledger(), dict).compact(
@@ -393,7 +405,7 @@ class AdversarialContract:
         assert (retry.outcome, retry.recovered, retry.events_deleted) == ("compacted", True, 3)
         assert len(stores.events.compaction_log("account", "a-1")) == 1
 
-    def test_a_compaction_id_of_another_stream_is_refused(self, stores: Stores):
+    def test_a_compaction_id_of_another_stream_is_refused(self, stores: Stores) -> None:
         seed(stores, [1, 2], stream_id="a-1")
         seed(stores, [1, 2], stream_id="b-2")
         done = compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id="x")
@@ -404,7 +416,7 @@ class AdversarialContract:
 
     def test_a_compaction_id_reused_meanwhile_is_never_taken_for_this_deletion(
         self, stores: Stores
-    ):
+    ) -> None:
         seed(stores, list(range(1, 11)), stream_id="a-1")
         seed(stores, [1, 2, 3], stream_id="b-2")
         calls = itertools.count(1)
@@ -425,7 +437,9 @@ class AdversarialContract:
         assert (row.stream_id, row.compaction_id) == ("b-2", "shared")
 
     @pytest.mark.parametrize("bad", ["", "x" * 37, 7])
-    def test_a_malformed_compaction_id_is_a_configuration_error(self, stores: Stores, bad):
+    def test_a_malformed_compaction_id_is_a_configuration_error(
+        self, stores: Stores, bad: Any
+    ) -> None:
         seed(stores, [1])
         with pytest.raises(ConfigurationError, match="compaction_id"):
             compact(stores, Ledger(), dict).compact("account", "a-1", compaction_id=bad)
