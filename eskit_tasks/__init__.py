@@ -11,12 +11,13 @@ from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import register_decider
 from eskit_tasks.core.verify import SnapshotReport, verify_snapshots
-from eskit_tasks.domain.codec import SchemaMarker, StateCodec, schema_fingerprint
+from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.compare import Difference, first_difference, indistinguishable
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import NewEvent, RecordedEvent
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.domain.schema import SchemaMarker, schema_fingerprint
 from eskit_tasks.errors import (
     CommitOutcomeUnknownError,
     CompactionError,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from eskit_tasks.domain.codec import UNRECORDED, SchemaMarker
 from eskit_tasks.domain.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.schema import UNRECORDED, SchemaMarker
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ class Snapshot:
             Readers only ever use verified snapshots.
         created_at: When it was written.
         fingerprint: The state schema's fingerprint when it was written
-            (:func:`~eskit_tasks.domain.codec.schema_fingerprint`).
+            (:func:`~eskit_tasks.domain.schema.schema_fingerprint`).
         state_version: The ``state_version`` the decider declared then (None: none).
     """
 

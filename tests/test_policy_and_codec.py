@@ -20,8 +20,9 @@ from eskit_tasks import (
     SnapshotSchemaError,
 )
 from eskit_tasks.core.loading import codec_for
-from eskit_tasks.domain.codec import SchemaMarker, StateCodec, schema_fingerprint, state_hash
+from eskit_tasks.domain.codec import StateCodec, state_hash
 from eskit_tasks.domain.policy import plan_cut
+from eskit_tasks.domain.schema import SchemaMarker, schema_fingerprint
 from eskit_tasks.testing.deciders import LedgerModel
 
 
@@ -279,7 +280,7 @@ def test_strict_decode_refuses_unknown_keys_and_missing_fields():
 
 
 def test_an_upcast_snapshot_keeps_integers_beyond_64_bits():
-    from eskit_tasks.domain.codec import UNRECORDED
+    from eskit_tasks.domain.schema import UNRECORDED
 
     codec = StateCodec(dict, upcasters={UNRECORDED: lambda s: s})
     stored = b'{"supply":340282366920938463463374607431768211455}'
@@ -290,7 +291,7 @@ def test_an_upcast_snapshot_keeps_integers_beyond_64_bits():
 
 
 def test_an_upcaster_whose_result_is_not_json_is_a_schema_error():
-    from eskit_tasks.domain.codec import UNRECORDED
+    from eskit_tasks.domain.schema import UNRECORDED
 
     codec = StateCodec(dict, upcasters={UNRECORDED: lambda s: {"x": object()}})
     with pytest.raises(SnapshotSchemaError, match="the upcasters' result is not JSON"):

@@ -26,12 +26,13 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from eskit_tasks.core.loading import codec_for, fold_measured, open_snapshot
-from eskit_tasks.domain.codec import StateCodec, Upcaster, state_hash
+from eskit_tasks.domain.codec import StateCodec, state_hash
 from eskit_tasks.domain.compare import first_difference
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import label_of
 from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import (
     CommitOutcomeUnknownError,
     ConfigurationError,

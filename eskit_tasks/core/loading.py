@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from eskit_tasks.domain.codec import StateCodec, Upcaster, state_hash
+from eskit_tasks.domain.codec import StateCodec, state_hash
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import RecordedEvent, label_of
+from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import EskitError, EvolveError, SnapshotIntegrityError, VersionGapError
 from eskit_tasks.ports import EventStore, Snapshot, SnapshotStore
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from eskit_tasks.core.loading import codec_for
-from eskit_tasks.domain.codec import StateCodec, Upcaster
+from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.decider import Decider
+from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
 
 

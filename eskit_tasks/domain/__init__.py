@@ -5,7 +5,9 @@
   decide) that users implement;
 * :mod:`~eskit_tasks.domain.policy` — ``CompactionPolicy``: what to keep, dry runs;
 * :mod:`~eskit_tasks.domain.codec` — how a state becomes snapshot bytes and back
-  (canonical JSON, hash, schema marker, upcasters, strict decoding);
+  (canonical JSON, hash, upcasting, strict decoding);
+* :mod:`~eskit_tasks.domain.schema` — which state schema wrote a snapshot: markers,
+  fingerprints, acceptable upcasters;
 * :mod:`~eskit_tasks.domain.compare` — "indistinguishable", stricter than ``==``;
 * :mod:`~eskit_tasks.domain.result` — ``CompactionResult`` and ``Outcome``, with the one
   rule of which outcomes need attention;

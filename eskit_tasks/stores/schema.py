@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from eskit_tasks.domain.codec import UNRECORDED
+from eskit_tasks.domain.schema import UNRECORDED
 from eskit_tasks.errors import TableLayoutError
 from eskit_tasks.ports import StreamInfo
 from eskit_tasks.stores.driver_errors import mask_url, translate_errors

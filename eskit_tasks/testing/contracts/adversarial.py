@@ -17,10 +17,11 @@ import pytest
 from eskit_tasks.core import compactor as compactor_module
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
-from eskit_tasks.domain.codec import UNRECORDED, StateCodec
+from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.events import NewEvent, RecordedEvent
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.result import Outcome
+from eskit_tasks.domain.schema import UNRECORDED
 from eskit_tasks.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
