@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from eskit_tasks.core.loading import codec_for, fold_measured, open_snapshot
+from eskit_tasks.core.settlement import NotCommittedError, committed_fields, settle
 from eskit_tasks.domain.codec import StateCodec, state_hash
 from eskit_tasks.domain.compare import first_difference
 from eskit_tasks.domain.decider import Decider
@@ -34,7 +35,6 @@ from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import (
-    CommitOutcomeUnknownError,
     ConfigurationError,
     DeletionMismatchError,
     EskitError,
@@ -57,9 +57,6 @@ from eskit_tasks.ports import (
 S = TypeVar("S")
 
 
-#: Seconds to wait before each further look at the audit log when a delete's outcome is
-#: unknown (the first look is immediate).
-SETTLE_DELAYS_S = (0.5, 2.0)
 #: Longest compaction id the audit log holds.
 MAX_COMPACTION_ID = 36
 
@@ -181,7 +178,7 @@ class Compactor(Generic[S]):
                 run.token = plan.token
                 self._run(stream_type, stream_id, plan, fields, run)
         except _Committed as done:
-            fields.update(_committed_fields(done.record))
+            fields.update(committed_fields(done.record))
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
@@ -359,38 +356,13 @@ class Compactor(Generic[S]):
         )
 
     def _settle(self, deletion: DeletionPlan, error: Exception, run: _RunState) -> CompactionRecord:
-        """After the delete raised: the audit row if it committed after all (its reply
-        was lost); otherwise re-raise ``error``.
-
-        The look is made after taking a new fencing token, which waits for a delete still
-        in flight, so "no audit row" is final (the new token is this compaction's from
-        then on: it discards the snapshot under it).
-
-        Raises:
-            CommitOutcomeUnknownError: the database could not be asked; retry the
-                compaction with the same id to settle it.
-        """
-        st, sid, cid = deletion.stream_type, deletion.stream_id, deletion.compaction_id
-        unreachable: Exception | None = None
-        for delay in (0.0, *SETTLE_DELAYS_S):
-            time.sleep(delay)
-            try:
-                fenced = self.store.acquire_fence(st, sid)
-                record = self.store.find_compaction(cid)
-            except EskitError as exc:
-                unreachable = exc
-                continue
-            if record is None or not _is_ours(record, deletion):
-                # Not committed, or the id's row is another compaction's (an id reused
-                # while this one ran): this delete did not happen.
-                run.token = None if fenced is None else fenced.fence_token
-                raise error
-            return record
-        raise CommitOutcomeUnknownError(
-            f"{label_of(st, sid)}: the delete's outcome is unknown ({error}), and the "
-            f"audit log could not be read to settle it ({unreachable}). Compact it again "
-            f"with compaction_id={cid!r}: it reports the deletion if it committed"
-        ) from error
+        """After the delete raised: the audit row if it committed after all; otherwise
+        ``error`` again, with the new fencing token taken to settle it now this run's."""
+        try:
+            return settle(self.store, deletion, error)
+        except NotCommittedError as not_committed:
+            run.token = not_committed.fence_token
+        raise error
 
     def _read_back(self, stream_type: str, stream_id: str, c: int, digest: str, at_cut: S) -> S:
         """Read the snapshot just written, check its bytes and decode it: it must be
@@ -502,16 +474,6 @@ class Compactor(Generic[S]):
             )
 
 
-def _is_ours(record: CompactionRecord, deletion: DeletionPlan) -> bool:
-    """Is this audit row the delete ``deletion`` planned (stream, token and cut)?"""
-    return (
-        record.stream_type == deletion.stream_type
-        and record.stream_id == deletion.stream_id
-        and record.fence_token == deletion.fence_token
-        and record.through_version == deletion.through_version
-    )
-
-
 def _check_compaction_id(compaction_id: object) -> None:
     if compaction_id is None:
         return
@@ -520,33 +482,3 @@ def _check_compaction_id(compaction_id: object) -> None:
             f"compaction_id must be a string of 1 to {MAX_COMPACTION_ID} characters, "
             f"got {compaction_id!r}"
         )
-
-
-def recovered_result(record: CompactionRecord, *, duration_ms: float = 0.0) -> CompactionResult:
-    """The result of a deletion the audit log holds, reported rather than seen
-    committing (``recovered``): its COMMIT reply was lost, or its worker died."""
-    return CompactionResult(
-        stream_type=record.stream_type,
-        stream_id=record.stream_id,
-        duration_ms=duration_ms,
-        **_committed_fields(record),
-    )
-
-
-def _committed_fields(record: CompactionRecord) -> dict[str, Any]:
-    """The result fields of a deletion the audit log holds (reported, not seen
-    committing)."""
-    return dict(
-        outcome=Outcome.COMPACTED,
-        head_version=record.head_version,
-        compacted_through_before=record.from_version - 1,
-        snapshot_version=record.snapshot_version,
-        events_deleted=record.events_deleted,
-        events_retained=record.head_version - record.through_version,
-        bytes_reclaimed=record.bytes_reclaimed,
-        state_hash=record.state_hash,
-        compaction_id=record.compaction_id,
-        recovered=True,
-        error=None,
-        error_type=None,
-    )

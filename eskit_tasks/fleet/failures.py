@@ -13,7 +13,7 @@ from typing import Any
 from celery import signals, states
 from celery.utils.log import get_task_logger
 
-from eskit_tasks.core.compactor import recovered_result
+from eskit_tasks.core.settlement import recovered_result
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK

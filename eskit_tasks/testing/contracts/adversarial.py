@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from eskit_tasks.core import compactor as compactor_module
+from eskit_tasks.core import settlement as settlement_module
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.domain.codec import StateCodec
@@ -341,7 +341,7 @@ class AdversarialContract:
     def test_unknown_outcome_then_a_retry_with_the_same_id_reports_the_deletion_once(
         self, stores: Stores, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(compactor_module, "SETTLE_DELAYS_S", (0.0,))
+        monkeypatch.setattr(settlement_module, "SETTLE_DELAYS_S", (0.0,))
         seed(stores, [1, 2, 3, 4])
         real = stores.events.commit_compaction
         down = itertools.count()
