@@ -213,15 +213,7 @@ class LocalCompactors:
             reg = get_registration(stream_type)
         except ConfigurationError as exc:
             return exc
-        return Compactor(
-            store=self.store,
-            snapshot_store=self.snapshots,
-            decider=reg.decider,
-            state_type=reg.state_type,
-            state_version=reg.state_version,
-            upcasters=reg.upcasters,
-            policy=self.policy,
-        )
+        return reg.compactor(self.store, self.snapshots, self.policy)
 
 
 def compact_all_here(

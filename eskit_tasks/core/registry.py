@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import codec_for
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.decider import Decider
+from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
+from eskit_tasks.ports import EventStore, SnapshotStore
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,26 @@ class Registration:
     def codec(self) -> StateCodec[Any]:
         """The codec of this stream type's snapshots."""
         return codec_for(self.decider, self.state_type, self.state_version, self.upcasters)
+
+    def compactor(
+        self,
+        store: EventStore,
+        snapshots: SnapshotStore,
+        policy: CompactionPolicy,
+        *,
+        guard: Callable[[], None] | None = None,
+    ) -> Compactor[Any]:
+        """A Compactor for streams of this type (the CLI and the fleet's task use this)."""
+        return Compactor(
+            store=store,
+            snapshot_store=snapshots,
+            decider=self.decider,
+            state_type=self.state_type,
+            state_version=self.state_version,
+            upcasters=self.upcasters,
+            policy=policy,
+            guard=guard,
+        )
 
 
 _lock = threading.Lock()

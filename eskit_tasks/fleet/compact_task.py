@@ -21,7 +21,6 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from redis.exceptions import RedisError
 
-from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.registry import get_registration, import_decider_modules
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
@@ -129,16 +128,9 @@ def _compact_locked(
     try:
         if copy.result_claimed_by_other():
             raise Ignore()  # a copy of this task finished while we waited for the lock
-        result = Compactor(
-            store=store,
-            snapshot_store=snapshots,
-            decider=registration.decider,
-            state_type=registration.state_type,
-            state_version=registration.state_version,
-            upcasters=registration.upcasters,
-            policy=parsed,
-            guard=copy.guard(lock),
-        ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
+        result = registration.compactor(store, snapshots, parsed, guard=copy.guard(lock)).compact(
+            stream_type, stream_id, compaction_id=copy.compaction_id
+        )
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.
