@@ -238,3 +238,38 @@ def test_which_failed_results_a_task_retries(error_type: str | None, retried: bo
         compaction_id="c",
     )
     assert is_transient(result) is retried
+
+
+def test_ready_made_resources_are_not_shared_with_a_forked_worker(tmp_path):
+    """A prefork child must never use its parent's connections: ready-made Resources
+    serve the process that made the app and are refused, with advice, after a fork;
+    a factory makes new ones in each process."""
+    import os
+
+    from eskit_tasks.errors import ConfigurationError
+
+    settings = EskitSettings(database_url=f"sqlite:///{tmp_path / 'x.db'}")
+    given = Resources(settings, redis=fakeredis.FakeRedis())
+    app = create_app(settings, config={"broker_url": "memory://"}, resources=given)
+    made = create_app(
+        settings, config={"broker_url": "memory://"}, resources=lambda: Resources(settings)
+    )
+    assert app.eskit_resources.get() is given
+    parent_made = made.eskit_resources.get()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it got, then leave without cleaning up
+        try:
+            try:
+                app.eskit_resources.get()
+                verdict = "shared"
+            except ConfigurationError as exc:
+                verdict = "refused" if "factory" in str(exc) else f"other: {exc}"
+            fresh = made.eskit_resources.get() is not parent_made
+            os.write(write, f"{verdict},{fresh}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 1000).decode()
+    os.waitpid(pid, 0)
+    assert got == "refused,True"

@@ -61,8 +61,10 @@ def create_app(
             defaults for ``settings``. Default: the module ESKIT_CELERY_CONFIG names
             (``celeryconfig``); if that variable is unset and no such module exists, the
             packaged defaults.
-        resources: The clients the tasks use (or a factory called once per process).
-            Default: made from ``settings`` in each process.
+        resources: The clients the tasks use: ready-made ``Resources`` for workers in
+            this process (an in-process test worker; a forked worker refuses them), or a
+            factory called once in each process. Default: made from ``settings`` in
+            each process.
 
     Raises:
         ConfigurationError: the config module cannot be imported.
@@ -77,8 +79,7 @@ def create_app(
     app.conf.worker_consumer = "eskit_tasks.fleet.consumer:GuardedConsumer"
     app.eskit_settings = settings
     if isinstance(resources, Resources):
-        given = resources
-        app.eskit_resources = PerProcess(lambda: given)
+        app.eskit_resources = PerProcess.given(resources)
     else:
         app.eskit_resources = PerProcess(resources or (lambda: Resources(settings)))
     app.task(bind=True, shared=False, name=COMPACT_STREAM_TASK, max_retries=None)(compact_stream)

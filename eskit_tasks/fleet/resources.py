@@ -9,7 +9,7 @@ build a fleet in-process with an SQLite file and fakeredis instead of resetting 
     app = create_app(settings, config={"broker_url": "memory://"}, resources=resources)
 
 :class:`PerProcess` hands each process its own: a prefork child never reuses the
-connections it inherited from its parent.
+connections it inherited from its parent (ready-made resources are refused there).
 """
 
 from __future__ import annotations
@@ -85,16 +85,36 @@ class Resources:
 
 
 class PerProcess:
-    """One :class:`Resources` per process id, made by ``factory`` on first use there."""
+    """One :class:`Resources` per process id, made by ``factory`` on first use there.
+
+    Or, with :meth:`given`, one ready-made instance for the process that made it (an
+    in-process worker): a forked process asking for it gets a ConfigurationError rather
+    than the parent's connections.
+    """
 
     def __init__(self, factory: Callable[[], Resources]) -> None:
-        self._factory = factory
+        self._factory: Callable[[], Resources] | None = factory
         self._pid: int | None = None
         self._current: Resources | None = None
+
+    @classmethod
+    def given(cls, resources: Resources) -> PerProcess:
+        """Hand out ``resources`` in this process only."""
+        made = cls(lambda: resources)
+        made._factory, made._current, made._pid = None, resources, os.getpid()
+        return made
 
     def get(self) -> Resources:
         pid = os.getpid()
         if self._current is None or self._pid != pid:
+            if self._factory is None:
+                raise ConfigurationError(
+                    f"process {pid} was forked from process {self._pid}, whose app was given "
+                    "ready-made Resources: their database and Redis connections cannot be "
+                    "shared with a forked worker. Give create_app a factory instead "
+                    "(resources=lambda: Resources(settings, ...)), or run the worker with "
+                    "the solo or threads pool"
+                )
             self._current, self._pid = self._factory(), pid
         return self._current
 
