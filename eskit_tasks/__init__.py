@@ -7,6 +7,7 @@ state, then delete events 1..C — never losing one.
 import importlib
 from typing import Any
 
+from eskit_tasks import _moved
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import register_decider
@@ -61,6 +62,8 @@ __version__ = "0.1.0"
 
 # The fleet's names import Celery; they load on first use so that the library core
 # stays light. `celery -A eskit_tasks` finds the Celery app as `eskit_tasks.app`.
+_moved.install()  # the old flat module paths (eskit_tasks.settings, ...) still import
+
 _LAZY = {
     "compact_all": "eskit_tasks.fleet.runs",
     "CompactionRun": "eskit_tasks.fleet.runs",
