@@ -22,6 +22,7 @@ from eskit_tasks.errors import (
     DeletionMismatchError,
     EventDecodeError,
     FencedError,
+    StoreError,
 )
 from eskit_tasks.ports import DeletionPlan
 
@@ -204,6 +205,17 @@ def check_deleted(label: str, plan: DeletionPlan, deleted: int) -> None:
         raise DeletionMismatchError(
             f"{label}: deleting versions up to {plan.through_version} would remove {deleted} "
             f"events, the plan says {plan.expected_deleted}; rolled back, nothing deleted"
+        )
+
+
+def check_new_compaction_id(label: str, plan: DeletionPlan, already_logged: bool) -> None:
+    """A compaction id names one deletion: one already in the audit log is refused (the
+    SQL log's unique key stays as the backstop for two such deletes at once)."""
+    if already_logged:
+        raise StoreError(
+            f"delete compacted events of {label} failed: compaction id "
+            f"{plan.compaction_id!r} is already in the audit log; give each compaction "
+            "its own id"
         )
 
 

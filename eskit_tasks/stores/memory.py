@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
-from eskit_tasks.errors import StoreError
 from eskit_tasks.ports import (
     Candidate,
     CompactionRecord,
@@ -30,6 +29,7 @@ from eskit_tasks.stores._rules import (
     check_commit,
     check_deleted,
     check_expected_version,
+    check_new_compaction_id,
     check_snapshot,
     check_snapshot_save,
     conflict,
@@ -166,12 +166,7 @@ class InMemoryEventStore:
             check_snapshot(label, plan, None if snap is None else snap[0].state_hash)
             doomed = [v for v in s.events if v <= c]
             check_deleted(label, plan, len(doomed))
-            if plan.compaction_id in db.log_by_id:
-                # The SQL audit log's unique key refuses it the same way.
-                raise StoreError(
-                    f"delete compacted events of {label} failed: compaction id "
-                    f"{plan.compaction_id!r} is already in the audit log"
-                )
+            check_new_compaction_id(label, plan, plan.compaction_id in db.log_by_id)
             for v in doomed:
                 del s.events[v]
             kept, token = s.snapshots[c]

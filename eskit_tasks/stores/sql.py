@@ -25,6 +25,7 @@ from eskit_tasks.stores._rules import (
     check_commit,
     check_deleted,
     check_expected_version,
+    check_new_compaction_id,
     check_snapshot,
     conflict,
     encode_events,
@@ -323,6 +324,12 @@ class SqlEventStore:
                 ).rowcount
             )
             check_deleted(label, plan, deleted)
+            logged = conn.execute(
+                sa.select(compaction_log.c.compaction_id).where(
+                    compaction_log.c.compaction_id == plan.compaction_id
+                )
+            ).first()
+            check_new_compaction_id(label, plan, logged is not None)
             conn.execute(sa.update(snapshots).where(*at_cut).values(verified=True))
             conn.execute(
                 sa.delete(snapshots).where(snapshots.c.stream_pk == pk, snapshots.c.version < c)

@@ -20,6 +20,7 @@ from eskit_tasks.errors import (
     DeletionMismatchError,
     EventDecodeError,
     FencedError,
+    StoreError,
 )
 from eskit_tasks.ports import DeletionPlan, Snapshot
 from eskit_tasks.testing.contracts.backend import Stores
@@ -365,6 +366,41 @@ class EventStoreContract:
             stores.events.commit_compaction(beyond)
         info = stores.events.stream_info("account", "a-1")
         assert info is not None and info.compacted_through == 0
+
+    def test_commit_under_a_compaction_id_already_logged_deletes_nothing(
+        self, stores: Stores
+    ) -> None:
+        """A compaction id names one deletion: a second delete under the same id (another
+        stream's) is refused by the audit log, after every other check, by both store
+        families in the same way; nothing of it is deleted or logged."""
+        first = self._prepare(stores)
+        assert stores.events.commit_compaction(first) == 3
+        stores.events.append("account", "b-1", deposits(1, 2, 3), expected_version=0)
+        info = stores.events.acquire_fence("account", "b-1")
+        assert info is not None
+        body = b'{"c":2}'
+        stores.snapshots.save(
+            "account",
+            "b-1",
+            Snapshot(2, body, state_hash(body), False, datetime.now(UTC)),
+            fence_token=info.fence_token,
+        )
+        again = replace(
+            first,
+            stream_id="b-1",
+            fence_token=info.fence_token,
+            through_version=2,
+            head_version=3,
+            expected_deleted=2,
+            state_hash=state_hash(body),
+        )
+        with pytest.raises(StoreError, match="cid-1"):
+            stores.events.commit_compaction(again)
+        # With a wrong hash too, the hash is what is reported (it is checked first).
+        with pytest.raises(DeletionMismatchError, match="different"):
+            stores.events.commit_compaction(replace(again, state_hash="0" * 64))
+        assert versions(stores, "account", "b-1") == [1, 2, 3]
+        assert [r.stream_id for r in stores.events.compaction_log()] == ["a-1"]
 
     def test_compacted_stream_keeps_head_for_optimistic_concurrency(self, stores: Stores) -> None:
         plan = self._prepare(stores, n=3, c=3)
