@@ -7,7 +7,8 @@ the stores translate them at the boundary and chain the original with ``from``.
     EskitError
     ├── ConfigurationError              bad input, raised before any I/O
     │   ├── InvalidPolicyError          (also a ValueError)
-    │   └── UnknownStreamTypeError      no decider is registered for a stream type
+    │   ├── UnknownStreamTypeError      no decider is registered for a stream type
+    │   └── DatabaseNotReadyError       the eskit tables are missing or need an upgrade
     ├── StoreError                      the event database
     │   ├── DatabaseUnavailableError    cannot connect / connection lost
     │   │   └── CommitOutcomeUnknownError  a delete's COMMIT reply was lost, not settled yet
@@ -48,6 +49,11 @@ class InvalidPolicyError(ConfigurationError, ValueError):
 
 class UnknownStreamTypeError(ConfigurationError):
     """Raised when no decider is registered for a stream type."""
+
+
+class DatabaseNotReadyError(ConfigurationError):
+    """Raised when the eskit tables are missing or at an older revision; nothing was
+    changed: run ``eskit-tasks init-db``."""
 
 
 class StoreError(EskitError):

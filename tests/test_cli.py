@@ -214,6 +214,7 @@ def test_demo_command_runs_end_to_end_as_a_console_script(tmp_path):
 
 
 def test_python_dash_m_is_the_same_cli(tmp_path):
+    SqlEventStore.from_url(f"sqlite:///{tmp_path / 'm.db'}").engine.dispose()
     done = subprocess.run(
         [
             sys.executable,

@@ -3,7 +3,6 @@ case 6: `init-db` used to say "tables ready" and compaction failed later)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +10,10 @@ import pytest
 import sqlalchemy as sa
 
 from eskit_tasks import (
-    CompactionPolicy,
-    Compactor,
     SqlEventStore,
-    SqlSnapshotStore,
     TableLayoutError,
-    load_state,
 )
 from eskit_tasks.cli import main
-from eskit_tasks.stores.schema import metadata
-from eskit_tasks.testing.deciders import Ledger, deposits, ledger_fold
 from eskit_tasks.testing.services import scratch_database
 
 UPGRADING = Path(__file__).resolve().parent.parent / "docs" / "upgrading.md"
@@ -106,50 +99,3 @@ def test_an_unknown_column_this_version_cannot_fill_is_refused(fresh_url: str):
     _alter(fresh_url, "ALTER TABLE eskit_streams ALTER COLUMN shard SET NOT NULL")
     with pytest.raises(TableLayoutError, match="eskit_streams has column shard that this version"):
         SqlEventStore.from_url(fresh_url)
-
-
-def test_the_upgrade_in_docs_upgrading_md_makes_a_first_layout_database_usable(fresh_url: str):
-    _first_layout(fresh_url)
-    # A snapshot the first release wrote: sorted keys, no marker.
-    store = SqlEventStore(sa.create_engine(fresh_url), create_tables=False)
-    store.append("account", "a-1", deposits(1, 2, 3), expected_version=0)
-    old = b'{"count":3,"last":3,"total":6}'
-    import hashlib
-
-    with store.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO eskit_snapshots (stream_pk, version, state, state_hash, verified, "
-                "fence_token, created_at) VALUES (1, 3, :s, :h, true, 1, :t)"
-            ),
-            {"s": old.decode(), "h": hashlib.sha256(old).hexdigest(), "t": "2026-01-01 00:00:00"},
-        )
-        conn.execute(sa.text("UPDATE eskit_streams SET compacted_through = 3, fence_token = 1"))
-        conn.exec_driver_sql("DELETE FROM eskit_events")
-    store.engine.dispose()
-
-    sql = re.search(r"```sql\n(.*?)```", UPGRADING.read_text(), flags=re.DOTALL)
-    assert sql is not None
-    _alter(fresh_url, *[s for s in sql.group(1).split(";") if s.strip()])
-    store = SqlEventStore.from_url(fresh_url)
-    snaps = SqlSnapshotStore(store.engine)
-    store.append("account", "a-1", deposits(4), expected_version=3)
-    identity = {"unrecorded": lambda s: s}
-    assert load_state(store, snaps, Ledger(), dict, "account", "a-1", upcasters=identity) == (
-        ledger_fold([1, 2, 3, 4]),
-        4,
-    )
-    result = Compactor(
-        store=store,
-        snapshot_store=snaps,
-        decider=Ledger(),
-        state_type=dict,
-        policy=CompactionPolicy(),
-        upcasters=identity,
-    ).compact("account", "a-1")
-    assert result.outcome == "compacted", result.error
-    # The new snapshot has its real marker: no upcaster needed from now on.
-    assert load_state(store, snaps, Ledger(), dict, "account", "a-1")[1] == 4
-    store.engine.dispose()
-    assert "fingerprint" in _columns(fresh_url, "eskit_snapshots")
-    assert len(metadata.tables) == 4

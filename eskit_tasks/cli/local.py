@@ -23,6 +23,7 @@ from eskit_tasks.cli.options import (
     import_deciders,
     open_store,
     policy_of,
+    sqlite_file,
 )
 from eskit_tasks.cli.render import (
     emit_json,
@@ -43,19 +44,87 @@ from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.stores import migrate
+from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.sql import SqlSnapshotStore
 
 
 @app.command("init-db")
 def init_db(database: Database = None, json_: JsonOut = False) -> None:
-    """Create eskit-tasks' tables in the event database (safe to run again)."""
-    store = open_store(database)
-    where = mask_url(str(store.engine.url.render_as_string(hide_password=True)))
+    """Create eskit-tasks' tables, or upgrade them to this version's revision (safe to
+    run again; workers must be stopped for an upgrade)."""
+    url = database or get_settings().database_url
+    engine = create_engine(url)
+    try:
+        before, after = migrate.upgrade(engine)
+        where = mask_url(str(engine.url.render_as_string(hide_password=True)))
+    finally:
+        engine.dispose()
     if json_:
-        emit_json({"database": where, "tables": "ready"})
+        emit_json(
+            {
+                "database": where,
+                "tables": "ready",
+                "revision": after.revision,
+                "was": before.revision,
+                "was_state": before.state,
+            }
+        )
     else:
-        out.print(f"tables ready in {where}")
+        out.print(f"tables ready in {where}: {describe_upgrade(before, after)}")
+
+
+@app.command("db-status")
+def db_status(database: Database = None, json_: JsonOut = False) -> None:
+    """Show the revision of the eskit tables and whether init-db must upgrade them
+    (exit 2 if so). Read-only."""
+    engine = create_engine(database or get_settings().database_url)
+    try:
+        path = sqlite_file(engine.url)
+        if path is not None and not path.exists():
+            found = migrate.SchemaStatus("empty", None, migrate.head())
+        else:
+            found = migrate.status(engine)
+        where = mask_url(str(engine.url.render_as_string(hide_password=True)))
+    finally:
+        engine.dispose()
+    advice = {
+        "current": "up to date",
+        "empty": "not initialised: run eskit-tasks init-db",
+        "unversioned": "made before migrations: run eskit-tasks init-db",
+        "behind": "needs an upgrade: run eskit-tasks init-db",
+        "ahead": "made by a newer eskit-tasks: upgrade eskit-tasks",
+    }[found.state]
+    if json_:
+        emit_json(
+            {
+                "database": where,
+                "state": found.state,
+                "revision": found.revision,
+                "head": found.head,
+            }
+        )
+    else:
+        out.print(
+            f"{where}: revision {found.revision or '(none)'}, this eskit-tasks "
+            f"{found.head}: {advice}"
+        )
+    if found.state == "ahead":
+        raise typer.Exit(Exit.ERROR)
+    if not found.ready:
+        raise typer.Exit(Exit.USAGE)
+
+
+def describe_upgrade(before: migrate.SchemaStatus, after: migrate.SchemaStatus) -> str:
+    if before.state == "current":
+        return f"revision {after.revision}, already current"
+    if before.state == "empty":
+        return f"created at revision {after.revision}"
+    if before.state == "unversioned":
+        return f"tables from before migrations upgraded to revision {after.revision}"
+    return f"upgraded from revision {before.revision} to {after.revision}"
 
 
 @app.command()
@@ -124,7 +193,7 @@ def candidates(
 ) -> None:
     """List the streams a policy would pick, with their live event counts."""
     found = iter_candidates(
-        open_store(database),
+        open_store(database, read_only=True),
         min_events=min_events,
         retain_last=retain_last,
         stream_types=stream_type,
@@ -166,7 +235,8 @@ def log(
     json_: JsonOut = False,
 ) -> None:
     """Show the compaction audit log, newest first."""
-    print_log(open_store(database).compaction_log(stream_type, stream_id, limit=limit), json_)
+    store = open_store(database, read_only=True)
+    print_log(store.compaction_log(stream_type, stream_id, limit=limit), json_)
 
 
 @app.command("verify-snapshots")
@@ -179,8 +249,9 @@ def verify_snapshots_cmd(
     """Check that the deciders about to be deployed can read every verified snapshot
     (hash, schema marker, upcasters, strict decode); exit 4 if any cannot. Read-only."""
     import_deciders(decider_modules)
-    store = open_store(database)
-    report = verify_snapshots(SqlSnapshotStore(store.engine), stream_types=stream_types)
+    store = open_store(database, read_only=True)
+    snapshots = SqlSnapshotStore(store.engine, create_tables=False)
+    report = verify_snapshots(snapshots, stream_types=stream_types)
     print_snapshot_report(report, json_)
     if not report.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.engine import URL
 
 from eskit_tasks.core.registry import import_decider_modules
 from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.errors import DatabaseNotReadyError
 from eskit_tasks.fleet.settings import get_settings
+from eskit_tasks.stores.engine import create_engine
+from eskit_tasks.stores.migrate import require_current
 from eskit_tasks.stores.sql import SqlEventStore
 
 
@@ -73,9 +78,36 @@ def policy_of(retain_last: int, retain_younger_than: str | None, dry_run: bool) 
     )
 
 
-def open_store(database: str | None) -> SqlEventStore:
-    """The event store at ``--database``, else at ESKIT_DATABASE_URL."""
-    return SqlEventStore.from_url(database or get_settings().database_url)
+def open_store(database: str | None, *, read_only: bool = False) -> SqlEventStore:
+    """The event store at ``--database``, else at ESKIT_DATABASE_URL.
+
+    A read-only command's store changes nothing, tables included: it needs tables at
+    this code's revision (DatabaseNotReadyError, a usage error, names init-db), and a
+    SQLite file that does not exist is not created.
+    """
+    url = database or get_settings().database_url
+    if not read_only:
+        return SqlEventStore.from_url(url)
+    store = SqlEventStore(create_engine(url), create_tables=False)
+    try:
+        path = sqlite_file(store.engine.url)
+        if path is not None and not path.exists():
+            raise DatabaseNotReadyError(
+                f"there is no SQLite database at {path}: not initialised: run "
+                "eskit-tasks init-db (or check the path)"
+            )
+        require_current(store.engine)
+    except BaseException:
+        store.engine.dispose()
+        raise
+    return store
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
 
 
 def import_deciders(extra: Sequence[str] | None) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, signals
 
 from eskit_tasks.core.registry import import_decider_modules
-from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, TableLayoutError
 from eskit_tasks.fleet import celeryconfig as packaged
 from eskit_tasks.fleet import failures, metrics, observability
 from eskit_tasks.fleet.compact_task import compact_stream
@@ -29,6 +29,8 @@ from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK, FANOU
 from eskit_tasks.fleet.fan_out import fan_out
 from eskit_tasks.fleet.resources import PerProcess, Resources
 from eskit_tasks.fleet.settings import EskitSettings, get_settings
+from eskit_tasks.stores.engine import create_engine
+from eskit_tasks.stores.schema import ensure_schema
 
 log = logging.getLogger("eskit_tasks")
 
@@ -135,6 +137,27 @@ def _import_deciders_at_start(sender: Any = None, **_: Any) -> None:
     modules = settings.decider_module_list
     import_decider_modules(modules)
     log.info("eskit-tasks: deciders imported from %s", ", ".join(modules) or "(none)")
+
+
+@signals.worker_init.connect
+@_fatal_at_start
+def _check_tables_at_start(sender: Any = None, **_: Any) -> None:
+    """Refuse to start on tables this code cannot use (an older revision: run
+    ``eskit-tasks init-db``; a newer one: upgrade the workers); make them on an empty
+    database. An unreachable database does not stop the worker: its tasks retry."""
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    try:
+        engine = create_engine(settings.database_url)
+        try:
+            ensure_schema(engine)
+        finally:
+            engine.dispose()
+    except DatabaseUnavailableError as exc:
+        log.warning("eskit-tasks: the event database is unreachable at start: %s", exc)
+    except TableLayoutError as exc:
+        raise ConfigurationError(str(exc)) from exc
 
 
 @signals.worker_init.connect

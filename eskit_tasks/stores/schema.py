@@ -19,10 +19,6 @@ from eskit_tasks.domain.schema import UNRECORDED
 from eskit_tasks.errors import TableLayoutError
 from eskit_tasks.ports import StreamInfo
 from eskit_tasks.stores.driver_errors import mask_url, translate_errors
-from eskit_tasks.stores.engine import write_transaction
-
-#: Arbitrary constant key of the advisory lock that serialises table creation.
-_SCHEMA_LOCK_KEY = 0x65736B6974  # "eskit"
 
 metadata = sa.MetaData()
 
@@ -128,13 +124,14 @@ compaction_log = sa.Table(
 
 def layout_differences(conn: sa.Connection) -> list[str]:
     """How the existing eskit tables in ``conn``'s database differ from this version's
-    layout: missing columns, and unknown columns this version could not fill (NOT NULL,
-    no default). Missing tables are not a difference: they are created."""
+    layout: missing tables and columns, and unknown columns this version could not fill
+    (NOT NULL, no default)."""
     inspector = sa.inspect(conn)
     existing = set(inspector.get_table_names())
     found = []
     for table in metadata.sorted_tables:
         if table.name not in existing:
+            found.append(f"{table.name} is missing")
             continue
         columns = {c["name"]: c for c in inspector.get_columns(table.name)}
         missing = [c.name for c in table.columns if c.name not in columns]
@@ -163,27 +160,36 @@ _checked_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create the missing tables and refuse existing ones of another layout, once per
-    engine; safe when many workers start at once on an empty database.
+    """Make the tables of an empty database, record the revision of tables made before
+    migrations if they have this version's layout, and refuse anything else; once per
+    engine, safe when many workers start at once on an empty database.
 
     Raises:
-        TableLayoutError: the tables exist with another layout (nothing was changed).
+        DatabaseNotReadyError: the tables need an upgrade (``eskit-tasks init-db``).
+        TableLayoutError: the tables exist with another layout, or were made by a newer
+            eskit-tasks (nothing was changed).
     """
+    from eskit_tasks.stores import migrate
+
     if engine in _checked_engines:
         return
-    with translate_errors(engine, "open the event store"), write_transaction(engine) as conn:
-        if engine.dialect.name == "postgresql":
-            # Concurrent CREATE TABLE IF NOT EXISTS races on PostgreSQL's catalogs.
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
-        differences = layout_differences(conn)
+    found = migrate.status(engine)
+    if found.state in ("behind", "ahead"):
+        migrate.require_current(engine)  # raises, saying what to do
+    if found.state != "empty":
+        with translate_errors(engine, "open the event store"), engine.connect() as conn:
+            differences = layout_differences(conn)
+        if found.state == "unversioned" and differences == migrate.FIRST_LAYOUT_DIFFERENCES:
+            migrate.require_current(engine)  # the first layout: init-db upgrades it
         if differences:
             raise TableLayoutError(
                 f"the eskit tables in {mask_url(engine.url)} do not have the layout this "
-                f"eskit-tasks expects: {'; '.join(differences)}. The tables were not changed; "
-                "upgrade them as docs/upgrading.md describes, or use a database made by "
-                "this version (eskit-tasks init-db)."
+                f"eskit-tasks expects: {'; '.join(differences)}. The tables were not "
+                "changed; upgrade them as docs/upgrading.md describes, or use a database "
+                "made by this version (eskit-tasks init-db)."
             )
-        metadata.create_all(conn, checkfirst=True)
+    if found.state in ("empty", "unversioned"):
+        migrate.upgrade(engine)  # create the tables, or record their revision
     _checked_engines.add(engine)
 
 

@@ -1,0 +1,208 @@
+"""The eskit tables' revisions: created, recognised, upgraded in place, refused.
+
+Each case runs on SQLite and on PostgreSQL (a scratch database of its own: the layout
+is changed by hand).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from eskit_tasks import CompactionPolicy, Compactor, SqlEventStore, SqlSnapshotStore, load_state
+from eskit_tasks.cli import Exit, main
+from eskit_tasks.errors import DatabaseNotReadyError, TableLayoutError
+from eskit_tasks.stores import migrate
+from eskit_tasks.stores.schema import metadata
+from eskit_tasks.testing.deciders import Ledger, deposits, ledger_fold
+from eskit_tasks.testing.services import scratch_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'events.db'}"
+        return
+    with scratch_database(request.getfixturevalue("postgres_url"), "eskit_migrate") as made:
+        yield made
+
+
+def _run(url: str, *statements: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def _layout(url: str) -> dict[str, object]:
+    """Everything about the eskit tables that a migration could get wrong."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        found: dict[str, object] = {}
+        for table in sorted(metadata.tables):
+            columns = [
+                (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                for c in inspector.get_columns(table)
+            ]
+            found[table] = (
+                columns,
+                inspector.get_pk_constraint(table)["constrained_columns"],
+                sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
+                sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+            )
+        if engine.dialect.name == "sqlite":
+            found["without rowid"] = sorted(
+                row[0]
+                for row in conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND sql LIKE '%WITHOUT ROWID%'"
+                )
+            )
+    engine.dispose()
+    return found
+
+
+def _made_before_migrations(url: str, *, first_layout: bool) -> None:
+    """Tables as a release before migrations made them, with a compacted stream."""
+    engine = sa.create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    if first_layout:
+        _run(
+            url,
+            "ALTER TABLE eskit_snapshots DROP COLUMN state_version",
+            "ALTER TABLE eskit_snapshots DROP COLUMN fingerprint",
+        )
+    store = SqlEventStore(sa.create_engine(url), create_tables=False)
+    store.append("account", "a-1", deposits(1, 2, 3, 4), expected_version=0)
+    old = b'{"count":3,"last":3,"total":6}'
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO eskit_snapshots (stream_pk, version, state, state_hash, verified, "
+                "fence_token, created_at) VALUES (1, 3, :s, :h, true, 7, :t)"
+            ),
+            {"s": old.decode(), "h": hashlib.sha256(old).hexdigest(), "t": "2026-01-01 00:00:00"},
+        )
+        conn.execute(sa.text("UPDATE eskit_streams SET compacted_through = 3, fence_token = 7"))
+        conn.exec_driver_sql("DELETE FROM eskit_events WHERE version <= 3")
+    store.engine.dispose()
+
+
+def test_a_new_database_gets_the_layout_of_the_code_at_the_newest_revision(url: str, tmp_path):
+    """The migrations make exactly the tables the code describes (columns, types, keys,
+    indexes, WITHOUT ROWID on SQLite)."""
+    store = SqlEventStore.from_url(url)
+    assert migrate.status(store.engine) == migrate.SchemaStatus("current", "0002", "0002")
+    store.engine.dispose()
+    with _another_database_like(url, tmp_path) as plain:
+        engine = sa.create_engine(plain)
+        metadata.create_all(engine)
+        engine.dispose()
+        assert _layout(url) == _layout(plain)
+
+
+def _another_database_like(url: str, tmp_path: Path) -> contextlib.AbstractContextManager[str]:
+    if url.startswith("sqlite"):
+        return contextlib.nullcontext(f"sqlite:///{tmp_path / 'plain.db'}")
+    admin = sa.engine.make_url(url).set(database="postgres").render_as_string(hide_password=False)
+    return scratch_database(admin, "eskit_plain")
+
+
+@pytest.mark.parametrize("first_layout", [False, True], ids=["current-layout", "first-layout"])
+def test_init_db_upgrades_a_database_made_before_migrations_in_place(
+    url: str, first_layout: bool, capsys: pytest.CaptureFixture[str]
+):
+    _made_before_migrations(url, first_layout=first_layout)
+    engine = sa.create_engine(url)
+    assert migrate.status(engine).state == "unversioned"
+    engine.dispose()
+    if first_layout:  # the library and the read-only commands refuse until init-db
+        with pytest.raises(DatabaseNotReadyError, match="init-db"):
+            SqlEventStore.from_url(url)
+        assert main(["log", "--database", url]) == Exit.USAGE
+        assert "run eskit-tasks init-db" in capsys.readouterr().err
+
+    assert main(["init-db", "--database", url]) == Exit.OK
+    said = capsys.readouterr().out
+    assert "tables from before migrations upgraded to revision 0002" in said
+
+    store = SqlEventStore.from_url(url)
+    snaps = SqlSnapshotStore(store.engine)
+    info = store.stream_info("account", "a-1")
+    assert info is not None
+    assert (info.head_version, info.compacted_through, info.fence_token) == (4, 3, 7)
+    assert [e.version for e in store.read("account", "a-1")] == [4]
+    identity = {"unrecorded": lambda s: s}
+    got = load_state(store, snaps, Ledger(), dict, "account", "a-1", upcasters=identity)
+    assert got == (ledger_fold([1, 2, 3, 4]), 4)
+    result = Compactor(
+        store=store,
+        snapshot_store=snaps,
+        decider=Ledger(),
+        state_type=dict,
+        policy=CompactionPolicy(),
+        upcasters=identity,
+    ).compact("account", "a-1")
+    assert result.outcome == "compacted", result.error
+    store.engine.dispose()
+    assert main(["init-db", "--database", url]) == Exit.OK
+    assert "already current" in capsys.readouterr().out
+
+
+def test_a_database_of_an_unknown_layout_is_refused_and_left_alone(url: str):
+    engine = sa.create_engine(url)
+    metadata.create_all(engine)
+    engine.dispose()
+    _run(url, "ALTER TABLE eskit_streams DROP COLUMN fence_token")
+    engine = sa.create_engine(url)
+    with pytest.raises(TableLayoutError, match="eskit_streams lacks column fence_token"):
+        migrate.upgrade(engine)
+    assert migrate.status(engine).state == "unversioned"  # not even stamped
+    engine.dispose()
+
+
+def test_a_revision_this_code_does_not_know_is_refused(url: str):
+    SqlEventStore.from_url(url).engine.dispose()
+    _run(url, f"UPDATE {migrate.VERSION_TABLE} SET version_num = '9999'")
+    with pytest.raises(TableLayoutError, match="revision 9999, which this eskit-tasks"):
+        SqlEventStore.from_url(url)
+    engine = sa.create_engine(url)
+    with pytest.raises(TableLayoutError, match="revision 9999, which this eskit-tasks"):
+        migrate.upgrade(engine)
+    engine.dispose()
+    assert main(["db-status", "--database", url]) == Exit.ERROR
+
+
+def test_read_only_commands_never_create_anything(tmp_path: Path, capsys):
+    missing = tmp_path / "typo.db"
+    for command in (["candidates"], ["log"], ["verify-snapshots"], ["db-status"]):
+        assert main([*command, "--database", f"sqlite:///{missing}"]) == Exit.USAGE, command
+        said = capsys.readouterr()
+        assert "init-db" in said.err + said.out, command
+        assert not missing.exists(), command
+    empty = tmp_path / "empty.db"
+    sa.create_engine(f"sqlite:///{empty}").connect().close()  # a file without tables
+    assert main(["log", "--database", f"sqlite:///{empty}"]) == Exit.USAGE
+    assert "not initialised: run eskit-tasks init-db" in capsys.readouterr().err
+    engine = sa.create_engine(f"sqlite:///{empty}")
+    with engine.connect() as conn:
+        assert sa.inspect(conn).get_table_names() == []
+    engine.dispose()
+
+
+def test_db_status_says_what_init_db_would_do(url: str, capsys: pytest.CaptureFixture[str]):
+    assert main(["db-status", "--database", url, "--json"]) == Exit.USAGE
+    assert '"state": "empty"' in capsys.readouterr().out
+    assert main(["init-db", "--database", url]) == Exit.OK
+    assert "created at revision 0002" in capsys.readouterr().out
+    assert main(["db-status", "--database", url, "--json"]) == Exit.OK
+    said = capsys.readouterr().out
+    assert '"state": "current"' in said and '"revision": "0002"' in said
