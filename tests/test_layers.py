@@ -144,3 +144,32 @@ def test_the_library_runs_without_importing_the_fleet():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "none"
+
+
+def test_two_threads_can_import_the_fleet_at_once():
+    """A process whose threads first use the fleet at the same moment (the soak's
+    fan-out and run-tracking threads) must not see Celery half imported. Each try is a
+    fresh interpreter; without the guard most tries fail."""
+    script = textwrap.dedent(
+        """
+        import threading
+        errors = []
+        def use(module):
+            try:
+                __import__(module)
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=use, args=(m,))
+                   for m in ("eskit_tasks.fleet.app", "eskit_tasks.fleet.runs")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(errors or "ok")
+        """
+    )
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.stdout.strip() == "ok", done.stdout + done.stderr

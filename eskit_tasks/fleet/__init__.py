@@ -20,3 +20,9 @@ and kombu.
   :mod:`~eskit_tasks.fleet.metrics` (Prometheus), :mod:`~eskit_tasks.fleet.consumer`
   (a worker that survives malformed messages).
 """
+
+# Celery's top-level module replaces itself while it is first imported, and a second
+# thread importing it at that moment finds it half made ("cannot import name 'Celery'").
+# Imported here, under this package's import lock, it is complete before any other
+# thread gets past ``import eskit_tasks.fleet``.
+import celery as _celery  # noqa: F401

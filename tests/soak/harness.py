@@ -17,6 +17,7 @@ The Celery app reads its settings once per process: ``run_soak`` runs once per p
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import shutil
@@ -237,6 +238,11 @@ class Soak:
             self.threads.append(reader)
         for thread in self.threads:
             thread.start()
+        # The fleet's modules are imported here, once, before the fan-out and run threads
+        # use them: Celery's top-level module replaces itself while it is first imported,
+        # and a second thread importing it at that moment finds no ``Celery`` in it.
+        importlib.import_module("eskit_tasks.fleet.runs")
+        importlib.import_module("eskit_tasks.tasks")
         self._loop("soak-fanouts", self._fan_out, self.stop_workload, self.rng.randrange(2**32))
         self._loop("soak-runs", lambda _rng: self._poll_runs(), self.stop_background, 0)
         self._loop("soak-checker", lambda _rng: self._check_now(), self.stop_background, 0)
