@@ -187,6 +187,7 @@ def test_unreachable_redis_exits_3(capsys, monkeypatch):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a console-script process: not in make test-fast
 def test_demo_command_runs_end_to_end_as_a_console_script(tmp_path):
     env = {**os.environ, "COLUMNS": "120"}
     done = subprocess.run(
@@ -213,6 +214,7 @@ def test_demo_command_runs_end_to_end_as_a_console_script(tmp_path):
     assert "state after compaction equals state before: yes" in done.stdout
 
 
+@pytest.mark.slow  # a console-script process: not in make test-fast
 def test_python_dash_m_is_the_same_cli(tmp_path):
     SqlEventStore.from_url(f"sqlite:///{tmp_path / 'm.db'}").engine.dispose()
     done = subprocess.run(
@@ -234,6 +236,7 @@ def test_python_dash_m_is_the_same_cli(tmp_path):
     assert json.loads(done.stdout) == []
 
 
+@pytest.mark.slow  # a console-script process: not in make test-fast
 def test_compact_all_local_end_to_end_as_a_console_script(tmp_path, db, ledgers):
     ledgers.append("ledger", "extra", [NewEvent("Deposited", {"amount": 1})], expected_version=0)
     env = {

@@ -146,6 +146,7 @@ def test_the_library_runs_without_importing_the_fleet():
     assert done.stdout.strip() == "none"
 
 
+@pytest.mark.slow  # five fresh interpreters: not in make test-fast
 def test_two_threads_can_import_the_fleet_at_once():
     """A process whose threads first use the fleet at the same moment (the soak's
     fan-out and run-tracking threads) must not see Celery half imported. Each try is a

@@ -83,6 +83,7 @@ def store(url: str) -> Iterator[SqlEventStore]:
     store.engine.dispose()
 
 
+@pytest.mark.slow  # a measurement over a long stream, not logic: not in make test-fast
 @pytest.mark.timeout(60)
 def test_reading_and_compacting_a_long_stream_stream_in_pages(store: SqlEventStore):
     # A unique stream: the PostgreSQL database is shared by the whole session.

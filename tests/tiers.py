@@ -1,9 +1,11 @@
 """The two test tiers: ``make test-fast`` (logic, no services) and ``make check`` (all).
 
 ``make test-fast`` runs ``pytest -m "not services and not slow"``: it leaves out the
-``slow`` tests (races between real processes, the soak's checker on a real database) and
-every test of the ``services`` tier. A test belongs to the ``services`` tier when it
-needs something outside this process that a developer may not have running:
+``slow`` tests (races between real processes, the soak's checker on a real database,
+measurements over long streams, console-script processes, tests that start several
+fresh interpreters) and every test of the ``services`` tier. A test belongs to the
+``services`` tier when it needs something outside this process that a developer may
+not have running:
 
 * PostgreSQL: it uses the ``postgres_url`` fixture, directly or through another fixture
   (the contract suites' PostgreSQL backend does);

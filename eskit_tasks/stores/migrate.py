@@ -72,9 +72,13 @@ def _config() -> Config:
 
 
 @functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())
+
+
 def head() -> str:
     """The newest revision this code knows."""
-    found = ScriptDirectory.from_config(_config()).get_current_head()
+    found = _scripts().get_current_head()
     assert found is not None, "the package ships no migrations"
     return found
 
@@ -82,7 +86,7 @@ def head() -> str:
 @functools.cache
 def _known() -> tuple[str, ...]:
     """Every revision, oldest first."""
-    walked = ScriptDirectory.from_config(_config()).walk_revisions()
+    walked = _scripts().walk_revisions()
     return tuple(r.revision for r in reversed(list(walked)))
 
 
@@ -135,14 +139,17 @@ def require_current(engine: Engine) -> SchemaStatus:
     return found
 
 
-def upgrade(engine: Engine) -> tuple[SchemaStatus, SchemaStatus]:
+def upgrade(engine: Engine, *, replay: bool = False) -> tuple[SchemaStatus, SchemaStatus]:
     """Bring the tables to this code's revision; returns the status before and after.
+
+    An empty database gets the newest layout at once (``replay``: through every
+    revision instead; tests/test_migrations.py checks that both give the same tables).
 
     Raises:
         TableLayoutError: the tables have a layout no revision describes, or were made
             by a newer eskit-tasks; nothing was changed.
     """
-    from eskit_tasks.stores.schema import layout_differences
+    from eskit_tasks.stores.schema import layout_differences, metadata
 
     with translate_errors(engine, "upgrade the eskit tables"), write_transaction(engine) as conn:
         if engine.dialect.name == "postgresql":
@@ -152,10 +159,15 @@ def upgrade(engine: Engine) -> tuple[SchemaStatus, SchemaStatus]:
             raise _ahead(engine, before)
         cfg = _config()
         cfg.attributes["connection"] = conn
-        if before.state == "unversioned":
-            command.stamp(cfg, _recognise(engine, layout_differences(conn)))
-        if before.state != "current":
-            command.upgrade(cfg, "head")
+        if before.state == "empty" and not replay:
+            metadata.create_all(conn)
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            context.stamp(_scripts(), before.head)
+        else:
+            if before.state == "unversioned":
+                command.stamp(cfg, _recognise(engine, layout_differences(conn)))
+            if before.state != "current":
+                command.upgrade(cfg, "head")
         after = _status(conn)
         differences = layout_differences(conn)
         if differences:
