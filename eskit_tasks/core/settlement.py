@@ -64,6 +64,25 @@ def settle(store: EventStore, deletion: DeletionPlan, error: Exception) -> Compa
     ) from error
 
 
+def committed_under(
+    store: EventStore, stream_type: str, stream_id: str, compaction_id: str
+) -> CompactionRecord | None:
+    """The deletion of this stream committed under ``compaction_id``, for a compaction
+    whose plan is not known any more (its task died): None if there is none.
+
+    A new fencing token is taken first: it waits for a delete still in flight (a killed
+    process's COMMIT), so "none" is final, and it stops any stale copy of the compaction.
+
+    Raises:
+        EskitError: the database could not be asked.
+    """
+    store.acquire_fence(stream_type, stream_id)
+    record = store.find_compaction(compaction_id)
+    if record is None or (record.stream_type, record.stream_id) != (stream_type, stream_id):
+        return None
+    return record
+
+
 def is_ours(record: CompactionRecord, deletion: DeletionPlan) -> bool:
     """Is this audit row the delete ``deletion`` planned (stream, token and cut)?"""
     return (

@@ -13,7 +13,7 @@ from typing import Any
 from celery import signals, states
 from celery.utils.log import get_task_logger
 
-from eskit_tasks.core.settlement import recovered_result
+from eskit_tasks.core.settlement import committed_under, recovered_result
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
@@ -99,17 +99,10 @@ def _committed_by(
     res: Resources, stream_type: str, stream_id: str, compaction_id: str
 ) -> CompactionResult | None:
     """The deletion a dead task committed, from the audit log (None: none, or the
-    database cannot say; the result then names the id to look up).
-
-    A new fencing token is taken first: it waits for a delete still in flight (the killed
-    process's COMMIT), so "not found" is final, and stops any stale copy of the task.
-    """
+    database cannot say; the result then names the id to look up)."""
     try:
-        res.store.acquire_fence(stream_type, stream_id)
-        record_ = res.store.find_compaction(compaction_id)
+        record_ = committed_under(res.store, stream_type, stream_id, compaction_id)
     except EskitError as exc:
         log.warning("could not look up compaction %s in the audit log: %s", compaction_id, exc)
         return None
-    if record_ is None or (record_.stream_type, record_.stream_id) != (stream_type, stream_id):
-        return None
-    return recovered_result(record_)
+    return None if record_ is None else recovered_result(record_)

@@ -92,16 +92,16 @@ class PerProcess:
     than the parent's connections.
     """
 
-    def __init__(self, factory: Callable[[], Resources]) -> None:
-        self._factory: Callable[[], Resources] | None = factory
+    def __init__(self, factory: Callable[[], Resources] | None) -> None:
+        self._factory = factory
         self._pid: int | None = None
         self._current: Resources | None = None
 
     @classmethod
     def given(cls, resources: Resources) -> PerProcess:
         """Hand out ``resources`` in this process only."""
-        made = cls(lambda: resources)
-        made._factory, made._current, made._pid = None, resources, os.getpid()
+        made = cls(None)
+        made._current, made._pid = resources, os.getpid()
         return made
 
     def get(self) -> Resources:
