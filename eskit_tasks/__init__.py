@@ -17,9 +17,10 @@ from eskit_tasks.domain.compare import Difference, first_difference, indistingui
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import NewEvent, RecordedEvent
 from eskit_tasks.domain.policy import CompactionPolicy
-from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
 from eskit_tasks.domain.schema import SchemaMarker, schema_fingerprint
 from eskit_tasks.errors import (
+    ArchiveError,
     CommitOutcomeUnknownError,
     CompactionError,
     ConcurrencyError,
@@ -31,7 +32,9 @@ from eskit_tasks.errors import (
     EventDecodeError,
     EvolveError,
     FencedError,
+    HeldBackError,
     InvalidPolicyError,
+    RestoreError,
     RunNotFoundError,
     RunTimeoutError,
     SnapshotCodecError,
@@ -44,6 +47,10 @@ from eskit_tasks.errors import (
     VersionGapError,
 )
 from eskit_tasks.ports import (
+    Archive,
+    ArchivedEvent,
+    ArchiveRef,
+    Checkpoint,
     CompactionRecord,
     EventStore,
     Snapshot,
@@ -91,6 +98,12 @@ __all__ = [
     "Compactor",
     "Outcome",
     "load_state",
+    # consumers and the trash bin
+    "Archive",
+    "ArchivedEvent",
+    "ArchiveRef",
+    "Checkpoint",
+    "HeldBack",
     # proving a snapshot
     "Difference",
     "SchemaMarker",
@@ -125,6 +138,7 @@ __all__ = [
     "SqlSnapshotStore",
     "StreamInfo",
     # errors
+    "ArchiveError",
     "CommitOutcomeUnknownError",
     "CompactionError",
     "ConcurrencyError",
@@ -136,7 +150,9 @@ __all__ = [
     "EventDecodeError",
     "EvolveError",
     "FencedError",
+    "HeldBackError",
     "InvalidPolicyError",
+    "RestoreError",
     "SnapshotCodecError",
     "SnapshotIntegrityError",
     "SnapshotSchemaError",

@@ -25,7 +25,10 @@ the stores translate them at the boundary and chain the original with ``from``.
     │   │   └── LockLostError           the fleet's stream lock could not be renewed
     │   ├── SnapshotCodecError          the state cannot be encoded or decoded
     │   ├── DeletionMismatchError       the delete would not match the plan
+    │   ├── HeldBackError               a consumer's checkpoint now covers less than planned
     │   └── TimeBudgetError             a fleet task stopped near its soft time limit
+    ├── ArchiveError                    the trash bin cannot be written or read back
+    ├── RestoreError                    archived events cannot be put back; nothing changed
     ├── RunNotFoundError                no progress is stored for a fleet run id
     └── RunTimeoutError                 a fleet run did not finish in time (also a TimeoutError)
 
@@ -128,8 +131,28 @@ class DeletionMismatchError(CompactionError):
     """Raised when the rows a delete would remove differ from the plan; it was rolled back."""
 
 
+class HeldBackError(CompactionError):
+    """Raised inside the delete transaction when a consumer's checkpoint (read again
+    there) is below the newest event the plan would delete; nothing was deleted."""
+
+    def __init__(self, message: str, *, consumer: str, position: int) -> None:
+        super().__init__(message)
+        self.consumer = consumer
+        self.position = position
+
+
 class TimeBudgetError(CompactionError):
     """Raised before a write when a fleet task is about to reach its soft time limit."""
+
+
+class ArchiveError(EskitError):
+    """Raised when the archive (the trash bin) cannot write an entry durably, or an entry
+    read back is missing or does not match its checksum."""
+
+
+class RestoreError(EskitError):
+    """Raised when archived events cannot be put back (an archive is missing, the stream
+    moved, a version would be overwritten); nothing was changed."""
 
 
 class RunNotFoundError(EskitError):

@@ -8,12 +8,13 @@ the snapshot and the fencing token in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent
+from eskit_tasks.domain.result import HeldBack
 from eskit_tasks.domain.schema import UNRECORDED, SchemaMarker
 
 
@@ -116,6 +117,8 @@ class DeletionPlan:
         state_hash: Hash of the verified snapshot at C, which must be stored.
         bytes_reclaimed: Approximate stored size of the deleted events (for the audit row).
         compaction_id: Unique id of this compaction.
+        archive: The trash bin's entry holding exactly the events to delete (None: not
+            archived); recorded in the audit row.
     """
 
     stream_type: str
@@ -128,6 +131,94 @@ class DeletionPlan:
     state_hash: str
     bytes_reclaimed: int
     compaction_id: str
+    archive: ArchiveRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A consumer of the store and how far it has read.
+
+    Args:
+        consumer: Its name.
+        position: The position of the last event it has processed.
+        stream_types: The stream types it reads (None: all of them). Compaction keeps,
+            in those streams, every event above ``position``.
+        updated_at: When the checkpoint last moved.
+    """
+
+    consumer: str
+    position: int
+    stream_types: tuple[str, ...] | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedEvent:
+    """An event exactly as the store held it, as the archive keeps it: the stored JSON
+    text of ``data`` and ``metadata`` (not re-encoded), so a restore puts back the
+    very bytes that were deleted.
+
+    Args:
+        version: The event's version in its stream.
+        type: The event's name.
+        data: The stored JSON text of the payload.
+        metadata: The stored JSON text of the metadata.
+        recorded_at: When the store first committed it (aware, UTC).
+        position: Its global position in the store.
+    """
+
+    version: int
+    type: str
+    data: str
+    metadata: str
+    recorded_at: datetime
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRef:
+    """Where an archive put the events of one compaction.
+
+    Args:
+        uri: The entry's address in the archive (a ``file://`` URL for the local one).
+        sha256: Hex sha256 of the entry's bytes as written.
+        events: How many events the entry holds.
+    """
+
+    uri: str
+    sha256: str
+    events: int
+
+
+class Archive(Protocol):
+    """The trash bin: a durable copy of the events a compaction deletes, written before
+    the delete commits, so they can be put back (:func:`eskit_tasks.restore`).
+
+    An implementation must guarantee:
+
+    * ``write`` returns only once the entry is durable (on a local disk: written to a
+      temporary name, fsynced, renamed, the directory fsynced) and its checksum
+      recorded; a failure raises :class:`~eskit_tasks.errors.ArchiveError`.
+    * ``write`` under a ``compaction_id`` it has seen replaces that entry (a retry of a
+      compaction whose first attempt died writes the same events again).
+    * ``read`` yields exactly the events written, in version order, after checking the
+      checksum; a missing or altered entry raises ``ArchiveError`` before the first event.
+    """
+
+    def write(
+        self,
+        *,
+        compaction_id: str,
+        stream_type: str,
+        stream_id: str,
+        events: Iterable[ArchivedEvent],
+    ) -> ArchiveRef:
+        """Store ``events`` (oldest first) durably as this compaction's entry."""
+        ...
+
+    def read(self, ref: ArchiveRef) -> Iterator[ArchivedEvent]:
+        """Yield the entry's events, oldest first, after verifying its checksum."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +237,19 @@ class CompactionRecord:
     bytes_reclaimed: int
     fence_token: int
     compacted_at: datetime
+    archive_uri: str | None = None
+    """Where the trash bin keeps the deleted events (None: not archived)."""
+    archive_sha256: str | None = None
+    """The archive entry's checksum, as the archive confirmed it before the delete."""
+    restored_at: datetime | None = None
+    """When :func:`eskit_tasks.restore` put these events back (None: still deleted)."""
+
+    @property
+    def archive(self) -> ArchiveRef | None:
+        """The archive entry of this deletion, None when it was not archived."""
+        if self.archive_uri is None or self.archive_sha256 is None:
+            return None
+        return ArchiveRef(self.archive_uri, self.archive_sha256, self.events_deleted)
 
 
 class EventStore(Protocol):
@@ -166,6 +270,14 @@ class EventStore(Protocol):
     * Ids are data: any string is a valid stream type or id (PostgreSQL adds one limit:
       type and id together must fit its unique index, 2,600 bytes or more; a longer
       pair is refused with ConfigurationError and nothing is written).
+    * Every event gets a ``position``, unique in the store and strictly increasing in
+      commit order: a reader that has seen position p never later finds a new event
+      below p (``read_all``). Only ``restore_events`` puts events back below, at the
+      positions they had.
+    * ``commit_compaction`` also refuses, inside its transaction, to delete an event
+      above the lowest checkpoint of the consumers covering the stream type, read in
+      that transaction (:class:`~eskit_tasks.errors.HeldBackError`); a consumer that
+      registers meanwhile is either seen there or registers after the delete.
     """
 
     def append(
@@ -261,6 +373,95 @@ class EventStore(Protocol):
 
     def max_stream_key(self) -> int:
         """The largest stream key (0 when there are no streams): where paging ends."""
+        ...
+
+    # -- the whole store, in commit order ----------------------------------------------
+
+    def read_all(
+        self, after_position: int = 0, limit: int | None = None
+    ) -> Iterator[RecordedEvent]:
+        """Yield live events of every stream with a position above ``after_position``, in
+        position order, at most ``limit`` of them; lazily, a page at a time, so memory is
+        bounded by the page size. Each event carries ``stream_type`` and ``stream_id``."""
+        ...
+
+    def last_position(self) -> int:
+        """The highest position handed out so far (0: none)."""
+        ...
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, consumer: str, position: int, *, stream_types: Sequence[str] | None = None
+    ) -> int:
+        """Record that ``consumer`` has processed every event up to ``position``; return
+        the stored position. A checkpoint never moves backwards: a lower position is
+        ignored (the stored, higher one is returned). ``stream_types`` scopes the
+        consumer (None: every type); it is set when the consumer first registers and
+        replaced by a later call that gives it.
+
+        Raises:
+            ConfigurationError: an empty name, a negative position, an empty scope.
+        """
+        ...
+
+    def checkpoints(self) -> dict[str, int]:
+        """Every consumer's position."""
+        ...
+
+    def consumers(self) -> list[Checkpoint]:
+        """Every consumer with its scope, by name."""
+        ...
+
+    def remove_checkpoint(self, consumer: str) -> bool:
+        """Forget ``consumer`` (its events are no longer kept for it); False if unknown."""
+        ...
+
+    def deletable_through(
+        self, stream_type: str, stream_id: str, through_version: int
+    ) -> tuple[int, HeldBack | None]:
+        """The highest version at or below ``through_version`` that every consumer
+        covering ``stream_type`` has read, and the consumer with the lowest checkpoint
+        when it is below ``through_version`` (None when no consumer holds anything back).
+        With nothing deletable the version returned is the compaction point."""
+        ...
+
+    def events_after(self, position: int, stream_types: Sequence[str] | None = None) -> int:
+        """How many live events (of ``stream_types``, None: all) lie above ``position``:
+        a consumer's lag."""
+        ...
+
+    # -- the trash bin -----------------------------------------------------------------
+
+    def export(
+        self, stream_type: str, stream_id: str, from_version: int, to_version: int
+    ) -> Iterator[ArchivedEvent]:
+        """Yield the live events ``from_version..to_version`` exactly as stored (JSON text
+        untouched), oldest first, with memory bounded by a page: what an archive keeps."""
+        ...
+
+    def restore_events(
+        self,
+        stream_type: str,
+        stream_id: str,
+        events: Iterable[ArchivedEvent],
+        *,
+        compacted_through: int,
+        compaction_ids: Sequence[str],
+    ) -> int:
+        """Put archived events back in one transaction: every version ``1..compacted_through``
+        exactly once, at its original position; then the compaction point is 0, the
+        stream's snapshots are dropped (a full replay starts from version 1), its fencing
+        token is bumped (a compaction in flight is stale), and the audit rows of
+        ``compaction_ids`` are marked restored. The head version does not change.
+        Returns the number of events put back.
+
+        Raises:
+            RestoreError: the stream does not exist, its compaction point is not
+                ``compacted_through``, the events are not exactly versions
+                ``1..compacted_through``, or a version or position is taken. Nothing
+                was changed.
+        """
         ...
 
 

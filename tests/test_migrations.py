@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from eskit_tasks import CompactionPolicy, Compactor, SqlEventStore, SqlSnapshotStore, load_state
 from eskit_tasks.cli import Exit, main
@@ -69,21 +70,37 @@ def _layout(url: str) -> dict[str, object]:
     return found
 
 
+def tables_at(url: str, revision: str) -> None:
+    """Make the eskit tables as they were at ``revision`` (the migrations replayed up to
+    it: tests/test_migrations.py checks that the newest replay is the code's layout)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        cfg = migrate._config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    engine.dispose()
+
+
 def _made_before_migrations(url: str, *, first_layout: bool) -> None:
     """Tables as a release before migrations made them, with a compacted stream."""
+    tables_at(url, migrate.FIRST_LAYOUT if first_layout else migrate.SCHEMA_MARKERS)
+    _run(url, f"DROP TABLE {migrate.VERSION_TABLE}")
     engine = sa.create_engine(url)
-    metadata.create_all(engine)
-    engine.dispose()
-    if first_layout:
-        _run(
-            url,
-            "ALTER TABLE eskit_snapshots DROP COLUMN state_version",
-            "ALTER TABLE eskit_snapshots DROP COLUMN fingerprint",
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO eskit_streams (stream_type, stream_id, head_version, created_at) "
+            "VALUES ('account', 'a-1', 4, '2026-01-01 00:00:00')"
         )
-    store = SqlEventStore(sa.create_engine(url), create_tables=False)
-    store.append("account", "a-1", deposits(1, 2, 3, 4), expected_version=0)
+        for n in range(1, 5):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO eskit_events (stream_pk, version, type, data, metadata, "
+                    "recorded_at) VALUES (1, :n, 'Deposited', :d, '{}', '2026-01-01 00:00:00')"
+                ),
+                {"n": n, "d": f'{{"amount":{n}}}'},
+            )
     old = b'{"count":3,"last":3,"total":6}'
-    with store.engine.begin() as conn:
+    with engine.begin() as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO eskit_snapshots (stream_pk, version, state, state_hash, verified, "
@@ -93,7 +110,7 @@ def _made_before_migrations(url: str, *, first_layout: bool) -> None:
         )
         conn.execute(sa.text("UPDATE eskit_streams SET compacted_through = 3, fence_token = 7"))
         conn.exec_driver_sql("DELETE FROM eskit_events WHERE version <= 3")
-    store.engine.dispose()
+    engine.dispose()
 
 
 def test_a_new_database_gets_the_layout_of_the_code_at_the_newest_revision(url: str, tmp_path):
@@ -101,7 +118,8 @@ def test_a_new_database_gets_the_layout_of_the_code_at_the_newest_revision(url: 
     indexes, WITHOUT ROWID on SQLite)."""
     engine = sa.create_engine(url)
     before, after = migrate.upgrade(engine, replay=True)  # through 0001, 0002, ...
-    assert (before.state, after) == ("empty", migrate.SchemaStatus("current", "0002", "0002"))
+    newest = migrate.head()
+    assert (before.state, after) == ("empty", migrate.SchemaStatus("current", newest, newest))
     engine.dispose()
     with _another_database_like(url, tmp_path) as plain:
         store = SqlEventStore.from_url(plain)  # an empty database: the newest layout at once
@@ -133,7 +151,7 @@ def test_init_db_upgrades_a_database_made_before_migrations_in_place(
 
     assert main(["init-db", "--database", url]) == Exit.OK
     said = capsys.readouterr().out
-    assert "tables from before migrations upgraded to revision 0002" in said
+    assert f"tables from before migrations upgraded to revision {migrate.head()}" in said
 
     store = SqlEventStore.from_url(url)
     snaps = SqlSnapshotStore(store.engine)
@@ -184,11 +202,11 @@ def test_a_revision_this_code_does_not_know_is_refused(url: str):
 
 def test_read_only_commands_never_create_anything(tmp_path: Path, capsys):
     missing = tmp_path / "typo.db"
-    for command in (["candidates"], ["log"], ["verify-snapshots"], ["db-status"]):
-        assert main([*command, "--database", f"sqlite:///{missing}"]) == Exit.USAGE, command
+    for args in (["candidates"], ["log"], ["verify-snapshots"], ["db-status"]):
+        assert main([*args, "--database", f"sqlite:///{missing}"]) == Exit.USAGE, args
         said = capsys.readouterr()
-        assert "init-db" in said.err + said.out, command
-        assert not missing.exists(), command
+        assert "init-db" in said.err + said.out, args
+        assert not missing.exists(), args
     empty = tmp_path / "empty.db"
     sa.create_engine(f"sqlite:///{empty}").connect().close()  # a file without tables
     assert main(["log", "--database", f"sqlite:///{empty}"]) == Exit.USAGE
@@ -203,7 +221,103 @@ def test_db_status_says_what_init_db_would_do(url: str, capsys: pytest.CaptureFi
     assert main(["db-status", "--database", url, "--json"]) == Exit.USAGE
     assert '"state": "empty"' in capsys.readouterr().out
     assert main(["init-db", "--database", url]) == Exit.OK
-    assert "created at revision 0002" in capsys.readouterr().out
+    assert f"created at revision {migrate.head()}" in capsys.readouterr().out
     assert main(["db-status", "--database", url, "--json"]) == Exit.OK
     said = capsys.readouterr().out
-    assert '"state": "current"' in said and '"revision": "0002"' in said
+    assert '"state": "current"' in said and f'"revision": "{migrate.head()}"' in said
+
+
+STREAMS, PER_STREAM = 200, 1000  # 200,000 events
+
+
+def _fill_previous_revision(url: str) -> None:
+    """A database as the previous release left it (revision 0002), with 200,000 events
+    in 200 streams; stream 1 compacted through 400 (snapshot, audit row, fencing token)."""
+    tables_at(url, migrate.SCHEMA_MARKERS)
+    when = "'2026-01-01 00:00:00'"
+    _run(
+        url,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < "
+        f"{STREAMS}) INSERT INTO eskit_streams (stream_type, stream_id, head_version, "
+        f"created_at) SELECT 'account', 'a-' || i, {PER_STREAM}, {when} FROM n",
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < "
+        f"{STREAMS * PER_STREAM - 1}) INSERT INTO eskit_events (stream_pk, version, type, "
+        f"data, metadata, recorded_at) SELECT i / {PER_STREAM} + 1, "
+        f"i - i / {PER_STREAM} * {PER_STREAM} + 1, "
+        f"'Deposited', '{{\"amount\":1}}', '{{}}', {when} FROM n",
+    )
+    state = b'{"count":400,"last":1,"total":400}'
+    digest = hashlib.sha256(state).hexdigest()
+    _run(
+        url,
+        "DELETE FROM eskit_events WHERE stream_pk = 1 AND version <= 400",
+        "UPDATE eskit_streams SET compacted_through = 400, fence_token = 9 WHERE pk = 1",
+        "INSERT INTO eskit_snapshots (stream_pk, version, state, state_hash, verified, "
+        f"fence_token, created_at, fingerprint) VALUES (1, 400, '{state.decode()}', "
+        f"'{digest}', true, 9, {when}, 'unrecorded')",
+        "INSERT INTO eskit_compaction_log (compaction_id, stream_pk, stream_type, stream_id, "
+        "from_version, through_version, snapshot_version, head_version, state_hash, "
+        "events_deleted, bytes_reclaimed, fence_token, compacted_at) VALUES ('c-old', 1, "
+        f"'account', 'a-1', 1, 400, 400, {PER_STREAM}, '{digest}', 400, 1, 9, {when})",
+    )
+
+
+@pytest.mark.slow
+def test_the_previous_revision_with_200k_events_is_upgraded_in_place(url: str, capsys):
+    """Positions are back-filled in key order, in batches (memory stays flat); events,
+    snapshots, audit rows, tokens and heads survive; appends and compaction go on."""
+    import tracemalloc
+
+    _fill_previous_revision(url)
+    engine = sa.create_engine(url)
+    assert migrate.status(engine).state == "behind"
+    tracemalloc.start()
+    before, after = migrate.upgrade(engine)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    engine.dispose()
+    assert (before.revision, after.state) == (migrate.SCHEMA_MARKERS, "current")
+    assert peak < 5_000_000, f"the back-fill held {peak / 1e6:.1f} MB"
+
+    store = SqlEventStore.from_url(url)
+    total = STREAMS * PER_STREAM - 400
+    assert store.last_position() == total
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT count(*), count(DISTINCT position), min(position), max(position) "
+            "FROM eskit_events"
+        ).one()
+        assert tuple(rows) == (total, total, 1, total)
+        out_of_order = conn.exec_driver_sql(
+            "SELECT count(*) FROM eskit_events a JOIN eskit_events b ON "
+            "b.stream_pk = a.stream_pk AND b.version = a.version + 1 "
+            "WHERE b.position <= a.position"
+        ).scalar_one()
+        assert out_of_order == 0
+    first = list(store.read_all(limit=3))
+    assert [(e.stream_id, e.version, e.position) for e in first] == [
+        ("a-1", 401, 1),
+        ("a-1", 402, 2),
+        ("a-1", 403, 3),
+    ]
+    info = store.stream_info("account", "a-1")
+    assert info is not None
+    assert (info.head_version, info.compacted_through, info.fence_token) == (PER_STREAM, 400, 9)
+    assert [r.compaction_id for r in store.compaction_log("account", "a-1")] == ["c-old"]
+    store.append("account", "a-2", deposits(5), expected_version=PER_STREAM)
+    assert store.last_position() == total + 1
+    assert [e.position for e in store.read("account", "a-2", from_version=PER_STREAM + 1)] == [
+        total + 1
+    ]
+    snaps = SqlSnapshotStore(store.engine)
+    identity = {"unrecorded": lambda s: s}
+    result = Compactor(
+        store=store,
+        snapshot_store=snaps,
+        decider=Ledger(),
+        state_type=dict,
+        policy=CompactionPolicy(retain_last=10),
+        upcasters=identity,
+    ).compact("account", "a-1")
+    assert (result.outcome, result.events_deleted) == ("compacted", PER_STREAM - 400 - 10)
+    store.engine.dispose()

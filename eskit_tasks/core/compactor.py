@@ -10,7 +10,12 @@ is the safety argument:
 4. store    write the snapshot at C, unverified (readers ignore it), under the token.
 5. verify   read it back, check its hash, decode it, and replay C+1..H on it: it must
             equal the full replay at H.
-6. delete   one transaction that re-checks the token, the snapshot and the row count.
+6. archive  (optional) write the events to delete to the trash bin, durably.
+7. delete   one transaction that re-checks the token, the snapshot, the consumers'
+            checkpoints and the row count.
+
+The cut never passes the lowest checkpoint of the consumers reading the stream type
+(planned in step 1, checked again in step 7).
 
 Any failure before step 6 commits leaves every event in place.
 """
@@ -32,13 +37,14 @@ from eskit_tasks.domain.compare import first_difference
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import label_of
 from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
-from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import (
     ConfigurationError,
     DeletionMismatchError,
     EskitError,
     FencedError,
+    HeldBackError,
     InvalidPolicyError,
     SnapshotCodecError,
     SnapshotSchemaError,
@@ -46,6 +52,7 @@ from eskit_tasks.errors import (
     VersionGapError,
 )
 from eskit_tasks.ports import (
+    Archive,
     CompactionRecord,
     DeletionPlan,
     EventStore,
@@ -115,6 +122,10 @@ class Compactor(Generic[S]):
             ``decider.state_version``, else none).
         upcasters: Upgrades of snapshots of older schemas (default:
             ``decider.upcasters``); see :class:`~eskit_tasks.domain.codec.StateCodec`.
+        archive: The trash bin (:class:`~eskit_tasks.ports.Archive`, e.g.
+            :class:`~eskit_tasks.stores.archive.LocalArchive`): the events to delete are
+            written there durably before the delete commits, so that
+            :func:`~eskit_tasks.restore` can put them back. None: no copy is kept.
 
     Raises:
         InvalidPolicyError: ``policy`` is not a CompactionPolicy.
@@ -134,6 +145,7 @@ class Compactor(Generic[S]):
         guard: Callable[[], None] | None = None,
         state_version: int | None = None,
         upcasters: Mapping[int | str, Upcaster] | None = None,
+        archive: Archive | None = None,
     ) -> None:
         if policy is None:
             policy = CompactionPolicy()
@@ -146,6 +158,7 @@ class Compactor(Generic[S]):
         self.policy = policy
         self._clock = clock
         self._guard = guard
+        self.archive = archive
 
     def compact(
         self, stream_type: str, stream_id: str, *, compaction_id: str | None = None
@@ -179,6 +192,14 @@ class Compactor(Generic[S]):
                 self._run(stream_type, stream_id, plan, fields, run)
         except _Committed as done:
             fields.update(committed_fields(done.record))
+        except HeldBackError as exc:  # a consumer registered or moved back meanwhile
+            fields.update(
+                outcome=Outcome.NOTHING_TO_COMPACT,
+                held_back_by=HeldBack(consumer=exc.consumer, position=exc.position),
+                events_deleted=0,
+                bytes_reclaimed=0,
+                archive_uri=None,
+            )
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
@@ -190,6 +211,9 @@ class Compactor(Generic[S]):
             self._failed(fields, Outcome.FAILED, exc)
         if run.snapshot_saved and fields["outcome"] not in _KEEPS_SNAPSHOT:
             self._discard(stream_type, stream_id, fields, run.token)
+        if fields["outcome"] == Outcome.NOTHING_TO_COMPACT:
+            fields.update(snapshot_version=None, state_hash=None)
+            fields["events_retained"] = fields["head_version"] - fields["compacted_through_before"]
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         return CompactionResult(**fields)
 
@@ -214,11 +238,13 @@ class Compactor(Generic[S]):
         info = self.store.stream_info(stream_type, stream_id)
         if settle:  # a given id may have committed in an earlier attempt: report that one
             self._check_committed(stream_type, stream_id, fields["compaction_id"])
-        if info is None or self._cut(stream_type, stream_id, info) is None:
+        cut, held = (None, None) if info is None else self._cut(stream_type, stream_id, info)
+        if info is None or cut is None:
             fields.update(
                 outcome=Outcome.NOTHING_TO_COMPACT,
                 head_version=0 if info is None else info.head_version,
                 compacted_through_before=0 if info is None else info.compacted_through,
+                held_back_by=held,
             )
             return None
         token = None
@@ -231,9 +257,11 @@ class Compactor(Generic[S]):
                 # waited for it): it may be an earlier attempt of this very compaction.
                 self._check_committed(stream_type, stream_id, fields["compaction_id"])
             info, token = fenced, fenced.fence_token
-        cut = self._cut(stream_type, stream_id, info)
+        cut, held = self._cut(stream_type, stream_id, info)
         fields.update(
-            head_version=info.head_version, compacted_through_before=info.compacted_through
+            head_version=info.head_version,
+            compacted_through_before=info.compacted_through,
+            held_back_by=held,
         )
         if cut is None:
             fields.update(outcome=Outcome.NOTHING_TO_COMPACT)
@@ -252,7 +280,18 @@ class Compactor(Generic[S]):
             )
         raise _Committed(record)
 
-    def _cut(self, stream_type: str, stream_id: str, info: StreamInfo) -> int | None:
+    def _cut(
+        self, stream_type: str, stream_id: str, info: StreamInfo
+    ) -> tuple[int | None, HeldBack | None]:
+        """The cut the policy allows, lowered to what the consumers reading the stream
+        have read (None: nothing to delete), and the consumer that lowered it."""
+        wanted = self._policy_cut(stream_type, stream_id, info)
+        if wanted is None:
+            return None, None
+        cut, held = self.store.deletable_through(stream_type, stream_id, wanted)
+        return (cut if cut > info.compacted_through else None), held
+
+    def _policy_cut(self, stream_type: str, stream_id: str, info: StreamInfo) -> int | None:
         newest_old_enough = None
         if self.policy.retain_younger_than is not None:
             now = self._clock() if self._clock is not None else self.store.now()
@@ -333,6 +372,15 @@ class Compactor(Generic[S]):
             raise
 
         self._checkpoint()
+        archived = None
+        if self.archive is not None:
+            archived = self.archive.write(
+                compaction_id=fields["compaction_id"],
+                stream_type=stream_type,
+                stream_id=stream_id,
+                events=self.store.export(stream_type, stream_id, p + 1, c),
+            )
+            self._checkpoint()
         deletion = DeletionPlan(
             stream_type=stream_type,
             stream_id=stream_id,
@@ -344,15 +392,19 @@ class Compactor(Generic[S]):
             state_hash=digest,
             bytes_reclaimed=doomed_bytes,
             compaction_id=fields["compaction_id"],
+            archive=archived,
         )
         try:
             deleted = self.store.commit_compaction(deletion)
-        except (FencedError, DeletionMismatchError):
+        except (FencedError, DeletionMismatchError, HeldBackError):
             raise  # refused before anything changed
         except Exception as exc:  # the delete's outcome is unknown: the audit log knows
             raise _Committed(self._settle(deletion, exc, run)) from exc
         fields.update(
-            outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=doomed_bytes
+            outcome=Outcome.COMPACTED,
+            events_deleted=deleted,
+            bytes_reclaimed=doomed_bytes,
+            archive_uri=None if archived is None else archived.uri,
         )
 
     def _settle(self, deletion: DeletionPlan, error: Exception, run: _RunState) -> CompactionRecord:

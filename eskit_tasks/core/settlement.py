@@ -117,6 +117,7 @@ def committed_fields(record: CompactionRecord) -> dict[str, Any]:
         bytes_reclaimed=record.bytes_reclaimed,
         state_hash=record.state_hash,
         compaction_id=record.compaction_id,
+        archive_uri=record.archive_uri,
         recovered=True,
         error=None,
         error_type=None,

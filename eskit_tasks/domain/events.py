@@ -40,6 +40,11 @@ class RecordedEvent(NamedTuple):
         metadata: The decoded metadata.
         recorded_at: When the store committed the event (timezone-aware, UTC).
         stored_bytes: Approximate size of the stored record; what deleting it reclaims.
+        position: The event's place in the whole store, strictly increasing in commit
+            order across streams (what consumers' checkpoints count).
+        stream_type: The stream it belongs to (set by every store read; useful on
+            the events of ``read_all``, which come from every stream).
+        stream_id: The id of that stream.
     """
 
     version: int
@@ -48,6 +53,9 @@ class RecordedEvent(NamedTuple):
     metadata: dict[str, Any]
     recorded_at: datetime
     stored_bytes: int = 0
+    position: int = 0
+    stream_type: str = ""
+    stream_id: str = ""
 
 
 def label_of(stream_type: str, stream_id: str) -> str:

@@ -40,6 +40,16 @@ class Outcome(StrEnum):
 _FINE = frozenset({Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT})
 
 
+class HeldBack(BaseModel):
+    """The consumer whose checkpoint limited a compaction's cut: events above its
+    position stay until it has read them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    consumer: str
+    position: int
+
+
 class CompactionResult(BaseModel):
     """What one compaction did. JSON-serialisable (``model_dump_json``).
 
@@ -63,6 +73,12 @@ class CompactionResult(BaseModel):
     error: str | None = None
     error_type: str | None = None
     compaction_id: str
+    held_back_by: HeldBack | None = None
+    """The consumer that kept events the policy would have deleted (its checkpoint is
+    below them), None when no consumer limited the cut. With ``nothing_to_compact`` it
+    held back every event the policy allowed."""
+    archive_uri: str | None = None
+    """Where the trash bin keeps the deleted events (None: no archive configured)."""
     recovered: bool = False
     """True when the deletion was reported from the audit log rather than seen
     committing: its COMMIT reply was lost, or an earlier attempt with the same

@@ -15,6 +15,7 @@ import orjson
 
 from eskit_tasks.domain.codec import dumps
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
+from eskit_tasks.domain.result import HeldBack
 from eskit_tasks.errors import (
     CompactionError,
     ConcurrencyError,
@@ -22,6 +23,8 @@ from eskit_tasks.errors import (
     DeletionMismatchError,
     EventDecodeError,
     FencedError,
+    HeldBackError,
+    RestoreError,
     StoreError,
 )
 from eskit_tasks.ports import DeletionPlan
@@ -32,8 +35,8 @@ MAX_VERSION = 2**63
 ROW_OVERHEAD_BYTES = 48
 
 #: A stored event as both stores hand it to :func:`decode_events`:
-#: (version, type, data JSON, metadata JSON, raw timestamp).
-StoredRow = tuple[int, str, str, str, Any]
+#: (version, type, data JSON, metadata JSON, raw timestamp, position).
+StoredRow = tuple[int, str, str, str, Any, int]
 
 
 class StreamRow(Protocol):
@@ -114,7 +117,7 @@ def decode_events(
     loads, event, overhead = orjson.loads, RecordedEvent, ROW_OVERHEAD_BYTES
     last_raw: Any = None
     recorded_at: datetime = datetime.min
-    for version, type_, data, meta, raw_ts in rows:
+    for version, type_, data, meta, raw_ts, position in rows:
         if raw_ts != last_raw:
             last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
         try:
@@ -129,7 +132,116 @@ def decode_events(
                 version=version,
             ) from None
         yield event(
-            version, type_, payload, meta_obj, recorded_at, len(data) + len(meta) + overhead
+            version,
+            type_,
+            payload,
+            meta_obj,
+            recorded_at,
+            len(data) + len(meta) + overhead,
+            position,
+            stream_type,
+            stream_id,
+        )
+
+
+# -- consumers -------------------------------------------------------------------------
+
+
+def check_checkpoint(
+    consumer: object, position: object, stream_types: Sequence[str] | None
+) -> tuple[str, ...] | None:
+    """Reject a bad checkpoint before any I/O; return the scope as a sorted tuple."""
+    if not isinstance(consumer, str) or not consumer:
+        raise ConfigurationError(f"a consumer's name must be a non-empty string, got {consumer!r}")
+    if (
+        isinstance(position, bool)
+        or not isinstance(position, int)
+        or not 0 <= position < MAX_VERSION
+    ):
+        raise ConfigurationError(
+            f"consumer {consumer!r}: position must be an int from 0 to {MAX_VERSION - 1}, "
+            f"got {position!r}"
+        )
+    if stream_types is None:
+        return None
+    if isinstance(stream_types, str) or not all(isinstance(t, str) for t in stream_types):
+        raise ConfigurationError(
+            f"consumer {consumer!r}: stream_types must be a list of stream type names, "
+            f"got {stream_types!r}"
+        )
+    if not stream_types:
+        raise ConfigurationError(
+            f"consumer {consumer!r}: stream_types is empty; give None to cover every type"
+        )
+    return tuple(sorted(set(stream_types)))
+
+
+#: A consumer as the gate sees it: (name, position, scope or None for every type).
+Reader = tuple[str, int, "tuple[str, ...] | None"]
+
+
+def lowest_reader(readers: Iterable[Reader], stream_type: str) -> HeldBack | None:
+    """The consumer with the lowest checkpoint among those that read ``stream_type``
+    (ties: the first name), None when no consumer reads it."""
+    found: HeldBack | None = None
+    for name, position, scope in sorted(readers):
+        if scope is not None and stream_type not in scope:
+            continue
+        if found is None or position < found.position:
+            found = HeldBack(consumer=name, position=position)
+    return found
+
+
+def gated_cut(
+    through_version: int,
+    compacted_through: int,
+    reader: HeldBack | None,
+    newest_read: int | None,
+) -> tuple[int, HeldBack | None]:
+    """The cut the consumers allow: ``through_version`` when no consumer reads the
+    stream or ``newest_read`` (the highest live version at or below it whose position
+    the reader has passed) is it; else that version (the compaction point when none)."""
+    if reader is None or newest_read == through_version:
+        return through_version, None
+    return (compacted_through if newest_read is None else newest_read), reader
+
+
+def check_consumers(
+    label: str, plan: DeletionPlan, reader: HeldBack | None, cut_position: int | None
+) -> None:
+    """Inside the delete transaction: the newest event to delete must be at or below
+    the lowest checkpoint of the consumers reading the stream, as they are now."""
+    if reader is None:
+        return
+    if cut_position is None or cut_position > reader.position:
+        raise HeldBackError(
+            f"{label}: consumer {reader.consumer!r} is at position {reader.position}, below "
+            f"version {plan.through_version} (position {cut_position}); its checkpoint "
+            "moved back or it registered during this compaction: nothing deleted",
+            consumer=reader.consumer,
+            position=reader.position,
+        )
+
+
+def check_restore_target(label: str, stream: Row | None, compacted_through: int) -> Row:
+    """A restore goes to an existing stream still compacted through where the archives
+    end (a compaction since would have deleted events the archives do not hold)."""
+    if stream is None:
+        raise RestoreError(f"restore {label}: the stream does not exist; nothing changed")
+    if stream.compacted_through != compacted_through:
+        raise RestoreError(
+            f"restore {label}: the stream is compacted through {stream.compacted_through}, "
+            f"the archives cover 1..{compacted_through}; nothing changed (run restore again)"
+        )
+    return stream
+
+
+def check_restored(label: str, compacted_through: int, restored: int, last_version: int) -> None:
+    """A restore puts back exactly versions 1..compacted_through."""
+    if restored != compacted_through or last_version != compacted_through:
+        raise RestoreError(
+            f"restore {label}: the archives hold {restored} events ending at version "
+            f"{last_version}, expected versions 1..{compacted_through}; nothing changed"
         )
 
 
@@ -200,7 +312,13 @@ def check_snapshot(label: str, plan: DeletionPlan, stored_hash: str | None) -> N
 
 
 def check_deleted(label: str, plan: DeletionPlan, deleted: int) -> None:
-    """Exactly the planned rows go (the transaction is rolled back otherwise)."""
+    """Exactly the planned rows go (the transaction is rolled back otherwise), and the
+    archive, when there is one, holds exactly as many."""
+    if plan.archive is not None and plan.archive.events != deleted:
+        raise DeletionMismatchError(
+            f"{label}: the archive entry {plan.archive.uri} holds {plan.archive.events} "
+            f"events, the delete would remove {deleted}; rolled back, nothing deleted"
+        )
     if deleted != plan.expected_deleted:
         raise DeletionMismatchError(
             f"{label}: deleting versions up to {plan.through_version} would remove {deleted} "
@@ -235,4 +353,6 @@ def audit_fields(plan: DeletionPlan, stream: StreamRow, deleted: int) -> dict[st
         "events_deleted": deleted,
         "bytes_reclaimed": plan.bytes_reclaimed,
         "fence_token": plan.fence_token,
+        "archive_uri": None if plan.archive is None else plan.archive.uri,
+        "archive_sha256": None if plan.archive is None else plan.archive.sha256,
     }

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
+from eskit_tasks.domain.result import HeldBack
+from eskit_tasks.errors import RestoreError
 from eskit_tasks.ports import (
+    ArchivedEvent,
     Candidate,
+    Checkpoint,
     CompactionRecord,
     DeletionPlan,
     Snapshot,
@@ -23,18 +27,25 @@ from eskit_tasks.ports import (
     StreamInfo,
 )
 from eskit_tasks.stores._rules import (
+    Reader,
     StoredRow,
     audit_fields,
     check_aware,
+    check_checkpoint,
     check_commit,
+    check_consumers,
     check_deleted,
     check_expected_version,
     check_new_compaction_id,
+    check_restore_target,
+    check_restored,
     check_snapshot,
     check_snapshot_save,
     conflict,
     decode_events,
     encode_events,
+    gated_cut,
+    lowest_reader,
 )
 
 Key = tuple[str, str]
@@ -46,6 +57,7 @@ class _Record:
     data: str
     metadata: str
     recorded_at: datetime
+    position: int
 
 
 @dataclass
@@ -71,6 +83,13 @@ class InMemoryDatabase:
         # The audit rows by compaction id (the SQL table's unique index).
         self.log_by_id: dict[str, CompactionRecord] = {}
         self.next_key = 0
+        # The last position handed out, and where each live event is by position.
+        self.last_position = 0
+        self.by_position: dict[int, tuple[Key, int]] = {}
+        self.checkpoints: dict[str, Checkpoint] = {}
+
+    def readers(self) -> list[Reader]:
+        return [(c.consumer, c.position, c.stream_types) for c in self.checkpoints.values()]
 
 
 class InMemoryEventStore:
@@ -108,7 +127,9 @@ class InMemoryEventStore:
                 db.next_key += 1
                 stream = db.streams[(stream_type, stream_id)] = _Stream(db.next_key, 0)
             for i, (t, d, m) in enumerate(rows, start=expected_version + 1):
-                stream.events[i] = _Record(t, d, m, now)
+                db.last_position += 1
+                stream.events[i] = _Record(t, d, m, now, db.last_position)
+                db.by_position[db.last_position] = ((stream_type, stream_id), i)
             stream.head_version = expected_version + len(rows)
             return stream.head_version
 
@@ -166,9 +187,16 @@ class InMemoryEventStore:
             check_snapshot(label, plan, None if snap is None else snap[0].state_hash)
             doomed = [v for v in s.events if v <= c]
             check_deleted(label, plan, len(doomed))
+            at_cut = s.events.get(c)
+            check_consumers(
+                label,
+                plan,
+                lowest_reader(db.readers(), plan.stream_type),
+                None if at_cut is None else at_cut.position,
+            )
             check_new_compaction_id(label, plan, plan.compaction_id in db.log_by_id)
             for v in doomed:
-                del s.events[v]
+                del db.by_position[s.events.pop(v).position]
             kept, token = s.snapshots[c]
             s.snapshots = {c: (replace(kept, verified=True), token)}
             record = CompactionRecord(
@@ -194,6 +222,7 @@ class InMemoryEventStore:
     ) -> list[Candidate]:
         types = None if stream_types is None else set(stream_types)
         with self.engine.lock:
+            readers = self.engine.readers()
             found = [
                 Candidate(s.key, t, i, s.head_version - s.compacted_through)
                 for (t, i), s in self.engine.streams.items()
@@ -201,6 +230,7 @@ class InMemoryEventStore:
                 and (until is None or s.key <= until)
                 and s.head_version - s.compacted_through >= min_live_events
                 and (types is None or t in types)
+                and _first_is_read(s, lowest_reader(readers, t))
             ]
         return sorted(found, key=lambda c: c.key)[:limit]
 
@@ -219,6 +249,140 @@ class InMemoryEventStore:
                 and (stream_id is None or r.stream_id == stream_id)
             ]
         return list(itertools.islice(rows, limit))
+
+    # -- the whole store, in commit order ----------------------------------------------
+
+    def read_all(
+        self, after_position: int = 0, limit: int | None = None, *, page_size: int = 1000
+    ) -> Iterator[RecordedEvent]:
+        check_checkpoint("read_all", after_position, None)
+        left = limit
+        while left is None or left > 0:
+            take = page_size if left is None else min(page_size, left)
+            with self.engine.lock:
+                db = self.engine
+                page = sorted(p for p in db.by_position if p > after_position)[:take]
+                rows = []
+                for p in page:
+                    key, version = db.by_position[p]
+                    r = db.streams[key].events[version]
+                    rows.append((key, (version, r.type, r.data, r.metadata, r.recorded_at, p)))
+            for (t, i), row in rows:
+                yield from decode_events(t, i, [row], _as_is)
+            if len(page) < take:
+                return
+            after_position = page[-1]
+            if left is not None:
+                left -= len(page)
+
+    def last_position(self) -> int:
+        with self.engine.lock:
+            return self.engine.last_position
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, consumer: str, position: int, *, stream_types: Sequence[str] | None = None
+    ) -> int:
+        scope = check_checkpoint(consumer, position, stream_types)
+        with self.engine.lock:
+            known = self.engine.checkpoints.get(consumer)
+            if known is not None:
+                position = max(position, known.position)
+                scope = known.stream_types if stream_types is None else scope
+            self.engine.checkpoints[consumer] = Checkpoint(
+                consumer, position, scope, datetime.now(UTC)
+            )
+            return position
+
+    def checkpoints(self) -> dict[str, int]:
+        with self.engine.lock:
+            return {c.consumer: c.position for c in self.consumers()}
+
+    def consumers(self) -> list[Checkpoint]:
+        with self.engine.lock:
+            return sorted(self.engine.checkpoints.values(), key=lambda c: c.consumer)
+
+    def remove_checkpoint(self, consumer: str) -> bool:
+        with self.engine.lock:
+            return self.engine.checkpoints.pop(consumer, None) is not None
+
+    def deletable_through(
+        self, stream_type: str, stream_id: str, through_version: int
+    ) -> tuple[int, HeldBack | None]:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            reader = lowest_reader(self.engine.readers(), stream_type)
+            if s is None:
+                return through_version, None
+            newest_read = None
+            if reader is not None:
+                read = [
+                    v
+                    for v, r in s.events.items()
+                    if v <= through_version and r.position <= reader.position
+                ]
+                newest_read = max(read, default=None)
+            return gated_cut(through_version, s.compacted_through, reader, newest_read)
+
+    def events_after(self, position: int, stream_types: Sequence[str] | None = None) -> int:
+        with self.engine.lock:
+            return sum(
+                1
+                for p, ((t, _), _) in self.engine.by_position.items()
+                if p > position and (stream_types is None or t in stream_types)
+            )
+
+    # -- the trash bin -----------------------------------------------------------------
+
+    def export(
+        self, stream_type: str, stream_id: str, from_version: int, to_version: int
+    ) -> Iterator[ArchivedEvent]:
+        with self.engine.lock:
+            s = self.engine.streams.get((stream_type, stream_id))
+            view = _sorted_range(s, from_version, to_version)
+        for version, type_, data, meta, recorded_at, position in view:
+            yield ArchivedEvent(version, type_, data, meta, recorded_at, position)
+
+    def restore_events(
+        self,
+        stream_type: str,
+        stream_id: str,
+        events: Iterable[ArchivedEvent],
+        *,
+        compacted_through: int,
+        compaction_ids: Sequence[str],
+    ) -> int:
+        label = label_of(stream_type, stream_id)
+        db = self.engine
+        with db.lock:
+            s = check_restore_target(
+                label, db.streams.get((stream_type, stream_id)), compacted_through
+            )
+            staged: dict[int, _Record] = {}
+            last = 0
+            for e in events:
+                if e.version != last + 1 or e.version in s.events or e.position in db.by_position:
+                    raise RestoreError(
+                        f"restore {label}: version {e.version} (position {e.position}) "
+                        f"{'is not the next version' if e.version != last + 1 else 'is taken'}"
+                        "; nothing changed"
+                    )
+                staged[e.version] = _Record(e.type, e.data, e.metadata, e.recorded_at, e.position)
+                last = e.version
+            check_restored(label, compacted_through, len(staged), last)
+            for v, r in staged.items():
+                s.events[v] = r
+                db.by_position[r.position] = ((stream_type, stream_id), v)
+            s.compacted_through = 0
+            s.fence_token += 1
+            s.snapshots = {}
+            now = datetime.now(UTC)
+            for cid in compaction_ids:
+                done = replace(db.log_by_id[cid], restored_at=now)
+                db.log_by_id[cid] = done
+                db.log = [done if r.compaction_id == cid else r for r in db.log]
+            return len(staged)
 
 
 class InMemorySnapshotStore:
@@ -282,10 +446,19 @@ def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[StoredRow]
     if s is None:
         return []
     return sorted(
-        (v, r.type, r.data, r.metadata, r.recorded_at)
+        (v, r.type, r.data, r.metadata, r.recorded_at, r.position)
         for v, r in s.events.items()
         if v >= lo and (hi is None or v <= hi)
     )
+
+
+def _first_is_read(s: _Stream, reader: HeldBack | None) -> bool:
+    """True when the stream's oldest live event is one every consumer has read (or no
+    consumer reads the stream): there is something a compaction may delete."""
+    if reader is None:
+        return True
+    first = s.events.get(s.compacted_through + 1)
+    return first is not None and first.position <= reader.position
 
 
 def _as_is(moment: datetime) -> datetime:

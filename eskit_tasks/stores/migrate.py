@@ -37,8 +37,20 @@ VERSION_TABLE = "eskit_alembic_version"
 #: The revision of the first layout, and of the layout with schema markers: the two
 #: layouts that databases made before migrations can have.
 FIRST_LAYOUT, SCHEMA_MARKERS = "0001", "0002"
-#: How the first layout differs from the one with schema markers.
-FIRST_LAYOUT_DIFFERENCES = ["eskit_snapshots lacks columns fingerprint, state_version"]
+#: How the layout with schema markers differs from this code's (what
+#: :func:`~eskit_tasks.stores.schema.layout_differences` says of it).
+SCHEMA_MARKERS_DIFFERENCES = frozenset(
+    {
+        "eskit_events lacks column position",
+        "eskit_position_counter is missing",
+        "eskit_checkpoints is missing",
+        "eskit_compaction_log lacks columns archive_uri, archive_sha256, restored_at",
+    }
+)
+#: How the first layout differs from this code's.
+FIRST_LAYOUT_DIFFERENCES = SCHEMA_MARKERS_DIFFERENCES | {
+    "eskit_snapshots lacks columns fingerprint, state_version"
+}
 #: Arbitrary constant key of the advisory lock that serialises upgrades.
 _UPGRADE_LOCK_KEY = 0x65736B6974  # "eskit"
 _MIGRATIONS = Path(__file__).with_name("migrations")
@@ -178,12 +190,23 @@ def upgrade(engine: Engine, *, replay: bool = False) -> tuple[SchemaStatus, Sche
     return before, after
 
 
+def recognised(differences: list[str]) -> str | None:
+    """The revision of tables made before migrations, from how their layout differs
+    from this code's (None: no revision has that layout)."""
+    if not differences:  # made by this code's create_all, but not recorded
+        return head()
+    if set(differences) == SCHEMA_MARKERS_DIFFERENCES:
+        return SCHEMA_MARKERS
+    if set(differences) == FIRST_LAYOUT_DIFFERENCES:
+        return FIRST_LAYOUT
+    return None
+
+
 def _recognise(engine: Engine, differences: list[str]) -> str:
     """The revision of tables made before migrations, from their layout."""
-    if not differences:
-        return SCHEMA_MARKERS
-    if differences == FIRST_LAYOUT_DIFFERENCES:
-        return FIRST_LAYOUT
+    found = recognised(differences)
+    if found is not None:
+        return found
     raise TableLayoutError(
         f"the eskit tables in {mask_url(engine.url)} have a layout no eskit-tasks "
         f"revision describes: {'; '.join(differences)}. The tables were not changed; "

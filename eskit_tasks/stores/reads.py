@@ -26,8 +26,15 @@ from eskit_tasks.stores.engine import reading
 
 _PK_SQL = "SELECT pk FROM eskit_streams WHERE stream_type = {p} AND stream_id = {p}"
 _READ_SQL = (
-    "SELECT version, type, data, metadata, {ts} FROM eskit_events "
+    "SELECT version, type, data, metadata, {ts}, position FROM eskit_events "
     "WHERE stream_pk = {p} AND version >= {p}{upper} ORDER BY version"
+)
+# One page of the whole store in position order (a keyset page: each page is its own
+# statement, so a follower holds no transaction open between pages).
+_READ_ALL_SQL = (
+    "SELECT s.stream_type, s.stream_id, e.version, e.type, e.data, e.metadata, {ts}, "
+    "e.position FROM eskit_events e JOIN eskit_streams s ON s.pk = e.stream_pk "
+    "WHERE e.position > {p} ORDER BY e.position LIMIT {p}"
 )
 # Microseconds since the epoch. extract() returns numeric since PostgreSQL 14, and that
 # numeric arithmetic per row was a tenth of a 200,000-event compaction. date_part()
@@ -76,6 +83,39 @@ def read_events(
                 itertools.chain.from_iterable(pages),
                 _micros_to_datetime if pg else _text_to_datetime,
             )
+
+
+def read_all_events(
+    engine: Engine, after_position: int, limit: int | None, page_size: int
+) -> Iterator[RecordedEvent]:
+    """Yield live events of every stream above ``after_position`` in position order, at
+    most ``limit``, a page per statement (memory bounded by ``page_size``).
+
+    Positions become visible in order (:mod:`.positions`), so a page never ends before
+    an event that commits later with a lower position.
+    """
+    left = limit
+    while left is None or left > 0:
+        take = page_size if left is None else min(page_size, left)
+        with reading(engine, "read the store in position order") as conn:
+            pg = conn.dialect.name == "postgresql"
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            ts = _PG_MICROS.replace("recorded_at", "e.recorded_at") if pg else "e.recorded_at"
+            sql = _READ_ALL_SQL.format(p="%s" if pg else "?", ts=ts)
+            rows = driver.execute(sql, (after_position, take)).fetchall()
+        to_datetime = _micros_to_datetime if pg else _text_to_datetime
+        for (stream_type, stream_id), run in itertools.groupby(rows, _stream_of):
+            yield from decode_events(stream_type, stream_id, (r[2:] for r in run), to_datetime)
+        if len(rows) < take:
+            return
+        after_position = rows[-1][-1]
+        if left is not None:
+            left -= len(rows)
+
+
+def _stream_of(row: tuple[Any, ...]) -> tuple[str, str]:
+    return row[0], row[1]
 
 
 def _micros_to_datetime(micros: int) -> datetime:

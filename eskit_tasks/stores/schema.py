@@ -79,8 +79,38 @@ events = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("metadata", sa.Text, nullable=False),
     sa.Column("recorded_at", UtcDateTime, nullable=False),
+    # The event's place in the whole store, strictly increasing in commit order
+    # (:mod:`.positions`); what consumers' checkpoints count. Every insert sets it;
+    # nullable only so that SQLite can add it to existing tables without a rebuild.
+    sa.Column("position", sa.BigInteger, nullable=True),
+    sa.Index("eskit_events_position_key", "position", unique=True),
     # Range scans of one stream read a clustered b-tree on SQLite.
     sqlite_with_rowid=False,
+)
+
+#: PostgreSQL numbers events from this sequence (under the append lock, see
+#: :mod:`.positions`); SQLite has no sequences and uses ``eskit_position_counter``.
+position_sequence = sa.Sequence("eskit_events_position_seq", metadata=metadata)
+
+position_counter = sa.Table(
+    "eskit_position_counter",
+    metadata,
+    # SQLite only (PostgreSQL leaves it empty): one row, the last position handed out.
+    # Not max(position): a compaction may delete the newest event, and its number must
+    # never be handed out again behind a consumer's checkpoint.
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last_position", sa.BigInteger, nullable=False),
+)
+
+checkpoints = sa.Table(
+    "eskit_checkpoints",
+    metadata,
+    sa.Column("consumer", sa.Text, primary_key=True),
+    # The position of the last event the consumer has processed; never moves backwards.
+    sa.Column("position", sa.BigInteger, nullable=False),
+    # JSON list of the stream types it reads; NULL: every stream type.
+    sa.Column("stream_types", sa.Text, nullable=True),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
 )
 
 snapshots = sa.Table(
@@ -119,6 +149,11 @@ compaction_log = sa.Table(
     sa.Column("bytes_reclaimed", sa.BigInteger, nullable=False),
     sa.Column("fence_token", sa.BigInteger, nullable=False),
     sa.Column("compacted_at", UtcDateTime, nullable=False),
+    # The trash bin's copy of the deleted events, confirmed before the delete committed.
+    sa.Column("archive_uri", sa.Text, nullable=True),
+    sa.Column("archive_sha256", sa.String(64), nullable=True),
+    # Set when the archived events were put back (eskit-tasks restore).
+    sa.Column("restored_at", UtcDateTime, nullable=True),
 )
 
 
@@ -179,8 +214,8 @@ def ensure_schema(engine: Engine) -> None:
     if found.state != "empty":
         with translate_errors(engine, "open the event store"), engine.connect() as conn:
             differences = layout_differences(conn)
-        if found.state == "unversioned" and differences == migrate.FIRST_LAYOUT_DIFFERENCES:
-            migrate.require_current(engine)  # the first layout: init-db upgrades it
+        if found.state == "unversioned" and migrate.recognised(differences):
+            migrate.require_current(engine)  # an older layout: init-db upgrades it
         if differences:
             raise TableLayoutError(
                 f"the eskit tables in {mask_url(engine.url)} do not have the layout this "

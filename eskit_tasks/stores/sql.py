@@ -9,7 +9,7 @@ is in :mod:`.sql_snapshots` (importable from here too).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,18 +17,33 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
-from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.ports import Candidate, CompactionRecord, DeletionPlan, StreamInfo
+from eskit_tasks.domain.result import HeldBack
+from eskit_tasks.errors import ConfigurationError, RestoreError
+from eskit_tasks.ports import (
+    ArchivedEvent,
+    Candidate,
+    Checkpoint,
+    CompactionRecord,
+    DeletionPlan,
+    StreamInfo,
+)
+from eskit_tasks.stores import positions, sql_consumers
 from eskit_tasks.stores._rules import (
     audit_fields,
     check_aware,
+    check_checkpoint,
     check_commit,
+    check_consumers,
     check_deleted,
     check_expected_version,
     check_new_compaction_id,
+    check_restore_target,
+    check_restored,
     check_snapshot,
     conflict,
     encode_events,
+    gated_cut,
+    lowest_reader,
 )
 from eskit_tasks.stores.driver_errors import mask_url, translate_errors
 from eskit_tasks.stores.engine import (
@@ -39,11 +54,13 @@ from eskit_tasks.stores.engine import (
     write_transaction,
     writing,
 )
-from eskit_tasks.stores.reads import read_events
+from eskit_tasks.stores.reads import read_all_events, read_events
 from eskit_tasks.stores.schema import (
+    checkpoints,
     compaction_log,
     ensure_schema,
     events,
+    position_counter,
     snapshots,
     stream_row,
     streams,
@@ -68,7 +85,12 @@ _AUDIT_QUERY = sa.select(
     compaction_log.c.bytes_reclaimed,
     compaction_log.c.fence_token,
     compaction_log.c.compacted_at,
+    compaction_log.c.archive_uri,
+    compaction_log.c.archive_sha256,
+    compaction_log.c.restored_at,
 )
+#: Archived events put back per INSERT during a restore.
+_RESTORE_BATCH = 1000
 
 
 class SqlEventStore:
@@ -162,6 +184,8 @@ class SqlEventStore:
                         .returning(streams.c.pk)
                     ).scalar_one_or_none()
                 if pk is not None:
+                    # Last: positions are handed out in commit order (see .positions).
+                    first = positions.take(conn, len(rows)) - 1
                     conn.execute(
                         events.insert().values(recorded_at=now),
                         [
@@ -171,6 +195,7 @@ class SqlEventStore:
                                 "type": t,
                                 "data": d,
                                 "metadata": m,
+                                "position": first + i,
                             }
                             for i, (t, d, m) in enumerate(rows, start=1)
                         ],
@@ -261,6 +286,9 @@ class SqlEventStore:
         if until is not None:
             query = query.where(s.pk <= until)
         with reading(self.engine, "list candidate streams") as conn:
+            readable = sql_consumers.readable_filter(sql_consumers.readers(conn))
+            if readable is not None:  # leave out streams that consumers hold back entirely
+                query = query.where(readable)
             return [Candidate(int(r[0]), r[1], r[2], int(r[3])) for r in conn.execute(query)]
 
     def max_stream_key(self) -> int:
@@ -285,6 +313,175 @@ class SqlEventStore:
         with reading(self.engine, "read the compaction log") as conn:
             row = conn.execute(query).one_or_none()
         return None if row is None else CompactionRecord(**row._mapping)
+
+    # -- the whole store, in commit order ----------------------------------------------
+
+    def read_all(
+        self, after_position: int = 0, limit: int | None = None
+    ) -> Iterator[RecordedEvent]:
+        """Yield live events of every stream in position order; see the port.
+
+        Raises:
+            ConfigurationError: ``after_position`` or ``limit`` is not an int >= 0.
+        """
+        check_checkpoint("read_all", after_position, None)
+        if limit is not None:
+            check_checkpoint("read_all", limit, None)
+        return read_all_events(self.engine, after_position, limit, self.page_size)
+
+    def last_position(self) -> int:
+        with reading(self.engine, "read the last position") as conn:
+            query: sa.Executable
+            if conn.dialect.name == "postgresql":
+                query = sa.text(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                    "FROM eskit_events_position_seq"
+                )
+            else:
+                query = sa.select(position_counter.c.last_position)
+            return int(conn.execute(query).scalar_one_or_none() or 0)
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, consumer: str, position: int, *, stream_types: Sequence[str] | None = None
+    ) -> int:
+        """Record a consumer's position (never backwards); see the port."""
+        scope = check_checkpoint(consumer, position, stream_types)
+        with writing(self.engine, f"save the checkpoint of consumer {consumer!r}") as conn:
+            return sql_consumers.save(conn, consumer, position, scope)
+
+    def checkpoints(self) -> dict[str, int]:
+        return {c.consumer: c.position for c in self.consumers()}
+
+    def consumers(self) -> list[Checkpoint]:
+        with reading(self.engine, "read the consumers' checkpoints") as conn:
+            return sql_consumers.listed(conn)
+
+    def remove_checkpoint(self, consumer: str) -> bool:
+        with writing(self.engine, f"remove consumer {consumer!r}") as conn:
+            gone = conn.execute(
+                sa.delete(checkpoints).where(checkpoints.c.consumer == consumer)
+            ).rowcount
+        return bool(gone)
+
+    def deletable_through(
+        self, stream_type: str, stream_id: str, through_version: int
+    ) -> tuple[int, HeldBack | None]:
+        label = label_of(stream_type, stream_id)
+        with reading(self.engine, f"read the consumers of {label}") as conn:
+            reader = lowest_reader(sql_consumers.readers(conn), stream_type)
+            pk, info = stream_row(conn, stream_type, stream_id)
+            if reader is None or pk is None or info is None:
+                return through_version, None
+            newest = sql_consumers.newest_read(conn, pk, through_version, reader.position)
+        return gated_cut(through_version, info.compacted_through, reader, newest)
+
+    def events_after(self, position: int, stream_types: Sequence[str] | None = None) -> int:
+        with reading(self.engine, "count the events after a checkpoint") as conn:
+            return sql_consumers.lag(conn, position, stream_types)
+
+    # -- the trash bin -----------------------------------------------------------------
+
+    def export(
+        self, stream_type: str, stream_id: str, from_version: int, to_version: int
+    ) -> Iterator[ArchivedEvent]:
+        """The stored rows ``from_version..to_version``, untouched, streamed a page at a
+        time from one statement; see the port."""
+        e = events.c
+        query = (
+            sa.select(e.version, e.type, e.data, e.metadata, e.recorded_at, e.position)
+            .join(streams, streams.c.pk == e.stream_pk)
+            .where(
+                streams.c.stream_type == stream_type,
+                streams.c.stream_id == stream_id,
+                e.version >= from_version,
+                e.version <= to_version,
+            )
+            .order_by(e.version)
+        )
+        label = label_of(stream_type, stream_id)
+        with reading(self.engine, f"read {label} for the archive") as conn, conn.begin():
+            result = conn.execution_options(stream_results=True, yield_per=self.page_size)
+            for row in result.execute(query):
+                yield ArchivedEvent(int(row[0]), row[1], row[2], row[3], row[4], int(row[5]))
+
+    def restore_events(
+        self,
+        stream_type: str,
+        stream_id: str,
+        events_: Iterable[ArchivedEvent],
+        *,
+        compacted_through: int,
+        compaction_ids: Sequence[str],
+    ) -> int:
+        """Put archived events back in one transaction; see the port."""
+        label = label_of(stream_type, stream_id)
+        e = events.c
+        with writing(self.engine, f"restore {label}") as conn:
+            pk, found = stream_row(conn, stream_type, stream_id, lock=True)
+            check_restore_target(label, found, compacted_through)
+            taken = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(events)
+                .where(e.stream_pk == pk, e.version <= compacted_through)
+            ).scalar_one()
+            if taken:
+                raise RestoreError(
+                    f"restore {label}: {taken} events at or below version "
+                    f"{compacted_through} are live; they would be overwritten, nothing changed"
+                )
+            restored, last = 0, 0
+            batch: list[dict[str, Any]] = []
+            for ev in events_:
+                if ev.version != last + 1:
+                    raise RestoreError(
+                        f"restore {label}: the archives go from version {last} to "
+                        f"{ev.version}; expected {last + 1}, nothing changed"
+                    )
+                last = ev.version
+                batch.append(
+                    {
+                        "stream_pk": pk,
+                        "version": ev.version,
+                        "type": ev.type,
+                        "data": ev.data,
+                        "metadata": ev.metadata,
+                        "recorded_at": ev.recorded_at,
+                        "position": ev.position,
+                    }
+                )
+                if len(batch) == _RESTORE_BATCH:
+                    restored += self._put_back(conn, label, batch)
+                    batch = []
+            if batch:
+                restored += self._put_back(conn, label, batch)
+            check_restored(label, compacted_through, restored, last)
+            conn.execute(
+                sa.update(streams)
+                .where(streams.c.pk == pk)
+                .values(compacted_through=0, fence_token=streams.c.fence_token + 1)
+            )
+            conn.execute(sa.delete(snapshots).where(snapshots.c.stream_pk == pk))
+            if compaction_ids:
+                conn.execute(
+                    sa.update(compaction_log)
+                    .where(compaction_log.c.compaction_id.in_(list(compaction_ids)))
+                    .values(restored_at=clock_expression(self.engine))
+                )
+        return restored
+
+    @staticmethod
+    def _put_back(conn: sa.Connection, label: str, batch: list[dict[str, Any]]) -> int:
+        try:
+            with conn.begin_nested():
+                conn.execute(events.insert(), batch)
+        except sa.exc.IntegrityError:
+            raise RestoreError(
+                f"restore {label}: an archived position between {batch[0]['position']} and "
+                f"{batch[-1]['position']} is taken by another event; nothing changed"
+            ) from None
+        return len(batch)
 
     # -- compaction --------------------------------------------------------------------
 
@@ -313,11 +510,18 @@ class SqlEventStore:
         with writing(self.engine, f"delete compacted events of {label}") as conn:
             pk, found = stream_row(conn, plan.stream_type, plan.stream_id, lock=True)
             stream = check_commit(label, plan, found)
+            assert pk is not None  # check_commit found the row
             at_cut = (snapshots.c.stream_pk == pk, snapshots.c.version == c)
             stored_hash = conn.execute(
                 sa.select(snapshots.c.state_hash).where(*at_cut)
             ).scalar_one_or_none()
             check_snapshot(label, plan, stored_hash)
+            check_consumers(
+                label,
+                plan,
+                lowest_reader(sql_consumers.readers(conn, in_delete=True), plan.stream_type),
+                sql_consumers.position_of(conn, pk, c),
+            )
             deleted = int(
                 conn.execute(
                     sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)

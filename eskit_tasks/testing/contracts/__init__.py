@@ -7,6 +7,8 @@ subclass it in your test suite and provide that fixture for your adapter:
   appends, optimistic concurrency, reads, fencing, the delete transaction;
 * :class:`SnapshotStoreContract` — the :class:`~eskit_tasks.ports.SnapshotStore` port;
 * :class:`CompactorContract` — what a compaction on the two ports must guarantee;
+* :class:`ConsumersContract` — global positions, ``read_all``, checkpoints and the gate
+  that keeps what a consumer has not read;
 * :class:`AdversarialContract` — the cases at the promise's edges (states equal but not
   indistinguishable, changed state types, tampered snapshots, lost commit replies).
 
@@ -17,12 +19,14 @@ They need pytest (``pip install eskit-tasks[dev]``, or pytest on its own); docs/
 from eskit_tasks.testing.contracts.adversarial import AdversarialContract
 from eskit_tasks.testing.contracts.backend import Stores
 from eskit_tasks.testing.contracts.compactor import CompactorContract
+from eskit_tasks.testing.contracts.consumers import ConsumersContract
 from eskit_tasks.testing.contracts.event_store import EventStoreContract
 from eskit_tasks.testing.contracts.snapshot_store import SnapshotStoreContract
 
 __all__ = [
     "AdversarialContract",
     "CompactorContract",
+    "ConsumersContract",
     "EventStoreContract",
     "SnapshotStoreContract",
     "Stores",
