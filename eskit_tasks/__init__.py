@@ -11,6 +11,7 @@ from eskit_tasks import _moved
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import register_decider
+from eskit_tasks.core.restore import RestoreResult, restore
 from eskit_tasks.core.verify import SnapshotReport, verify_snapshots
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.compare import Difference, first_difference, indistinguishable
@@ -65,6 +66,7 @@ from eskit_tasks.stores import (
     SqlEventStore,
     SqlSnapshotStore,
 )
+from eskit_tasks.stores.archive import LocalArchive
 
 __version__ = "0.1.0"
 
@@ -104,6 +106,9 @@ __all__ = [
     "ArchiveRef",
     "Checkpoint",
     "HeldBack",
+    "LocalArchive",
+    "RestoreResult",
+    "restore",
     # proving a snapshot
     "Difference",
     "SchemaMarker",

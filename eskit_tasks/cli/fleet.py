@@ -8,6 +8,7 @@ import typer
 
 from eskit_tasks.cli.local import compact_all_here
 from eskit_tasks.cli.options import (
+    ArchiveDir,
     Database,
     DeciderModules,
     DryRun,
@@ -22,7 +23,7 @@ from eskit_tasks.cli.options import (
     policy_of,
 )
 from eskit_tasks.cli.render import emit_json, out, print_summary, progress_bar
-from eskit_tasks.errors import RunTimeoutError
+from eskit_tasks.errors import ConfigurationError, RunTimeoutError
 
 
 @app.command("compact-all")
@@ -42,15 +43,28 @@ def compact_all_cmd(
         float | None, typer.Option("--timeout", help="With --wait: give up after N seconds.")
     ] = None,
     decider_module: DeciderModules = None,
+    archive: ArchiveDir = None,
     json_: JsonOut = False,
 ) -> None:
     """Compact every candidate stream: on the fleet (default) or in this process (--local)."""
     policy = policy_of(retain_last, retain_younger_than, dry_run)
     if local:
         compact_all_here(
-            database, policy, min_events, stream_type, max_streams, decider_module, json_
+            database,
+            policy,
+            min_events,
+            stream_type,
+            max_streams,
+            decider_module,
+            json_,
+            archive=archive,
         )
         return
+    if archive is not None:
+        raise ConfigurationError(
+            "--archive applies to --local runs; a fleet's workers archive to their own "
+            "ESKIT_ARCHIVE_URL"
+        )
     from eskit_tasks.fleet.runs import compact_all
 
     run = compact_all(

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from eskit_tasks.cli.options import (
+    ArchiveDir,
     Database,
     DeciderModules,
     DryRun,
@@ -21,6 +22,7 @@ from eskit_tasks.cli.options import (
     StreamTypes,
     app,
     import_deciders,
+    open_archive,
     open_store,
     policy_of,
     sqlite_file,
@@ -45,7 +47,7 @@ from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.settings import get_settings
-from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.ports import Archive, EventStore, SnapshotStore
 from eskit_tasks.stores import migrate
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.sql import SqlSnapshotStore
@@ -210,6 +212,7 @@ def compact(
     retain_last: RetainLast = 0,
     retain_younger_than: RetainYounger = None,
     dry_run: DryRun = False,
+    archive: ArchiveDir = None,
     decider_module: DeciderModules = None,
     json_: JsonOut = False,
 ) -> None:
@@ -217,8 +220,9 @@ def compact(
     policy = policy_of(retain_last, retain_younger_than, dry_run)
     import_deciders(decider_module)
     get_registration(stream_type)  # an unknown type is a usage error, not a result
+    trash = open_archive(archive)
     store = open_store(database)
-    result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy).compact(
+    result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash).compact(
         stream_type, stream_id
     )
     print_result(result, json_)
@@ -261,8 +265,15 @@ class LocalCompactors:
     """One Compactor per stream type, made from its registration on first use; a type
     without a registered decider gives each of its streams a ``failed`` result."""
 
-    def __init__(self, store: EventStore, snapshots: SnapshotStore, policy: CompactionPolicy):
+    def __init__(
+        self,
+        store: EventStore,
+        snapshots: SnapshotStore,
+        policy: CompactionPolicy,
+        archive: Archive | None = None,
+    ):
         self.store, self.snapshots, self.policy = store, snapshots, policy
+        self.archive = archive
         self._by_type: dict[str, Compactor[Any] | ConfigurationError] = {}
 
     def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
@@ -284,7 +295,7 @@ class LocalCompactors:
             reg = get_registration(stream_type)
         except ConfigurationError as exc:
             return exc
-        return reg.compactor(self.store, self.snapshots, self.policy)
+        return reg.compactor(self.store, self.snapshots, self.policy, archive=self.archive)
 
 
 def compact_all_here(
@@ -295,11 +306,13 @@ def compact_all_here(
     max_streams: int | None,
     decider_module: Sequence[str] | None,
     json_: bool,
+    archive: str | None = None,
 ) -> None:
     """``compact-all --local``: walk the candidates once, compacting each in turn."""
     import_deciders(decider_module)
+    trash = open_archive(archive)
     store = open_store(database)
-    compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy)
+    compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash)
     results: list[CompactionResult] = []
     started = time.perf_counter()
     todo = iter_candidates(

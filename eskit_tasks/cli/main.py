@@ -9,6 +9,7 @@ import typer
 from typer.exceptions import TyperException
 
 # Importing the command modules registers their commands on the app.
+from eskit_tasks.cli import consumers as _consumer_commands
 from eskit_tasks.cli import fleet as _fleet_commands
 from eskit_tasks.cli import local as _local_commands
 from eskit_tasks.cli.options import Exit, app
@@ -16,7 +17,7 @@ from eskit_tasks.cli.render import err
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 
-COMMAND_MODULES = (_local_commands, _fleet_commands)
+COMMAND_MODULES = (_local_commands, _fleet_commands, _consumer_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from eskit_tasks.core.registry import import_decider_modules
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.errors import DatabaseNotReadyError
 from eskit_tasks.fleet.settings import get_settings
+from eskit_tasks.ports import Archive
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.migrate import require_current
 from eskit_tasks.stores.sql import SqlEventStore
@@ -60,6 +61,14 @@ StreamTypes = Annotated[
 ]
 MaxStreams = Annotated[
     int | None, typer.Option("--max-streams", min=0, help="At most N streams in this run.")
+]
+ArchiveDir = Annotated[
+    str | None,
+    typer.Option(
+        "--archive",
+        help="Trash bin directory: deleted events are kept there first "
+        "(default: ESKIT_ARCHIVE_URL; unset: none).",
+    ),
 ]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Verify in memory; delete nothing.")]
 DeciderModules = Annotated[
@@ -108,6 +117,16 @@ def sqlite_file(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     return Path(url.database)
+
+
+def open_archive(archive: str | None) -> Archive | None:
+    """The trash bin at ``--archive``, else at ESKIT_ARCHIVE_URL (None: neither is set)."""
+    url = archive or get_settings().archive_url
+    if not url:
+        return None
+    from eskit_tasks.stores.archive import archive_from_url
+
+    return archive_from_url(url)
 
 
 def import_deciders(extra: Sequence[str] | None) -> None:

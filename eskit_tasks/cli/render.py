@@ -114,6 +114,11 @@ def print_result(r: CompactionResult, json_: bool) -> None:
     table.add_row("bytes reclaimed", human_bytes(r.bytes_reclaimed))
     table.add_row("duration", f"{r.duration_ms:.1f} ms")
     table.add_row("compaction id", r.compaction_id)
+    if r.held_back_by is not None:
+        held = r.held_back_by
+        table.add_row("held back by", f"consumer {held.consumer} at position {held.position:,}")
+    if r.archive_uri is not None:
+        table.add_row("archived to", r.archive_uri)
     out.print(table)
     if r.error:
         out.print(f"error: {r.error}")

@@ -19,7 +19,7 @@ from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
-from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.ports import Archive, EventStore, SnapshotStore
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Registration:
         policy: CompactionPolicy,
         *,
         guard: Callable[[], None] | None = None,
+        archive: Archive | None = None,
     ) -> Compactor[Any]:
         """A Compactor for streams of this type (the CLI and the fleet's task use this)."""
         return Compactor(
@@ -54,6 +55,7 @@ class Registration:
             upcasters=self.upcasters,
             policy=policy,
             guard=guard,
+            archive=archive,
         )
 
 

@@ -128,9 +128,9 @@ def _compact_locked(
     try:
         if copy.result_claimed_by_other():
             raise Ignore()  # a copy of this task finished while we waited for the lock
-        result = registration.compactor(store, snapshots, parsed, guard=copy.guard(lock)).compact(
-            stream_type, stream_id, compaction_id=copy.compaction_id
-        )
+        result = registration.compactor(
+            store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive
+        ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.

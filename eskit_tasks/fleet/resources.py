@@ -22,7 +22,7 @@ import redis
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.progress import RunProgressStore
 from eskit_tasks.fleet.settings import EskitSettings
-from eskit_tasks.ports import EventStore, SnapshotStore
+from eskit_tasks.ports import Archive, EventStore, SnapshotStore
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 
 
@@ -35,6 +35,8 @@ class Resources:
         snapshots: The snapshot store (default: SQL, in the event store's database).
         redis: The client for locks, result claims and run progress (default:
             ``settings.redis_url`` with short socket timeouts).
+        archive: The trash bin (default: ``settings.archive_url``'s directory, none
+            when it is unset).
     """
 
     def __init__(
@@ -44,8 +46,10 @@ class Resources:
         store: EventStore | None = None,
         snapshots: SnapshotStore | None = None,
         redis: redis.Redis | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.settings = settings
+        self._archive = archive
         self._store = store
         self._snapshots = snapshots
         self._redis = redis
@@ -65,6 +69,14 @@ class Resources:
                 raise TypeError("give Resources a snapshot store along with a non-SQL event store")
             self._snapshots = SqlSnapshotStore(store.engine, create_tables=False)
         return self._snapshots
+
+    @property
+    def archive(self) -> Archive | None:
+        if self._archive is None and self.settings.archive_url:
+            from eskit_tasks.stores.archive import archive_from_url
+
+            self._archive = archive_from_url(self.settings.archive_url)
+        return self._archive
 
     @property
     def redis(self) -> redis.Redis:

@@ -43,6 +43,9 @@ class EskitSettings(BaseSettings):
     )
     #: ESKIT_DECIDER_MODULES: comma-separated modules that call register_decider.
     decider_modules: str = ""
+    #: ESKIT_ARCHIVE_URL: the trash bin, a directory every worker can write (a path or
+    #: file:// URL); compactions archive the events they delete there first. Unset: none.
+    archive_url: str | None = None
     #: ESKIT_COMPACTION_QUEUE / ESKIT_FANOUT_QUEUE: queue names.
     compaction_queue: str = c.COMPACTION_QUEUE
     fanout_queue: str = c.FANOUT_QUEUE

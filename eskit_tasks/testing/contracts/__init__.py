@@ -9,6 +9,7 @@ subclass it in your test suite and provide that fixture for your adapter:
 * :class:`CompactorContract` — what a compaction on the two ports must guarantee;
 * :class:`ConsumersContract` — global positions, ``read_all``, checkpoints and the gate
   that keeps what a consumer has not read;
+* :class:`TrashBinContract` — archiving before the delete, and restore;
 * :class:`AdversarialContract` — the cases at the promise's edges (states equal but not
   indistinguishable, changed state types, tampered snapshots, lost commit replies).
 
@@ -22,6 +23,7 @@ from eskit_tasks.testing.contracts.compactor import CompactorContract
 from eskit_tasks.testing.contracts.consumers import ConsumersContract
 from eskit_tasks.testing.contracts.event_store import EventStoreContract
 from eskit_tasks.testing.contracts.snapshot_store import SnapshotStoreContract
+from eskit_tasks.testing.contracts.trash_bin import TrashBinContract
 
 __all__ = [
     "AdversarialContract",
@@ -30,4 +32,5 @@ __all__ = [
     "EventStoreContract",
     "SnapshotStoreContract",
     "Stores",
+    "TrashBinContract",
 ]
