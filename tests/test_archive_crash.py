@@ -77,7 +77,7 @@ def test_kill_9_between_archive_and_delete_loses_nothing_and_counts_nothing(
     store.append("account", "a-1", deposits(*amounts), expected_version=0)
     before = [(e.version, e.position, e.recorded_at) for e in store.read("account", "a-1")]
 
-    child = subprocess.run(  # noqa: S603 -- our own interpreter and script
+    child = subprocess.run(
         [sys.executable, "-c", CHILD, url, str(trash)], capture_output=True, timeout=120
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode()

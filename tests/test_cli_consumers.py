@@ -103,6 +103,6 @@ def test_archive_restore_and_purge_from_the_command_line(capsys, db, store, tmp_
     assert code == Exit.USAGE and "30d" in err
 
 
-def test_the_fleet_run_refuses_an_archive_flag(capsys, db):
-    code, _, err = run(capsys, "compact-all", "--database", db, "--archive", "/tmp/x")
+def test_the_fleet_run_refuses_an_archive_flag(capsys, db, tmp_path):
+    code, _, err = run(capsys, "compact-all", "--database", db, "--archive", str(tmp_path))
     assert code == Exit.USAGE and "ESKIT_ARCHIVE_URL" in err
