@@ -162,6 +162,19 @@ def _check_tables_at_start(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_init.connect
 @_fatal_at_start
+def _check_archive_at_start(sender: Any = None, **_: Any) -> None:
+    """With ESKIT_ARCHIVE_URL, refuse to start unless the trash bin is a directory this
+    worker can write: otherwise every compaction would fail at its archive step."""
+    settings = _settings_of(sender)
+    if settings is None or not settings.archive_url:
+        return
+    from eskit_tasks.stores.archive import archive_from_url
+
+    log.info("eskit-tasks: archiving deleted events to %r", archive_from_url(settings.archive_url))
+
+
+@signals.worker_init.connect
+@_fatal_at_start
 def _start_metrics(sender: Any = None, **_: Any) -> None:
     """With ESKIT_METRICS_PORT, serve Prometheus metrics from the main worker process; set
     up before it forks, so its children write where the server reads (see metrics.py)."""

@@ -8,19 +8,18 @@ import pytest
 import sqlalchemy as sa
 
 from eskit_tasks.stores import migrate
-from eskit_tasks.stores.schema import metadata
 from eskit_tasks.tasks import compact_stream
 from tests.fleet.conftest import Fleet
+from tests.test_migrations import tables_at
 
 
 def _first_layout_database(path: Path) -> str:
     """Tables as the first release made them, before migrations (no revision)."""
     url = f"sqlite:///{path}"
+    tables_at(url, migrate.FIRST_LAYOUT)
     engine = sa.create_engine(url)
-    metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE eskit_snapshots DROP COLUMN state_version")
-        conn.exec_driver_sql("ALTER TABLE eskit_snapshots DROP COLUMN fingerprint")
+        conn.exec_driver_sql(f"DROP TABLE {migrate.VERSION_TABLE}")
     engine.dispose()
     return url
 
@@ -39,3 +38,12 @@ def test_a_worker_refuses_tables_that_need_an_upgrade_until_init_db(fleet: Fleet
     fleet.worker("upgraded", concurrency=1, ESKIT_DATABASE_URL=url)
     result = compact_stream.delay("ledger", "nothing-here").get(timeout=60)
     assert result["outcome"] == "nothing_to_compact", result
+
+
+def test_a_worker_refuses_an_archive_it_cannot_write(fleet: Fleet, tmp_path: Path):
+    not_a_directory = tmp_path / "trash"
+    not_a_directory.write_text("a file")
+    with pytest.raises(RuntimeError, match="exited at start") as info:
+        fleet.worker("bad-archive", concurrency=1, ESKIT_ARCHIVE_URL=str(not_a_directory))
+    said = str(info.value)
+    assert "the worker cannot start" in said and "is not a directory" in said
