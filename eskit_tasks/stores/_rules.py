@@ -176,6 +176,14 @@ def check_checkpoint(
     return tuple(sorted(set(stream_types)))
 
 
+def check_position(what: str, value: object) -> None:
+    """Reject a position (or count) that is not an int >= 0, before any I/O."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_VERSION:
+        raise ConfigurationError(
+            f"{what} must be an int from 0 to {MAX_VERSION - 1}, got {value!r}"
+        )
+
+
 #: A consumer as the gate sees it: (name, position, scope or None for every type).
 Reader = tuple[str, int, "tuple[str, ...] | None"]
 

@@ -37,6 +37,7 @@ from eskit_tasks.stores._rules import (
     check_deleted,
     check_expected_version,
     check_new_compaction_id,
+    check_position,
     check_restore_target,
     check_restored,
     check_snapshot,
@@ -255,7 +256,14 @@ class InMemoryEventStore:
     def read_all(
         self, after_position: int = 0, limit: int | None = None, *, page_size: int = 1000
     ) -> Iterator[RecordedEvent]:
-        check_checkpoint("read_all", after_position, None)
+        check_position("after_position", after_position)
+        if limit is not None:
+            check_position("limit", limit)
+        return self._read_all(after_position, limit, page_size)
+
+    def _read_all(
+        self, after_position: int, limit: int | None, page_size: int
+    ) -> Iterator[RecordedEvent]:
         left = limit
         while left is None or left > 0:
             take = page_size if left is None else min(page_size, left)

@@ -37,6 +37,7 @@ from eskit_tasks.stores._rules import (
     check_deleted,
     check_expected_version,
     check_new_compaction_id,
+    check_position,
     check_restore_target,
     check_restored,
     check_snapshot,
@@ -324,9 +325,9 @@ class SqlEventStore:
         Raises:
             ConfigurationError: ``after_position`` or ``limit`` is not an int >= 0.
         """
-        check_checkpoint("read_all", after_position, None)
+        check_position("after_position", after_position)
         if limit is not None:
-            check_checkpoint("read_all", limit, None)
+            check_position("limit", limit)
         return read_all_events(self.engine, after_position, limit, self.page_size)
 
     def last_position(self) -> int:

@@ -101,7 +101,9 @@ class ConsumersContract:
 
     def test_read_all_refuses_a_bad_position(self, stores: Stores) -> None:
         with pytest.raises(ConfigurationError, match="position"):
-            list(stores.events.read_all(after_position=-1))
+            stores.events.read_all(after_position=-1)
+        with pytest.raises(ConfigurationError, match="limit"):
+            stores.events.read_all(limit=-1)
 
     # checkpoints ----------------------------------------------------------------------
 
