@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Engine
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
 from eskit_tasks.domain.result import HeldBack
-from eskit_tasks.errors import ConfigurationError, RestoreError
+from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.ports import (
     ArchivedEvent,
     Candidate,
@@ -27,7 +27,7 @@ from eskit_tasks.ports import (
     DeletionPlan,
     StreamInfo,
 )
-from eskit_tasks.stores import positions, sql_consumers
+from eskit_tasks.stores import positions, sql_consumers, sql_trash
 from eskit_tasks.stores._rules import (
     audit_fields,
     check_aware,
@@ -38,8 +38,6 @@ from eskit_tasks.stores._rules import (
     check_expected_version,
     check_new_compaction_id,
     check_position,
-    check_restore_target,
-    check_restored,
     check_snapshot,
     conflict,
     encode_events,
@@ -90,8 +88,6 @@ _AUDIT_QUERY = sa.select(
     compaction_log.c.archive_sha256,
     compaction_log.c.restored_at,
 )
-#: Archived events put back per INSERT during a restore.
-_RESTORE_BATCH = 1000
 
 
 class SqlEventStore:
@@ -389,23 +385,9 @@ class SqlEventStore:
     ) -> Iterator[ArchivedEvent]:
         """The stored rows ``from_version..to_version``, untouched, streamed a page at a
         time from one statement; see the port."""
-        e = events.c
-        query = (
-            sa.select(e.version, e.type, e.data, e.metadata, e.recorded_at, e.position)
-            .join(streams, streams.c.pk == e.stream_pk)
-            .where(
-                streams.c.stream_type == stream_type,
-                streams.c.stream_id == stream_id,
-                e.version >= from_version,
-                e.version <= to_version,
-            )
-            .order_by(e.version)
+        return sql_trash.export(
+            self.engine, stream_type, stream_id, from_version, to_version, self.page_size
         )
-        label = label_of(stream_type, stream_id)
-        with reading(self.engine, f"read {label} for the archive") as conn, conn.begin():
-            result = conn.execution_options(stream_results=True, yield_per=self.page_size)
-            for row in result.execute(query):
-                yield ArchivedEvent(int(row[0]), row[1], row[2], row[3], row[4], int(row[5]))
 
     def restore_events(
         self,
@@ -417,72 +399,14 @@ class SqlEventStore:
         compaction_ids: Sequence[str],
     ) -> int:
         """Put archived events back in one transaction; see the port."""
-        label = label_of(stream_type, stream_id)
-        e = events.c
-        with writing(self.engine, f"restore {label}") as conn:
-            pk, found = stream_row(conn, stream_type, stream_id, lock=True)
-            check_restore_target(label, found, compacted_through)
-            taken = conn.execute(
-                sa.select(sa.func.count())
-                .select_from(events)
-                .where(e.stream_pk == pk, e.version <= compacted_through)
-            ).scalar_one()
-            if taken:
-                raise RestoreError(
-                    f"restore {label}: {taken} events at or below version "
-                    f"{compacted_through} are live; they would be overwritten, nothing changed"
-                )
-            restored, last = 0, 0
-            batch: list[dict[str, Any]] = []
-            for ev in events_:
-                if ev.version != last + 1:
-                    raise RestoreError(
-                        f"restore {label}: the archives go from version {last} to "
-                        f"{ev.version}; expected {last + 1}, nothing changed"
-                    )
-                last = ev.version
-                batch.append(
-                    {
-                        "stream_pk": pk,
-                        "version": ev.version,
-                        "type": ev.type,
-                        "data": ev.data,
-                        "metadata": ev.metadata,
-                        "recorded_at": ev.recorded_at,
-                        "position": ev.position,
-                    }
-                )
-                if len(batch) == _RESTORE_BATCH:
-                    restored += self._put_back(conn, label, batch)
-                    batch = []
-            if batch:
-                restored += self._put_back(conn, label, batch)
-            check_restored(label, compacted_through, restored, last)
-            conn.execute(
-                sa.update(streams)
-                .where(streams.c.pk == pk)
-                .values(compacted_through=0, fence_token=streams.c.fence_token + 1)
-            )
-            conn.execute(sa.delete(snapshots).where(snapshots.c.stream_pk == pk))
-            if compaction_ids:
-                conn.execute(
-                    sa.update(compaction_log)
-                    .where(compaction_log.c.compaction_id.in_(list(compaction_ids)))
-                    .values(restored_at=clock_expression(self.engine))
-                )
-        return restored
-
-    @staticmethod
-    def _put_back(conn: sa.Connection, label: str, batch: list[dict[str, Any]]) -> int:
-        try:
-            with conn.begin_nested():
-                conn.execute(events.insert(), batch)
-        except sa.exc.IntegrityError:
-            raise RestoreError(
-                f"restore {label}: an archived position between {batch[0]['position']} and "
-                f"{batch[-1]['position']} is taken by another event; nothing changed"
-            ) from None
-        return len(batch)
+        return sql_trash.restore_events(
+            self.engine,
+            stream_type,
+            stream_id,
+            events_,
+            compacted_through=compacted_through,
+            compaction_ids=compaction_ids,
+        )
 
     # -- compaction --------------------------------------------------------------------
 
