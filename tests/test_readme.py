@@ -43,12 +43,14 @@ EXAMPLES: dict[str, list[str]] = {
     "README.md": ["script", "fleet"],
     "architecture.md": ["script"],
     "cli.md": [],
+    "consumers.md": ["script", "script"],
     "fleet.md": ["module", "fleet"],
     "library.md": ["script", "module"],
     "operations.md": [],
     "performance.md": [],
     "reliability.md": [],
     "snapshots.md": ["script", "script"],
+    "trash-bin.md": ["script", "script"],
     "upgrading.md": ["module"],
 }
 
