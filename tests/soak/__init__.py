@@ -8,6 +8,10 @@ stopped and restarted, PostgreSQL connections terminated, a worker paused past i
 expiry, the same fan-out started twice), then quiesces and checks every invariant
 against a model of what the writers know they appended (model.py, checker.py).
 
+A projection follows the whole store (``read_all``) with a checkpoint, pausing now and
+then so that compactions must be held back by it, and must see every event exactly once;
+now and then a compacted stream is restored from the workers' trash bin (consumers.py).
+
 Besides the Ledger, the streams include kinds whose states ``==`` forgives a lossy copy
 of (kinds.py: an insertion-ordered dict, a ZoneInfo datetime in a model, enums in a
 model); every observed state is compared with the model's by

@@ -12,17 +12,33 @@ Per stream, in one REPEATABLE READ transaction:
   and every verified snapshot's state is a state the model had at that version, by the
   strict comparison (:func:`eskit_tasks.domain.compare.first_difference`: decoded as the
   stream kind's state type, and as stored JSON; see model.py);
-* bad-input streams were never compacted and keep every event.
+* bad-input streams were never compacted and keep every event;
+* every deletion was archived first (its audit row names an entry and its checksum);
+  rows marked restored no longer count towards ``compacted_through``.
 
 And every result (task results from the Celery result backend, attempts from the
 workers' JSON log lines): ``compacted`` only with an audit row of that compaction_id
 for that stream and range; any other outcome with no audit row, unless that row was
 written by another attempt of the same task (the fleet derives the compaction_id from
 the task id, so a retried task's attempts share it; a compaction_id deletes once).
+
+The consumer and the trash bin (tests/soak/consumers.py):
+
+* the projection saw every event exactly once: no position twice, and per stream the
+  versions 1..head, each once and in order, although compactions ran all along (the
+  gate keeps every event above its checkpoint) and restores put events back below it;
+* every archived event (everything any compaction deleted) is one the projection had
+  seen, at the same position and with the same payload, which is what the writer
+  appended; a result held back by the projection names a checkpoint it saved, and its
+  deletion stayed at or below it;
+* a restored stream holds versions 1..head again, the restored ones at the positions
+  the projection saw them at (so it does not receive them again), and replays to the
+  model's state.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,16 +46,24 @@ from typing import Any
 
 import psycopg
 
+from eskit_tasks.ports import ArchivedEvent
 from tests.soak.model import (
     BAD_KINDS,
     BAD_OUTCOMES,
     BAD_RESULTS,
+    PROJECTION,
     TRANSIENT_ERRORS,
     Model,
     Observation,
+    ProjectionModel,
     StreamModel,
     Violations,
+    appended_data,
+    fingerprint,
 )
+
+#: At most this many versions are named in one message.
+NAMED = 5
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,10 @@ class AuditRow:
     snapshot_version: int
     head_version: int
     events_deleted: int
+    #: A restore put these events back (they no longer count as deleted).
+    restored: bool = False
+    archive_uri: str | None = None
+    archive_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +115,13 @@ class DbState:
     @property
     def audit_rows(self) -> int:
         return sum(len(rows) for rows in self.audit.values())
+
+    @property
+    def restored_rows(self) -> int:
+        return sum(row.restored for rows in self.audit.values() for row in rows)
+
+    def heads(self) -> dict[tuple[str, str], int]:
+        return {(r.stream_type, r.stream_id): r.head for r in self.streams.values()}
 
     def deletions_by_type(self) -> dict[str, dict[str, int]]:
         """Per stream type: its audit rows (deletions), the events they deleted and the
@@ -122,7 +157,8 @@ def read_db_state(conn: psycopg.Connection[Any]) -> DbState:
             db.verified.setdefault(pk, []).append((version, state))
         for row in conn.execute(
             "SELECT compaction_id, stream_pk, stream_type, stream_id, from_version, "
-            "through_version, snapshot_version, head_version, events_deleted "
+            "through_version, snapshot_version, head_version, events_deleted, "
+            "restored_at IS NOT NULL, archive_uri, archive_sha256 "
             "FROM eskit_compaction_log ORDER BY stream_pk, from_version, id"
         ):
             db.audit.setdefault(row[1], []).append(AuditRow(*row))
@@ -191,6 +227,15 @@ def _stream_problems(
             problems.append(("head", f"head {head} != {stream.acked()} acknowledged events"))
     problems.extend(("events", p) for p in live_events_problems(head, through, live))
     problems.extend(("audit", p) for p in audit_problems(audit, through))
+    problems.extend(
+        (
+            "archive",
+            f"audit row {row.compaction_id} ({row.from_version}..{row.through_version}) "
+            "has no archive entry: the deleted events cannot be put back",
+        )
+        for row in audit
+        if row.archive_uri is None or row.archive_sha256 is None
+    )
     if through > 0 and (not verified or max(verified) < through):
         problems.append(
             (
@@ -227,11 +272,17 @@ def live_events_problems(head: int, through: int, live: LiveEvents | None) -> li
 
 
 def audit_problems(rows: Iterable[AuditRow], through: int) -> list[str]:
-    """Audit rows must tile ``1..through`` in order: no overlap, no gap, counts right."""
+    """Audit rows must tile ``1..through`` in order: no overlap, no gap, counts right.
+    Rows a restore undid are checked on their own but tile nothing any more (the stream
+    starts again at version 1; compactions after the restore tile it again)."""
     problems = []
     expected_from = 1
     for row in rows:
         span = f"audit row {row.compaction_id} ({row.from_version}..{row.through_version})"
+        if row.restored:
+            if row.events_deleted != row.through_version - row.from_version + 1:
+                problems.append(f"restored {span} says {row.events_deleted} events deleted")
+            continue
         if row.from_version != expected_from:
             what = "overlaps" if row.from_version < expected_from else "leaves a gap before"
             problems.append(f"{span} {what} the previous deletion (next free {expected_from})")
@@ -376,4 +427,234 @@ def _compacted_problems(result: dict[str, Any], row: AuditRow | None) -> list[st
             f"result started from {result.get('compacted_through_before')}, audit row from "
             f"{row.from_version}"
         )
+    return problems
+
+
+# -- the consumer and the trash bin -------------------------------------------------------
+
+
+def _spans(versions: Iterable[int]) -> str:
+    """The first few of ``versions`` as text ("3, 4, 9 and 12 more")."""
+    found = sorted(versions)
+    shown = ", ".join(map(str, found[:NAMED]))
+    return shown if len(found) <= NAMED else f"{shown} and {len(found) - NAMED} more"
+
+
+def exactly_once_problem(versions: list[int], head: int) -> str | None:
+    """None if ``versions`` (as delivered) is exactly 1..head in order, else what is
+    wrong: versions missing, delivered twice, beyond the head or out of order."""
+    if versions == list(range(1, head + 1)):
+        return None
+    counts: dict[int, int] = defaultdict(int)
+    for version in versions:
+        counts[version] += 1
+    parts = []
+    missing = [v for v in range(1, head + 1) if v not in counts]
+    if missing:
+        parts.append(f"{len(missing)} never seen ({_spans(missing)})")
+    twice = [v for v, n in counts.items() if n > 1]
+    if twice:
+        parts.append(f"{len(twice)} seen more than once ({_spans(twice)})")
+    beyond = [v for v in counts if not 1 <= v <= head]
+    if beyond:
+        parts.append(f"{len(beyond)} beyond the head ({_spans(beyond)})")
+    if not parts:
+        parts.append(f"out of order ({_spans(versions)}...)")
+    return f"of versions 1..{head}, " + "; ".join(parts)
+
+
+def projection_problems(
+    seen: ProjectionModel, heads: dict[tuple[str, str], int], model: Model
+) -> list[str]:
+    """At the end, caught up: the projection saw each stream's versions 1..head (the
+    database's head), each exactly once, with the payload its writer appended."""
+    problems = []
+    for key, head in sorted(heads.items()):
+        label = f"{key[0]}/{key[1]}"
+        versions = seen.versions(key)
+        problem = exactly_once_problem(versions, head)
+        if problem is not None:
+            problems.append(f"{label}: the projection saw {len(versions)} events, {problem}")
+        stream = model.get(*key)
+        if stream is None:
+            continue
+        for version in range(1, min(head, stream.acked()) + 1):
+            data = appended_data(stream, version)
+            found = seen.at(key, version)
+            if data is not None and found is not None and found[1] != fingerprint(data):
+                problems.append(
+                    f"{label}: the projection saw version {version} with another payload "
+                    f"than its writer appended ({data})"
+                )
+                break
+    for key in seen.streams.keys() - heads.keys():
+        problems.append(f"{key[0]}/{key[1]}: the projection saw a stream the database lacks")
+    return problems
+
+
+def archived_problems(
+    row: AuditRow,
+    events: list[ArchivedEvent],
+    seen: ProjectionModel,
+    stream: StreamModel | None,
+) -> list[tuple[str, str]]:
+    """An archive entry holds exactly the deletion its audit row records, and each of
+    its events is one the projection had seen, at the same position, with the same
+    payload (which is the writer's): the compaction did not outrun the projection."""
+    key = (row.stream_type, row.stream_id)
+    span = f"{row.stream_type}/{row.stream_id} compaction {row.compaction_id}"
+    versions = [e.version for e in events]
+    expected = list(range(row.from_version, row.through_version + 1))
+    if versions != expected:
+        return [
+            (
+                "archive",
+                f"{span} deleted versions {row.from_version}..{row.through_version}, its "
+                f"archive entry holds {len(versions)} events ({_spans(versions)})",
+            )
+        ]
+    problems: list[tuple[str, str]] = []
+    unseen = []
+    for event in events:
+        found = seen.at(key, event.version)
+        if found is None:
+            unseen.append(event.version)
+            continue
+        print_ = fingerprint(json.loads(event.data))
+        if found != (event.position, print_):
+            problems.append(
+                (
+                    "archive",
+                    f"{span}: version {event.version} is archived at position "
+                    f"{event.position} (payload {event.data}); the projection saw it at "
+                    f"position {found[0]}"
+                    + ("" if found[1] == print_ else " with another payload"),
+                )
+            )
+            break
+        data = None if stream is None else appended_data(stream, event.version)
+        if data is not None and json.loads(event.data) != data:
+            problems.append(
+                (
+                    "archive",
+                    f"{span}: version {event.version} is archived as {event.data}; its "
+                    f"writer appended {data}",
+                )
+            )
+            break
+    if unseen:
+        problems.append(
+            (
+                "gate",
+                f"{span} deleted {len(unseen)} events the projection never saw "
+                f"(versions {_spans(unseen)}): it outran the projection's checkpoint",
+            )
+        )
+    return problems
+
+
+def held_back_problems(
+    results: Iterable[dict[str, Any]],
+    deleted_up_to: dict[str, int],
+    saved: set[int],
+) -> list[str]:
+    """A result held back names the projection at a checkpoint it saved, and what it
+    deleted (the highest position in its archive entry, ``deleted_up_to`` by compaction
+    id) is at or below that checkpoint."""
+    problems = []
+    for result in results:
+        held = result.get("held_back_by")
+        if not held:
+            continue
+        label = f"{result.get('stream_type')}/{result.get('stream_id')}"
+        cid = str(result.get("compaction_id"))
+        consumer, position = held.get("consumer"), held.get("position")
+        if consumer != PROJECTION:
+            problems.append(f"{label} compaction {cid} was held back by unknown {consumer!r}")
+            continue
+        if position not in saved:
+            problems.append(
+                f"{label} compaction {cid} was held back at position {position}, a "
+                "checkpoint the projection never saved"
+            )
+        top = deleted_up_to.get(cid)
+        if result.get("outcome") == "compacted" and top is not None and top > position:
+            problems.append(
+                f"{label} compaction {cid}, held back at position {position}, deleted an "
+                f"event at position {top}"
+            )
+    return problems
+
+
+def held_back_summary(
+    results: Iterable[dict[str, Any]], retain_by_cid: dict[str, int]
+) -> dict[str, int]:
+    """How much the projection held back: compactions cut short (``limited``), held back
+    entirely (``held``), and the events they kept that their policy would have deleted
+    (``events``; only for results whose policy's ``retain_last`` is known)."""
+    found: dict[str, int] = defaultdict(int)
+    for result in results:
+        if not result.get("held_back_by"):
+            continue
+        outcome = str(result.get("outcome"))
+        found["limited" if outcome in ("compacted", "dry_run") else "held"] += 1
+        retain = retain_by_cid.get(str(result.get("compaction_id")))
+        if retain is None:
+            continue
+        cut = result.get("snapshot_version")
+        if cut is None:
+            cut = result.get("compacted_through_before") or 0
+        found["events"] += max(0, int(result.get("head_version") or 0) - retain - int(cut))
+    return {k: found.get(k, 0) for k in ("limited", "held", "events")}
+
+
+def restore_problems(
+    stream: StreamModel,
+    restored: int,
+    live: list[tuple[int, int, Any]],
+    compacted_through: int,
+    seen: ProjectionModel,
+) -> list[str] | None:
+    """Right after a restore of ``restored`` events: the stream's live events
+    (version, position, payload), read then, start at version 1 with no gap, and each
+    restored one is back at the position the projection saw it at (so the projection,
+    past it, does not receive it again) with the payload it saw, which is the writer's.
+
+    None: a compaction already cut the stream again (``compacted_through`` read after
+    ``live``), so the restored events cannot be seen any more; nothing to say.
+    """
+    versions = [v for v, _, _ in live]
+    if (not versions or versions[0] != 1) and compacted_through > 0:
+        return None
+    problems = []
+    missing = sorted(set(range(1, max(versions, default=0) + 1)) - set(versions))
+    missing += list(range(max(versions, default=0) + 1, restored + 1))
+    if missing:
+        problems.append(
+            f"after restoring {restored} events, versions {_spans(missing)} are missing "
+            f"(live: {len(versions)} events from version {versions[0] if versions else '-'})"
+        )
+    key = (stream.stream_type, stream.stream_id)
+    for version, position, data in live:
+        if version > restored:
+            break
+        found = seen.at(key, version)
+        if found is None:
+            problems.append(
+                f"version {version} was put back at position {position}, but the "
+                "projection never saw it (it was deleted before the projection read it)"
+            )
+        elif found != (position, fingerprint(data)):
+            problems.append(
+                f"version {version} was put back at position {position}; the projection "
+                f"saw it at position {found[0]}"
+                + ("" if found[1] == fingerprint(data) else " with another payload")
+            )
+        expected = appended_data(stream, version)
+        if expected is not None and data != expected:
+            problems.append(
+                f"version {version} was put back as {data}; its writer appended {expected}"
+            )
+        if len(problems) >= NAMED:
+            break
     return problems

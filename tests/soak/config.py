@@ -62,6 +62,15 @@ class SoakConfig:
     max_running_runs: int = 6
     #: Seconds between the end of one fault and the start of the next.
     fault_gap: tuple[float, float] = (2.0, 6.0)
+    #: The projection (tests/soak/consumers.py): events per read_all page; it follows
+    #: the store for a while (seconds, uniform in ``projection_follow``), then reads
+    #: nothing for a while (``projection_pause``) and catches up, and so on.
+    projection_page: int = 200
+    projection_follow: tuple[float, float] = (3.0, 10.0)
+    projection_pause: tuple[float, float] = (2.0, 8.0)
+    #: Seconds between two restores of a compacted stream, and at most how many.
+    restore_every: tuple[float, float] = (3.0, 8.0)
+    max_restores: int = 30
     #: Seconds between two checks of the database during the run.
     check_every: float = 5.0
     #: Seconds between progress lines on stdout (0: none).
@@ -78,5 +87,7 @@ class SoakConfig:
         data["workdir"] = None if self.workdir is None else str(self.workdir)
         data["fanout_every"] = list(self.fanout_every)
         data["fault_gap"] = list(self.fault_gap)
+        for name in ("projection_follow", "projection_pause", "restore_every"):
+            data[name] = list(data[name])
         data.pop("admin_url")  # may hold a password
         return data

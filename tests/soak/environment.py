@@ -1,7 +1,8 @@
 """The soak's own world: a fresh PostgreSQL database, two redis-servers, celery workers.
 
-Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>_...``),
-and the environment variables the Celery app reads are set here, before anything
+Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>_...``,
+own trash bin in the work directory), and the environment variables the Celery app and
+the workers read are set here (``ESKIT_ARCHIVE_URL`` among them), before anything
 imports ``eskit_tasks.fleet.app``. The services themselves are
 :mod:`eskit_tasks.testing.services`, shared with the tests and the benchmarks.
 """
@@ -49,6 +50,8 @@ class SoakServices:
         self.config = config
         self.workdir = workdir
         self.logdir = workdir / "logs"
+        #: The trash bin: every worker archives what it deletes here (ESKIT_ARCHIVE_URL).
+        self.archive_dir = workdir / "archive"
         self.db_url = ""
         #: Drops the database on close (scratch_database's exit).
         self._database = contextlib.ExitStack()
@@ -87,6 +90,7 @@ class SoakServices:
                 "ESKIT_REDIS_URL": self.state.url(0),
                 "ESKIT_DATABASE_URL": self.db_url,
                 "ESKIT_TEST_MARKERS": str(self.workdir / "markers"),
+                "ESKIT_ARCHIVE_URL": str(self.archive_dir),
             }
         )
         for name in [n for n in os.environ if n.startswith(("ESKIT_NIGHTLY", "ESKIT_METRICS"))]:

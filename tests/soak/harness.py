@@ -5,11 +5,17 @@ Phases:
 1. set-up: a fresh database, two redis-servers, the environment (before the Celery app is
    imported), the streams seeded, three workers started;
 2. workload: writers, readers, fan-outs every few seconds and the fault schedule, for
-   ``config.seconds``; the database is checked against the model every few seconds;
-3. quiesce: faults stop (everything down is brought back), writers and readers stop, the
-   runs and the queues drain, one last run compacts everything, workers stop;
+   ``config.seconds``; a projection follows the store, lagging now and then (its
+   checkpoint holds compactions back), and now and then a compacted stream is restored
+   from the trash bin (tests/soak/consumers.py); the database is checked against the
+   model every few seconds;
+3. quiesce: faults stop (everything down is brought back), writers, readers and restores
+   stop, the projection catches up, the runs and the queues drain, one last run compacts
+   everything, workers stop;
 4. final check: the database against the model (heads exact now), ``load_state`` of every
-   stream, the observations kept back, every compaction result against the audit table.
+   stream, the observations kept back, what the projection saw (every event exactly
+   once), every archive entry (what was deleted, the projection had seen), every
+   compaction result against the audit table and the projection's checkpoints.
 
 The Celery app reads its settings once per process: ``run_soak`` runs once per process
 (the pytest test starts a fresh one).
@@ -42,15 +48,30 @@ from eskit_tasks import (
     load_state,
 )
 from eskit_tasks.domain.compare import first_difference
+from eskit_tasks.errors import ArchiveError
+from eskit_tasks.ports import ArchiveRef
+from eskit_tasks.stores.archive import LocalArchive
 from eskit_tasks.testing.services import postgres_problem
-from tests.soak.checker import DbState, check_db, check_results, read_db_state
+from tests.soak.checker import (
+    DbState,
+    archived_problems,
+    check_db,
+    check_results,
+    held_back_problems,
+    held_back_summary,
+    projection_problems,
+    read_db_state,
+)
 from tests.soak.config import SoakConfig
+from tests.soak.consumers import Projection, Restorer
 from tests.soak.environment import SoakServices, SoakSetupError, wait_for
 from tests.soak.faults import FaultInjector, make_schedule
 from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS
 from tests.soak.model import (
     BAD_KINDS,
+    PROJECTION,
     Model,
+    ProjectionModel,
     Stats,
     StreamModel,
     Violations,
@@ -134,6 +155,16 @@ class Soak:
         self.last_db: DbState | None = None
         self.final: TrackedRun | None = None
         self.threads: list[threading.Thread] = []
+        #: What the projection applied (tests/soak/consumers.py).
+        self.seen = ProjectionModel()
+        self.projection: Projection | None = None
+        self.restorer: Restorer | None = None
+        #: Its seeds: drawn apart from ``rng``, so a seed's fault schedule and workload
+        #: stay what they were before the projection and the restores existed.
+        self.consumer_rng = random.Random(f"{seed}/consumers")
+        #: The highest position each compaction deleted (its archive entry), by id.
+        self.deleted_up_to: dict[str, int] = {}
+        self.archive_checked: dict[str, int] = {}
 
     def clock(self) -> float:
         """Seconds since the workload started."""
@@ -149,6 +180,18 @@ class Soak:
         self.services.start_backends()
         store = SqlEventStore.from_url(self.services.db_url, pool_size=10, max_overflow=10)
         try:
+            self.projection = Projection(
+                self.seen,
+                store,
+                self.consumer_rng.randrange(2**32),
+                self.stats,
+                self.violations,
+                self.stop_background,
+                page=self.config.projection_page,
+                follow=self.config.projection_follow,
+                pause=self.config.projection_pause,
+            )
+            self.projection.register()  # before any event exists: it holds back everything
             self.seed_streams(store)
             self.say(f"seeded {len(self.model.streams)} streams; starting workers")
             self.services.start_workers()
@@ -163,7 +206,7 @@ class Soak:
             injector = self.start_threads(store, schedule)
             self.workload_phase(injector)
             workload_s = self.clock()
-            self.quiesce(injector)
+            self.quiesce(injector, store)
             db = self.final_check(store)
         finally:
             self.stop_workload.set()
@@ -236,6 +279,20 @@ class Soak:
                 self.stop_workload,
             )
             self.threads.append(reader)
+        assert self.projection is not None
+        self.restorer = Restorer(
+            self.model,
+            self.seen,
+            store,
+            LocalArchive(self.services.archive_dir),
+            self.consumer_rng.randrange(2**32),
+            self.stats,
+            self.violations,
+            self.stop_workload,
+            every=self.config.restore_every,
+            limit=self.config.max_restores,
+        )
+        self.threads += [self.projection, self.restorer]
         for thread in self.threads:
             thread.start()
         # The fleet's modules are imported here, once, before the fan-out and run threads
@@ -320,21 +377,25 @@ class Soak:
         deletions = 0 if self.last_db is None else self.last_db.audit_rows
         return (
             f"appends {self.stats.get('appends')}, reads {self.stats.get('reads')}, "
+            f"projection at {self.seen.last} ({self.seen.events} events), "
+            f"restores {self.stats.get('restores:restored')}, "
             f"runs {dict(runs)}, deletions {deletions}, "
             f"faults {sum(injector.injected.values())}, violations {self.violations.count}"
         )
 
     # -- quiesce --------------------------------------------------------------------------
 
-    def quiesce(self, injector: FaultInjector) -> None:
-        self.say("workload over: stopping faults, writers and readers")
+    def quiesce(self, injector: FaultInjector, store: SqlEventStore) -> None:
+        self.say("workload over: stopping faults, writers, readers and restores")
         self.stop_faults.set()
         injector.join(timeout=300)
         if injector.is_alive():
             self.violations.add("harness", "the fault injector did not stop in 300 s")
         self.notes.extend(self.services.ensure_all_up())
         self.stop_workload.set()
-        self.join_threads("soak-writer", "soak-reader", "soak-fanouts")
+        self.join_threads("soak-writer", "soak-reader", "soak-fanouts", "soak-restorer")
+        self.say("the projection catches up")
+        self.projection_caught_up(store)
         self.say("draining the runs and queues")
         self.drain(self.config.drain_timeout)
         self.final_run()
@@ -343,6 +404,23 @@ class Soak:
         self.stop_background.set()
         self.join_threads("soak-runs", "soak-checker")
         self._poll_runs()
+
+    def projection_caught_up(self, store: SqlEventStore) -> None:
+        """Nothing is appended any more: the projection reads to the end and saves its
+        checkpoint there, so that the final run may compact everything."""
+        assert self.projection is not None
+        self.projection.finish()
+        if not self.projection.caught_up_at_end:
+            self.violations.add("liveness", "the projection could not catch up after the faults")
+            return
+        checkpoint = store.checkpoints().get(PROJECTION)
+        unread = store.events_after(self.seen.last)
+        if checkpoint != self.seen.last or unread:
+            self.violations.add(
+                "projection",
+                f"caught up at position {self.seen.last}, yet its stored checkpoint is "
+                f"{checkpoint} and {unread} events are after it",
+            )
 
     def join_threads(self, *prefixes: str) -> None:
         for thread in self.threads:
@@ -435,7 +513,49 @@ class Soak:
                 )
         self.check_loads(store)
         self.stats.add("deferred_observations", self.model.check_deferred())
+        self.check_projection(db)
+        self.check_archive(db)
         return db
+
+    def check_projection(self, db: DbState) -> None:
+        """Every event exactly once: read once more (nothing new may come: nothing was
+        appended since it caught up, and restores put events back below it), then each
+        stream's versions 1..head, each once, with its writer's payloads."""
+        assert self.projection is not None
+        before = self.seen.events
+        if not self.projection.catch_up(60.0, after_the_end=True):
+            self.violations.add("harness", "the projection could not read after the final run")
+        self.stats.add("projection:after_final", self.seen.events - before)
+        for problem in projection_problems(self.seen, db.heads(), self.model):
+            self.violations.add("projection", problem)
+
+    def check_archive(self, db: DbState) -> None:
+        """Every deletion's archive entry reads back (checksum, count) and holds events
+        the projection had seen, at their positions, with their writers' payloads."""
+        archive = LocalArchive(self.services.archive_dir)
+        entries = events = 0
+        for rows in db.audit.values():
+            for row in rows:
+                if row.archive_uri is None or row.archive_sha256 is None:
+                    continue  # check_db reported it
+                ref = ArchiveRef(row.archive_uri, row.archive_sha256, row.events_deleted)
+                try:
+                    archived = list(archive.read(ref))
+                except ArchiveError as exc:
+                    self.violations.add("archive", f"{row.stream_type}/{row.stream_id}: {exc}")
+                    continue
+                entries += 1
+                events += len(archived)
+                if archived:
+                    self.deleted_up_to[row.compaction_id] = max(e.position for e in archived)
+                stream = self.model.get(row.stream_type, row.stream_id)
+                for kind, problem in archived_problems(row, archived, self.seen, stream):
+                    self.violations.add(kind, problem)
+        self.archive_checked = {
+            "entries": entries,
+            "events": events,
+            "restored_rows": db.restored_rows,
+        }
 
     def check_loads(self, store: SqlEventStore) -> None:
         """load_state of every stream equals the fold of what its writer appended."""
@@ -511,29 +631,66 @@ class Soak:
 
     # -- the report -----------------------------------------------------------------------
 
+    def retain_by_compaction(self, attempts: list[dict[str, Any]]) -> dict[str, int]:
+        """Each compaction's ``retain_last``: a logged one's from the policy of its run,
+        a racing one's as the restorer chose it."""
+        retain = {r.run_id: int(r.policy.get("retain_last") or 0) for r in self.tracker.runs}
+        found = {
+            str(a["compaction_id"]): retain[a["run_id"]]
+            for a in attempts
+            if a.get("run_id") in retain
+        }
+        if self.restorer is not None:
+            found.update(self.restorer.retain_last)
+        return found
+
     def build_report(
         self, injector: FaultInjector, db: DbState, workload_s: float, total_s: float
     ) -> Report:
         audit = db.audit_by_id()
-        backend = check_results(
-            self.task_results(), audit, self.model, self.violations, "task result"
-        )
-        logged = check_results(
-            self.logged_attempts(),
-            audit,
-            self.model,
-            self.violations,
-            "log line",
-        )
+        results = self.task_results()
+        attempts = self.logged_attempts()
+        # The compactions that raced restores ran here, not in the fleet: checked on their
+        # own, and no fleet result is expected for their deletions.
+        raced = [] if self.restorer is None else list(self.restorer.results)
+        check_results(raced, audit, self.model, self.violations, "racing compaction")
+        ours = {str(r.get("compaction_id")) for r in raced}
+        fleet = {cid: row for cid, row in audit.items() if cid not in ours}
+        backend = check_results(results, fleet, self.model, self.violations, "task result")
+        logged = check_results(attempts, fleet, self.model, self.violations, "log line")
+        every_result = [*results, *raced]
+        for problem in held_back_problems(every_result, self.deleted_up_to, self.seen.saved):
+            self.violations.add("gate", problem)
+        held = held_back_summary(every_result, self.retain_by_compaction(attempts))
         ops = dict(self.stats.counts)
         errors = {
             k: v
             for k, v in ops.items()
             if k.split(":")[0]
-            in ("append_error", "read_error", "stale_append_error", "fanout_not_started")
+            in (
+                "append_error",
+                "read_error",
+                "stale_append_error",
+                "fanout_not_started",
+                "projection_error",
+                "restore_error",
+            )
             or k.startswith("check_error")
         }
-        ops = {k: v for k, v in ops.items() if k not in errors}
+        ops = {
+            k: v
+            for k, v in ops.items()
+            if k not in errors and not k.startswith(("projection:", "restores:"))
+        }
+        assert self.projection is not None
+        projection = {
+            "events": self.seen.events,
+            "streams": len(self.seen.streams),
+            **self.stats.prefixed("projection:"),
+            "paused_s": round(self.projection.paused_s, 1),
+            "max_catch_up": self.projection.max_catch_up,
+            "checkpoint": self.seen.last,
+        }
         statuses = Counter(r.status for r in self.tracker.runs)
         ops.update({f"runs:{k}": v for k, v in statuses.items()})
         ops["observations"] = self.model.checked
@@ -566,6 +723,10 @@ class Soak:
             unacknowledged_commits=logged.unacknowledged_commits,
             superseded_attempts=logged.superseded_attempts,
             runs=[asdict(r) for r in self.tracker.runs],
+            projection=projection,
+            held_back=held,
+            restores=self.stats.prefixed("restores:"),
+            archive=self.archive_checked,
             final_run={}
             if final is None
             else {"status": final.status, "candidates": final.candidates, **final.outcomes},

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import TypeAdapter, ValidationError
 
+from eskit_tasks import RecordedEvent
 from eskit_tasks.domain.compare import first_difference
 from tests.soak.kinds import (
     AGENDA_BASE,
@@ -43,6 +45,7 @@ from tests.soak.kinds import (
     Priority,
     Status,
     Ticket,
+    events_for,
     recent_key,
 )
 
@@ -59,6 +62,9 @@ BAD_RESULTS: dict[str, tuple[str, str | None]] = {
     "ghost": ("failed", "UnknownStreamTypeError"),
     "lossy": ("verification_failed", None),
 }
+#: The soak's consumer of the store (tests/soak/consumers.py): its checkpoint covers
+#: every stream type, so it holds back compactions of every stream.
+PROJECTION = "soak-projection"
 #: Error types of an attempt that failed because of a fault (then retried), whatever the
 #: stream: the database or Redis was unreachable.
 TRANSIENT_ERRORS = frozenset(
@@ -341,3 +347,103 @@ def snapshot_problem(kind: str, version: int, stored: str, expected: Any) -> str
 def shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= SHOWN_WIDTH else text[: SHOWN_WIDTH - 3] + "..."
+
+
+# -- the projection's own model (tests/soak/consumers.py follows the store into it) ---------
+
+
+def fingerprint(data: Any) -> int:
+    """A short digest of an event's payload (decoded JSON), the same whether it comes
+    from ``read_all`` or from an archive entry's stored JSON text."""
+    return zlib.crc32(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+
+
+def appended_data(stream: StreamModel, version: int) -> Any | None:
+    """The payload the owning writer appended at ``version`` (None: not known, i.e.
+    beyond the model, a bad-input stream, or a stream the model lost track of)."""
+    if stream.broken or not stream.folds or not 1 <= version <= stream.acked():
+        return None
+    return events_for(stream.kind, stream.stream_id, [stream.amounts[version - 1]])[0].data
+
+
+@dataclass
+class SeenStream:
+    """One stream as the projection saw it: each event's version, position and payload
+    fingerprint, in the order they came (which must be 1, 2, 3...)."""
+
+    versions: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    prints: list[int] = field(default_factory=list)
+    #: The highest version seen.
+    top: int = 0
+
+    def at(self, version: int) -> tuple[int, int] | None:
+        """(position, fingerprint) of ``version`` as first seen; None if never seen."""
+        i = version - 1  # where it is when nothing was skipped
+        if not (0 <= i < len(self.versions) and self.versions[i] == version):
+            i = next((j for j, v in enumerate(self.versions) if v == version), -1)
+        return None if i < 0 else (self.positions[i], self.prints[i])
+
+
+class ProjectionModel:
+    """Every event the projection applied, thread-safe. :meth:`apply` flags at once what
+    exactly-once delivery rules out (a position twice, a position below one already
+    seen, a stream's versions out of 1, 2, 3... order); the checker compares the rest
+    with the database at the end (``checker.projection_problems``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.streams: dict[tuple[str, str], SeenStream] = {}
+        self.positions: set[int] = set()
+        #: The highest position applied: where the next read starts.
+        self.last = 0
+        self.events = 0
+        #: Every checkpoint the projection saved or tried to (a save whose answer was lost
+        #: may have committed); the gate may only ever hold a compaction back at one.
+        self.saved: set[int] = {0}
+
+    def apply(self, event: RecordedEvent) -> list[str]:
+        """Record ``event``; return what is wrong with receiving it now."""
+        key = (event.stream_type, event.stream_id)
+        what = f"{key[0]}/{key[1]} version {event.version} (position {event.position})"
+        with self._lock:
+            if event.position in self.positions:
+                return [f"{what} was delivered a second time"]
+            problems = []
+            if event.position <= self.last:
+                problems.append(
+                    f"{what} came after position {self.last}: read_all went back "
+                    "(an event appeared below what the projection had read)"
+                )
+            seen = self.streams.setdefault(key, SeenStream())
+            expected = seen.top + 1
+            if event.version > expected:
+                problems.append(
+                    f"{what} came while version {expected} was due "
+                    f"(versions {expected}..{event.version - 1} skipped)"
+                )
+            elif event.version < expected:
+                problems.append(f"{what} came again: it had seen up to version {expected - 1}")
+            seen.versions.append(event.version)
+            seen.positions.append(event.position)
+            seen.prints.append(fingerprint(event.data))
+            seen.top = max(seen.top, event.version)
+            self.positions.add(event.position)
+            self.last = max(self.last, event.position)
+            self.events += 1
+        return problems
+
+    def note_saved(self, position: int) -> None:
+        with self._lock:
+            self.saved.add(position)
+
+    def at(self, key: tuple[str, str], version: int) -> tuple[int, int] | None:
+        """(position, fingerprint) at which the projection saw ``version`` of ``key``."""
+        with self._lock:
+            seen = self.streams.get(key)
+            return None if seen is None else seen.at(version)
+
+    def versions(self, key: tuple[str, str]) -> list[int]:
+        with self._lock:
+            seen = self.streams.get(key)
+            return [] if seen is None else list(seen.versions)

@@ -46,6 +46,19 @@ class Report:
     #: Attempts (fenced, failed) of a task whose retry, with the same compaction_id,
     #: deleted: allowed, counted.
     superseded_attempts: int = 0
+    #: The projection (a consumer that lags and catches up): events seen (each exactly
+    #: once), streams, pages, checkpoints saved, pauses, seconds paused, the largest
+    #: catch-up, events read after the final check (none expected).
+    projection: dict[str, Any] = field(default_factory=dict)
+    #: Compaction results (task results) the projection's checkpoint held back: cut
+    #: short (``limited``), entirely (``held``), and the events they kept that their
+    #: policy would have deleted (``events``).
+    held_back: dict[str, int] = field(default_factory=dict)
+    #: Restores: attempted, restored (events, compactions undone), refused (the stream was
+    #: compacted again meanwhile), and what was checked after them.
+    restores: dict[str, int] = field(default_factory=dict)
+    #: The trash bin at the end: archive entries read back and checked, their events.
+    archive: dict[str, int] = field(default_factory=dict)
     final_run: dict[str, Any] = field(default_factory=dict)
     #: Every run started: policy, status, timings, outcomes (JSON only).
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -112,6 +125,30 @@ class Report:
                 f"  {stype:20} {_pairs(by)}; {_pairs(self.deletions_by_type.get(stype, {}))}"
                 for stype, by in self.compactions_by_type.items()
             ),
+            "",
+            "consumer and trash bin",
+            f"  projection           {self.projection.get('events', 0)} events in "
+            f"{self.projection.get('streams', 0)} streams "
+            f"({self.projection.get('pages', 0)} pages, "
+            f"{self.projection.get('checkpoints', 0)} checkpoints saved; "
+            f"{self.projection.get('pauses', 0)} pauses, "
+            f"{self.projection.get('paused_s', 0)} s in all, largest catch-up "
+            f"{self.projection.get('max_catch_up', 0)} events)",
+            f"  held back by it      {self.held_back.get('limited', 0)} compactions cut short, "
+            f"{self.held_back.get('held', 0)} held back entirely "
+            f"({self.held_back.get('events', 0)} events kept that the policy would delete)",
+            f"  restores             {self.restores.get('attempted', 0)} attempted: "
+            f"{self.restores.get('restored', 0)} restored "
+            f"({self.restores.get('events', 0)} events, "
+            f"{self.restores.get('compactions_undone', 0)} compactions undone), "
+            f"{self.restores.get('refused', 0)} refused (compacted again meanwhile); "
+            f"{self.restores.get('loads', 0)} replays checked, "
+            f"{self.restores.get('compacted_before_check', 0)} compacted again before "
+            "their check",
+            f"  raced by compactions {_pairs(_prefixed(self.restores, 'race_')) or 'none'}",
+            f"  archive              {self.archive.get('entries', 0)} entries read back "
+            f"({self.archive.get('events', 0)} events), "
+            f"{self.archive.get('restored_rows', 0)} audit rows restored",
             "",
             "bad input (attempts by outcome; each finished run reported them: "
             f"{ops.get('bad_input_checks', 0)} checks)",

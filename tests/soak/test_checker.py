@@ -6,31 +6,50 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
-from datetime import timezone
+from datetime import UTC, datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
 import pytest
 
-from eskit_tasks import CompactionPolicy, Compactor, Outcome, SqlEventStore, SqlSnapshotStore
+from eskit_tasks import (
+    CompactionPolicy,
+    Compactor,
+    LocalArchive,
+    Outcome,
+    RecordedEvent,
+    SqlEventStore,
+    SqlSnapshotStore,
+    restore,
+)
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.compare import Difference
+from eskit_tasks.ports import ArchivedEvent
 from eskit_tasks.testing.deciders import Ledger
 from eskit_tasks.testing.services import libpq_url, scratch_database
 from tests.soak.checker import (
     AuditRow,
     LiveEvents,
+    archived_problems,
     audit_problems,
     check_db,
     check_results,
+    exactly_once_problem,
+    held_back_problems,
+    held_back_summary,
     live_events_problems,
+    projection_problems,
     read_db_state,
+    restore_problems,
 )
 from tests.soak.kinds import FOLDERS, STRICT_KINDS, Priority, Status
 from tests.soak.model import (
+    PROJECTION,
     Model,
     Observation,
+    ProjectionModel,
     StreamModel,
     Violations,
     ledger_state,
@@ -336,6 +355,174 @@ def test_attempts_of_a_retried_task_share_its_compaction_id():
     assert dict(violations.by_kind) == {"result": 2}, violations.messages
 
 
+# -- the consumer and the trash bin ------------------------------------------------------
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def deposit(version: int, position: int, amount: int, stream_id: str = "a") -> RecordedEvent:
+    """An event of ledger/<stream_id> as read_all gives it."""
+    data, metadata = {"amount": amount}, {"stream": stream_id}
+    return RecordedEvent(version, "Deposited", data, metadata, T0, 0, position, "ledger", stream_id)
+
+
+def projection_of(*events: RecordedEvent) -> tuple[ProjectionModel, list[str]]:
+    seen = ProjectionModel()
+    problems = [problem for event in events for problem in seen.apply(event)]
+    return seen, problems
+
+
+def test_projection_flags_a_position_twice_a_read_that_went_back_and_a_skipped_version():
+    seen, problems = projection_of(deposit(1, 10, 5), deposit(2, 12, 7), deposit(1, 13, 1, "b"))
+    assert problems == []
+    assert (seen.last, seen.events, seen.versions(("ledger", "a"))) == (13, 3, [1, 2])
+
+    twice = seen.apply(deposit(2, 12, 7))  # the same event again
+    assert twice == ["ledger/a version 2 (position 12) was delivered a second time"]
+    # A restored event put back above what the projection read: it comes again.
+    [back, again] = seen.apply(deposit(1, 11, 5))
+    assert "came after position 13: read_all went back" in back
+    assert "came again: it had seen up to version 2" in again
+    [skipped] = seen.apply(deposit(4, 20, 9))
+    assert "while version 3 was due (versions 3..3 skipped)" in skipped
+    assert seen.events == 5  # the duplicate position was not recorded
+
+
+def ledger_model(amounts: list[int], stream_id: str = "a") -> tuple[Model, StreamModel]:
+    model = Model(Violations())
+    stream = StreamModel("ledger", stream_id, "ledger", owner=0)
+    stream.record(amounts)
+    model.add(stream)
+    return model, stream
+
+
+def test_projection_must_have_seen_every_version_exactly_once_with_its_payload():
+    model, _ = ledger_model([5, 7, 9])
+    heads = {("ledger", "a"): 3}
+    complete = [deposit(1, 10, 5), deposit(2, 11, 7), deposit(3, 14, 9)]
+    seen, _ = projection_of(*complete)
+    assert projection_problems(seen, heads, model) == []
+
+    seen, _ = projection_of(*complete[:2])  # the head event never came
+    [missing] = projection_problems(seen, heads, model)
+    assert "saw 2 events, of versions 1..3, 1 never seen (3)" in missing
+
+    seen, _ = projection_of(complete[0], complete[1], deposit(2, 12, 7), complete[2])
+    [twice] = projection_problems(seen, heads, model)
+    assert "1 seen more than once (2)" in twice
+
+    seen, _ = projection_of(complete[0], deposit(2, 11, 8), complete[2])
+    [payload] = projection_problems(seen, heads, model)
+    assert "version 2 with another payload" in payload
+
+    seen, _ = projection_of(*complete, deposit(1, 15, 1, "ghost"))
+    [unknown] = projection_problems(seen, heads, model)
+    assert unknown == "ledger/ghost: the projection saw a stream the database lacks"
+
+    assert exactly_once_problem([1, 2, 3], 3) is None
+    assert exactly_once_problem([], 0) is None
+    assert "beyond the head (4)" in str(exactly_once_problem([1, 2, 3, 4], 3))
+    assert "out of order" in str(exactly_once_problem([2, 1, 3], 3))
+
+
+def test_a_restore_that_lost_an_event_or_moved_it_is_flagged():
+    _, stream = ledger_model([5, 7, 9, 11])
+    seen, _ = projection_of(
+        deposit(1, 10, 5), deposit(2, 11, 7), deposit(3, 12, 9), deposit(4, 13, 11)
+    )
+    back = [(v, 9 + v, {"amount": a}) for v, a in zip(range(1, 5), [5, 7, 9, 11], strict=True)]
+    assert restore_problems(stream, 3, back, 0, seen) == []
+
+    [lost] = restore_problems(stream, 3, [back[0], *back[2:]], 0, seen) or [""]
+    assert "after restoring 3 events, versions 2 are missing" in lost
+    [lost] = restore_problems(stream, 3, back[1:], 0, seen) or [""]  # no version 1
+    assert "versions 1 are missing" in lost
+    [short] = restore_problems(stream, 3, back[:2], 0, seen) or [""]  # 3 never came back
+    assert "versions 3 are missing" in short
+    # Compacted again before the check: nothing left to look at, nothing to say.
+    assert restore_problems(stream, 3, back[3:], 3, seen) is None
+
+    moved = [back[0], (2, 99, {"amount": 7}), *back[2:]]
+    [problem] = restore_problems(stream, 3, moved, 0, seen) or [""]
+    assert "version 2 was put back at position 99; the projection saw it at position 11" in (
+        problem
+    )
+    other = [back[0], (2, 11, {"amount": 8}), *back[2:]]
+    problems = restore_problems(stream, 3, other, 0, seen) or []
+    assert any("with another payload" in p for p in problems), problems
+    assert any("its writer appended {'amount': 7}" in p for p in problems), problems
+
+    late, _ = projection_of(deposit(2, 11, 7), deposit(3, 12, 9))  # never read version 1
+    [outran] = restore_problems(stream, 3, back, 0, late) or [""]
+    assert "version 1 was put back at position 10, but the projection never saw it" in outran
+
+
+def archived(version: int, position: int, amount: int) -> ArchivedEvent:
+    return ArchivedEvent(version, "Deposited", json.dumps({"amount": amount}), "{}", T0, position)
+
+
+def test_archived_events_must_be_ones_the_projection_had_seen():
+    _, stream = ledger_model([5, 7, 9, 11])
+    seen, _ = projection_of(deposit(1, 10, 5), deposit(2, 11, 7), deposit(3, 12, 9))
+    row = audit("c1", 1, 3)
+    entry = [archived(1, 10, 5), archived(2, 11, 7), archived(3, 12, 9)]
+    assert archived_problems(row, entry, seen, stream) == []
+
+    early, _ = projection_of(deposit(1, 10, 5))  # the compaction outran the projection
+    [(kind, problem)] = archived_problems(row, entry, early, stream)
+    assert kind == "gate" and "deleted 2 events the projection never saw (versions 2, 3)" in (
+        problem
+    )
+    [(kind, problem)] = archived_problems(row, entry[:2], seen, stream)
+    assert kind == "archive" and "its archive entry holds 2 events (1, 2)" in problem
+    [(kind, problem)] = archived_problems(row, [*entry[:2], archived(3, 13, 9)], seen, stream)
+    assert kind == "archive" and "the projection saw it at position 12" in problem
+    # A payload that is not the writer's, seen like that by the projection as well.
+    wrong, _ = projection_of(deposit(1, 10, 5), deposit(2, 11, 8), deposit(3, 12, 9))
+    [(kind, problem)] = archived_problems(
+        row, [entry[0], archived(2, 11, 8), entry[2]], wrong, stream
+    )
+    assert kind == "archive" and "its writer appended {'amount': 7}" in problem
+
+
+def test_results_held_back_name_a_saved_checkpoint_and_delete_below_it():
+    held = {"consumer": PROJECTION, "position": 12}
+    fine = [
+        result("compacted", "c1", held_back_by=held, head_version=20),
+        result("compacted", "c2", held_back_by=None),
+        result(
+            "nothing_to_compact",
+            "c3",
+            held_back_by=held,
+            snapshot_version=None,
+            head_version=20,
+            compacted_through_before=10,
+        ),
+    ]
+    assert held_back_problems(fine, {"c1": 12, "c2": 40}, {0, 12}) == []
+    assert held_back_summary(fine, {"c1": 5, "c3": 0}) == {"limited": 1, "held": 1, "events": 15}
+
+    [unsaved] = held_back_problems(fine[:1], {"c1": 12}, {0, 11})
+    assert "held back at position 12, a checkpoint the projection never saved" in unsaved
+    [above] = held_back_problems(fine[:1], {"c1": 13}, {12})
+    assert "held back at position 12, deleted an event at position 13" in above
+    stranger = result("compacted", "c4", held_back_by={"consumer": "x", "position": 1})
+    [unknown] = held_back_problems([stranger], {}, {1})
+    assert "held back by unknown 'x'" in unknown
+
+
+def test_audit_rows_a_restore_undid_tile_nothing_any_more():
+    undone = [
+        AuditRow("c1", 1, "ledger", "a", 1, 10, 10, 12, 10, restored=True),
+        AuditRow("c2", 1, "ledger", "a", 11, 12, 12, 14, 2, restored=True),
+    ]
+    assert audit_problems(undone, 0) == []
+    assert audit_problems([*undone, audit("c3", 1, 13)], 13) == []  # compacted again
+    assert any("cover 1..0" in p for p in audit_problems(undone, 12))
+    bad = AuditRow("c4", 1, "ledger", "a", 1, 10, 10, 12, 9, restored=True)
+    assert any("restored audit row c4 (1..10) says 9" in p for p in audit_problems([bad], 0))
+
+
 # -- against a real database -------------------------------------------------------------
 
 
@@ -362,7 +549,7 @@ def sql(url: str, statement: str) -> None:
 
 
 @pytest.mark.slow
-def test_checker_catches_each_kind_of_corruption_in_the_database(soak_db: str):
+def test_checker_catches_each_kind_of_corruption_in_the_database(soak_db: str, tmp_path: Path):
     store = SqlEventStore.from_url(soak_db)
     model = Model(Violations())
     stream = StreamModel("ledger", "a", "ledger", owner=0)
@@ -377,6 +564,7 @@ def test_checker_catches_each_kind_of_corruption_in_the_database(soak_db: str):
             decider=Ledger(),
             state_type=dict,
             policy=CompactionPolicy(retain_last=5),
+            archive=LocalArchive(tmp_path / "trash"),
         ).compact("ledger", "a")
         assert result.outcome == Outcome.COMPACTED
         assert kinds_found(soak_db, model) == {}
@@ -405,11 +593,15 @@ def test_checker_catches_each_kind_of_corruption_in_the_database(soak_db: str):
             soak_db,
             "INSERT INTO eskit_compaction_log (compaction_id, stream_pk, stream_type, "
             "stream_id, from_version, through_version, snapshot_version, head_version, "
-            "state_hash, events_deleted, bytes_reclaimed, fence_token, compacted_at) "
+            "state_hash, events_deleted, bytes_reclaimed, fence_token, compacted_at, "
+            "archive_uri, archive_sha256) "
             "SELECT 'overlap', stream_pk, stream_type, stream_id, 10, 15, 15, 20, state_hash, "
-            "6, 0, fence_token, now() FROM eskit_compaction_log",
+            "6, 0, fence_token, now(), archive_uri, archive_sha256 FROM eskit_compaction_log",
         )
         assert kinds_found(soak_db, model) == {"events": 1, "audit": 1}
+
+        sql(soak_db, "UPDATE eskit_compaction_log SET archive_uri = NULL WHERE id > 1")
+        assert kinds_found(soak_db, model) == {"events": 1, "audit": 1, "archive": 1}
     finally:
         store.engine.dispose()
 
@@ -421,7 +613,7 @@ def equal_is_enough(expected: Any, actual: Any, path: str = "$") -> Difference |
 
 @pytest.mark.slow
 def test_checker_catches_snapshots_that_sort_their_keys_again(
-    soak_db: str, monkeypatch: pytest.MonkeyPatch
+    soak_db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """A regression of the package: snapshots sorting their keys. Verification refuses
     it (a good stream failing verification is a violation); were verification back to
@@ -448,6 +640,7 @@ def test_checker_catches_snapshots_that_sort_their_keys_again(
             # No tail: replaying events after a sorted snapshot would evict another key
             # than the full replay, which even == notices.
             policy=CompactionPolicy(retain_last=0),
+            archive=LocalArchive(tmp_path / "trash"),
         ).compact("recent", "r")
 
     try:
@@ -467,3 +660,59 @@ def test_checker_catches_snapshots_that_sort_their_keys_again(
         assert message.startswith("[state] snapshot of recent/r:") and "(key order)" in message
     finally:
         store.engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_restore_in_a_real_database_satisfies_the_checker_until_it_loses_an_event(
+    soak_db: str, tmp_path: Path
+):
+    """The projection holds a compaction back; the deletion is archived; a restore puts
+    it back below the projection, which does not see it again; then an event goes."""
+    store = SqlEventStore.from_url(soak_db)
+    model, stream = ledger_model(list(range(1, 21)))
+    store.append("ledger", "a", deposit_events(stream, stream.amounts), expected_version=0)
+    archive = LocalArchive(tmp_path / "trash")
+    seen = ProjectionModel()
+    try:
+        for event in store.read_all(limit=12):  # the projection has read 12 of 20
+            assert seen.apply(event) == []
+        seen.note_saved(seen.last)
+        store.save_checkpoint(PROJECTION, seen.last)
+        done = Compactor(
+            store=store,
+            snapshot_store=SqlSnapshotStore(store.engine),
+            decider=Ledger(),
+            state_type=dict,
+            policy=CompactionPolicy(retain_last=0),
+            archive=archive,
+        ).compact("ledger", "a")
+        assert (done.outcome, done.snapshot_version) == (Outcome.COMPACTED, 12)
+        assert done.held_back_by is not None and done.held_back_by.consumer == PROJECTION
+
+        [row] = [r for rows in read_state(soak_db).audit.values() for r in rows]
+        assert row.archive_uri is not None and row.archive_sha256 is not None
+        entry = list(archive.read(store.compaction_log()[0].archive))  # type: ignore[arg-type]
+        assert archived_problems(row, entry, seen, stream) == []
+        top = {done.compaction_id: max(e.position for e in entry)}
+        assert held_back_problems([done.model_dump(mode="json")], top, seen.saved) == []
+
+        assert restore(store, "ledger", "a", archive=archive).events_restored == 12
+        live = [(e.version, e.position, e.data) for e in store.read("ledger", "a")]
+        assert restore_problems(stream, 12, live, 0, seen) == []
+        assert kinds_found(soak_db, model) == {}
+        for event in store.read_all(after_position=seen.last):  # 13..20, not 1..12 again
+            assert seen.apply(event) == []
+        assert projection_problems(seen, {("ledger", "a"): 20}, model) == []
+
+        sql(soak_db, "DELETE FROM eskit_events WHERE version = 5")
+        live = [(e.version, e.position, e.data) for e in store.read("ledger", "a")]
+        [lost] = restore_problems(stream, 12, live, 0, seen) or [""]
+        assert "versions 5 are missing" in lost
+        assert kinds_found(soak_db, model) == {"events": 1}
+    finally:
+        store.engine.dispose()
+
+
+def read_state(url: str) -> Any:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        return read_db_state(conn)
