@@ -199,25 +199,34 @@ class Archive(Protocol):
     * ``write`` returns only once the entry is durable (on a local disk: written to a
       temporary name, fsynced, renamed, the directory fsynced) and its checksum
       recorded; a failure raises :class:`~eskit_tasks.errors.ArchiveError`.
-    * ``write`` under a ``compaction_id`` it has seen replaces that entry (a retry of a
-      compaction whose first attempt died writes the same events again).
+    * ``write`` never touches an entry written under another ``(compaction_id,
+      fence_token)``: two copies of one compaction (a redelivered task, a retry after a
+      crash) hold different fencing tokens, and the entry of the copy that commits must
+      survive the stale one's write. Writing the same pair again replaces that entry.
     * ``read`` yields exactly the events written, in version order, after checking the
       checksum; a missing or altered entry raises ``ArchiveError`` before the first event.
+    * ``discard`` removes an entry whose delete was refused (it is called only then).
     """
 
     def write(
         self,
         *,
         compaction_id: str,
+        fence_token: int,
         stream_type: str,
         stream_id: str,
         events: Iterable[ArchivedEvent],
     ) -> ArchiveRef:
-        """Store ``events`` (oldest first) durably as this compaction's entry."""
+        """Store ``events`` (oldest first) durably as the entry of this attempt of the
+        compaction (its id and the fencing token it holds)."""
         ...
 
     def read(self, ref: ArchiveRef) -> Iterator[ArchivedEvent]:
         """Yield the entry's events, oldest first, after verifying its checksum."""
+        ...
+
+    def discard(self, ref: ArchiveRef) -> None:
+        """Remove the entry of a delete that did not commit; missing is not an error."""
         ...
 
 

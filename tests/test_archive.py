@@ -63,9 +63,15 @@ def archive(tmp_path: Path, clock: Clock) -> LocalArchive:
     return LocalArchive(tmp_path / "trash", clock=clock)
 
 
-def write(archive: LocalArchive, events, cid="c-1", stream_type="account", stream_id="a-1"):
+def write(
+    archive: LocalArchive, events, cid="c-1", stream_type="account", stream_id="a-1", token=1
+):
     return archive.write(
-        compaction_id=cid, stream_type=stream_type, stream_id=stream_id, events=events
+        compaction_id=cid,
+        fence_token=token,
+        stream_type=stream_type,
+        stream_id=stream_id,
+        events=events,
     )
 
 
@@ -109,23 +115,25 @@ def test_round_trip_keeps_every_field_exactly(archive):
 def test_entry_layout_header_and_manifest(archive):
     ref = write(archive, many(3))
     path = path_of(ref)
-    assert path.name == "c-1.jsonl.gz"
+    assert path.name == "c-1.t1.jsonl.gz"
     assert path.parent.parent == archive.root / "account"
     with gzip.open(path, "rt") as f:
         lines = [json.loads(line) for line in f]
     assert lines[0] == {
         "format": FORMAT,
         "compaction_id": "c-1",
+        "fence_token": 1,
         "stream_type": "account",
         "stream_id": "a-1",
     }
     assert list(lines[1]) == ["version", "type", "data", "metadata", "recorded_at", "position"]
     assert lines[1]["data"] == '{"amount":1,"note":"n1"}'
     assert lines[1]["recorded_at"] == "2024-02-29T23:59:59.123457+00:00"
-    manifest = json.loads(path.with_name("c-1.manifest.json").read_text())
+    manifest = json.loads(path.with_name("c-1.t1.manifest.json").read_text())
     assert manifest == {
         "format": FORMAT,
         "compaction_id": "c-1",
+        "fence_token": 1,
         "stream_type": "account",
         "stream_id": "a-1",
         "sha256": ref.sha256,
@@ -135,8 +143,55 @@ def test_entry_layout_header_and_manifest(archive):
         "written_at": T0.isoformat(),
     }
     assert files_under(archive.root) == sorted(
-        str(p.relative_to(archive.root)) for p in (path, path.with_name("c-1.manifest.json"))
+        str(p.relative_to(archive.root)) for p in (path, path.with_name("c-1.t1.manifest.json"))
     )
+
+
+def test_two_attempts_of_one_compaction_keep_separate_entries(archive):
+    """A stale copy (token 1) writing after the fresh one (token 2) leaves the fresh
+    entry alone; writing the same id and token again replaces that entry only."""
+    fresh = write(archive, many(5), token=2)
+    stale = write(archive, [], token=1)
+    assert fresh.uri != stale.uri
+    assert len(list(archive.read(fresh))) == 5
+    again = write(archive, many(3), token=1)
+    assert again.uri == stale.uri
+    assert sorted((e.fence_token, e.ref.events) for e in archive.entries()) == [(1, 3), (2, 5)]
+
+
+@pytest.mark.parametrize("token", [-1, True, 1.0, "1", None])
+def test_a_fence_token_that_is_not_a_count_is_refused(archive, token):
+    with pytest.raises(ConfigurationError, match="fence_token"):
+        write(archive, many(1), token=token)
+    assert not archive.root.exists()
+
+
+def test_discard_removes_that_entry_only(archive, tmp_path):
+    kept = write(archive, many(2), token=1)
+    doomed = write(archive, many(2), token=2)
+    archive.discard(doomed)
+    assert [e.ref for e in archive.entries()] == [kept]
+    assert files_under(archive.root) == sorted(
+        str(p.relative_to(archive.root))
+        for p in (path_of(kept), path_of(kept).with_name("c-1.t1.manifest.json"))
+    )
+    archive.discard(doomed)  # gone already: not an error
+    outside = _forge(tmp_path / "elsewhere" / "x.jsonl.gz", [b"{}"])
+    with pytest.raises(ArchiveError, match="not an entry of the archive"):
+        archive.discard(outside)
+    assert path_of(outside).exists()
+
+
+def test_an_archive_moved_elsewhere_still_reads_the_recorded_paths(archive, tmp_path):
+    """Audit rows record absolute paths; a trash bin moved (or mounted at another path
+    in another container) is found under the root it is opened with."""
+    ref = write(archive, many(4))
+    moved = tmp_path / "mounted" / "trash"
+    moved.parent.mkdir()
+    archive.root.rename(moved)
+    assert len(list(LocalArchive(moved).read(ref))) == 4
+    with pytest.raises(ArchiveError, match="cannot read"):
+        list(LocalArchive(tmp_path / "other").read(ref))
 
 
 def test_same_events_give_the_same_bytes(tmp_path):
@@ -210,7 +265,7 @@ def test_compaction_ids_that_cannot_name_a_file_are_refused(archive, cid):
 )
 def test_compaction_ids_the_compactor_accepts_work(archive, cid):
     ref = write(archive, many(1), cid=cid)
-    assert path_of(ref).name == f"{cid}.jsonl.gz"
+    assert path_of(ref).name == f"{cid}.t1.jsonl.gz"
     assert len(list(archive.read(ref))) == 1
 
 
@@ -272,7 +327,7 @@ def test_an_os_error_while_writing_raises_archive_error_and_leaves_nothing(archi
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(ArchiveError, match="No space left") as caught:
         write(archive, many(10))
-    assert "c-1.jsonl.gz" in str(caught.value)
+    assert "c-1.t1.jsonl.gz" in str(caught.value)
     assert isinstance(caught.value.__cause__, OSError)
     monkeypatch.undo()
     assert not any(p.is_file() for p in archive.root.rglob("*"))
@@ -299,7 +354,7 @@ def test_a_failure_after_the_entry_is_renamed_removes_entry_and_manifest(
         write(archive, many(4))
     monkeypatch.undo()
     names = {p.name for p in archive.root.rglob("*") if p.is_file()}
-    assert names == {"warm-up.jsonl.gz", "warm-up.manifest.json"}
+    assert names == {"warm-up.t1.jsonl.gz", "warm-up.t1.manifest.json"}
 
 
 def test_a_rewrite_that_fails_after_the_rename_leaves_neither_entry(archive, monkeypatch):
@@ -383,7 +438,7 @@ def test_read_refuses_a_truncated_entry_even_with_its_own_checksum(archive):
 def test_read_refuses_a_missing_entry(archive):
     ref = write(archive, many(1))
     path_of(ref).unlink()
-    with pytest.raises(ArchiveError, match=r"c-1\.jsonl\.gz"):
+    with pytest.raises(ArchiveError, match=r"c-1\.t1\.jsonl\.gz"):
         next(archive.read(ref))
 
 
@@ -411,7 +466,13 @@ def _forge(path: Path, lines: list[bytes]) -> ArchiveRef:
 
 def test_read_refuses_lines_that_are_not_events(archive, tmp_path):
     header = json.dumps(
-        {"format": FORMAT, "compaction_id": "x", "stream_type": "t", "stream_id": "i"}
+        {
+            "format": FORMAT,
+            "compaction_id": "x",
+            "fence_token": 1,
+            "stream_type": "t",
+            "stream_id": "i",
+        }
     ).encode()
     good = json.dumps(
         {
@@ -495,7 +556,7 @@ def test_memory_does_not_grow_with_the_number_of_events(archive):
 
 def test_entries_lists_only_complete_entries(archive):
     refs = [write(archive, many(2), cid=f"c-{i}", stream_id=f"s-{i % 2}") for i in range(4)]
-    manifest = path_of(refs[0]).with_name("c-0.manifest.json")
+    manifest = path_of(refs[0]).with_name("c-0.t1.manifest.json")
     manifest.unlink()  # as after a crash between entry and manifest
     listed = list(archive.entries())
     assert all(isinstance(e, ArchiveEntry) for e in listed)
@@ -510,7 +571,7 @@ def test_entries_of_an_archive_not_yet_written(archive):
 
 def test_a_damaged_manifest_is_reported(archive):
     ref = write(archive, many(2))
-    path_of(ref).with_name("c-1.manifest.json").write_text("{")
+    path_of(ref).with_name("c-1.t1.manifest.json").write_text("{")
     with pytest.raises(ArchiveError, match="manifest"):
         list(archive.entries())
 
@@ -548,7 +609,7 @@ def test_purge_removes_emptied_directories(archive, clock):
 def test_purge_removes_old_leftovers_of_interrupted_writes(archive, caplog):
     ref = write(archive, many(2), cid="orphan")
     directory = path_of(ref).parent
-    (directory / "orphan.manifest.json").unlink()  # entry without manifest
+    (directory / "orphan.t1.manifest.json").unlink()  # entry without manifest
     temp = directory / ".x.jsonl.gz.abc123.tmp"
     temp.write_bytes(b"partial")
     lone_manifest = directory / "ghost.manifest.json"

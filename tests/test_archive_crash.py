@@ -1,7 +1,8 @@
 """kill -9 between the archive write and the delete: nothing is lost, and the orphaned
 archive entry is never counted as a deletion (the audit log, written in the delete
-transaction, is what counts). A retry under the same compaction id replaces the entry
-and compacts once; restore then puts exactly those events back."""
+transaction, is what counts). A retry under the same compaction id takes a new fencing
+token, writes its own entry beside the orphan and compacts once; restore then puts
+exactly those events back; purge clears the orphan by age like any entry."""
 
 from __future__ import annotations
 
@@ -102,8 +103,10 @@ def test_kill_9_between_archive_and_delete_loses_nothing_and_counts_nothing(
     ).compact("account", "a-1", compaction_id="crash-1")
     assert (retry.outcome, retry.events_deleted, retry.recovered) == (Outcome.COMPACTED, 45, False)
     [row] = store.compaction_log()
-    [entry] = archive.entries()  # replaced, not duplicated
-    assert (row.compaction_id, row.archive_sha256) == ("crash-1", entry.ref.sha256)
+    assert row.archive is not None
+    entries = {e.fence_token: e for e in archive.entries()}
+    assert set(entries) == {orphan.fence_token, orphan.fence_token + 1}
+    assert entries[orphan.fence_token + 1].ref == row.archive  # the orphan is not counted
 
     done = restore(store, "account", "a-1", archive=archive)
     assert done.events_restored == 45

@@ -23,6 +23,7 @@ Any failure before step 6 commits leaves every event in place.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import (
+    ArchiveError,
     ConfigurationError,
     DeletionMismatchError,
     EskitError,
@@ -53,6 +55,7 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.ports import (
     Archive,
+    ArchiveRef,
     CompactionRecord,
     DeletionPlan,
     EventStore,
@@ -62,6 +65,7 @@ from eskit_tasks.ports import (
 )
 
 S = TypeVar("S")
+log = logging.getLogger("eskit_tasks")
 
 
 #: Longest compaction id the audit log holds.
@@ -376,6 +380,7 @@ class Compactor(Generic[S]):
         if self.archive is not None:
             archived = self.archive.write(
                 compaction_id=fields["compaction_id"],
+                fence_token=plan.token,
                 stream_type=stream_type,
                 stream_id=stream_id,
                 events=self.store.export(stream_type, stream_id, p + 1, c),
@@ -397,7 +402,9 @@ class Compactor(Generic[S]):
         try:
             deleted = self.store.commit_compaction(deletion)
         except (FencedError, DeletionMismatchError, HeldBackError):
-            raise  # refused before anything changed
+            if archived is not None:  # refused before anything changed: no deletion to keep
+                self._discard_entry(archived)
+            raise
         except Exception as exc:  # the delete's outcome is unknown: the audit log knows
             raise _Committed(self._settle(deletion, exc, run)) from exc
         fields.update(
@@ -406,6 +413,17 @@ class Compactor(Generic[S]):
             bytes_reclaimed=doomed_bytes,
             archive_uri=None if archived is None else archived.uri,
         )
+
+    def _discard_entry(self, archived: ArchiveRef) -> None:
+        """Remove the archive entry of a delete that was refused (its events are still in
+        the store); one that cannot be removed is left for ``purge`` to clear."""
+        assert self.archive is not None
+        try:
+            self.archive.discard(archived)
+        except ArchiveError as exc:
+            log.warning(
+                "archive entry %s of a refused delete is left behind: %s", archived.uri, exc
+            )
 
     def _settle(self, deletion: DeletionPlan, error: Exception, run: _RunState) -> CompactionRecord:
         """After the delete raised: the audit row if it committed after all; otherwise

@@ -1,10 +1,14 @@
 """The trash bin on a local directory: :class:`LocalArchive`, the
 :class:`~eskit_tasks.ports.Archive` port on a disk.
 
-One directory per stream, one entry per compaction::
+One directory per stream, one entry per attempt of a compaction (its id and the fencing
+token it held)::
 
-    <root>/<stream type, percent-encoded>/<sha256(type NUL id)[:32]>/<compaction_id>.jsonl.gz
-                                                                   /<compaction_id>.manifest.json
+    <root>/<stream type, percent-encoded>/<sha256(type NUL id)[:32]>/<id>.t<token>.jsonl.gz
+                                                                   /<id>.t<token>.manifest.json
+
+Two copies of one compaction hold different tokens, so the stale copy's write never
+replaces the entry of the copy whose delete commits.
 
 An entry is gzip (mtime 0: the same events give the same bytes) of JSON lines: a header,
 then one object per event whose ``data`` and ``metadata`` are the stored JSON *text*, so
@@ -43,9 +47,9 @@ from eskit_tasks.ports import ArchivedEvent, ArchiveRef
 
 #: The first line of every entry and every manifest names the layout it follows.
 FORMAT = "eskit-archive/1"
-#: An entry's file name is its compaction id plus this.
+#: An entry's file name is its stem (see :func:`entry_stem`) plus this.
 ENTRY_SUFFIX = ".jsonl.gz"
-#: The manifest that completes an entry: its compaction id plus this.
+#: The manifest that completes an entry: its stem plus this.
 MANIFEST_SUFFIX = ".manifest.json"
 #: Files being written: ``.<final name>.<random>.tmp`` (a leading dot no final name has).
 TEMP_SUFFIX = ".tmp"
@@ -75,6 +79,7 @@ class ArchiveEntry:
     Args:
         ref: What :meth:`LocalArchive.read` takes to read it back.
         compaction_id: The compaction that deleted these events.
+        fence_token: The fencing token that attempt of the compaction held.
         stream_type: The stream's type.
         stream_id: The stream's id.
         first_version: The oldest event's version (None: the entry holds no events).
@@ -85,6 +90,7 @@ class ArchiveEntry:
 
     ref: ArchiveRef
     compaction_id: str
+    fence_token: int
     stream_type: str
     stream_id: str
     first_version: int | None
@@ -125,25 +131,29 @@ class LocalArchive:
         self,
         *,
         compaction_id: str,
+        fence_token: int,
         stream_type: str,
         stream_id: str,
         events: Iterable[ArchivedEvent],
     ) -> ArchiveRef:
-        """Store ``events`` (oldest first) as this compaction's entry, replacing any entry
-        under the same id. Memory stays bounded however many events there are.
+        """Store ``events`` (oldest first) as the entry of this attempt of the compaction,
+        replacing an entry of the same id and token (never one of another token). Memory
+        stays bounded however many events there are.
 
         Raises:
-            ConfigurationError: ``compaction_id`` cannot name a file (nothing written).
+            ConfigurationError: ``compaction_id`` cannot name a file, or ``fence_token`` is
+                not a non-negative integer (nothing written).
             ArchiveError: versions do not increase, an event cannot be encoded, or the disk
                 refused (full, permissions); the message names the entry.
         """
-        _check_compaction_id(compaction_id)
+        stem = entry_stem(compaction_id, fence_token)
         directory = self._stream_dir(stream_type, stream_id)
-        entry = directory / f"{compaction_id}{ENTRY_SUFFIX}"
-        manifest = directory / f"{compaction_id}{MANIFEST_SUFFIX}"
+        entry = directory / f"{stem}{ENTRY_SUFFIX}"
+        manifest = directory / f"{stem}{MANIFEST_SUFFIX}"
         header = {
             "format": FORMAT,
             "compaction_id": compaction_id,
+            "fence_token": fence_token,
             "stream_type": stream_type,
             "stream_id": stream_id,
         }
@@ -189,7 +199,7 @@ class LocalArchive:
                 its checksum or event count differs from ``ref``, or a line is not an
                 event; the message names the file.
         """
-        path = _path_of(ref.uri)
+        path = self._locate(_path_of(ref.uri))
         try:
             with path.open("rb") as f:
                 _verify(f, path, ref)
@@ -200,6 +210,25 @@ class LocalArchive:
                         yield _decode_event(path, number, line)
         except (OSError, EOFError, zlib.error) as e:
             raise ArchiveError(f"cannot read archive entry {path}: {e}") from e
+
+    def discard(self, ref: ArchiveRef) -> None:
+        """Remove an entry of this archive whose delete was refused (manifest first, so a
+        crash in between leaves a leftover that ``purge`` clears). Missing is not an error.
+
+        Raises:
+            ArchiveError: ``ref`` names a file outside this archive, or it cannot be removed.
+        """
+        path = self._locate(_path_of(ref.uri))
+        if path.parent.parent.parent != self._root or not path.name.endswith(ENTRY_SUFFIX):
+            raise ArchiveError(f"{ref.uri} is not an entry of the archive at {self._root}")
+        manifest = path.with_name(path.name.removesuffix(ENTRY_SUFFIX) + MANIFEST_SUFFIX)
+        try:
+            removed = _unlink(manifest)
+            removed = _unlink(path) or removed
+            if removed:
+                _fsync_dir(path.parent)
+        except OSError as e:
+            raise ArchiveError(f"cannot remove archive entry {path}: {e}") from e
 
     def entries(self) -> Iterator[ArchiveEntry]:
         """Yield the complete entries (those with a manifest), one directory at a time.
@@ -254,7 +283,8 @@ class LocalArchive:
             return False
         try:
             for entry in old:  # the manifest first: a crash in between leaves a leftover
-                _unlink(entry.path.with_name(f"{entry.compaction_id}{MANIFEST_SUFFIX}"))
+                stem = entry_stem(entry.compaction_id, entry.fence_token)
+                _unlink(entry.path.with_name(f"{stem}{MANIFEST_SUFFIX}"))
                 _unlink(entry.path)
             for path in stale:
                 _unlink(path)
@@ -299,6 +329,14 @@ class LocalArchive:
                 made.mkdir()
             _fsync_dir(made.parent)
 
+    def _locate(self, path: Path) -> Path:
+        """``path`` if it exists; else the same entry under this archive's root, so that an
+        archive moved or mounted elsewhere still reads the paths its audit rows recorded."""
+        if path.exists() or len(path.parts) < 4:
+            return path
+        moved = self._root.joinpath(*path.parts[-3:])
+        return moved if moved.exists() else path
+
     def _stream_dir(self, stream_type: str, stream_id: str) -> Path:
         key = (stream_type + "\0" + stream_id).encode("utf-8", "surrogatepass")
         return self._root / _type_dir(stream_type) / hashlib.sha256(key).hexdigest()[:32]
@@ -335,15 +373,17 @@ class LocalArchive:
     def _load_manifest(self, path: Path) -> ArchiveEntry:
         try:
             doc = json.loads(path.read_bytes())
-            compaction_id = doc["compaction_id"]
-            entry = path.with_name(f"{compaction_id}{ENTRY_SUFFIX}")
-            if doc["format"] != FORMAT or path.name != f"{compaction_id}{MANIFEST_SUFFIX}":
+            compaction_id, token = doc["compaction_id"], doc["fence_token"]
+            stem = entry_stem(compaction_id, token)
+            entry = path.with_name(f"{stem}{ENTRY_SUFFIX}")
+            if doc["format"] != FORMAT or path.name != f"{stem}{MANIFEST_SUFFIX}":
                 raise ValueError("it does not describe the entry beside it")
             if type(doc["sha256"]) is not str or type(doc["events"]) is not int:
                 raise TypeError("sha256 or events has the wrong type")
             return ArchiveEntry(
                 ref=ArchiveRef(uri=entry.as_uri(), sha256=doc["sha256"], events=doc["events"]),
                 compaction_id=compaction_id,
+                fence_token=token,
                 stream_type=doc["stream_type"],
                 stream_id=doc["stream_id"],
                 first_version=doc["first_version"],
@@ -351,7 +391,7 @@ class LocalArchive:
                 written_at=_aware(doc["written_at"]),
                 path=entry,
             )
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, ConfigurationError) as e:
             raise ArchiveError(
                 f"archive manifest {path} is unreadable or damaged ({e}); remove it to let "
                 "purge clear its entry"
@@ -363,12 +403,13 @@ class LocalArchive:
             fields = [header["compaction_id"], header["stream_type"], header["stream_id"]]
             if header["format"] != FORMAT or not all(isinstance(f, str) for f in fields):
                 raise ValueError(f"not a {FORMAT} header")
-        except (ValueError, KeyError, TypeError) as e:
+            compaction_id, stream_type, stream_id = fields
+            stem = entry_stem(compaction_id, header["fence_token"])
+        except (ValueError, KeyError, TypeError, ConfigurationError) as e:
             raise ArchiveError(f"archive entry {path} has no valid header ({e})") from e
-        compaction_id, stream_type, stream_id = fields
         inside = path.parent.parent.parent == self._root
         if inside and (
-            path.name != f"{compaction_id}{ENTRY_SUFFIX}"
+            path.name != f"{stem}{ENTRY_SUFFIX}"
             or path.parent != self._stream_dir(stream_type, stream_id)
         ):
             raise ArchiveError(
@@ -451,7 +492,7 @@ class _HashingSink:
 
 
 def _write_entry(
-    sink: _HashingSink, header: dict[str, str], events: Iterable[ArchivedEvent]
+    sink: _HashingSink, header: dict[str, Any], events: Iterable[ArchivedEvent]
 ) -> dict[str, Any]:
     """Stream the gzipped JSON lines of an entry into ``sink``; return the manifest's counts."""
     label = f"{header['stream_type']}/{header['stream_id']}"
@@ -559,6 +600,18 @@ def _verify(f: IO[bytes], path: Path, ref: ArchiveRef) -> None:
         raise ArchiveError(
             f"archive entry {path} holds {newlines - 1} events, the reference says {ref.events}"
         )
+
+
+def entry_stem(compaction_id: str, fence_token: int) -> str:
+    """The file name, less its suffix, of one attempt's entry: ``<id>.t<token>``.
+
+    Raises:
+        ConfigurationError: the id cannot name a file, or the token is not an integer ≥ 0.
+    """
+    _check_compaction_id(compaction_id)
+    if type(fence_token) is not int or fence_token < 0:
+        raise ConfigurationError(f"fence_token must be an integer >= 0, got {fence_token!r}")
+    return f"{compaction_id}.t{fence_token}"
 
 
 def _check_compaction_id(compaction_id: object) -> None:

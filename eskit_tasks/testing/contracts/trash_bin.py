@@ -216,6 +216,56 @@ class TrashBinContract:
         assert _info(stores).fence_token == token + 1
         assert versions(stores, "cart", "c-1") == list(range(1, 11))
 
+    def test_a_stale_copy_of_a_compaction_leaves_the_committed_entry_alone(
+        self, stores: Stores, archive: LocalArchive
+    ) -> None:
+        """Two copies of one compaction (a redelivered task): the stale one pauses just
+        before its archive write while the fresh one runs to the end. The stale copy's
+        delete is fenced, and the committed deletion's entry must still read back, so
+        restore still works."""
+        _fill(stores, "c-1", 10)
+        fresh: list[Any] = []
+
+        def paused_write(**kw: Any) -> ArchiveRef:
+            fresh.append(
+                _compactor(stores, archive, retain_last=2).compact("cart", "c-1", compaction_id="x")
+            )
+            return archive.write(**kw)
+
+        stale = _compactor(stores, Proxy(archive, write=paused_write), retain_last=2).compact(
+            "cart", "c-1", compaction_id="x"
+        )
+        assert fresh[0].outcome == Outcome.COMPACTED, fresh[0].error
+        assert (stale.outcome, stale.events_deleted) != (Outcome.COMPACTED, 8)
+        after = _raw(stores)
+        [row] = stores.events.compaction_log()
+        assert row.archive is not None
+        assert len(list(archive.read(row.archive))) == 8
+        assert [e.ref for e in archive.entries()] == [row.archive]  # the stale one's is gone
+        done = restore(stores.events, "cart", "c-1", archive=archive)
+        assert done.events_restored == 8
+        assert versions(stores, "cart", "c-1") == list(range(1, 11))
+        assert _raw(stores)[8:] == after
+
+    def test_a_refused_delete_leaves_no_archive_entry(
+        self, stores: Stores, archive: LocalArchive
+    ) -> None:
+        """The archive entry of a deletion that did not commit (here a consumer registers
+        at position 0 between the archive write and the delete) is removed again."""
+        _fill(stores, "c-1", 10)
+
+        def register_then_write(**kw: Any) -> ArchiveRef:
+            ref = archive.write(**kw)
+            stores.events.save_checkpoint("late-reader", 0)
+            return ref
+
+        result = _compactor(stores, Proxy(archive, write=register_then_write)).compact(
+            "cart", "c-1"
+        )
+        assert result.outcome == Outcome.NOTHING_TO_COMPACT, result.error
+        assert versions(stores, "cart", "c-1") == list(range(1, 11))
+        assert list(archive.entries()) == []
+
     def test_an_archive_that_fails_stops_the_compaction_before_the_delete(
         self, stores: Stores, archive: LocalArchive
     ) -> None:
