@@ -18,7 +18,7 @@ from alembic import command
 from eskit_tasks import CompactionPolicy, Compactor, SqlEventStore, SqlSnapshotStore, load_state
 from eskit_tasks.cli import Exit, main
 from eskit_tasks.errors import DatabaseNotReadyError, TableLayoutError
-from eskit_tasks.stores import migrate
+from eskit_tasks.stores import migrate, positions
 from eskit_tasks.stores.schema import metadata
 from eskit_tasks.testing.deciders import Ledger, deposits, ledger_fold
 from eskit_tasks.testing.services import scratch_database
@@ -57,6 +57,18 @@ def _layout(url: str) -> dict[str, object]:
                 inspector.get_pk_constraint(table)["constrained_columns"],
                 sorted(tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)),
                 sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+            )
+        if engine.dialect.name == "sqlite":
+            found["triggers"] = sorted(
+                conn.exec_driver_sql(
+                    "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+                ).all()
+            )
+        else:
+            found["functions"] = sorted(
+                conn.exec_driver_sql(
+                    "SELECT proname, prosrc FROM pg_proc WHERE proname LIKE 'eskit%%'"
+                ).all()
             )
         if engine.dialect.name == "sqlite":
             found["without rowid"] = sorted(
@@ -126,6 +138,7 @@ def test_a_new_database_gets_the_layout_of_the_code_at_the_newest_revision(url: 
         assert migrate.status(store.engine) == after
         store.engine.dispose()
         assert _layout(url) == _layout(plain)
+    assert _layout(url)["triggers" if url.startswith("sqlite") else "functions"]
 
 
 def _another_database_like(url: str, tmp_path: Path) -> contextlib.AbstractContextManager[str]:
@@ -174,6 +187,76 @@ def test_init_db_upgrades_a_database_made_before_migrations_in_place(
     store.engine.dispose()
     assert main(["init-db", "--database", url]) == Exit.OK
     assert "already current" in capsys.readouterr().out
+
+
+def _append_as_before_positions(conn: sa.Connection, stream_pk: int, versions: range) -> None:
+    """What an eskit-tasks from before revision 0003 does to append: the head moves, the
+    events go in without a position."""
+    conn.execute(
+        sa.text("UPDATE eskit_streams SET head_version = :head WHERE pk = :pk"),
+        {"head": versions[-1], "pk": stream_pk},
+    )
+    for n in versions:
+        conn.execute(
+            sa.text(
+                "INSERT INTO eskit_events (stream_pk, version, type, data, metadata, "
+                "recorded_at) VALUES (:pk, :n, 'Deposited', :d, '{}', '2026-06-01 00:00:00')"
+            ),
+            {"pk": stream_pk, "n": n, "d": f'{{"amount":{n}}}'},
+        )
+
+
+def test_an_older_eskit_tasks_appending_after_the_upgrade_is_given_positions(url: str):
+    """A rolling upgrade: a process still running the code from before positions appends
+    to the upgraded tables. Its events get positions after every earlier one, a follower
+    reads them, and a consumer that has not read them holds them back from compaction
+    (without revision 0004 they had no position: never read, and deleted all the same)."""
+    _made_before_migrations(url, first_layout=False)
+    assert main(["init-db", "--database", url]) == Exit.OK
+    store = SqlEventStore.from_url(url)
+    store.append("account", "a-1", deposits(5, 6), expected_version=4)
+    seen = store.last_position()
+    store.save_checkpoint("projection", seen)
+    with store.engine.begin() as conn:
+        _append_as_before_positions(conn, 1, range(7, 11))
+    fresh = list(store.read_all(after_position=seen))
+    assert [e.version for e in fresh] == [7, 8, 9, 10]
+    assert all(e.position is not None and e.position > seen for e in fresh)
+    store.append("account", "a-1", deposits(11), expected_version=10)
+    assert [e.version for e in store.read_all(after_position=seen)] == [7, 8, 9, 10, 11]
+
+    result = Compactor(
+        store=store,
+        snapshot_store=SqlSnapshotStore(store.engine),
+        decider=Ledger(),
+        state_type=dict,
+        policy=CompactionPolicy(retain_last=1),
+        upcasters={"unrecorded": lambda s: s},  # the snapshot made before schema markers
+    ).compact("account", "a-1")
+    assert result.outcome == "compacted", result.error
+    assert result.held_back_by is not None and result.held_back_by.consumer == "projection"
+    assert [e.version for e in store.read("account", "a-1")] == [7, 8, 9, 10, 11]
+    store.engine.dispose()
+
+
+@pytest.mark.services
+def test_an_older_eskit_tasks_append_holds_the_append_lock_to_commit(postgres_url: str):
+    """Its positions come in commit order like any other append's: the default that gives
+    them takes the append lock, held until the transaction ends."""
+    with scratch_database(postgres_url, "eskit_migrate") as url:
+        store = SqlEventStore.from_url(url)
+        store.append("account", "a-1", deposits(1), expected_version=0)
+        probe = sa.text("SELECT pg_try_advisory_xact_lock(:key)")
+        key = {"key": positions.APPEND_LOCK_KEY}
+        with store.engine.connect() as writer, store.engine.connect() as other:
+            with writer.begin():
+                _append_as_before_positions(writer, 1, range(2, 3))
+                with other.begin():
+                    assert other.execute(probe, key).scalar_one() is False
+            with other.begin():
+                assert other.execute(probe, key).scalar_one() is True
+        assert [e.position for e in store.read_all()] == [1, 2]
+        store.engine.dispose()
 
 
 def test_a_database_of_an_unknown_layout_is_refused_and_left_alone(url: str):

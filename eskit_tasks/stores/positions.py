@@ -20,6 +20,14 @@ becomes visible *after* a higher one: a reader that has moved past 11 would neve
 
 Positions have gaps (an append that rolls back on PostgreSQL burns its numbers), are
 unique, and increase with version inside each stream.
+
+An insert that gives no position — an eskit-tasks from before positions, still running
+during a rolling upgrade — gets one all the same, in the same order (revision 0004,
+:data:`UNGIVEN_POSITION_DDL`): on PostgreSQL the column's default takes the advisory
+lock and then the sequence, so such an append is ordered like any other; on SQLite a
+trigger numbers the row from the counter inside the insert's write transaction.
+Without it the event would have no position: ``read_all`` would never yield it, and no
+checkpoint could hold it back from a compaction.
 """
 
 from __future__ import annotations
@@ -29,6 +37,30 @@ from sqlalchemy.engine import Connection
 
 #: Key of the advisory lock that orders appends on PostgreSQL (arbitrary, "eskitpos").
 APPEND_LOCK_KEY = 0x65736B6974706F73
+
+#: The statements that give a position to an insert that gives none, per dialect (the
+#: migration to revision 0004 holds its own copy; tests/test_migrations.py checks both
+#: make the same database).
+UNGIVEN_POSITION_DDL = {
+    "postgresql": [
+        "CREATE FUNCTION eskit_next_position() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$ "
+        f"BEGIN PERFORM pg_advisory_xact_lock({APPEND_LOCK_KEY}); "
+        "RETURN nextval('eskit_events_position_seq'); END $$",
+        "ALTER TABLE eskit_events ALTER COLUMN position SET DEFAULT eskit_next_position(), "
+        "ALTER COLUMN position SET NOT NULL",
+    ],
+    "sqlite": [
+        "CREATE TRIGGER eskit_events_position_ungiven AFTER INSERT ON eskit_events "
+        "WHEN NEW.position IS NULL BEGIN "
+        "INSERT INTO eskit_position_counter (id, last_position) "
+        "VALUES (1, (SELECT coalesce(max(position), 0) + 1 FROM eskit_events)) "
+        "ON CONFLICT (id) DO UPDATE SET last_position = last_position + 1; "
+        "UPDATE eskit_events SET position = "
+        "(SELECT last_position FROM eskit_position_counter WHERE id = 1) "
+        "WHERE stream_pk = NEW.stream_pk AND version = NEW.version; "
+        "END"
+    ],
+}
 
 _PG_TAKE = sa.text(
     "WITH ordered AS (SELECT pg_advisory_xact_lock(:key)) "

@@ -19,6 +19,7 @@ from eskit_tasks.domain.schema import UNRECORDED
 from eskit_tasks.errors import TableLayoutError
 from eskit_tasks.ports import StreamInfo
 from eskit_tasks.stores.driver_errors import mask_url, translate_errors
+from eskit_tasks.stores.positions import UNGIVEN_POSITION_DDL
 
 metadata = sa.MetaData()
 
@@ -80,8 +81,9 @@ events = sa.Table(
     sa.Column("metadata", sa.Text, nullable=False),
     sa.Column("recorded_at", UtcDateTime, nullable=False),
     # The event's place in the whole store, strictly increasing in commit order
-    # (:mod:`.positions`); what consumers' checkpoints count. Every insert sets it;
-    # nullable only so that SQLite can add it to existing tables without a rebuild.
+    # (:mod:`.positions`); what consumers' checkpoints count. An insert that gives none
+    # (an older eskit-tasks during a rolling upgrade) gets one from the DDL below. NOT
+    # NULL on PostgreSQL; nullable on SQLite, which cannot add NOT NULL without a rebuild.
     sa.Column("position", sa.BigInteger, nullable=True),
     sa.Index("eskit_events_position_key", "position", unique=True),
     # Range scans of one stream read a clustered b-tree on SQLite.
@@ -101,6 +103,16 @@ position_counter = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("last_position", sa.BigInteger, nullable=False),
 )
+
+
+# Inserts that give no position get one (see :mod:`.positions`); after every table, since
+# the SQLite trigger uses the counter.
+@sa.event.listens_for(metadata, "after_create")
+def _give_ungiven_positions(target: sa.MetaData, connection: Connection, **kw: Any) -> None:
+    if any(table.name == "eskit_events" for table in kw.get("tables", ())):
+        for statement in UNGIVEN_POSITION_DDL.get(connection.dialect.name, ()):
+            connection.exec_driver_sql(statement)
+
 
 checkpoints = sa.Table(
     "eskit_checkpoints",
