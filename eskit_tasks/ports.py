@@ -410,7 +410,8 @@ class EventStore(Protocol):
         replaced by a later call that gives it.
 
         Raises:
-            ConfigurationError: an empty name, a negative position, an empty scope.
+            ConfigurationError: an empty name, a negative position, a position above
+                :meth:`last_position` (nothing was saved), an empty scope.
         """
         ...
 

@@ -147,6 +147,19 @@ def decode_events(
 # -- consumers -------------------------------------------------------------------------
 
 
+def check_reachable(consumer: str, position: int, last: int) -> None:
+    """A consumer cannot have read past the newest position handed out: refuse a
+    checkpoint beyond it (a version or a count given instead of a position, most likely),
+    which would let compactions delete events the consumer has never seen."""
+    if position > last:
+        raise ConfigurationError(
+            f"consumer {consumer!r}: position {position} is beyond the newest position this "
+            f"store has handed out ({last}); a checkpoint is the position of an event the "
+            "consumer has processed (RecordedEvent.position from read_all), not a version "
+            "or a count. Nothing was saved."
+        )
+
+
 def check_checkpoint(
     consumer: object, position: object, stream_types: Sequence[str] | None
 ) -> tuple[str, ...] | None:

@@ -38,6 +38,7 @@ from eskit_tasks.stores._rules import (
     check_expected_version,
     check_new_compaction_id,
     check_position,
+    check_reachable,
     check_restore_target,
     check_restored,
     check_snapshot,
@@ -294,6 +295,7 @@ class InMemoryEventStore:
     ) -> int:
         scope = check_checkpoint(consumer, position, stream_types)
         with self.engine.lock:
+            check_reachable(consumer, position, self.engine.last_position)
             known = self.engine.checkpoints.get(consumer)
             if known is not None:
                 position = max(position, known.position)

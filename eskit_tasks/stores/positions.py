@@ -75,6 +75,17 @@ _SQLITE_TAKE = sa.text(
 )
 
 
+def last_taken(conn: Connection) -> int:
+    """The highest position handed out so far (0: none), committed or in flight."""
+    if conn.dialect.name == "postgresql":
+        query = (
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM eskit_events_position_seq"
+        )
+    else:
+        query = "SELECT last_position FROM eskit_position_counter WHERE id = 1"
+    return int(conn.exec_driver_sql(query).scalar_one_or_none() or 0)
+
+
 def take(conn: Connection, n: int) -> int:
     """Hand out ``n`` consecutive positions inside ``conn``'s write transaction, as its
     last step before inserting the events; return the first. The numbers become visible

@@ -38,6 +38,7 @@ from eskit_tasks.stores._rules import (
     check_expected_version,
     check_new_compaction_id,
     check_position,
+    check_reachable,
     check_snapshot,
     conflict,
     encode_events,
@@ -59,7 +60,6 @@ from eskit_tasks.stores.schema import (
     compaction_log,
     ensure_schema,
     events,
-    position_counter,
     snapshots,
     stream_row,
     streams,
@@ -328,15 +328,7 @@ class SqlEventStore:
 
     def last_position(self) -> int:
         with reading(self.engine, "read the last position") as conn:
-            query: sa.Executable
-            if conn.dialect.name == "postgresql":
-                query = sa.text(
-                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                    "FROM eskit_events_position_seq"
-                )
-            else:
-                query = sa.select(position_counter.c.last_position)
-            return int(conn.execute(query).scalar_one_or_none() or 0)
+            return positions.last_taken(conn)
 
     # -- consumers ---------------------------------------------------------------------
 
@@ -346,6 +338,7 @@ class SqlEventStore:
         """Record a consumer's position (never backwards); see the port."""
         scope = check_checkpoint(consumer, position, stream_types)
         with writing(self.engine, f"save the checkpoint of consumer {consumer!r}") as conn:
+            check_reachable(consumer, position, positions.last_taken(conn))
             return sql_consumers.save(conn, consumer, position, scope)
 
     def checkpoints(self) -> dict[str, int]:

@@ -109,6 +109,7 @@ class ConsumersContract:
 
     def test_a_checkpoint_never_moves_backwards(self, stores: Stores) -> None:
         assert stores.events.checkpoints() == {}
+        stores.events.append("account", "a-1", deposits(*range(1, 10)), expected_version=0)
         assert stores.events.save_checkpoint("projection", 5) == 5
         assert stores.events.save_checkpoint("projection", 3) == 5  # ignored
         assert stores.events.save_checkpoint("projection", 9) == 9
@@ -121,6 +122,7 @@ class ConsumersContract:
         assert stores.events.checkpoints() == {"projection": 9}
 
     def test_a_scope_is_kept_until_given_again(self, stores: Stores) -> None:
+        stores.events.append("account", "a-1", deposits(1, 2), expected_version=0)
         stores.events.save_checkpoint("feed", 1, stream_types=["b", "a", "a"])
         stores.events.save_checkpoint("feed", 2)
         assert [c.stream_types for c in stores.events.consumers()] == [("a", "b")]
@@ -142,9 +144,27 @@ class ConsumersContract:
     def test_a_bad_checkpoint_is_refused(
         self, stores: Stores, consumer: Any, position: Any, scope: Any, says: str
     ) -> None:
+        stores.events.append("account", "a-1", deposits(1, 2), expected_version=0)
         with pytest.raises(ConfigurationError, match=says):
             stores.events.save_checkpoint(consumer, position, stream_types=scope)
         assert stores.events.checkpoints() == {}
+
+    def test_a_checkpoint_beyond_the_newest_position_is_refused(self, stores: Stores) -> None:
+        """A consumer cannot have read what was never written: a version or a count given
+        as its position would let compactions delete events it has not seen."""
+        with pytest.raises(ConfigurationError, match="beyond the newest position"):
+            stores.events.save_checkpoint("projection", stores.events.last_position() + 1)
+        _interleaved(stores)
+        last = stores.events.last_position()
+        stores.events.save_checkpoint("projection", 2)
+        with pytest.raises(
+            ConfigurationError, match=rf"position {last + 1} is beyond .*\({last}\)"
+        ):
+            stores.events.save_checkpoint("projection", last + 1)
+        assert stores.events.checkpoints() == {"projection": 2}
+        # Up to the newest position itself.
+        stores.events.save_checkpoint("projection", last)
+        assert stores.events.checkpoints() == {"projection": last}
 
     def test_lag_counts_the_events_after_a_checkpoint(self, stores: Stores) -> None:
         _interleaved(stores)
