@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eskit_tasks import SqlEventStore
-from eskit_tasks.cli import Exit, main
+from eskit_tasks.cli import Exit, main, render
 from eskit_tasks.testing.deciders import deposits
 
 DECIDERS = ("--decider-module", "tests.fleet_deciders")
@@ -88,6 +88,16 @@ def test_archive_restore_and_purge_from_the_command_line(capsys, db, store, tmp_
     assert [e.version for e in store.read("ledger", "a")] == list(range(1, 11))
     code, _, err = run(capsys, "restore", "ledger", "a", "--database", db, "--archive", trash)
     assert code == Exit.ERROR and "nothing to restore" in err
+    code, out, _ = run(capsys, "log", "--database", db, "--json")
+    rows = {
+        (r["stream_id"], r["archive_uri"] is not None, r["restored_at"] is not None)
+        for r in json.loads(out)
+    }
+    assert rows == {("a", True, True), ("b", True, False)}
+    with pytest.MonkeyPatch.context() as wide:
+        wide.setattr(render.out, "width", 240)
+        code, out, _ = run(capsys, "log", "--database", db)
+    assert "trash bin" in out and "archived" in out and "restored 2" in out
     code, _, err = run(capsys, "restore", "ledger", "b", "--database", db)
     assert code == Exit.USAGE and "--archive" in err
 
@@ -106,3 +116,20 @@ def test_archive_restore_and_purge_from_the_command_line(capsys, db, store, tmp_
 def test_the_fleet_run_refuses_an_archive_flag(capsys, db, tmp_path):
     code, _, err = run(capsys, "compact-all", "--database", db, "--archive", str(tmp_path))
     assert code == Exit.USAGE and "ESKIT_ARCHIVE_URL" in err
+
+
+def test_remove_consumer_forgets_it_and_compaction_goes_on(capsys, db, store):
+    store.save_checkpoint("gone-for-good", 0)
+    code, out, _ = run(capsys, "candidates", "--database", db, "--json")
+    assert json.loads(out) == []  # it holds every stream back
+    code, out, _ = run(capsys, "remove-consumer", "gone-for-good", "--database", db)
+    assert code == Exit.OK
+    assert "removed consumer gone-for-good (it had read up to position 0)" in out
+    assert store.checkpoints() == {}
+    code, out, _ = run(capsys, "candidates", "--database", db, "--json")
+    assert sorted(c["stream_id"] for c in json.loads(out)) == ["a", "b"]
+    code, out, _ = run(capsys, "remove-consumer", "gone-for-good", "--database", db, "--json")
+    assert code == Exit.ERROR
+    assert json.loads(out) == {"consumer": "gone-for-good", "removed": False, "position": None}
+    code, _, err = run(capsys, "remove-consumer", "nobody", "--database", db)
+    assert code == Exit.ERROR and "no consumer named 'nobody'" in err

@@ -55,6 +55,8 @@ def test_log_line_is_one_json_object_with_every_field(caplog: pytest.LogCaptureF
         "duration_ms": 12.5,
         "compaction_id": "c-1",
         "recovered": False,
+        "held_back_by": None,
+        "archive_uri": None,
         "run_id": "run-1",
         "task_id": "task-1",
         "error_type": None,

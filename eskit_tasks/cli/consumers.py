@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from eskit_tasks.cli.options import Database, JsonOut, app, open_archive, open_store
-from eskit_tasks.cli.render import emit_json, out
+from eskit_tasks.cli.options import Database, Exit, JsonOut, app, open_archive, open_store
+from eskit_tasks.cli.render import emit_json, err, out
 from eskit_tasks.core.restore import restore as restore_stream
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.ports import Archive
@@ -64,6 +64,34 @@ def consumers(database: Database = None, json_: JsonOut = False) -> None:
     out.print(table)
     if found:
         out.print("compaction keeps every event above the lowest checkpoint of a stream's readers")
+
+
+@app.command("remove-consumer")
+def remove_consumer(
+    consumer: Annotated[str, typer.Argument(help="The consumer's name.")],
+    database: Database = None,
+    json_: JsonOut = False,
+) -> None:
+    """Forget a consumer that is gone for good: compaction no longer keeps events for it.
+    Exit 1 if there is no such consumer."""
+    store = open_store(database)
+    known = {c.consumer: c for c in store.consumers()}.get(consumer)
+    removed = store.remove_checkpoint(consumer)
+    if json_:
+        emit_json(
+            {
+                "consumer": consumer,
+                "removed": removed,
+                "position": None if known is None else known.position,
+            }
+        )
+    elif removed:
+        at = "" if known is None else f" (it had read up to position {known.position:,})"
+        out.print(f"removed consumer {consumer}{at}; compaction no longer keeps events for it")
+    else:
+        err.print(f"error: there is no consumer named {consumer!r}; see eskit-tasks consumers")
+    if not removed:
+        raise typer.Exit(Exit.ERROR)
 
 
 def _required_archive(archive: str | None) -> Archive:

@@ -84,6 +84,7 @@ def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
         "head",
         "state hash",
         "compaction id",
+        "trash bin",
         title=f"{len(rows)} compactions",
     )
     for r in rows:
@@ -96,8 +97,16 @@ def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
             str(r.head_version),
             r.state_hash[:12],
             r.compaction_id,
+            _trash_bin(r),
         )
     out.print(table)
+
+
+def _trash_bin(r: CompactionRecord) -> str:
+    """Whether a deletion can be undone: archived, restored already, or neither."""
+    if r.restored_at is not None:
+        return f"restored {r.restored_at:%Y-%m-%d %H:%M}"
+    return "archived" if r.archive_uri is not None else "-"
 
 
 def print_result(r: CompactionResult, json_: bool) -> None:

@@ -61,6 +61,10 @@ def compaction_fields(
         "duration_ms": result.duration_ms,
         "compaction_id": result.compaction_id,
         "recovered": result.recovered,
+        "held_back_by": None
+        if result.held_back_by is None
+        else {"consumer": result.held_back_by.consumer, "position": result.held_back_by.position},
+        "archive_uri": result.archive_uri,
         "run_id": run_id,
         "task_id": task_id,
         "error_type": result.error_type,

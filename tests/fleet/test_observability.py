@@ -39,6 +39,8 @@ LOG_FIELDS = {
     "duration_ms",
     "compaction_id",
     "recovered",
+    "held_back_by",
+    "archive_uri",
     "run_id",
     "task_id",
     "error_type",
