@@ -464,11 +464,12 @@ def _sorted_range(s: _Stream | None, lo: int, hi: int | None) -> list[StoredRow]
 
 def _first_is_read(s: _Stream, reader: HeldBack | None) -> bool:
     """True when the stream's oldest live event is one every consumer has read (or no
-    consumer reads the stream): there is something a compaction may delete."""
+    consumer reads the stream): there is something a compaction may delete. True as well
+    when that event is missing (a damaged stream): its compaction reports the gap."""
     if reader is None:
         return True
     first = s.events.get(s.compacted_through + 1)
-    return first is not None and first.position <= reader.position
+    return first is None or first.position <= reader.position
 
 
 def _as_is(moment: datetime) -> datetime:

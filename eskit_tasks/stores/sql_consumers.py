@@ -122,14 +122,16 @@ def position_of(conn: Connection, pk: int, version: int) -> int | None:
 def readable_filter(found: list[Reader]) -> sa.ColumnElement[bool] | None:
     """For the candidate query: streams whose oldest live event every consumer reading
     them has passed (None: no consumer, no filter). Streams held back entirely are left
-    out, so runs do not spin on them."""
+    out, so runs do not spin on them. A stream whose oldest live event is missing (a
+    damaged stream) stays in: its compaction reports the gap."""
     if not found:
         return None
     s, e = streams.c, events.c
-    first = (
+    first = sa.func.coalesce(
         sa.select(e.position)
         .where(e.stream_pk == s.pk, e.version == s.compacted_through + 1)
-        .scalar_subquery()
+        .scalar_subquery(),
+        0,
     )
     scoped = sorted({t for _, _, scope in found if scope is not None for t in scope})
     branches: list[sa.ColumnElement[bool]] = []

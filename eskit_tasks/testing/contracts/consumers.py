@@ -258,3 +258,15 @@ class ConsumersContract:
         assert [c.stream_id for c in iter_candidates(stores.events)] == ["a-1"]
         stores.events.remove_checkpoint("projection")
         assert [c.stream_id for c in iter_candidates(stores.events)] == ["a-1", "a-2", "o-1"]
+
+    def test_a_damaged_stream_stays_a_candidate_and_reports_its_gap(self, stores: Stores) -> None:
+        """A stream whose oldest live event is missing (a row deleted by hand) is still
+        offered when consumers exist, so its compaction says what is wrong instead of the
+        stream being left out in silence."""
+        _interleaved(stores)
+        stores.remove_event("account", "a-1", 1)
+        stores.events.save_checkpoint("projection", stores.events.last_position())
+        assert "a-1" in [c.stream_id for c in iter_candidates(stores.events)]
+        result = _compactor(stores).compact("account", "a-1")
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "VersionGapError")
+        assert versions(stores, "account", "a-1") == [2, 3, 4, 5]
