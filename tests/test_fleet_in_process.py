@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fakeredis
 import pytest
@@ -273,3 +274,46 @@ def test_ready_made_resources_are_not_shared_with_a_forked_worker(tmp_path):
     got = os.read(read, 1000).decode()
     os.waitpid(pid, 0)
     assert got == "refused,True"
+
+
+RUN = "0123456789abcdef0123456789abcdef"
+
+
+class _Killed(BaseException):
+    """The process dies here (what kill -9 does to a worker, as far as this task goes)."""
+
+
+@pytest.mark.parametrize("where", ["after the compaction", "after a refusal"])
+def test_a_copy_killed_after_claiming_its_result_still_counts_in_the_run(
+    fleet: InProcessFleet, monkeypatch: pytest.MonkeyPatch, where: str
+):
+    """The copy that finishes first claims the task's result; if it dies before the run
+    has counted the stream, the redelivered copy skips a finished task, and the run would
+    never finish. So a copy counts the stream in the run before it claims the result."""
+    from eskit_tasks.fleet.redelivery import TaskCopy
+    from eskit_tasks.fleet.resources import resources_of
+
+    fleet.seed("a", 12)
+    policy = {"retain_last": 2} if where == "after the compaction" else {"retain_last": -1}
+    progress = resources_of(fleet.app).progress
+    progress.create(RUN, policy)
+    real = TaskCopy.claim_result
+    deaths = []
+
+    def claim_then_die(self: TaskCopy, *result: Any) -> bool:
+        claimed = real(self, *result)
+        if not deaths:
+            deaths.append(self.task_id)
+            raise _Killed()
+        return claimed
+
+    monkeypatch.setattr(TaskCopy, "claim_result", claim_then_die)
+    task = fleet.app.tasks[COMPACT_STREAM_TASK]
+    with pytest.raises(_Killed):
+        task.apply(args=("ledger", "a"), kwargs={"run_id": RUN, **policy}, task_id="t-1")
+    # The message is redelivered (it was never acknowledged) and runs again.
+    task.apply(args=("ledger", "a"), kwargs={"run_id": RUN, **policy}, task_id="t-1")
+    counted = progress.get(RUN)
+    assert counted is not None and counted.done == 1, counted
+    outcome = "compacted" if where == "after the compaction" else "failed"
+    assert counted.outcomes == {outcome: 1}

@@ -28,7 +28,7 @@ from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.locks import StreamLock
-from eskit_tasks.fleet.observability import record, report_to_run
+from eskit_tasks.fleet.observability import record
 from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
 from eskit_tasks.fleet.resources import resources_of
 
@@ -70,10 +70,8 @@ def compact_stream(
             stream_type, stream_id, exc, compaction_id=copy.compaction_id
         )
         record(result, run_id, copy.task_id)
-    if not copy.claim_result():
+    if not copy.claim_result(result):
         raise Ignore()  # another copy of this very task finished first and owns the result
-    if run_id is not None:
-        report_to_run(res, run_id, result)
     return result.model_dump(mode="json")
 
 
@@ -134,7 +132,7 @@ def _compact_locked(
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.
-        claimed = False if retry else copy.claim_result()
+        claimed = False if retry else copy.claim_result(result)
         # A deletion is accounted by the copy that owns the task's result only: a copy
         # paused past its lock may commit while a redelivered copy reports the same
         # deletion from the audit log (both under the task's compaction id).
@@ -144,7 +142,7 @@ def _compact_locked(
         lock.release()
     if retry:
         copy.retry_later()  # Ignore unless the retries are used up
-        claimed = copy.claim_result()
+        claimed = copy.claim_result(result)
     if not claimed:
         raise Ignore()
     return result

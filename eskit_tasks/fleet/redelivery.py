@@ -3,7 +3,10 @@
 A task may be delivered more than once (late acknowledgement, redelivery after a crash
 or a visibility timeout). Every copy of a task id shares its compaction id (so a copy
 that runs after a crash finds the deletion its predecessor committed), and the first copy
-to finish claims the task's result in Redis; later copies store nothing over it.
+to finish claims the task's result in Redis; later copies store nothing over it. A copy
+counts its stream in the run *before* it claims: one that dies in between has counted
+it, and the run counts each stream once (a redelivered copy skips a claimed task, so
+the other order could leave a run waiting for ever).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import DatabaseUnavailableError, EskitError, LockLostError, TimeBudgetError
 from eskit_tasks.fleet.constants import DONE_PREFIX, LOCKED_RETRY_MAX_S
 from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.observability import report_to_run
 from eskit_tasks.fleet.resources import Resources
 from eskit_tasks.fleet.settings import EskitSettings
 
@@ -107,6 +111,7 @@ class TaskCopy:
         self.compaction_id = compaction_id_for(self.task_id)
         self.token = uuid.uuid4().hex
         self.deadline = time.monotonic() + self.settings.task_soft_time_limit * 0.9
+        self.counted = False
 
     def retry_later(self, countdown: float | None = None, *, unlimited: bool = False) -> None:
         """Re-send this task after ``countdown`` (default: the backoff for its retries so
@@ -121,9 +126,13 @@ class TaskCopy:
             return
         raise Ignore()
 
-    def claim_result(self) -> bool:
-        """True if this copy may store the task's result: the first copy to finish owns
+    def claim_result(self, result: CompactionResult) -> bool:
+        """Count ``result`` in the run (unless another copy owns the task's result), then
+        claim the result: True if this copy may store it, the first copy to finish owns
         it. Without Redis it cannot coordinate and stores (the database stays safe)."""
+        if self.run_id is not None and not self.counted and not self.result_claimed_by_other():
+            report_to_run(self.res, self.run_id, result)
+            self.counted = True
         key = done_key(self.task_id)
         ttl = int(self.settings.visibility_timeout * 2)
         try:
