@@ -180,6 +180,16 @@ def test_discard_removes_that_entry_only(archive, tmp_path):
     with pytest.raises(ArchiveError, match="not an entry of the archive"):
         archive.discard(outside)
     assert path_of(outside).exists()
+    # Three levels below the root on paper, outside it once ".." is resolved.
+    victim = _forge(tmp_path / "victim" / "x.jsonl.gz", [b"{}"])
+    sneaky = ArchiveRef(
+        uri=(archive.root / ".." / "victim" / "x.jsonl.gz").as_uri(),
+        sha256=victim.sha256,
+        events=0,
+    )
+    with pytest.raises(ArchiveError, match="not an entry of the archive"):
+        archive.discard(sneaky)
+    assert path_of(victim).exists()
 
 
 def test_an_archive_moved_elsewhere_still_reads_the_recorded_paths(archive, tmp_path):

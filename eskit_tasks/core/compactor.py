@@ -41,7 +41,6 @@ from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import (
-    ArchiveError,
     ConfigurationError,
     DeletionMismatchError,
     EskitError,
@@ -416,11 +415,12 @@ class Compactor(Generic[S]):
 
     def _discard_entry(self, archived: ArchiveRef) -> None:
         """Remove the archive entry of a delete that was refused (its events are still in
-        the store); one that cannot be removed is left for ``purge`` to clear."""
+        the store); one that cannot be removed is left for ``purge`` to clear. Nothing
+        here may replace the refusal being reported."""
         assert self.archive is not None
         try:
             self.archive.discard(archived)
-        except ArchiveError as exc:
+        except Exception as exc:
             log.warning(
                 "archive entry %s of a refused delete is left behind: %s", archived.uri, exc
             )

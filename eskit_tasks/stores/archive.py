@@ -219,7 +219,8 @@ class LocalArchive:
             ArchiveError: ``ref`` names a file outside this archive, or it cannot be removed.
         """
         path = self._locate(_path_of(ref.uri))
-        if path.parent.parent.parent != self._root or not path.name.endswith(ENTRY_SUFFIX):
+        inside = path.resolve().parent.parent.parent == self._root.resolve()
+        if not inside or ".." in path.parts or not path.name.endswith(ENTRY_SUFFIX):
             raise ArchiveError(f"{ref.uri} is not an entry of the archive at {self._root}")
         manifest = path.with_name(path.name.removesuffix(ENTRY_SUFFIX) + MANIFEST_SUFFIX)
         try:
@@ -332,9 +333,10 @@ class LocalArchive:
     def _locate(self, path: Path) -> Path:
         """``path`` if it exists; else the same entry under this archive's root, so that an
         archive moved or mounted elsewhere still reads the paths its audit rows recorded."""
-        if path.exists() or len(path.parts) < 4:
+        tail = path.parts[-3:]
+        if len(path.parts) < 4 or any(part in ("..", ".") for part in tail) or path.exists():
             return path
-        moved = self._root.joinpath(*path.parts[-3:])
+        moved = self._root.joinpath(*tail)
         return moved if moved.exists() else path
 
     def _stream_dir(self, stream_type: str, stream_id: str) -> Path:

@@ -266,6 +266,28 @@ class TrashBinContract:
         assert versions(stores, "cart", "c-1") == list(range(1, 11))
         assert list(archive.entries()) == []
 
+    def test_an_archive_that_cannot_discard_does_not_change_the_outcome(
+        self, stores: Stores, archive: LocalArchive
+    ) -> None:
+        """A refused delete is reported as refused even when its entry cannot be removed
+        (the entry stays for purge; nothing was deleted)."""
+        _fill(stores, "c-1", 10)
+
+        def register_then_write(**kw: Any) -> ArchiveRef:
+            ref = archive.write(**kw)
+            stores.events.save_checkpoint("late-reader", 0)
+            return ref
+
+        def broken_discard(ref: ArchiveRef) -> None:
+            raise OSError("read-only file system")
+
+        flaky = Proxy(archive, write=register_then_write, discard=broken_discard)
+        result = _compactor(stores, flaky).compact("cart", "c-1")
+        assert result.outcome == Outcome.NOTHING_TO_COMPACT, result.error
+        assert result.held_back_by is not None
+        assert len(list(archive.entries())) == 1
+        assert versions(stores, "cart", "c-1") == list(range(1, 11))
+
     def test_an_archive_that_fails_stops_the_compaction_before_the_delete(
         self, stores: Stores, archive: LocalArchive
     ) -> None:
