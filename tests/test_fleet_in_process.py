@@ -20,7 +20,7 @@ import fakeredis
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from eskit_tasks import NewEvent, Outcome, load_state
+from eskit_tasks import CompactionResult, NewEvent, Outcome, load_state
 from eskit_tasks.fleet.app import FleetApp, create_app
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
 from eskit_tasks.fleet.resources import Resources
@@ -288,32 +288,88 @@ def test_a_copy_killed_after_claiming_its_result_still_counts_in_the_run(
     fleet: InProcessFleet, monkeypatch: pytest.MonkeyPatch, where: str
 ):
     """The copy that finishes first claims the task's result; if it dies before the run
-    has counted the stream, the redelivered copy skips a finished task, and the run would
-    never finish. So a copy counts the stream in the run before it claims the result."""
-    from eskit_tasks.fleet.redelivery import TaskCopy
+    has counted the stream, the redelivered copy skips the finished task, and the run
+    would never finish. The claim holds the result, and the copy that finds the task
+    claimed counts it."""
+    from eskit_tasks.fleet import compact_task, redelivery
     from eskit_tasks.fleet.resources import resources_of
 
     fleet.seed("a", 12)
     policy = {"retain_last": 2} if where == "after the compaction" else {"retain_last": -1}
     progress = resources_of(fleet.app).progress
     progress.create(RUN, policy)
-    real = TaskCopy.claim_result
-    deaths = []
+    real = redelivery.report_to_run
+    deaths: list[str] = []
 
-    def claim_then_die(self: TaskCopy, *result: Any) -> bool:
-        claimed = real(self, *result)
+    def die_at_first_count(*args: Any) -> None:
         if not deaths:
-            deaths.append(self.task_id)
+            deaths.append("killed")
             raise _Killed()
-        return claimed
+        real(*args)
 
-    monkeypatch.setattr(TaskCopy, "claim_result", claim_then_die)
+    for module in (redelivery, compact_task):  # wherever the task counts from
+        monkeypatch.setattr(module, "report_to_run", die_at_first_count, raising=False)
     task = fleet.app.tasks[COMPACT_STREAM_TASK]
     with pytest.raises(_Killed):
         task.apply(args=("ledger", "a"), kwargs={"run_id": RUN, **policy}, task_id="t-1")
+    assert progress.get(RUN).done == 0  # claimed, not counted
     # The message is redelivered (it was never acknowledged) and runs again.
     task.apply(args=("ledger", "a"), kwargs={"run_id": RUN, **policy}, task_id="t-1")
     counted = progress.get(RUN)
     assert counted is not None and counted.done == 1, counted
-    outcome = "compacted" if where == "after the compaction" else "failed"
-    assert counted.outcomes == {outcome: 1}
+    if where == "after the compaction":
+        assert (counted.outcomes, counted.events_deleted) == ({"compacted": 1}, 10)
+    else:
+        assert counted.outcomes == {"failed": 1}
+
+
+@pytest.mark.parametrize("order", ["one after the other", "interleaved"])
+def test_only_the_owner_of_a_task_result_is_counted_in_the_run(
+    monkeypatch: pytest.MonkeyPatch, order: str
+):
+    """Two copies of one task finish: the first to claim owns the result, and the run
+    counts the owner's outcome, whichever copy counts first (from review: counting before
+    claiming let the stale copy's "fenced" into the run while the other copy owned a
+    "compacted" result)."""
+    import types
+
+    from eskit_tasks.errors import FencedError
+    from eskit_tasks.fleet import redelivery
+    from eskit_tasks.fleet.redelivery import TaskCopy
+
+    res = Resources(EskitSettings(metrics_port=None), redis=fakeredis.FakeRedis())
+    res.progress.create(RUN, {})
+    task = types.SimpleNamespace(request=types.SimpleNamespace(id="t-1", retries=0))
+    good, late = TaskCopy(task, res, RUN), TaskCopy(task, res, RUN)
+    won = CompactionResult.failed("ledger", "s", "x", compaction_id=good.compaction_id)
+    won = won.model_copy(
+        update={
+            "outcome": Outcome.COMPACTED,
+            "error": None,
+            "error_type": None,
+            "events_deleted": 8,
+        }
+    )
+    stale = CompactionResult.failed(
+        "ledger", "s", FencedError("stale"), outcome=Outcome.FENCED, compaction_id=won.compaction_id
+    )
+    claims: dict[str, bool] = {}
+    if order == "interleaved":  # the good copy finishes while the stale one counts
+        real = redelivery.report_to_run
+
+        def count(res_: Resources, run_id: str, result: CompactionResult) -> None:
+            real(res_, run_id, result)
+            if result is stale and "good" not in claims:
+                claims["good"] = good.claim_result(won)
+
+        monkeypatch.setattr(redelivery, "report_to_run", count)
+        claims["late"] = late.claim_result(stale)
+    else:
+        claims["good"] = good.claim_result(won)
+        claims["late"] = late.claim_result(stale)
+    assert sorted(claims.values()) == [False, True]  # one owner
+    owner = won if claims["good"] else stale
+    counted = res.progress.get(RUN)
+    assert counted is not None
+    assert (counted.done, counted.outcomes) == (1, {owner.outcome.value: 1})
+    assert counted.events_deleted == owner.events_deleted

@@ -55,7 +55,7 @@ def compact_stream(
             f"{type(stream_type).__name__} and {type(stream_id).__name__}"
         )
     res = resources_of(self.app)
-    if already_finished(self, res):
+    if already_finished(self, res, run_id):
         raise Ignore()
     copy = TaskCopy(self, res, run_id)
     try:
@@ -124,7 +124,7 @@ def _compact_locked(
             "LockedError",
         )
     try:
-        if copy.result_claimed_by_other():
+        if copy.finished_by_other():
             raise Ignore()  # a copy of this task finished while we waited for the lock
         result = registration.compactor(
             store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive

@@ -3,15 +3,17 @@
 A task may be delivered more than once (late acknowledgement, redelivery after a crash
 or a visibility timeout). Every copy of a task id shares its compaction id (so a copy
 that runs after a crash finds the deletion its predecessor committed), and the first copy
-to finish claims the task's result in Redis; later copies store nothing over it. A copy
-counts its stream in the run *before* it claims: one that dies in between has counted
-it, and the run counts each stream once (a redelivered copy skips a claimed task, so
-the other order could leave a run waiting for ever).
+to finish claims the task's result in Redis; later copies store nothing over it. The
+claim holds the owner's result, and any copy that finds the task claimed counts that
+result in the run: an owner killed between its claim and its count (``kill -9``) leaves
+the stream counted all the same by the copy redelivered after it, and only the owner's
+outcome is ever counted (the run counts each stream once).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 import uuid
@@ -82,16 +84,21 @@ def backoff(settings: EskitSettings, retries: int) -> float:
     return float(min(base, cap) * jitter)
 
 
-def already_finished(task: Any, res: Resources) -> bool:
-    """True when a copy of this task id already finished (a redelivered message)."""
+def already_finished(task: Any, res: Resources, run_id: str | None) -> bool:
+    """True when a copy of this task id already finished (a redelivered message); the
+    result it claimed is counted in the run, in case it died before counting it."""
     task_id = task.request.id
     if not task_id:
         return False
     try:
-        if res.redis.exists(done_key(task_id)):
-            return True
+        claim = res.redis.get(done_key(task_id))
     except RedisError:
-        pass
+        claim = None
+    if claim is not None:
+        stored = _claim_of(claim)[1]
+        if run_id is not None and stored is not None:
+            report_to_run(res, run_id, stored)
+        return True
     try:
         return task.AsyncResult(task_id).state in states.READY_STATES
     except Exception:  # the backend being down must not stop the compaction
@@ -111,6 +118,7 @@ class TaskCopy:
         self.compaction_id = compaction_id_for(self.task_id)
         self.token = uuid.uuid4().hex
         self.deadline = time.monotonic() + self.settings.task_soft_time_limit * 0.9
+        #: Whether this copy has counted the task's result in the run.
         self.counted = False
 
     def retry_later(self, countdown: float | None = None, *, unlimited: bool = False) -> None:
@@ -127,28 +135,43 @@ class TaskCopy:
         raise Ignore()
 
     def claim_result(self, result: CompactionResult) -> bool:
-        """Count ``result`` in the run (unless another copy owns the task's result), then
-        claim the result: True if this copy may store it, the first copy to finish owns
-        it. Without Redis it cannot coordinate and stores (the database stays safe)."""
-        if self.run_id is not None and not self.counted and not self.result_claimed_by_other():
-            report_to_run(self.res, self.run_id, result)
-            self.counted = True
+        """Claim the task's result with ``result`` (the first copy to finish owns it), then
+        count the owner's result in the run; True if this copy owns it and may store it.
+        Without Redis it cannot coordinate and stores (the database stays safe)."""
         key = done_key(self.task_id)
         ttl = int(self.settings.visibility_timeout * 2)
+        claim = json.dumps({"owner": self.token, "result": result.model_dump(mode="json")})
+        owner: str | None = self.token
+        counted: CompactionResult | None = result
         try:
-            if self.res.redis.set(key, self.token, nx=True, ex=ttl):
-                return True
-            owner = self.res.redis.get(key)
+            if not self.res.redis.set(key, claim, nx=True, ex=ttl):
+                found = self.res.redis.get(key)
+                owner, counted = (None, None) if found is None else _claim_of(found)
         except RedisError:
-            return True
-        return owner is not None and _text(owner) == self.token
+            owner, counted = self.token, result
+        owned = owner == self.token
+        self._count(result if owned else counted)
+        return owned
 
-    def result_claimed_by_other(self) -> bool:
+    def finished_by_other(self) -> bool:
+        """True if another copy of this task finished and claimed the result; its result
+        is counted in the run (in case it died before counting it)."""
         try:
-            owner = self.res.redis.get(done_key(self.task_id))
+            found = self.res.redis.get(done_key(self.task_id))
         except RedisError:
             return False
-        return owner is not None and _text(owner) != self.token
+        if found is None:
+            return False
+        owner, stored = _claim_of(found)
+        if owner == self.token:
+            return False
+        self._count(stored)
+        return True
+
+    def _count(self, result: CompactionResult | None) -> None:
+        if self.run_id is not None and result is not None and not self.counted:
+            report_to_run(self.res, self.run_id, result)
+            self.counted = True
 
     def guard(self, lock: StreamLock) -> Callable[[], None]:
         """The check the compactor runs before each write: the lock is still ours and the
@@ -165,5 +188,12 @@ class TaskCopy:
         return check
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _claim_of(value: bytes | str) -> tuple[str, CompactionResult | None]:
+    """The owner and the result of a claim (a bare owner token: a claim made before
+    claims held their result, or a result that cannot be read)."""
+    text = value.decode() if isinstance(value, bytes) else value
+    try:
+        claim = json.loads(text)
+        return str(claim["owner"]), CompactionResult.model_validate(claim["result"])
+    except (ValueError, KeyError, TypeError):
+        return text, None
