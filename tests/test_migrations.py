@@ -239,6 +239,43 @@ def test_an_older_eskit_tasks_appending_after_the_upgrade_is_given_positions(url
     store.engine.dispose()
 
 
+def test_events_an_older_eskit_tasks_appended_at_revision_0003_are_numbered(url: str):
+    """A database left at revision 0003 while an older process appended: those events
+    have no position (revision 0004 was not there to give one). The upgrade numbers them
+    after every position handed out, so followers read them as the newest events (from
+    review: they stayed without a position, and on PostgreSQL SET NOT NULL failed)."""
+    tables_at(url, "0003")
+    postgresql = not url.startswith("sqlite")
+    moved = (
+        "SELECT setval('eskit_events_position_seq', 3)"
+        if postgresql
+        else "INSERT INTO eskit_position_counter (id, last_position) VALUES (1, 3)"
+    )
+    _run(
+        url,
+        "INSERT INTO eskit_streams (stream_type, stream_id, head_version, created_at) "
+        "VALUES ('account', 'a-1', 3, '2026-01-01 00:00:00')",
+        *(
+            "INSERT INTO eskit_events (stream_pk, version, type, data, metadata, recorded_at, "
+            f"position) VALUES (1, {n}, 'Deposited', '{{\"amount\":{n}}}', '{{}}', "
+            f"'2026-01-01 00:00:00', {n})"
+            for n in (1, 2, 3)
+        ),
+        moved,
+    )
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        _append_as_before_positions(conn, 1, range(4, 6))
+    engine.dispose()
+    assert main(["init-db", "--database", url]) == Exit.OK
+    store = SqlEventStore.from_url(url)
+    assert [(e.version, e.position) for e in store.read_all(after_position=3)] == [(4, 4), (5, 5)]
+    assert store.last_position() == 5
+    store.append("account", "a-1", deposits(6), expected_version=5)
+    assert [e.position for e in store.read("account", "a-1")] == [1, 2, 3, 4, 5, 6]
+    store.engine.dispose()
+
+
 @pytest.mark.services
 def test_an_older_eskit_tasks_append_holds_the_append_lock_to_commit(postgres_url: str):
     """Its positions come in commit order like any other append's: the default that gives
