@@ -384,7 +384,11 @@ class Compactor(Generic[S]):
                 stream_id=stream_id,
                 events=self.store.export(stream_type, stream_id, p + 1, c),
             )
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except BaseException:  # the lock lost or the time budget spent: no delete
+                self._discard_entry(archived)
+                raise
         deletion = DeletionPlan(
             stream_type=stream_type,
             stream_id=stream_id,

@@ -266,6 +266,29 @@ class TrashBinContract:
         assert versions(stores, "cart", "c-1") == list(range(1, 11))
         assert list(archive.entries()) == []
 
+    def test_a_guard_that_stops_after_the_archive_write_leaves_no_entry(
+        self, stores: Stores, archive: LocalArchive
+    ) -> None:
+        """The guard (a lost lock, a spent time budget) stops the compaction between the
+        archive write and the delete: nothing deleted, and the entry removed again."""
+        _fill(stores, "c-1", 10)
+
+        def guard() -> None:
+            if list(archive.entries()):
+                raise TimeoutError("the time budget is spent")
+
+        result = Compactor(
+            store=stores.events,
+            snapshot_store=stores.snapshots,
+            decider=Cart(),
+            state_type=dict,
+            archive=archive,
+            guard=guard,
+        ).compact("cart", "c-1")
+        assert (result.outcome, result.error_type) == (Outcome.FAILED, "TimeoutError")
+        assert versions(stores, "cart", "c-1") == list(range(1, 11))
+        assert list(archive.entries()) == []
+
     def test_an_archive_that_cannot_discard_does_not_change_the_outcome(
         self, stores: Stores, archive: LocalArchive
     ) -> None:
