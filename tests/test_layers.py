@@ -3,7 +3,9 @@
     errors -> domain -> ports -> core -> stores -> fleet -> cli      (testing: anything)
 
 (``demo``, the example application, sits beside the fleet: it uses the stores and the
-registry, and the CLI's ``demo`` command uses it.)
+registry, and the CLI's ``demo`` command uses it. ``eventsourcing``, the adapter for
+pyeventsourcing applications, sits beside it too: it uses the stores' tables and
+migrations, and the fleet and the CLI may use it.)
 
 Read from the source (every ``import`` statement, also those inside functions), so a
 lazy import cannot hide an upward dependency. docs/architecture.md draws the same map.
@@ -33,8 +35,9 @@ LAYERS: dict[str, set[str]] = {
     "stores": {"errors", "domain", "ports"},
     "fleet": {"errors", "domain", "ports", "core", "stores"},
     "demo": {"errors", "domain", "ports", "core", "stores"},
-    "cli": {"errors", "domain", "ports", "core", "stores", "fleet", "demo"},
-    "testing": {"errors", "domain", "ports", "core", "stores", "fleet"},
+    "eventsourcing": {"errors", "domain", "ports", "core", "stores"},
+    "cli": {"errors", "domain", "ports", "core", "stores", "fleet", "demo", "eventsourcing"},
+    "testing": {"errors", "domain", "ports", "core", "stores", "fleet", "eventsourcing"},
 }
 #: Modules that only gather names or start a process; nothing inside may import them.
 ENTRY_POINTS = {"__init__", "__main__", "tasks", "_moved"}
@@ -48,6 +51,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "ports": FLEET_STACK | {"sqlalchemy", "psycopg"},
     "core": FLEET_STACK | {"sqlalchemy", "psycopg"},
     "stores": FLEET_STACK,
+    "eventsourcing": FLEET_STACK,
     "cli": FLEET_STACK,
 }
 

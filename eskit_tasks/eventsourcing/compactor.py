@@ -1,0 +1,749 @@
+"""Compacting a pyeventsourcing application's aggregates in place: :class:`ApplicationCompactor`.
+
+For one aggregate, at head H with compaction point P (0: never compacted):
+
+1. **fence** take a new fencing token for the stream ``(app.name, str(id))`` in the
+   eskit side tables of the application's database (not in a dry run);
+2. **plan** read the versions and notification ids of events P+1..H: C is the policy's
+   cut, at most H - max(retain_last, 1) (the head event is never deleted), lowered to
+   the newest event every follower has processed (``held_back_by`` names the one that
+   limited it; a follower that processed nothing holds everything);
+3. **replay** through the library: the snapshot at P (or nothing) and events P+1..H,
+   each decoded by the application's mapper (transcodings, compression, cipher: the
+   application's own); at C the snapshot is taken the library's way
+   (``Aggregate.Snapshot.take``), encoded by the mapper, decoded back and compared with
+   the replayed aggregate by eskit's strict comparison (types, dict order, time zones:
+   a tuple that comes back a list fails); replaying C+1..H on the decoded snapshot must
+   then give exactly the full replay at H;
+4. **commit** one transaction: the stream's row locked and its token checked, the
+   snapshot at C written (older snapshots of the aggregate removed) and read back
+   byte for byte, events P+1..C deleted (exactly C - P rows, else rolled back), the
+   compaction point moved (what the guard reads) and the audit row written;
+5. **vacuum** (PostgreSQL) the events table once enough rows were deleted: the library
+   creates it with autovacuum effectively off.
+
+The guard (:mod:`.guard`) is installed before the first delete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from array import array
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from eskit_tasks.domain.compare import first_difference
+from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
+from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
+from eskit_tasks.errors import (
+    ConfigurationError,
+    DeletionMismatchError,
+    EventDecodeError,
+    EvolveError,
+    FencedError,
+    StreamIntegrityError,
+    VersionGapError,
+)
+from eskit_tasks.eventsourcing import guard
+from eskit_tasks.eventsourcing.target import Target, target_of
+from eskit_tasks.ports import Candidate
+from eskit_tasks.stores import migrate
+from eskit_tasks.stores.driver_errors import translate_errors
+from eskit_tasks.stores.engine import reading, writing
+from eskit_tasks.stores.schema import compaction_log, stream_row, streams
+
+log = logging.getLogger("eskit_tasks")
+
+#: Rows deleted (by one compactor) between two VACUUMs of a PostgreSQL events table.
+VACUUM_AFTER = 50_000
+#: Events read per query while replaying.
+_PAGE = 1_000
+_MAX_COMPACTION_ID = 36
+
+
+class _VerificationFailed(Exception):
+    """The snapshot would not give back the replayed aggregate."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the compaction of one aggregate will do."""
+
+    stream_id: str
+    stored_id: Any
+    compacted_through: int
+    head: int
+    cut: int
+    token: int | None  # None: a dry run
+    held_back_by: HeldBack | None
+
+
+class ApplicationCompactor:
+    """Compacts the aggregates of a pyeventsourcing application in its own database.
+
+    Args:
+        app: An ``eventsourcing.application.Application`` on PostgreSQL or SQLite, with
+            snapshotting enabled.
+        policy: What to keep; ``retain_last`` below 1 counts as 1 (the head event is
+            never deleted). ``retain_younger_than`` ages events by their timestamps.
+        followers: The applications that follow this one (``ProcessApplication`` and
+            the like): events a follower has not processed are never deleted.
+        vacuum_after: Rows deleted between two ``VACUUM`` of the events table on
+            PostgreSQL (0: never on its own; call :meth:`vacuum`).
+
+    Raises:
+        ConfigurationError: ``app`` cannot be compacted (see
+            :func:`~eskit_tasks.eventsourcing.target.target_of`), or a follower has no
+            tracking recorder. Nothing is written.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        policy: CompactionPolicy | None = None,
+        followers: Iterable[Any] = (),
+        vacuum_after: int = VACUUM_AFTER,
+    ) -> None:
+        self.target: Target = target_of(app)
+        self.policy = policy if policy is not None else CompactionPolicy()
+        if not isinstance(self.policy, CompactionPolicy):
+            raise ConfigurationError(f"policy must be a CompactionPolicy, got {policy!r}")
+        self.followers = tuple(followers)
+        for follower in self.followers:
+            if not callable(getattr(getattr(follower, "recorder", None), "max_tracking_id", None)):
+                raise ConfigurationError(
+                    f"follower {follower!r} of application {self.target.name} has no tracking "
+                    "recorder (recorder.max_tracking_id): give the ProcessApplication instances "
+                    "that follow it"
+                )
+        self.vacuum_after = vacuum_after
+        self._ready = False
+        self._deleted_since_vacuum = 0
+
+    @property
+    def app(self) -> Any:
+        """The application."""
+        return self.target.app
+
+    @property
+    def stream_type(self) -> str:
+        """The stream type of the application's aggregates: its name."""
+        return str(self.target.name)
+
+    def close(self) -> None:
+        """Release eskit-tasks' connections to the application's database."""
+        self.target.engine.dispose()
+
+    # -- compaction ---------------------------------------------------------------------
+
+    def compact(self, aggregate_id: Any, *, compaction_id: str | None = None) -> CompactionResult:
+        """Compact one aggregate under the policy (see the module docstring).
+
+        Returns a result for every outcome; a bad aggregate (a gap, an event that cannot
+        be decoded or applied, a lossy snapshot) deletes nothing.
+
+        Raises:
+            ConfigurationError: ``aggregate_id`` is not an id of this application, or
+                ``compaction_id`` is not a string of 1 to 36 characters.
+        """
+        started = time.perf_counter()
+        stream_id = self.target.stream_id(aggregate_id)
+        if compaction_id is not None and (
+            not isinstance(compaction_id, str) or not 0 < len(compaction_id) <= _MAX_COMPACTION_ID
+        ):
+            raise ConfigurationError(
+                f"compaction_id must be a string of 1 to {_MAX_COMPACTION_ID} characters, "
+                f"got {compaction_id!r}"
+            )
+        fields: dict[str, Any] = {
+            "stream_type": self.stream_type,
+            "stream_id": stream_id,
+            "compaction_id": compaction_id or str(uuid.uuid4()),
+        }
+        try:
+            self._compact(aggregate_id, fields, settle=compaction_id is not None)
+        except FencedError as exc:
+            self._failed(fields, Outcome.FENCED, exc)
+        except _VerificationFailed as exc:
+            self._failed(fields, Outcome.VERIFICATION_FAILED, exc)
+        except Exception as exc:  # a bug in an aggregate must not kill a fleet worker
+            self._failed(fields, Outcome.FAILED, exc)
+        fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return CompactionResult(**fields)
+
+    def _failed(self, fields: dict[str, Any], outcome: Outcome, exc: BaseException) -> None:
+        failed = CompactionResult.failed(
+            fields["stream_type"],
+            fields["stream_id"],
+            exc,
+            compaction_id=fields["compaction_id"],
+            outcome=outcome,
+        )
+        fields.update(outcome=outcome, error=failed.error, error_type=failed.error_type)
+        fields.update(events_deleted=0, bytes_reclaimed=0)
+
+    def _compact(self, aggregate_id: Any, fields: dict[str, Any], *, settle: bool) -> None:
+        dry_run = self.policy.dry_run
+        if settle and not dry_run:
+            done = self._logged(fields["compaction_id"])
+            if done is not None:  # a retry of a compaction that committed: report it
+                fields.update(done, outcome=Outcome.COMPACTED, recovered=True)
+                return
+        plan = self._plan(aggregate_id, fields["stream_id"], dry_run=dry_run)
+        fields.update(
+            head_version=plan.head,
+            compacted_through_before=plan.compacted_through,
+            held_back_by=plan.held_back_by,
+            events_retained=plan.head - plan.compacted_through,
+        )
+        if plan.cut <= plan.compacted_through:
+            fields.update(outcome=Outcome.NOTHING_TO_COMPACT)
+            return
+        snapshot, digest = self._replay_and_verify(aggregate_id, plan)
+        fields.update(
+            snapshot_version=plan.cut,
+            state_hash=digest,
+            events_retained=plan.head - plan.cut,
+        )
+        if plan.token is None:
+            doomed = self._doomed_bytes(plan)
+            fields.update(
+                outcome=Outcome.DRY_RUN,
+                events_deleted=plan.cut - plan.compacted_through,
+                bytes_reclaimed=doomed,
+            )
+            return
+        deleted, reclaimed = self._commit(plan, snapshot, digest, fields["compaction_id"])
+        fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=reclaimed)
+        self._deleted_since_vacuum += deleted
+        if self.vacuum_after and self._deleted_since_vacuum >= self.vacuum_after:
+            self.vacuum()
+
+    # -- plan ---------------------------------------------------------------------------
+
+    def _plan(self, aggregate_id: Any, stream_id: str, *, dry_run: bool) -> _Plan:
+        target = self.target
+        stored_id = target.stored_id(aggregate_id)
+        label = f"{target.name}/{stream_id}"
+        if dry_run:
+            compacted_through, token = self._point(stream_id), None
+        else:
+            self._prepare()
+            compacted_through, token = self._fence(stream_id)
+        versions, ids = self._live(stored_id, compacted_through)
+        if not versions:
+            if compacted_through == 0:
+                raise StreamIntegrityError(
+                    f"{label}: there is no such aggregate",
+                    stream_type=target.name,
+                    stream_id=stream_id,
+                    version=0,
+                )
+            return _Plan(stream_id, stored_id, compacted_through, compacted_through, 0, token, None)
+        expected = compacted_through + 1
+        for version in versions:
+            if version != expected:
+                raise VersionGapError(
+                    f"{label}: version {expected} is missing (found {version} after "
+                    f"{expected - 1}); nothing was deleted",
+                    stream_type=target.name,
+                    stream_id=stream_id,
+                    version=expected,
+                )
+            expected += 1
+        head = versions[-1]
+        cut = plan_cut(
+            head=head,
+            compacted_through=compacted_through,
+            retain_last=max(self.policy.retain_last, 1),
+            newest_old_enough=self._newest_old_enough(stored_id, compacted_through, head),
+        )
+        cut = cut or 0
+        held: HeldBack | None = None
+        reader = self._slowest_follower()
+        if reader is not None and cut > compacted_through:
+            readable = compacted_through
+            for version, notification_id in zip(versions, ids, strict=True):
+                if version > cut or notification_id > reader.position:
+                    break
+                readable = version
+            if readable < cut:
+                cut, held = readable, reader
+        return _Plan(stream_id, stored_id, compacted_through, head, cut, token, held)
+
+    def _live(self, stored_id: Any, after: int) -> tuple[array[int], array[int]]:
+        """The versions and notification ids of an aggregate's events after ``after``."""
+        target = self.target
+        versions, ids = array("q"), array("q")
+        query = sa.text(
+            f"SELECT originator_version, {target.notification_id} FROM {target.events} "
+            "WHERE originator_id = :id AND originator_version > :after "
+            "ORDER BY originator_version"
+        )
+        with self._reading("read the aggregate's events") as conn:
+            for version, notification_id in conn.execute(query, {"id": stored_id, "after": after}):
+                versions.append(version)
+                ids.append(notification_id)
+        return versions, ids
+
+    def _newest_old_enough(self, stored_id: Any, after: int, head: int) -> int | None:
+        """The version before the oldest event younger than the policy's age (the head if
+        none is); None without an age rule. Decodes the events for their timestamps."""
+        cutoff = self.policy.age_cutoff(datetime.now(UTC))
+        if cutoff is None:
+            return None
+        for event in self._events(stored_id, after, head):
+            moment = getattr(event, "timestamp", None)
+            if not isinstance(moment, datetime):
+                raise ConfigurationError(
+                    f"{self.stream_type}: event {type(event).__name__} has no timestamp to "
+                    "age it by; compact this application without retain_younger_than"
+                )
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            if moment > cutoff:
+                return int(event.originator_version) - 1
+        return head
+
+    def _slowest_follower(self) -> HeldBack | None:
+        """The follower that has processed the fewest of this application's events."""
+        slowest: HeldBack | None = None
+        for follower in self.followers:
+            position = follower.recorder.max_tracking_id(self.stream_type)
+            name = str(getattr(follower, "name", type(follower).__name__))
+            held = HeldBack(consumer=name, position=int(position or 0))
+            if slowest is None or held.position < slowest.position:
+                slowest = held
+        return slowest
+
+    # -- replay -------------------------------------------------------------------------
+
+    def _events(self, stored_id: Any, after: int, through: int) -> Iterator[Any]:
+        """The aggregate's events after ``after`` through ``through``, decoded by the
+        application's mapper, a page at a time."""
+        from eventsourcing.persistence import StoredEvent
+
+        target = self.target
+        mapper = target.app.mapper
+        label = f"{target.name}/{target.from_stored(stored_id)}"
+        query = sa.text(
+            f"SELECT originator_version, topic, state FROM {target.events} "
+            "WHERE originator_id = :id AND originator_version > :after "
+            "AND originator_version <= :through ORDER BY originator_version LIMIT :page"
+        )
+        while after < through:
+            params = {"id": stored_id, "after": after, "through": through, "page": _PAGE}
+            with self._reading("read the aggregate's events") as conn:
+                rows = conn.execute(query, params).all()
+            if not rows:
+                return
+            for version, topic, state in rows:
+                stored = StoredEvent(
+                    originator_id=target.from_stored(stored_id),
+                    originator_version=version,
+                    topic=topic,
+                    state=bytes(state),
+                )
+                try:
+                    yield mapper.to_domain_event(stored)
+                except Exception as exc:
+                    raise EventDecodeError(
+                        f"{label}: event {version} ({topic}) cannot be decoded by the "
+                        f"application's mapper ({type(exc).__name__}: {exc}); check its "
+                        "transcodings, compressor and cipher key; nothing was deleted",
+                        stream_type=target.name,
+                        stream_id=str(target.from_stored(stored_id)),
+                        version=version,
+                    ) from exc
+                after = version
+
+    def _replay_and_verify(self, aggregate_id: Any, plan: _Plan) -> tuple[Any, str]:
+        """Replay to the head, take and check the snapshot at the cut; return its stored
+        form and the sha256 of its bytes."""
+        target = self.target
+        label = f"{target.name}/{plan.stream_id}"
+        aggregate = self._snapshot_at(plan) if plan.compacted_through else None
+        snapshot = digest = rebuilt = None
+        for event in self._events(plan.stored_id, plan.compacted_through, plan.head):
+            if not callable(getattr(event, "mutate", None)):
+                raise ConfigurationError(
+                    f"{label}: its events ({type(event).__name__}) are not aggregate events; "
+                    "event-sourced logs are not compacted"
+                )
+            aggregate = self._apply(label, event, aggregate)
+            if rebuilt is not None:
+                rebuilt = self._apply(label, event, rebuilt)
+            if event.originator_version == plan.cut:
+                snapshot, rebuilt = self._take(label, aggregate, plan.cut)
+                digest = hashlib.sha256(snapshot.state).hexdigest()
+        if snapshot is None or digest is None or rebuilt is None:
+            raise StreamIntegrityError(
+                f"{label}: the events changed while they were read",
+                stream_type=target.name,
+                stream_id=plan.stream_id,
+                version=plan.cut,
+            )
+        difference = first_difference(_state(aggregate), _state(rebuilt))
+        if difference is not None:
+            raise _VerificationFailed(
+                f"{label}: versions {plan.cut + 1}..{plan.head} replayed on the snapshot at "
+                f"{plan.cut} do not give the aggregate a full replay gives: {difference}; "
+                "nothing was deleted"
+            )
+        return snapshot, digest
+
+    def _take(self, label: str, aggregate: Any, version: int) -> tuple[Any, Any]:
+        """The library's snapshot of ``aggregate``, encoded by the application's mapper,
+        and the aggregate that snapshot decodes to, checked to be indistinguishable."""
+        mapper = self.target.app.mapper
+        snapshot_class = (
+            getattr(type(aggregate), "Snapshot", None) or self.target.app.snapshot_class
+        )
+        if snapshot_class is None or not callable(getattr(snapshot_class, "take", None)):
+            raise ConfigurationError(
+                f"{label}: {type(aggregate).__name__} cannot be snapshotted (no Snapshot "
+                "class); only aggregates are compacted"
+            )
+        try:
+            stored = mapper.to_stored_event(snapshot_class.take(aggregate))
+            rebuilt = mapper.to_domain_event(stored).mutate(None)
+        except Exception as exc:
+            raise _VerificationFailed(
+                f"{label}: the snapshot at version {version} cannot be encoded and decoded by "
+                f"the application's mapper ({type(exc).__name__}: {exc}); nothing was deleted"
+            ) from exc
+        difference = first_difference(_state(aggregate), _state(rebuilt))
+        if difference is not None:
+            raise _VerificationFailed(
+                f"{label}: the snapshot at version {version} would not give back the "
+                f"aggregate the events give: {difference} (the application's transcoder "
+                "does not keep this state exactly: register a transcoding, or keep the "
+                "state in types JSON keeps); nothing was deleted"
+            )
+        return stored, rebuilt
+
+    def _apply(self, label: str, event: Any, aggregate: Any) -> Any:
+        try:
+            return event.mutate(aggregate)
+        except Exception as exc:
+            raise EvolveError(
+                f"{label}: event {event.originator_version} ({type(event).__name__}) cannot "
+                f"be applied ({type(exc).__name__}: {exc}); nothing was deleted",
+                stream_type=self.stream_type,
+                stream_id=label.partition("/")[2],
+                version=int(event.originator_version),
+            ) from exc
+
+    def _snapshot_at(self, plan: _Plan) -> Any:
+        """The aggregate from the snapshot of the previous compaction (at P)."""
+        from eventsourcing.persistence import StoredEvent
+
+        target = self.target
+        label = f"{target.name}/{plan.stream_id}"
+        with self._reading("read the aggregate's snapshot") as conn:
+            row = conn.execute(
+                sa.text(
+                    f"SELECT topic, state FROM {target.snapshots} "
+                    "WHERE originator_id = :id AND originator_version = :version"
+                ),
+                {"id": plan.stored_id, "version": plan.compacted_through},
+            ).first()
+        if row is None:
+            raise StreamIntegrityError(
+                f"{label}: the snapshot at its compaction point {plan.compacted_through} is "
+                "missing (its events before it are gone); nothing was deleted",
+                stream_type=target.name,
+                stream_id=plan.stream_id,
+                version=plan.compacted_through,
+            )
+        stored = StoredEvent(
+            originator_id=target.from_stored(plan.stored_id),
+            originator_version=plan.compacted_through,
+            topic=row[0],
+            state=bytes(row[1]),
+        )
+        try:
+            return target.app.mapper.to_domain_event(stored).mutate(None)
+        except Exception as exc:
+            raise EventDecodeError(
+                f"{label}: the snapshot at {plan.compacted_through} cannot be decoded "
+                f"({type(exc).__name__}: {exc}); nothing was deleted",
+                stream_type=target.name,
+                stream_id=plan.stream_id,
+                version=plan.compacted_through,
+            ) from exc
+
+    # -- commit -------------------------------------------------------------------------
+
+    def _commit(
+        self, plan: _Plan, snapshot: Any, digest: str, compaction_id: str
+    ) -> tuple[int, int]:
+        target = self.target
+        label = f"{target.name}/{plan.stream_id}"
+        id_ = {"id": plan.stored_id}
+        with self._writing(f"compact {label}") as conn:
+            pk, info = stream_row(conn, target.name, plan.stream_id, lock=True)
+            if pk is None or info is None or info.fence_token != plan.token:
+                raise FencedError(
+                    f"{label}: a newer compaction took the aggregate over (fencing token "
+                    f"{plan.token} is stale); nothing was deleted"
+                )
+            if info.compacted_through != plan.compacted_through:
+                raise FencedError(
+                    f"{label}: its compaction point moved from {plan.compacted_through} to "
+                    f"{info.compacted_through}; nothing was deleted"
+                )
+            conn.execute(
+                sa.text(
+                    f"DELETE FROM {target.snapshots} WHERE originator_id = :id "
+                    "AND originator_version <= :cut"
+                ),
+                {**id_, "cut": plan.cut},
+            )
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {target.snapshots} (originator_id, originator_version, "
+                    "topic, state) VALUES (:id, :version, :topic, :state)"
+                ),
+                {**id_, "version": plan.cut, "topic": snapshot.topic, "state": snapshot.state},
+            )
+            back = conn.execute(
+                sa.text(
+                    f"SELECT state FROM {target.snapshots} WHERE originator_id = :id "
+                    "AND originator_version = :version"
+                ),
+                {**id_, "version": plan.cut},
+            ).scalar_one_or_none()
+            if back is None or hashlib.sha256(bytes(back)).hexdigest() != digest:
+                raise DeletionMismatchError(
+                    f"{label}: the snapshot read back at {plan.cut} is not the one written; "
+                    "nothing was deleted"
+                )
+            size = "octet_length(state)" if target.dialect == "postgresql" else "length(state)"
+            gone = conn.execute(
+                sa.text(
+                    f"DELETE FROM {target.events} WHERE originator_id = :id "
+                    "AND originator_version > :after AND originator_version <= :cut "
+                    f"RETURNING {size}"
+                ),
+                {**id_, "after": plan.compacted_through, "cut": plan.cut},
+            ).all()
+            expected = plan.cut - plan.compacted_through
+            if len(gone) != expected:
+                raise DeletionMismatchError(
+                    f"{label}: deleting versions {plan.compacted_through + 1}..{plan.cut} "
+                    f"would delete {len(gone)} events, not {expected}; nothing was deleted"
+                )
+            reclaimed = sum(int(size or 0) for (size,) in gone)
+            conn.execute(
+                sa.update(streams)
+                .where(streams.c.pk == pk)
+                .values(
+                    compacted_through=plan.cut,
+                    head_version=sa.func.max(plan.head, streams.c.head_version)
+                    if target.dialect == "sqlite"
+                    else sa.func.greatest(plan.head, streams.c.head_version),
+                )
+            )
+            conn.execute(
+                compaction_log.insert().values(
+                    compaction_id=compaction_id,
+                    stream_pk=pk,
+                    stream_type=target.name,
+                    stream_id=plan.stream_id,
+                    from_version=plan.compacted_through + 1,
+                    through_version=plan.cut,
+                    snapshot_version=plan.cut,
+                    head_version=plan.head,
+                    state_hash=digest,
+                    events_deleted=len(gone),
+                    bytes_reclaimed=reclaimed,
+                    fence_token=plan.token,
+                    compacted_at=datetime.now(UTC),
+                )
+            )
+        return len(gone), reclaimed
+
+    def _doomed_bytes(self, plan: _Plan) -> int:
+        target = self.target
+        size = "octet_length(state)" if target.dialect == "postgresql" else "length(state)"
+        with self._reading("measure the aggregate's events") as conn:
+            total = conn.execute(
+                sa.text(
+                    f"SELECT coalesce(sum({size}), 0) FROM {target.events} "
+                    "WHERE originator_id = :id AND originator_version > :after "
+                    "AND originator_version <= :cut"
+                ),
+                {"id": plan.stored_id, "after": plan.compacted_through, "cut": plan.cut},
+            ).scalar_one()
+        return int(total)
+
+    # -- side tables, fencing, the audit log ----------------------------------------------
+
+    def _prepare(self) -> None:
+        """The eskit side tables at this code's revision, and the guard, before the first
+        write (once per compactor)."""
+        if self._ready:
+            return
+        found = migrate.status(self.target.engine)
+        if found.state == "empty":
+            migrate.upgrade(self.target.engine)
+        else:
+            migrate.require_current(self.target.engine)
+        if not guard.installed(self.target):
+            guard.install(self.target)
+        self._ready = True
+
+    def _point(self, stream_id: str) -> int:
+        """The stream's compaction point, without writing anything (0: none yet)."""
+        if migrate.status(self.target.engine).state == "empty":
+            return 0
+        with self._reading("read the compaction point") as conn:
+            info = stream_row(conn, self.target.name, stream_id)[1]
+        return 0 if info is None else info.compacted_through
+
+    def _fence(self, stream_id: str) -> tuple[int, int]:
+        """Take a new fencing token for the stream; return its compaction point and token."""
+        name = self.target.name
+        with self._writing(f"take a fencing token for {name}/{stream_id}") as conn:
+            pk, _ = stream_row(conn, name, stream_id, lock=True)
+            if pk is None:
+                conn.execute(
+                    streams.insert().values(
+                        stream_type=name,
+                        stream_id=stream_id,
+                        head_version=0,
+                        compacted_through=0,
+                        fence_token=0,
+                        created_at=datetime.now(UTC),
+                    )
+                )
+                pk, _ = stream_row(conn, name, stream_id, lock=True)
+            assert pk is not None
+            conn.execute(
+                sa.update(streams)
+                .where(streams.c.pk == pk)
+                .values(fence_token=streams.c.fence_token + 1)
+            )
+            _, info = stream_row(conn, name, stream_id)
+            assert info is not None
+            return info.compacted_through, info.fence_token
+
+    def _logged(self, compaction_id: str) -> dict[str, Any] | None:
+        """The result fields of a committed compaction under ``compaction_id``."""
+        if migrate.status(self.target.engine).state == "empty":
+            return None
+        c = compaction_log.c
+        with self._reading("read the audit log") as conn:
+            row = conn.execute(
+                sa.select(
+                    c.stream_id,
+                    c.from_version,
+                    c.through_version,
+                    c.head_version,
+                    c.state_hash,
+                    c.events_deleted,
+                    c.bytes_reclaimed,
+                ).where(c.compaction_id == compaction_id, c.stream_type == self.target.name)
+            ).first()
+        if row is None:
+            return None
+        return {
+            "compacted_through_before": row.from_version - 1,
+            "snapshot_version": row.through_version,
+            "head_version": row.head_version,
+            "events_retained": row.head_version - row.through_version,
+            "state_hash": row.state_hash,
+            "events_deleted": row.events_deleted,
+            "bytes_reclaimed": row.bytes_reclaimed,
+        }
+
+    # -- candidates, maintenance --------------------------------------------------------
+
+    def candidates(self, *, min_events: int = 1, page_size: int = 500) -> Iterator[Candidate]:
+        """The aggregates with at least ``min_events`` live events, in id order, a page of
+        ``page_size`` at a time (keyset-paged: memory stays flat however many there are).
+
+        Raises:
+            ConfigurationError: ``min_events`` or ``page_size`` below 1.
+        """
+        if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
+            raise ConfigurationError(f"min_events must be an int >= 1, got {min_events!r}")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+            raise ConfigurationError(f"page_size must be an int >= 1, got {page_size!r}")
+        target = self.target
+        after: Any = None
+        key = 0
+        while True:
+            where = "" if after is None else "WHERE originator_id > :after "
+            query = sa.text(
+                f"SELECT originator_id, count(*) FROM {target.events} {where}"
+                "GROUP BY originator_id HAVING count(*) >= :min "
+                "ORDER BY originator_id LIMIT :page"
+            )
+            params: dict[str, Any] = {"min": min_events, "page": page_size}
+            if after is not None:
+                params["after"] = after
+            with self._reading("list the application's aggregates") as conn:
+                rows = conn.execute(query, params).all()
+            for stored_id, live in rows:
+                key += 1
+                yield Candidate(
+                    key=key,
+                    stream_type=self.stream_type,
+                    stream_id=str(target.from_stored(stored_id)),
+                    live_events=int(live),
+                )
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+
+    def vacuum(self) -> bool:
+        """``VACUUM`` the events table on PostgreSQL, where the library turned autovacuum
+        off; True if it ran. Never on SQLite: a VACUUM there may renumber the rowids the
+        application uses as notification ids."""
+        self._deleted_since_vacuum = 0
+        target = self.target
+        if target.dialect != "postgresql":
+            return False
+        autocommit = target.engine.execution_options(isolation_level="AUTOCOMMIT")
+        with (
+            translate_errors(target.engine, f"vacuum {target.events}"),
+            autocommit.connect() as conn,
+        ):
+            conn.exec_driver_sql(f"VACUUM (ANALYZE) {target.events}")
+        return True
+
+    def remove_guard(self) -> None:
+        """Drop the stale-writer guard from the application's events table (see
+        :mod:`eskit_tasks.eventsourcing.guard`). Do it only once nothing compacts this
+        application any more: a stale writer is no longer refused."""
+        guard.remove(self.target)
+        self._ready = False
+
+    # -- transactions -------------------------------------------------------------------
+
+    def _reading(self, action: str) -> AbstractContextManager[Connection]:
+        return reading(self.target.engine, action)
+
+    def _writing(self, action: str) -> AbstractContextManager[Connection]:
+        return writing(self.target.engine, action)
+
+
+def _state(aggregate: Any) -> tuple[type, dict[str, Any]]:
+    """What makes an aggregate what it is: its class and its attributes (but the events it
+    has not saved yet, which a replay never has), by name: the order an object's
+    attributes were set in is not state (a snapshot sets the library's own last), while
+    the values inside are compared strictly, dict order included."""
+    attributes = vars(aggregate)
+    return type(aggregate), {k: attributes[k] for k in sorted(attributes) if k != "_pending_events"}

@@ -1,0 +1,1 @@
+"""eskit-tasks on the store of a real pyeventsourcing application (SQLite, PostgreSQL)."""

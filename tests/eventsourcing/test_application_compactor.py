@@ -1,0 +1,248 @@
+"""ApplicationCompactor on the store of a real pyeventsourcing application, on SQLite and
+PostgreSQL: what it keeps, what it refuses, and that the application goes on working."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from eventsourcing.application import Application
+from eventsourcing.cipher import AESCipher
+from eventsourcing.persistence import IntegrityError
+
+from eskit_tasks import CompactionPolicy, Outcome
+from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.eventsourcing import ApplicationCompactor
+from tests.eventsourcing.apps import Account, AggregateNotFoundError, Audit, Bank, state_of
+from tests.eventsourcing.conftest import Backend
+
+
+def _accounts(bank: Bank, n: int, deposits: int, batch: int = 50) -> list[uuid.UUID]:
+    """``n`` accounts of ``deposits`` deposits each (1 + deposits events), saved in batches."""
+    ids = [bank.open(f"owner-{i}") for i in range(n)]
+    for account_id in ids:
+        for start in range(1, deposits + 1, batch):
+            bank.deposit(account_id, *range(start, min(start + batch, deposits + 1)))
+    return ids
+
+
+def _versions(backend: Backend, app: Any, account_id: uuid.UUID) -> list[int]:
+    stored = account_id.hex if backend.name == "sqlite" else account_id
+    table = "stored_events" if backend.name == "sqlite" else f"{app.name.lower()}_events"
+    rows = backend.execute(
+        app,
+        f"SELECT originator_version FROM {table} WHERE originator_id = :id "
+        "ORDER BY originator_version",
+        id=stored,
+    )
+    return [row[0] for row in rows]
+
+
+def test_thousands_of_events_compact_and_a_fresh_instance_reloads_and_saves(backend: Backend):
+    bank = backend.app(Bank)
+    ids = _accounts(bank, 3, 2_000)
+    before = {i: state_of(bank.repository.get(i)) for i in ids}
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=10))
+
+    for account_id in ids:
+        result = compactor.compact(account_id)
+        assert result.outcome == Outcome.COMPACTED, result.error
+        assert (result.stream_type, result.stream_id) == ("Bank", str(account_id))
+        assert (result.head_version, result.snapshot_version) == (2_001, 1_991)
+        assert (result.events_deleted, result.events_retained) == (1_991, 10)
+        assert result.bytes_reclaimed > 0
+        assert _versions(backend, bank, account_id) == list(range(1_992, 2_002))
+
+    fresh = backend.app(Bank)
+    for account_id in ids:
+        assert state_of(fresh.repository.get(account_id)) == before[account_id]
+    fresh.deposit(ids[0], 7)
+    again = fresh.repository.get(ids[0])
+    assert (again.version, again.balance) == (2_002, before[ids[0]]["balance"] + 7)
+    assert compactor.compact(ids[1]).outcome == Outcome.NOTHING_TO_COMPACT
+    compactor.close()
+
+
+def test_the_head_event_is_never_deleted(backend: Backend):
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 5)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=0))
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.snapshot_version, result.events_deleted) == (
+        Outcome.COMPACTED,
+        5,
+        5,
+    )
+    assert _versions(backend, bank, account_id) == [6]
+    compactor.close()
+
+
+def test_a_stale_writer_gets_the_librarys_integrity_error(backend: Backend):
+    """After 1..C are deleted, the primary key no longer sees the conflict of a writer
+    that loaded the aggregate before: the guard refuses its insert."""
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 60, batch=10)
+    stale: Account = bank.repository.get(account_id, version=30)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=5))
+    assert compactor.compact(account_id).outcome == Outcome.COMPACTED
+    stale.deposit(1_000)  # version 31, gone below the compaction point 56
+    with pytest.raises(IntegrityError):
+        bank.save(stale)
+    assert _versions(backend, bank, account_id) == list(range(57, 62))
+    bank.deposit(account_id, 1)  # a writer with the current version goes on
+    assert bank.repository.get(account_id).version == 62
+    compactor.close()
+
+
+def test_a_compacted_version_is_not_silently_replaced_by_an_older_one(backend: Backend):
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 40, batch=5)
+    bank.take_snapshot(account_id, version=10)  # the library's own snapshot, below the cut
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=5))
+    assert compactor.compact(account_id).outcome == Outcome.COMPACTED
+    assert bank.repository.get(account_id, version=36).version == 36
+    with pytest.raises(AggregateNotFoundError):
+        bank.repository.get(account_id, version=20)
+    compactor.close()
+
+
+def test_a_lossy_state_is_verification_failed_and_nothing_is_deleted(backend: Backend):
+    bank = backend.app(Bank)
+    ledger_id = bank.start_ledger(30)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=3))
+    result = compactor.compact(ledger_id)
+    assert result.outcome == Outcome.VERIFICATION_FAILED, result.error
+    assert "tags" in (result.error or "") or "by_day" in (result.error or "")
+    assert _versions(backend, bank, ledger_id) == list(range(1, 32))
+    compactor.close()
+
+
+def test_a_dry_run_changes_nothing(backend: Backend):
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 30)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=5, dry_run=True))
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.events_deleted, result.snapshot_version) == (
+        Outcome.DRY_RUN,
+        26,
+        26,
+    )
+    assert _versions(backend, bank, account_id) == list(range(1, 32))
+    compactor.close()
+
+
+def test_a_follower_keeps_what_it_has_not_processed_and_later_sees_it_once(backend: Backend):
+    bank = backend.app(Bank)
+    audit = backend.app(Audit)
+    audit.follow(bank.name, bank.notification_log)
+    # Notifications: 1 and 2 open the accounts, 3..22 the first's deposits (v2..v21),
+    # 23..42 the second's.
+    ids = _accounts(bank, 2, 20, batch=10)
+    audit.pull_and_process(bank.name, stop=15)
+    compactor = ApplicationCompactor(
+        bank, policy=CompactionPolicy(retain_last=2), followers=[audit]
+    )
+    first, second = (compactor.compact(i) for i in ids)
+    assert first.held_back_by is not None
+    assert (first.held_back_by.consumer, first.held_back_by.position) == ("Audit", 15)
+    assert (first.outcome, first.snapshot_version) == (Outcome.COMPACTED, 14)  # v14: n15
+    assert _versions(backend, bank, ids[0]) == list(range(15, 22))
+    assert (second.outcome, second.snapshot_version) == (Outcome.COMPACTED, 1)  # v1: n2
+    assert second.held_back_by == first.held_back_by
+    assert _versions(backend, bank, ids[1]) == list(range(2, 22))
+
+    audit.pull_and_process(bank.name)
+    expected = [(i, v) for i in ids for v in range(2, 22)]
+    assert sorted(audit.seen) == sorted(expected)  # every deposit, each once
+    done = compactor.compact(ids[1])
+    assert (done.held_back_by, done.events_deleted) == (None, 18)
+    compactor.close()
+
+
+def test_a_follower_that_processed_nothing_holds_everything(backend: Backend):
+    bank = backend.app(Bank)
+    audit = backend.app(Audit)
+    audit.follow(bank.name, bank.notification_log)
+    [account_id] = _accounts(bank, 1, 10)
+    compactor = ApplicationCompactor(bank, followers=[audit])
+    result = compactor.compact(account_id)
+    assert result.outcome == Outcome.NOTHING_TO_COMPACT
+    assert result.held_back_by is not None and result.held_back_by.position == 0
+    assert _versions(backend, bank, account_id) == list(range(1, 12))
+    compactor.close()
+
+
+def test_compressed_and_encrypted_applications_compact(backend: Backend):
+    key = AESCipher.create_key(16)
+    env = {"COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor", "CIPHER_KEY": key}
+    bank = backend.app(Bank, **env)
+    [account_id] = _accounts(bank, 1, 300)
+    before = state_of(bank.repository.get(account_id))
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=4))
+    assert compactor.compact(account_id).outcome == Outcome.COMPACTED
+    assert state_of(backend.app(Bank, **env).repository.get(account_id)) == before
+
+    other_key = backend.app(Bank, **{**env, "CIPHER_KEY": AESCipher.create_key(16)})
+    bank.deposit(account_id, *range(10))
+    wrong = ApplicationCompactor(other_key, policy=CompactionPolicy(retain_last=1))
+    result = wrong.compact(account_id)
+    assert (result.outcome, result.error_type) == (Outcome.FAILED, "EventDecodeError")
+    assert len(_versions(backend, bank, account_id)) == 14
+    compactor.close()
+    wrong.close()
+
+
+def test_bad_input_deletes_nothing(backend: Backend):
+    bank = backend.app(Bank)
+    gap, garbled = _accounts(bank, 2, 20)
+    table = "stored_events" if backend.name == "sqlite" else "bank_events"
+    key = (lambda i: i.hex) if backend.name == "sqlite" else (lambda i: i)
+    backend.execute(
+        bank,
+        f"DELETE FROM {table} WHERE originator_id = :id AND originator_version = 7",
+        id=key(gap),
+    )
+    backend.execute(
+        bank,
+        f"UPDATE {table} SET state = :junk WHERE originator_id = :id AND originator_version = 4",
+        id=key(garbled),
+        junk=b"not json",
+    )
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=2))
+    found = compactor.compact(gap)
+    assert (found.outcome, found.error_type) == (Outcome.FAILED, "VersionGapError")
+    assert "version 7 is missing" in (found.error or "")
+    found = compactor.compact(garbled)
+    assert (found.outcome, found.error_type) == (Outcome.FAILED, "EventDecodeError")
+    assert len(_versions(backend, bank, gap)) == 20
+    assert len(_versions(backend, bank, garbled)) == 21
+    with pytest.raises(ConfigurationError, match="not an aggregate id"):
+        compactor.compact("no-such-thing")
+    missing = compactor.compact(uuid.uuid4())
+    assert missing.outcome == Outcome.FAILED and "no such aggregate" in (missing.error or "")
+    compactor.close()
+
+
+def test_candidates_are_the_aggregates_with_enough_events(backend: Backend):
+    bank = backend.app(Bank)
+    small = _accounts(bank, 3, 4)
+    big = _accounts(bank, 4, 30)
+    compactor = ApplicationCompactor(bank)
+    found = list(compactor.candidates(min_events=20, page_size=3))
+    assert sorted(c.stream_id for c in found) == sorted(str(i) for i in big)
+    assert {c.live_events for c in found} == {31}
+    assert len(list(compactor.candidates(page_size=2))) == len(small) + len(big)
+    compactor.close()
+
+
+def test_applications_that_cannot_be_compacted_are_refused(backend: Backend, tmp_path):
+    class Plain(Application):
+        pass
+
+    with pytest.raises(ConfigurationError, match="snapshotting disabled"):
+        ApplicationCompactor(backend.app(Plain))
+    with pytest.raises(ConfigurationError, match="PostgreSQL"):
+        ApplicationCompactor(Bank(env={"PERSISTENCE_MODULE": "eventsourcing.popo"}))
+    with pytest.raises(ConfigurationError, match="Application instance"):
+        ApplicationCompactor(object())
