@@ -21,6 +21,7 @@ import io
 import os
 import re
 import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ EXAMPLES: dict[str, list[str]] = {
     "architecture.md": ["script"],
     "cli.md": [],
     "consumers.md": ["script", "script"],
+    "eventsourcing.md": ["script"],
     "fleet.md": ["module", "fleet"],
     "library.md": ["script", "module"],
     "operations.md": [],
@@ -192,10 +194,16 @@ def run_example(example: Example, where: Path) -> None:
         importlib.invalidate_caches()
         importlib.import_module(example.module_path.replace("/", "."))
     else:
-        namespace: dict[str, object] = {"__name__": example.id}
+        # The script runs as a module of its own, importable while it runs: the
+        # eventsourcing library imports the module of each aggregate class it defines.
+        module = types.ModuleType(example.id.replace(".", "_"))
         source = "\n" * (example.lineno - 1) + example.source  # tracebacks name page lines
         code = compile(source, str(example.page), "exec", dont_inherit=True)
-        exec(code, namespace)  # noqa: S102 -- our own manual
+        sys.modules[module.__name__] = module
+        try:
+            exec(code, module.__dict__)  # noqa: S102 -- our own manual
+        finally:
+            del sys.modules[module.__name__]
 
 
 @pytest.fixture

@@ -35,7 +35,10 @@ from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
+from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
@@ -170,16 +173,42 @@ class ApplicationCompactor:
             "stream_id": stream_id,
             "compaction_id": compaction_id or str(uuid.uuid4()),
         }
+        token: list[int] = []  # the fencing token taken, once taken
         try:
-            self._compact(aggregate_id, fields, settle=compaction_id is not None)
+            self._compact(aggregate_id, fields, token, settle=compaction_id is not None)
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except _VerificationFailed as exc:
             self._failed(fields, Outcome.VERIFICATION_FAILED, exc)
+        except StreamIntegrityError as exc:  # or a newer compaction deleted under the replay
+            lost = bool(token) and self._token_of(stream_id) != token[0]
+            self._failed(fields, Outcome.FENCED if lost else Outcome.FAILED, exc)
         except Exception as exc:  # a bug in an aggregate must not kill a fleet worker
             self._failed(fields, Outcome.FAILED, exc)
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if fields["outcome"] == Outcome.COMPACTED and not fields.get("recovered"):
+            self._deleted_since_vacuum += fields["events_deleted"]
+            if self.vacuum_after and self._deleted_since_vacuum >= self.vacuum_after:
+                self._vacuum_quietly()
         return CompactionResult(**fields)
+
+    def _vacuum_quietly(self) -> None:
+        """VACUUM after a compaction that committed: its failure is logged, never
+        reported as the compaction's (the deletion stands)."""
+        try:
+            self.vacuum()
+        except Exception as exc:
+            log.warning(
+                "VACUUM of %s failed (run compactor.vacuum() later): %s", self.target.events, exc
+            )
+
+    def _token_of(self, stream_id: str) -> int | None:
+        try:
+            with self._reading("read the fencing token") as conn:
+                info = stream_row(conn, self.target.name, stream_id)[1]
+        except Exception:
+            return None
+        return None if info is None else info.fence_token
 
     def _failed(self, fields: dict[str, Any], outcome: Outcome, exc: BaseException) -> None:
         failed = CompactionResult.failed(
@@ -192,14 +221,22 @@ class ApplicationCompactor:
         fields.update(outcome=outcome, error=failed.error, error_type=failed.error_type)
         fields.update(events_deleted=0, bytes_reclaimed=0)
 
-    def _compact(self, aggregate_id: Any, fields: dict[str, Any], *, settle: bool) -> None:
+    def _compact(
+        self, aggregate_id: Any, fields: dict[str, Any], token: list[int], *, settle: bool
+    ) -> None:
         dry_run = self.policy.dry_run
         if settle and not dry_run:
-            done = self._logged(fields["compaction_id"])
+            done = self._logged(fields["compaction_id"], fields["stream_id"])
             if done is not None:  # a retry of a compaction that committed: report it
                 fields.update(done, outcome=Outcome.COMPACTED, recovered=True)
                 return
-        plan = self._plan(aggregate_id, fields["stream_id"], dry_run=dry_run)
+        # Read only, first: a typo'd id or a stream with nothing to do changes nothing.
+        plan = self._plan(aggregate_id, fields["stream_id"], self._point(fields["stream_id"]))
+        if not dry_run and plan.cut > plan.compacted_through:
+            self._prepare()
+            point, taken = self._fence(fields["stream_id"])
+            token.append(taken)
+            plan = self._plan(aggregate_id, fields["stream_id"], point, taken)
         fields.update(
             head_version=plan.head,
             compacted_through_before=plan.compacted_through,
@@ -225,31 +262,28 @@ class ApplicationCompactor:
             return
         deleted, reclaimed = self._commit(plan, snapshot, digest, fields["compaction_id"])
         fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=reclaimed)
-        self._deleted_since_vacuum += deleted
-        if self.vacuum_after and self._deleted_since_vacuum >= self.vacuum_after:
-            self.vacuum()
 
     # -- plan ---------------------------------------------------------------------------
 
-    def _plan(self, aggregate_id: Any, stream_id: str, *, dry_run: bool) -> _Plan:
+    def _plan(
+        self, aggregate_id: Any, stream_id: str, compacted_through: int, token: int | None = None
+    ) -> _Plan:
+        """The cut, from the aggregate's live events after ``compacted_through`` (a plan
+        without ``token`` writes nothing: a dry run, or the look before fencing)."""
         target = self.target
         stored_id = target.stored_id(aggregate_id)
         label = f"{target.name}/{stream_id}"
-        if dry_run:
-            compacted_through, token = self._point(stream_id), None
-        else:
-            self._prepare()
-            compacted_through, token = self._fence(stream_id)
         versions, ids = self._live(stored_id, compacted_through)
         if not versions:
-            if compacted_through == 0:
-                raise StreamIntegrityError(
-                    f"{label}: there is no such aggregate",
-                    stream_type=target.name,
-                    stream_id=stream_id,
-                    version=0,
-                )
-            return _Plan(stream_id, stored_id, compacted_through, compacted_through, 0, token, None)
+            raise StreamIntegrityError(
+                f"{label}: there is no such aggregate"
+                if compacted_through == 0
+                else f"{label}: its head event is missing (compacted through "
+                f"{compacted_through}, no event after it); nothing was deleted",
+                stream_type=target.name,
+                stream_id=stream_id,
+                version=compacted_through,
+            )
         expected = compacted_through + 1
         for version in versions:
             if version != expected:
@@ -414,6 +448,12 @@ class ApplicationCompactor:
                 f"{label}: {type(aggregate).__name__} cannot be snapshotted (no Snapshot "
                 "class); only aggregates are compacted"
             )
+        unkept = _unkept(aggregate)
+        if unkept is not None:
+            raise _VerificationFailed(
+                f"{label}: the snapshot at version {version} could not give back the "
+                f"aggregate: {unkept}; nothing was deleted"
+            )
         try:
             stored = mapper.to_stored_event(snapshot_class.take(aggregate))
             rebuilt = mapper.to_domain_event(stored).mutate(None)
@@ -492,6 +532,12 @@ class ApplicationCompactor:
         label = f"{target.name}/{plan.stream_id}"
         id_ = {"id": plan.stored_id}
         with self._writing(f"compact {label}") as conn:
+            if not guard.installed_in(conn, target):
+                self._ready = False  # installed again before the next compaction
+                raise FencedError(
+                    f"{label}: the stale-writer guard was removed from {target.events} "
+                    "meanwhile; nothing was deleted (the next compaction installs it again)"
+                )
             pk, info = stream_row(conn, target.name, plan.stream_id, lock=True)
             if pk is None or info is None or info.fence_token != plan.token:
                 raise FencedError(
@@ -593,7 +639,7 @@ class ApplicationCompactor:
     def _prepare(self) -> None:
         """The eskit side tables at this code's revision, and the guard, before the first
         write (once per compactor)."""
-        if self._ready:
+        if self._ready and guard.installed(self.target):
             return
         found = migrate.status(self.target.engine)
         if found.state == "empty":
@@ -639,14 +685,20 @@ class ApplicationCompactor:
             assert info is not None
             return info.compacted_through, info.fence_token
 
-    def _logged(self, compaction_id: str) -> dict[str, Any] | None:
-        """The result fields of a committed compaction under ``compaction_id``."""
+    def _logged(self, compaction_id: str, stream_id: str) -> dict[str, Any] | None:
+        """The result fields of this aggregate's committed compaction under
+        ``compaction_id``.
+
+        Raises:
+            ConfigurationError: the id names a compaction of another stream.
+        """
         if migrate.status(self.target.engine).state == "empty":
             return None
         c = compaction_log.c
         with self._reading("read the audit log") as conn:
             row = conn.execute(
                 sa.select(
+                    c.stream_type,
                     c.stream_id,
                     c.from_version,
                     c.through_version,
@@ -654,10 +706,16 @@ class ApplicationCompactor:
                     c.state_hash,
                     c.events_deleted,
                     c.bytes_reclaimed,
-                ).where(c.compaction_id == compaction_id, c.stream_type == self.target.name)
+                ).where(c.compaction_id == compaction_id)
             ).first()
         if row is None:
             return None
+        if (row.stream_type, row.stream_id) != (self.target.name, stream_id):
+            raise ConfigurationError(
+                f"compaction id {compaction_id!r} is already in the audit log, for "
+                f"{row.stream_type}/{row.stream_id}; give each compaction its own id; "
+                "nothing was deleted"
+            )
         return {
             "compacted_through_before": row.from_version - 1,
             "snapshot_version": row.through_version,
@@ -738,6 +796,69 @@ class ApplicationCompactor:
 
     def _writing(self, action: str) -> AbstractContextManager[Connection]:
         return writing(self.target.engine, action)
+
+
+def _unkept(aggregate: Any) -> str | None:
+    """What a snapshot (``vars()`` through the transcoder) cannot keep of ``aggregate``:
+    attributes in ``__slots__`` (outside ``vars()``), or one mutable object reachable
+    under two names (a snapshot decodes two copies, and a later event changes one)."""
+    for cls in type(aggregate).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(aggregate, slot):
+                return (
+                    f"{cls.__name__}.{slot} is a slot, which a snapshot does not keep "
+                    "(snapshots keep vars())"
+                )
+    seen: dict[int, str] = {}
+    for name, value in vars(aggregate).items():
+        if name != "_pending_events":
+            shared = _shared(value, seen, name)
+            if shared is not None:
+                return shared
+    return None
+
+
+def _shared(value: Any, seen: dict[int, str], path: str) -> str | None:
+    """The first mutable object reachable twice from ``value`` (``seen``: the paths of
+    the ones met so far), said as two paths."""
+    if value is None or isinstance(value, (*_ATOMS, type, Enum)):
+        return None
+    mutable = isinstance(value, list | dict | set | bytearray) or hasattr(value, "__dict__")
+    if mutable:
+        if id(value) in seen:
+            return f"{seen[id(value)]} and {path} are one and the same object"
+        seen[id(value)] = path
+    if isinstance(value, dict):
+        children: Iterable[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, list | tuple | set | frozenset):
+        children = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif hasattr(value, "__dict__"):
+        children = ((f"{path}.{k}", v) for k, v in vars(value).items())
+    else:
+        return None
+    for where, child in children:
+        found = _shared(child, seen, where)
+        if found is not None:
+            return found
+    return None
+
+
+#: Values that hold no mutable object (what ``_shared`` need not look into).
+_ATOMS = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    Decimal,
+    datetime,
+    date,
+    dt_time,
+    timedelta,
+    uuid.UUID,
+)
 
 
 def _state(aggregate: Any) -> tuple[type, dict[str, Any]]:

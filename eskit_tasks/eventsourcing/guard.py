@@ -9,9 +9,10 @@ insert fails the way a version conflict does, with the library's own
 library translates so; SQLite: ``RAISE(ABORT)``, a constraint failure).
 
 The compaction point is ``eskit_streams.compacted_through`` of the stream
-``(application name, str(aggregate id))``; the delete moves it in its own transaction.
-The trigger reads it with an index lookup on each insert (a row that does not exist:
-nothing compacted, nothing refused).
+``(application name, str(aggregate id))``; the delete moves it in its own transaction,
+holding the row locked. The trigger reads it with an index lookup on each insert (a row
+that does not exist: nothing compacted, nothing refused); on PostgreSQL ``FOR SHARE``,
+so an insert that races a compaction's commit waits for it and sees its point.
 
 To remove the guard (after the application's events are no longer compacted):
 
@@ -36,8 +37,10 @@ CREATE OR REPLACE FUNCTION {schema}.eskit_guard_compacted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE point bigint;
 BEGIN
+    -- FOR SHARE: an insert racing a compaction's commit waits for it, then reads the
+    -- point it committed (a plain read would see the old point and let the row in).
     SELECT compacted_through INTO point FROM {schema}.eskit_streams
-     WHERE stream_type = TG_ARGV[0] AND stream_id = NEW.originator_id::text;
+     WHERE stream_type = TG_ARGV[0] AND stream_id = NEW.originator_id::text FOR SHARE;
     IF point IS NOT NULL AND NEW.originator_version <= point THEN
         RAISE EXCEPTION 'eskit-tasks: version % of %/% is at or below its compaction point %: '
             'the writer loaded the aggregate before it was compacted; load it again and retry',
@@ -86,20 +89,25 @@ def install(target: Target) -> None:
 def installed(target: Target) -> bool:
     """Whether the guard is on the application's events table."""
     with target.engine.connect() as conn:
-        if target.dialect == "postgresql":
-            found = conn.execute(
-                sa.text(
-                    "SELECT 1 FROM pg_trigger WHERE tgname = :trigger "
-                    "AND tgrelid = CAST(:table AS regclass)"
-                ),
-                {"trigger": TRIGGER, "table": target.events},
-            )
-        else:
-            found = conn.execute(
-                sa.text("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = :trigger"),
-                {"trigger": TRIGGER},
-            )
-        return found.first() is not None
+        return installed_in(conn, target)
+
+
+def installed_in(conn: sa.Connection, target: Target) -> bool:
+    """Whether the guard is on the application's events table, as ``conn`` sees it."""
+    if target.dialect == "postgresql":
+        found = conn.execute(
+            sa.text(
+                "SELECT 1 FROM pg_trigger WHERE tgname = :trigger "
+                "AND tgrelid = CAST(:table AS regclass)"
+            ),
+            {"trigger": TRIGGER, "table": target.events},
+        )
+    else:
+        found = conn.execute(
+            sa.text("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = :trigger"),
+            {"trigger": TRIGGER},
+        )
+    return found.first() is not None
 
 
 def remove(target: Target) -> None:

@@ -134,6 +134,13 @@ def target_of(app: object) -> Target:
     datastore = getattr(recorder, "datastore", None)
     module = type(recorder).__module__
     if module == "eventsourcing.postgres" and datastore is not None:
+        if getattr(datastore, "enable_db_functions", False):
+            raise ConfigurationError(
+                f"application {name} runs with POSTGRES_ENABLE_DB_FUNCTIONS: its inserts "
+                "then skip the table lock that keeps notification ids in commit order, so "
+                "a follower's position would not say which events it has processed; run "
+                "it without (the default) to compact it; nothing was changed"
+            )
         engine, schema = _postgres_engine(name, datastore)
         dialect = "postgresql"
     elif module == "eventsourcing.sqlite" and datastore is not None:

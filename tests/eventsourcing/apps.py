@@ -12,7 +12,16 @@ from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate, DomainEventProtocol, event
 from eventsourcing.system import ProcessApplication
 
-__all__ = ["Account", "AggregateNotFoundError", "Audit", "Bank", "Ledgerish", "state_of"]
+__all__ = [
+    "Account",
+    "AggregateNotFoundError",
+    "Aliased",
+    "Audit",
+    "Bank",
+    "Ledgerish",
+    "Slotted",
+    "state_of",
+]
 
 
 class Account(Aggregate):
@@ -41,6 +50,38 @@ class Ledgerish(Aggregate):
     def book(self, day: int, tag: str) -> None:
         self.tags = (*self.tags, tag)
         self.by_day[day] = self.by_day.get(day, 0) + 1
+
+
+class Slotted(Aggregate):
+    """Keeps part of its state in a slot, outside vars(): a snapshot drops it."""
+
+    __slots__ = ("secret",)
+
+    @event("Made")
+    def __init__(self) -> None:
+        self.n = 0
+
+    @event("Hidden")
+    def hide(self, secret: str) -> None:
+        self.secret = secret
+
+    @event("Bumped")
+    def bump(self) -> None:
+        self.n += 1
+
+
+class Aliased(Aggregate):
+    """One list under two names: a snapshot decodes two lists, and the next append
+    changes one of them only."""
+
+    @event("Made")
+    def __init__(self) -> None:
+        self.all: list[int] = []
+        self.open = self.all
+
+    @event("Added")
+    def add(self, x: int) -> None:
+        self.open.append(x)
 
 
 class Bank(Application):
