@@ -40,7 +40,7 @@ from eskit_tasks.cli.render import (
 from eskit_tasks.core.candidates import iter_candidates
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
-from eskit_tasks.core.registry import get_registration
+from eskit_tasks.core.registry import SourceCompactor, get_registration, get_source
 from eskit_tasks.core.verify import verify_snapshots
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
@@ -191,9 +191,12 @@ def candidates(
     stream_type: StreamTypes = None,
     retain_last: RetainLast = 0,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most N.")] = 50,
+    decider_module: DeciderModules = None,
     json_: JsonOut = False,
 ) -> None:
-    """List the streams a policy would pick, with their live event counts."""
+    """List the streams a policy would pick, with their live event counts (those of the
+    registered pyeventsourcing applications after the store's)."""
+    import_deciders(decider_module)
     found = iter_candidates(
         open_store(database, read_only=True),
         min_events=min_events,
@@ -219,7 +222,8 @@ def compact(
     """Compact one stream, in this process."""
     policy = policy_of(retain_last, retain_younger_than, dry_run)
     import_deciders(decider_module)
-    get_registration(stream_type)  # an unknown type is a usage error, not a result
+    if get_source(stream_type) is None:  # an application's aggregates, or else:
+        get_registration(stream_type)  # an unknown type is a usage error, not a result
     trash = open_archive(archive)
     store = open_store(database)
     result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash).compact(
@@ -274,7 +278,7 @@ class LocalCompactors:
     ):
         self.store, self.snapshots, self.policy = store, snapshots, policy
         self.archive = archive
-        self._by_type: dict[str, Compactor[Any] | ConfigurationError] = {}
+        self._by_type: dict[str, Compactor[Any] | SourceCompactor | ConfigurationError] = {}
 
     def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
         found = self._by_type.get(stream_type)
@@ -288,10 +292,15 @@ class LocalCompactors:
                 error_type=type(found).__name__,
                 compaction_id="-",
             )
-        return found.compact(stream_type, stream_id)
+        if isinstance(found, Compactor):
+            return found.compact(stream_type, stream_id)
+        return found.compact(stream_id)
 
-    def _make(self, stream_type: str) -> Compactor[Any] | ConfigurationError:
+    def _make(self, stream_type: str) -> Compactor[Any] | SourceCompactor | ConfigurationError:
         try:
+            source = get_source(stream_type)
+            if source is not None:  # a pyeventsourcing application's aggregates
+                return source.compactor(self.policy)
             reg = get_registration(stream_type)
         except ConfigurationError as exc:
             return exc

@@ -1,10 +1,13 @@
 """Which streams a run compacts: bounded pages of candidates, read the same way by the
-fleet's fan-out and by ``compact-all --local``."""
+fleet's fan-out and by ``compact-all --local``: the event store's streams first, then
+those of each registered source (:class:`~eskit_tasks.core.registry.StreamSource`), in
+one cursor (:func:`run_page`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from eskit_tasks.core.registry import StreamSource, registered_sources, sources_for
 from eskit_tasks.ports import Candidate, EventStore
 
 #: A page of candidates examines at most page_size x this many stream keys, so a sparse
@@ -12,6 +15,9 @@ from eskit_tasks.ports import Candidate, EventStore
 FANOUT_SCAN_FACTOR = 20
 #: Streams per page when the caller does not say.
 PAGE_SIZE = 500
+#: A run's cursor is ``segment * SEGMENT + key``: segment 0 is the event store (keys are
+#: its stream keys), segment k the k-th source a run covers (keys its own, below 2**129).
+SEGMENT = 1 << 130
 
 
 def candidate_page(
@@ -41,6 +47,50 @@ def candidate_page(
     return page, page[-1].key if page and len(page) == limit else until
 
 
+def run_page(
+    store: EventStore,
+    sources: Sequence[StreamSource],
+    *,
+    cursor: int,
+    limit: int,
+    page_size: int,
+    min_live_events: int,
+    stream_types: Sequence[str] | None,
+) -> tuple[list[Candidate], int, bool]:
+    """One bounded page of a run's candidates after ``cursor``: the event store's streams
+    (of ``stream_types`` that are not sources), then each of ``sources`` in turn (as
+    :func:`~eskit_tasks.core.registry.sources_for` lists them for ``stream_types``).
+    Returns the page, the cursor the next page starts after, and whether the run has
+    examined everything."""
+    segment, key = divmod(cursor, SEGMENT)
+    if limit <= 0:
+        return [], cursor, True
+    if segment == 0:
+        named = set(registered_sources())
+        store_types = None if stream_types is None else [t for t in stream_types if t not in named]
+        if store_types is None or store_types:
+            page, after = candidate_page(
+                store,
+                after=key,
+                limit=limit,
+                page_size=page_size,
+                min_live_events=min_live_events,
+                stream_types=store_types,
+            )
+            if (page and len(page) == limit) or after < store.max_stream_key():
+                return page, after, False
+            return page, SEGMENT, not sources  # the store is done: the sources next
+        segment, key = 1, 0
+    if segment > len(sources):
+        return [], cursor, True
+    page, next_key = sources[segment - 1].candidate_page(
+        after=key, limit=limit, min_live_events=min_live_events
+    )
+    if next_key is not None:
+        return page, segment * SEGMENT + next_key, False
+    return page, (segment + 1) * SEGMENT, segment >= len(sources)
+
+
 def iter_candidates(
     store: EventStore,
     *,
@@ -50,14 +100,16 @@ def iter_candidates(
     limit: int | None = None,
     page_size: int = PAGE_SIZE,
 ) -> Iterator[Candidate]:
-    """Every candidate in key order, page by page (memory bounded by one page): streams
-    with at least ``min_events`` live events and more than ``retain_last``, at most
-    ``limit`` of them."""
-    after, seen, last = 0, 0, store.max_stream_key()
-    while after < last and (limit is None or seen < limit):
-        page, after = candidate_page(
+    """Every candidate of the store and then of the registered sources, page by page
+    (memory bounded by one page): streams with at least ``min_events`` live events and
+    more than ``retain_last``, at most ``limit`` of them."""
+    sources = sources_for(stream_types)
+    cursor, seen, done = 0, 0, False
+    while not done and (limit is None or seen < limit):
+        page, cursor, done = run_page(
             store,
-            after=after,
+            sources,
+            cursor=cursor,
             limit=page_size if limit is None else min(page_size, limit - seen),
             page_size=page_size,
             min_live_events=max(min_events, retain_last + 1),

@@ -1,4 +1,7 @@
-"""Which decider and state type fold each stream type, for workers.
+"""Which decider and state type fold each stream type, for workers; and which stream
+types are kept outside the event store (:class:`StreamSource`: the aggregates of a
+pyeventsourcing application, registered by
+:func:`eskit_tasks.eventsourcing.register_application`).
 
 User modules call :func:`register_decider` at import time; workers import the modules
 listed in ``ESKIT_DECIDER_MODULES`` when they start.
@@ -10,16 +13,17 @@ import importlib
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import codec_for
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.policy import CompactionPolicy
+from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.domain.schema import Upcaster
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
-from eskit_tasks.ports import Archive, EventStore, SnapshotStore
+from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,37 @@ class Registration:
         )
 
 
+class SourceCompactor(Protocol):
+    """Compacts the streams of a :class:`StreamSource`."""
+
+    def compact(self, stream_id: str, *, compaction_id: str | None = None) -> CompactionResult:
+        """Compact one stream of the source (a result for every outcome)."""
+        ...
+
+
+class StreamSource(Protocol):
+    """Streams of one type kept outside eskit's event store, which the fleet's fan-out,
+    ``compact_stream`` and the CLI compact like the store's own."""
+
+    def compactor(
+        self, policy: CompactionPolicy, *, guard: Callable[[], None] | None = None
+    ) -> SourceCompactor:
+        """A compactor under ``policy``; ``guard`` runs before each write (the fleet's
+        lock check)."""
+        ...
+
+    def candidate_page(
+        self, *, after: int, limit: int, min_live_events: int
+    ) -> tuple[list[Candidate], int | None]:
+        """At most ``limit`` streams with at least ``min_live_events`` live events whose
+        key is above ``after``, in key order; and the key the next page starts after
+        (None: there is no next page)."""
+        ...
+
+
 _lock = threading.Lock()
 _registry: dict[str, Registration] = {}
+_sources: dict[str, StreamSource] = {}
 
 
 def register_decider(
@@ -111,7 +144,53 @@ def register_decider(
     except ConfigurationError as exc:
         raise ConfigurationError(f"decider for {stream_type!r}: {exc}") from exc
     with _lock:
+        if stream_type in _sources:
+            raise ConfigurationError(
+                f"stream type {stream_type!r} is registered as an application already; "
+                "give the decider another stream type"
+            )
         _registry[stream_type] = registration
+
+
+def register_source(stream_type: str, source: StreamSource) -> None:
+    """Register streams kept outside the event store under ``stream_type`` (again:
+    replaces the earlier source).
+
+    Raises:
+        ConfigurationError: a decider is registered for ``stream_type``.
+    """
+    with _lock:
+        if stream_type in _registry:
+            raise ConfigurationError(
+                f"stream type {stream_type!r} has a decider registered already; an "
+                "application's name must not be a stream type of the event store"
+            )
+        _sources[stream_type] = source
+
+
+def get_source(stream_type: str) -> StreamSource | None:
+    """The source registered for ``stream_type`` (None: its streams are the store's)."""
+    with _lock:
+        return _sources.get(stream_type)
+
+
+def registered_sources() -> list[str]:
+    """The stream types kept outside the event store, sorted."""
+    with _lock:
+        return sorted(_sources)
+
+
+def sources_for(stream_types: Iterable[str] | None) -> list[StreamSource]:
+    """The sources a run over ``stream_types`` (None: every type) covers, by name."""
+    wanted = None if stream_types is None else set(stream_types)
+    with _lock:
+        return [s for t, s in sorted(_sources.items()) if wanted is None or t in wanted]
+
+
+def unregister_source(stream_type: str) -> None:
+    """Forget a source (tests)."""
+    with _lock:
+        _sources.pop(stream_type, None)
 
 
 def get_registration(stream_type: str) -> Registration:
@@ -122,7 +201,7 @@ def get_registration(stream_type: str) -> Registration:
     """
     with _lock:
         found = _registry.get(stream_type)
-        known = sorted(_registry)
+        known = sorted({*_registry, *_sources})
     if found is None:
         raise UnknownStreamTypeError(
             f"no decider registered for stream type {stream_type!r} (known: "

@@ -27,12 +27,13 @@ The guard (:mod:`.guard`) is installed before the first delete.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
 import uuid
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -71,6 +72,8 @@ VACUUM_AFTER = 50_000
 #: Events read per query while replaying.
 _PAGE = 1_000
 _MAX_COMPACTION_ID = 36
+#: A page of candidates examines at most its size x this many aggregates.
+_SCAN_FACTOR = 20
 
 
 class _VerificationFailed(Exception):
@@ -102,6 +105,8 @@ class ApplicationCompactor:
             the like): events a follower has not processed are never deleted.
         vacuum_after: Rows deleted between two ``VACUUM`` of the events table on
             PostgreSQL (0: never on its own; call :meth:`vacuum`).
+        guard: Called before each write (the fencing token, the delete); raising there
+            stops the compaction before it (the fleet checks its lock with it).
 
     Raises:
         ConfigurationError: ``app`` cannot be compacted (see
@@ -116,6 +121,7 @@ class ApplicationCompactor:
         policy: CompactionPolicy | None = None,
         followers: Iterable[Any] = (),
         vacuum_after: int = VACUUM_AFTER,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.target: Target = target_of(app)
         self.policy = policy if policy is not None else CompactionPolicy()
@@ -130,8 +136,9 @@ class ApplicationCompactor:
                     "that follow it"
                 )
         self.vacuum_after = vacuum_after
+        self._guard = guard
         self._ready = False
-        self._deleted_since_vacuum = 0
+        self._since_vacuum = [0]  # rows deleted since the last VACUUM (shared by copies)
 
     @property
     def app(self) -> Any:
@@ -146,6 +153,17 @@ class ApplicationCompactor:
     def close(self) -> None:
         """Release eskit-tasks' connections to the application's database."""
         self.target.engine.dispose()
+
+    def with_policy(
+        self, policy: CompactionPolicy, *, guard: Callable[[], None] | None = None
+    ) -> ApplicationCompactor:
+        """A compactor sharing this one's application, connections and VACUUM count,
+        under another policy and guard (the fleet makes one per task)."""
+        if not isinstance(policy, CompactionPolicy):
+            raise ConfigurationError(f"policy must be a CompactionPolicy, got {policy!r}")
+        other = copy.copy(self)
+        other.policy, other._guard = policy, guard
+        return other
 
     # -- compaction ---------------------------------------------------------------------
 
@@ -187,10 +205,14 @@ class ApplicationCompactor:
             self._failed(fields, Outcome.FAILED, exc)
         fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if fields["outcome"] == Outcome.COMPACTED and not fields.get("recovered"):
-            self._deleted_since_vacuum += fields["events_deleted"]
-            if self.vacuum_after and self._deleted_since_vacuum >= self.vacuum_after:
+            self._since_vacuum[0] += fields["events_deleted"]
+            if self.vacuum_after and self._since_vacuum[0] >= self.vacuum_after:
                 self._vacuum_quietly()
         return CompactionResult(**fields)
+
+    def _check_guard(self) -> None:
+        if self._guard is not None:
+            self._guard()
 
     def _vacuum_quietly(self) -> None:
         """VACUUM after a compaction that committed: its failure is logged, never
@@ -233,6 +255,7 @@ class ApplicationCompactor:
         # Read only, first: a typo'd id or a stream with nothing to do changes nothing.
         plan = self._plan(aggregate_id, fields["stream_id"], self._point(fields["stream_id"]))
         if not dry_run and plan.cut > plan.compacted_through:
+            self._check_guard()
             self._prepare()
             point, taken = self._fence(fields["stream_id"])
             token.append(taken)
@@ -260,6 +283,7 @@ class ApplicationCompactor:
                 bytes_reclaimed=doomed,
             )
             return
+        self._check_guard()
         deleted, reclaimed = self._commit(plan, snapshot, digest, fields["compaction_id"])
         fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=reclaimed)
 
@@ -594,12 +618,9 @@ class ApplicationCompactor:
             conn.execute(
                 sa.update(streams)
                 .where(streams.c.pk == pk)
-                .values(
-                    compacted_through=plan.cut,
-                    head_version=sa.func.max(plan.head, streams.c.head_version)
-                    if target.dialect == "sqlite"
-                    else sa.func.greatest(plan.head, streams.c.head_version),
-                )
+                # head_version: the compaction point too. The library keeps the head;
+                # an eskit store sharing the database never sees live events here.
+                .values(compacted_through=plan.cut, head_version=plan.cut)
             )
             conn.execute(
                 compaction_log.insert().values(
@@ -730,47 +751,97 @@ class ApplicationCompactor:
 
     def candidates(self, *, min_events: int = 1, page_size: int = 500) -> Iterator[Candidate]:
         """The aggregates with at least ``min_events`` live events, in id order, a page of
-        ``page_size`` at a time (keyset-paged: memory stays flat however many there are).
+        ``page_size`` at a time (keyset-paged, each page examining at most 20 x
+        ``page_size`` aggregates: memory and query time stay flat however many there are).
 
         Raises:
             ConfigurationError: ``min_events`` or ``page_size`` below 1.
         """
-        if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
-            raise ConfigurationError(f"min_events must be an int >= 1, got {min_events!r}")
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-            raise ConfigurationError(f"page_size must be an int >= 1, got {page_size!r}")
-        target = self.target
+        _check_count("min_events", min_events)
+        _check_count("page_size", page_size)
         after: Any = None
-        key = 0
+        count = 0
         while True:
-            where = "" if after is None else "WHERE originator_id > :after "
-            query = sa.text(
-                f"SELECT originator_id, count(*) FROM {target.events} {where}"
-                "GROUP BY originator_id HAVING count(*) >= :min "
-                "ORDER BY originator_id LIMIT :page"
-            )
-            params: dict[str, Any] = {"min": min_events, "page": page_size}
-            if after is not None:
-                params["after"] = after
-            with self._reading("list the application's aggregates") as conn:
-                rows = conn.execute(query, params).all()
-            for stored_id, live in rows:
-                key += 1
-                yield Candidate(
-                    key=key,
-                    stream_type=self.stream_type,
-                    stream_id=str(target.from_stored(stored_id)),
-                    live_events=int(live),
-                )
-            if len(rows) < page_size:
+            rows, until = self._page(after, page_size, min_events, page_size * _SCAN_FACTOR)
+            for stored, live in rows:
+                count += 1
+                yield self._candidate(stored, live, count)
+            if len(rows) == page_size:
+                after = rows[-1][0]
+            elif until is not None:
+                after = until
+            else:
                 return
-            after = rows[-1][0]
+
+    def candidate_page(
+        self, *, after: int, limit: int, min_live_events: int
+    ) -> tuple[list[Candidate], int | None]:
+        """One page for the fleet's fan-out: at most ``limit`` aggregates with at least
+        ``min_live_events`` events whose key (``UUID.int + 1``) is above ``after``, and the
+        key the next page starts after (None: the last page).
+
+        Raises:
+            ConfigurationError: the application's ids are text (the fleet pages by UUID).
+        """
+        target = self.target
+        if not target.uuid_ids:
+            raise ConfigurationError(
+                f"application {target.name} keeps text aggregate ids "
+                "(ORIGINATOR_ID_TYPE=text): fleet runs page aggregates by UUID; compact it "
+                "with ApplicationCompactor.candidates() and compact() instead"
+            )
+        lower = None if after <= 0 else target.stored_id(uuid.UUID(int=after - 1))
+        rows, until = self._page(lower, limit, min_live_events, max(limit, 1) * _SCAN_FACTOR)
+        page = [self._candidate(stored, live, 0) for stored, live in rows]
+        if rows and len(rows) == limit:
+            return page, page[-1].key
+        return page, None if until is None else self._candidate(until, 0, 0).key
+
+    def _page(
+        self, after: Any, limit: int, min_events: int, scan: int
+    ) -> tuple[list[tuple[Any, int]], Any]:
+        """The aggregates with ``min_events`` events among the next ``scan`` ids after the
+        stored id ``after`` (None: from the start), at most ``limit``; and the last id
+        examined (None: none is left after this page)."""
+        target = self.target
+        above = "" if after is None else "WHERE originator_id > :after "
+        params: dict[str, Any] = {"scan": scan - 1, "limit": limit, "min": min_events}
+        if after is not None:
+            params["after"] = after
+        with self._reading("list the application's aggregates") as conn:
+            until = conn.execute(
+                sa.text(
+                    f"SELECT originator_id FROM {target.events} {above}"
+                    "GROUP BY originator_id ORDER BY originator_id LIMIT 1 OFFSET :scan"
+                ),
+                params,
+            ).scalar_one_or_none()
+            within = above + ("" if until is None else ("AND " if above else "WHERE "))
+            if until is not None:
+                within += "originator_id <= :until "
+                params["until"] = until
+            rows = conn.execute(
+                sa.text(
+                    f"SELECT originator_id, count(*) FROM {target.events} {within}"
+                    "GROUP BY originator_id HAVING count(*) >= :min "
+                    "ORDER BY originator_id LIMIT :limit"
+                ),
+                params,
+            ).all()
+        return [(stored, int(live)) for stored, live in rows], until
+
+    def _candidate(self, stored: Any, live: int, count: int) -> Candidate:
+        aggregate_id = self.target.from_stored(stored)
+        key = aggregate_id.int + 1 if isinstance(aggregate_id, uuid.UUID) else count
+        return Candidate(
+            key=key, stream_type=self.stream_type, stream_id=str(aggregate_id), live_events=live
+        )
 
     def vacuum(self) -> bool:
         """``VACUUM`` the events table on PostgreSQL, where the library turned autovacuum
         off; True if it ran. Never on SQLite: a VACUUM there may renumber the rowids the
         application uses as notification ids."""
-        self._deleted_since_vacuum = 0
+        self._since_vacuum[0] = 0
         target = self.target
         if target.dialect != "postgresql":
             return False
@@ -796,6 +867,11 @@ class ApplicationCompactor:
 
     def _writing(self, action: str) -> AbstractContextManager[Connection]:
         return writing(self.target.engine, action)
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _unkept(aggregate: Any) -> str | None:

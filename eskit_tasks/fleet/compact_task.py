@@ -21,7 +21,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from redis.exceptions import RedisError
 
-from eskit_tasks.core.registry import get_registration, import_decider_modules
+from eskit_tasks.core.registry import get_registration, get_source, import_decider_modules
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
@@ -94,7 +94,8 @@ def _compact_locked(
 
     try:
         parsed = CompactionPolicy(**policy)
-        registration = get_registration(stream_type)
+        source = get_source(stream_type)  # a pyeventsourcing application's aggregates
+        registration = None if source is not None else get_registration(stream_type)
     except ConfigurationError as exc:  # an invalid policy, an unknown stream type
         return early(Outcome.FAILED, str(exc), type(exc).__name__)
     store, snapshots = res.store, res.snapshots  # connect before taking the lock
@@ -126,9 +127,15 @@ def _compact_locked(
     try:
         if copy.finished_by_other():
             raise Ignore()  # a copy of this task finished while we waited for the lock
-        result = registration.compactor(
-            store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive
-        ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
+        if source is not None:
+            result = source.compactor(parsed, guard=copy.guard(lock)).compact(
+                stream_id, compaction_id=copy.compaction_id
+            )
+        else:
+            assert registration is not None
+            result = registration.compactor(
+                store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive
+            ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.

@@ -20,7 +20,8 @@ from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from eskit_tasks.core.candidates import candidate_page
+from eskit_tasks.core.candidates import run_page
+from eskit_tasks.core.registry import sources_for
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
@@ -122,17 +123,16 @@ def fan_out_page(
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
-    page, new_cursor = candidate_page(
+    # The event store's streams, then those of each registered application.
+    page, new_cursor, exhausted = run_page(
         res.store,
-        after=cursor,
+        sources_for(args["stream_types"]),
+        cursor=cursor,
         limit=limit,
         page_size=settings.fanout_page_size,
         min_live_events=max(args["min_events"], args["retain_last"] + 1),
         stream_types=args["stream_types"],
     )
-    full = bool(page) and len(page) == limit
-    # Not full: every key up to the new cursor was examined.
-    exhausted = limit <= 0 or (not full and new_cursor >= res.store.max_stream_key())
     finished = exhausted or (budget is not None and len(page) >= budget)
     # Fix the page before sending anything: a copy of this page (a retry, the same
     # fan-out sent twice) sends the stored streams, not its own reading.
