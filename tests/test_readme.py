@@ -29,7 +29,14 @@ from pathlib import Path
 import pytest
 
 from eskit_tasks import register_decider
-from eskit_tasks.core.registry import get_registration, registered_types, unregister_decider
+from eskit_tasks.core.registry import (
+    get_registration,
+    get_source,
+    registered_sources,
+    registered_types,
+    unregister_decider,
+    unregister_source,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -45,7 +52,7 @@ EXAMPLES: dict[str, list[str]] = {
     "architecture.md": ["script"],
     "cli.md": [],
     "consumers.md": ["script", "script"],
-    "eventsourcing.md": ["script"],
+    "eventsourcing.md": ["script", "module"],
     "fleet.md": ["module", "fleet"],
     "library.md": ["script", "module"],
     "operations.md": [],
@@ -91,6 +98,18 @@ class Account:
 
     def decide(self, command: int, state: AccountState) -> list[NewEvent]:
         return [NewEvent("Deposited", {"amount": command})]
+""",
+    "bank.py": """from eventsourcing.application import Application
+from eventsourcing.system import ProcessApplication
+
+
+class Bank(Application):
+    is_snapshotting_enabled = True
+
+
+class Audit(ProcessApplication):
+    def policy(self, domain_event, processing_event):
+        pass
 """,
 }
 
@@ -252,12 +271,16 @@ def test_readme_example_runs(example: Example, scratch: Path):
 @pytest.mark.parametrize("example", _local(lambda p: p != README), ids=lambda e: e.id)
 def test_docs_example_runs(example: Example, scratch: Path):
     before = {t: get_registration(t) for t in registered_types()}
+    sources = {t: get_source(t) for t in registered_sources()}
     run_example(example, scratch)
     if example.runner == "module":
         after = {t: get_registration(t) for t in registered_types()}
-        assert any(before.get(t) is not r for t, r in after.items()), (
-            f"{example.id} registers no decider"
-        )
+        added = {t: get_source(t) for t in registered_sources()}
+        for stream_type in set(added) - set(sources):
+            unregister_source(stream_type)
+        assert any(before.get(t) is not r for t, r in after.items()) or any(
+            sources.get(t) is not r for t, r in added.items()
+        ), f"{example.id} registers no decider and no application"
 
 
 def test_docs_have_examples():
