@@ -13,7 +13,16 @@ from bench import run
 
 @pytest.mark.parametrize(
     "name",
-    ["throughput-postgres", "throughput-sqlite", "memory", "snapshot-load", "fleet", "fanout"],
+    [
+        "throughput-postgres",
+        "throughput-sqlite",
+        "memory",
+        "snapshot-load",
+        "fleet",
+        "fanout",
+        "eventsourcing-postgres",
+        "eventsourcing-sqlite",
+    ],
 )
 def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
     out = tmp_path / "bench.json"

@@ -4,6 +4,7 @@ PostgreSQL: what it keeps, what it refuses, and that the application goes on wor
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -329,3 +330,22 @@ def test_applications_that_cannot_be_compacted_are_refused(backend: Backend, tmp
     if backend.name == "postgres":  # its inserts skip the lock that orders notification ids
         with pytest.raises(ConfigurationError, match="POSTGRES_ENABLE_DB_FUNCTIONS"):
             ApplicationCompactor(backend.app(Bank, POSTGRES_ENABLE_DB_FUNCTIONS="y"))
+
+
+def test_retention_by_age_uses_the_events_timestamps(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+):
+    import eventsourcing.domain
+
+    bank = backend.app(Bank)
+    long_ago = datetime.now(UTC) - timedelta(days=10)
+    monkeypatch.setattr(eventsourcing.domain, "datetime_now_with_tzinfo", lambda: long_ago)
+    [account_id] = _accounts(bank, 1, 20)  # versions 1..21, ten days old
+    monkeypatch.undo()
+    bank.deposit(account_id, *range(10))  # versions 22..31, now
+    policy = CompactionPolicy(retain_younger_than="1d", retain_last=1)
+    compactor = ApplicationCompactor(bank, policy=policy)
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.snapshot_version) == (Outcome.COMPACTED, 21), result.error
+    assert _versions(backend, bank, account_id) == list(range(22, 32))
+    compactor.close()
