@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from eskit_tasks import compact_all
 from eskit_tasks.cli import Exit, main
@@ -22,9 +23,30 @@ from tests.fleet.conftest import Fleet, results_in_backend
 MODULES = "tests.fleet_deciders,tests.eventsourcing.fleet_apps"
 
 
-@pytest.fixture
-def ledgers(tmp_path: Path) -> Any:
-    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(tmp_path / "l.db")}
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledgers(request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str) -> Any:
+    """The application: in a SQLite file, or in the fleet's own PostgreSQL database
+    beside the eskit tables (its aggregates' rows in eskit_streams must not make them
+    candidates of the event store too)."""
+    if request.param == "sqlite":
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(tmp_path / "l.db"),
+        }
+    else:
+        url = sa.engine.make_url(postgres_url)
+        env = {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": str(url.database),
+            "POSTGRES_HOST": str(url.host or "127.0.0.1"),
+            "POSTGRES_PORT": str(url.port or 5432),
+            "POSTGRES_USER": str(url.username or "postgres"),
+            "POSTGRES_PASSWORD": str(url.password or ""),
+        }
+        engine = sa.create_engine(postgres_url)
+        with engine.begin() as conn:  # a clean application for each test
+            conn.exec_driver_sql("DROP TABLE IF EXISTS ledgers_events, ledgers_snapshots")
+        engine.dispose()
     app = Ledgers(env=env)
     app.test_env = env
     yield app
