@@ -9,11 +9,12 @@ from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.dispatch import singledispatchmethod
-from eventsourcing.domain import Aggregate, DomainEventProtocol, event
+from eventsourcing.domain import Aggregate, DomainEvent, DomainEventProtocol, event
 from eventsourcing.system import ProcessApplication
 
 __all__ = [
     "Account",
+    "AccountLogged",
     "AggregateNotFoundError",
     "Aliased",
     "Audit",
@@ -82,6 +83,12 @@ class Aliased(Aggregate):
     @event("Added")
     def add(self, x: int) -> None:
         self.open.append(x)
+
+
+class AccountLogged(DomainEvent):
+    """An event of an event-sourced log (EventSourcedLog), not of an aggregate."""
+
+    account_id: UUID
 
 
 class Bank(Application):

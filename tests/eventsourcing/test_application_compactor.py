@@ -17,6 +17,7 @@ from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.eventsourcing import ApplicationCompactor
 from tests.eventsourcing.apps import (
     Account,
+    AccountLogged,
     AggregateNotFoundError,
     Aliased,
     Audit,
@@ -348,4 +349,19 @@ def test_retention_by_age_uses_the_events_timestamps(
     result = compactor.compact(account_id)
     assert (result.outcome, result.snapshot_version) == (Outcome.COMPACTED, 21), result.error
     assert _versions(backend, bank, account_id) == list(range(22, 32))
+    compactor.close()
+
+
+def test_an_event_sourced_log_is_not_compacted(backend: Backend):
+    from eventsourcing.application import EventSourcedLog
+
+    bank = backend.app(Bank)
+    log = EventSourcedLog(bank.events, uuid.uuid4(), AccountLogged)
+    for _ in range(5):
+        bank.save(log.trigger_event(account_id=uuid.uuid4()))
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=1))
+    result = compactor.compact(log.originator_id)
+    assert (result.outcome, result.error_type) == (Outcome.FAILED, "ConfigurationError")
+    assert "not aggregate events" in (result.error or "")
+    assert _versions(backend, bank, log.originator_id) == [1, 2, 3, 4, 5]
     compactor.close()
