@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from eventsourcing.application import Application
 from eventsourcing.cipher import AESCipher
 from eventsourcing.persistence import IntegrityError
@@ -364,4 +365,33 @@ def test_an_event_sourced_log_is_not_compacted(backend: Backend):
     assert (result.outcome, result.error_type) == (Outcome.FAILED, "ConfigurationError")
     assert "not aggregate events" in (result.error or "")
     assert _versions(backend, bank, log.originator_id) == [1, 2, 3, 4, 5]
+    compactor.close()
+
+
+@pytest.mark.services
+def test_an_application_in_its_own_postgres_schema(backend: Backend):
+    """POSTGRES_SCHEMA: the library's tables, eskit's side tables and the guard all live
+    in that schema (the library does not create it)."""
+    if backend.name != "postgres":
+        pytest.skip("PostgreSQL schemas")
+    engine = sa.create_engine(backend.url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql('CREATE SCHEMA vault')
+    engine.dispose()
+    bank = backend.app(Bank, POSTGRES_SCHEMA="vault")
+    [account_id] = _accounts(bank, 1, 30)
+    stale = bank.repository.get(account_id, version=5)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=3))
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.events_deleted) == (Outcome.COMPACTED, 28), result.error
+    stale.deposit(1)
+    with pytest.raises(IntegrityError):
+        bank.save(stale)
+    found = backend.execute(
+        bank,
+        "SELECT table_schema, count(*) FROM information_schema.tables "
+        "WHERE table_name IN ('bank_events', 'eskit_streams') GROUP BY table_schema",
+    )
+    assert found == [("vault", 2)]
+    assert compactor.vacuum() is True
     compactor.close()
