@@ -54,6 +54,7 @@ from eskit_tasks.errors import (
     EventDecodeError,
     EvolveError,
     FencedError,
+    HeldBackError,
     StreamIntegrityError,
     VersionGapError,
 )
@@ -91,6 +92,7 @@ class _Plan:
     cut: int
     token: int | None  # None: a dry run
     held_back_by: HeldBack | None
+    cut_notification: int = 0  # the notification id of the event at the cut
 
 
 class ApplicationCompactor:
@@ -196,6 +198,15 @@ class ApplicationCompactor:
             self._compact(aggregate_id, fields, token, settle=compaction_id is not None)
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
+        except HeldBackError as exc:  # a follower went back while this compaction ran
+            fields.update(
+                outcome=Outcome.NOTHING_TO_COMPACT,
+                held_back_by=HeldBack(consumer=exc.consumer, position=exc.position),
+                events_deleted=0,
+                bytes_reclaimed=0,
+                snapshot_version=None,
+                state_hash=None,
+            )
         except _VerificationFailed as exc:
             self._failed(fields, Outcome.VERIFICATION_FAILED, exc)
         except StreamIntegrityError as exc:  # or a newer compaction deleted under the replay
@@ -337,7 +348,8 @@ class ApplicationCompactor:
                 readable = version
             if readable < cut:
                 cut, held = readable, reader
-        return _Plan(stream_id, stored_id, compacted_through, head, cut, token, held)
+        at_cut = ids[cut - compacted_through - 1] if cut > compacted_through else 0
+        return _Plan(stream_id, stored_id, compacted_through, head, cut, token, held, at_cut)
 
     def _live(self, stored_id: Any, after: int) -> tuple[array[int], array[int]]:
         """The versions and notification ids of an aggregate's events after ``after``."""
@@ -572,6 +584,17 @@ class ApplicationCompactor:
                 raise FencedError(
                     f"{label}: its compaction point moved from {plan.compacted_through} to "
                     f"{info.compacted_through}; nothing was deleted"
+                )
+            # The followers again (a follower reset meanwhile reads from the start): the
+            # gate holds in the delete transaction, as eskit's own consumers' does.
+            reader = self._slowest_follower()
+            if reader is not None and reader.position < plan.cut_notification:
+                raise HeldBackError(
+                    f"{label}: follower {reader.consumer} is at notification "
+                    f"{reader.position}, below version {plan.cut}'s "
+                    f"{plan.cut_notification}; nothing was deleted",
+                    consumer=reader.consumer,
+                    position=reader.position,
                 )
             conn.execute(
                 sa.text(

@@ -376,7 +376,7 @@ def test_an_application_in_its_own_postgres_schema(backend: Backend):
         pytest.skip("PostgreSQL schemas")
     engine = sa.create_engine(backend.url)
     with engine.begin() as conn:
-        conn.exec_driver_sql('CREATE SCHEMA vault')
+        conn.exec_driver_sql("CREATE SCHEMA vault")
     engine.dispose()
     bank = backend.app(Bank, POSTGRES_SCHEMA="vault")
     [account_id] = _accounts(bank, 1, 30)
@@ -394,4 +394,31 @@ def test_an_application_in_its_own_postgres_schema(backend: Backend):
     )
     assert found == [("vault", 2)]
     assert compactor.vacuum() is True
+    compactor.close()
+
+
+def test_a_follower_reset_during_the_compaction_is_not_outrun(backend: Backend):
+    """The followers' positions are read again in the delete transaction: one that went
+    back to the start (its tracking dropped to rebuild it) keeps everything."""
+    bank = backend.app(Bank)
+    audit = backend.app(Audit)
+    audit.follow(bank.name, bank.notification_log)
+    [account_id] = _accounts(bank, 1, 20)
+    audit.pull_and_process(bank.name)
+    tracking = "tracking" if backend.name == "sqlite" else "audit_tracking"
+
+    def reset_the_follower() -> None:  # runs before the fence and before the delete
+        backend.execute(audit, f"DELETE FROM {tracking} WHERE application_name = 'Bank'")
+
+    compactor = ApplicationCompactor(
+        bank,
+        policy=CompactionPolicy(retain_last=2),
+        followers=[audit],
+        guard=lambda: calls.append(1) or (len(calls) == 2 and reset_the_follower()),
+    )
+    calls: list[int] = []
+    result = compactor.compact(account_id)
+    assert result.outcome == Outcome.NOTHING_TO_COMPACT, result.error
+    assert result.held_back_by is not None and result.held_back_by.position == 0
+    assert _versions(backend, bank, account_id) == list(range(1, 22))
     compactor.close()
