@@ -29,6 +29,7 @@ from eskit_tasks.cli.options import (
 )
 from eskit_tasks.cli.render import (
     emit_json,
+    err,
     out,
     print_candidates,
     print_log,
@@ -40,14 +41,19 @@ from eskit_tasks.cli.render import (
 from eskit_tasks.core.candidates import iter_candidates
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
-from eskit_tasks.core.registry import SourceCompactor, get_registration, get_source
+from eskit_tasks.core.registry import (
+    SourceCompactor,
+    get_registration,
+    get_source,
+    registered_sources,
+)
 from eskit_tasks.core.verify import verify_snapshots
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult
-from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.errors import ConfigurationError, EskitError
 from eskit_tasks.fleet.settings import get_settings
-from eskit_tasks.ports import Archive, EventStore, SnapshotStore
+from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 from eskit_tasks.stores import migrate
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.sql import SqlSnapshotStore
@@ -204,7 +210,14 @@ def candidates(
         stream_types=stream_type,
         limit=limit,
     )
-    print_candidates(list(found), json_)
+    listed: list[Candidate] = []
+    try:
+        listed.extend(found)
+    except EskitError as exc:  # a source that cannot be paged: show what was found
+        print_candidates(listed, json_)
+        err.print(f"error: listing stopped after {len(listed)} streams: {mask_url(str(exc))}")
+        raise typer.Exit(Exit.ERROR) from exc
+    print_candidates(listed, json_)
 
 
 @app.command()
@@ -225,6 +238,7 @@ def compact(
     if get_source(stream_type) is None:  # an application's aggregates, or else:
         get_registration(stream_type)  # an unknown type is a usage error, not a result
     trash = open_archive(archive)
+    _warn_unarchived(trash, [stream_type])
     store = open_store(database)
     result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash).compact(
         stream_type, stream_id
@@ -263,6 +277,19 @@ def verify_snapshots_cmd(
     print_snapshot_report(report, json_)
     if not report.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+def _warn_unarchived(trash: Archive | None, stream_types: Sequence[str] | None) -> None:
+    """Say so when an archive is given but applications' aggregates are compacted too:
+    the trash bin does not cover them (their results carry no archive_uri)."""
+    if trash is None:
+        return
+    for name in registered_sources():
+        if stream_types is None or name in stream_types:
+            err.print(
+                f"warning: the trash bin does not cover application {name}: its deleted "
+                "events are not archived"
+            )
 
 
 class LocalCompactors:
@@ -320,6 +347,7 @@ def compact_all_here(
     """``compact-all --local``: walk the candidates once, compacting each in turn."""
     import_deciders(decider_module)
     trash = open_archive(archive)
+    _warn_unarchived(trash, stream_types)
     store = open_store(database)
     compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash)
     results: list[CompactionResult] = []
@@ -331,11 +359,17 @@ def compact_all_here(
         stream_types=stream_types,
         limit=max_streams,
     )
+    stopped: EskitError | None = None
     with progress_bar(json_) as progress:
         task = progress.add_task("compacting", total=None)
-        for c in todo:
-            results.append(compactors.compact(c.stream_type, c.stream_id))
-            progress.advance(task)
+        try:
+            for c in todo:
+                results.append(compactors.compact(c.stream_type, c.stream_id))
+                progress.advance(task)
+        except EskitError as exc:  # a source that cannot be paged: report what was done
+            stopped = exc
     report_results(results, time.perf_counter() - started, json_)
-    if any(not r.ok for r in results):
+    if stopped is not None:
+        err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")
+    if stopped is not None or any(not r.ok for r in results):
         raise typer.Exit(Exit.FAILED_STREAMS)

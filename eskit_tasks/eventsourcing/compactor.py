@@ -139,7 +139,7 @@ class ApplicationCompactor:
                 )
         self.vacuum_after = vacuum_after
         self._guard = guard
-        self._ready = False
+        self._ready = [False]  # side tables and guard checked (shared by copies)
         self._since_vacuum = [0]  # rows deleted since the last VACUUM (shared by copies)
 
     @property
@@ -569,7 +569,7 @@ class ApplicationCompactor:
         id_ = {"id": plan.stored_id}
         with self._writing(f"compact {label}") as conn:
             if not guard.installed_in(conn, target):
-                self._ready = False  # installed again before the next compaction
+                self._ready[0] = False  # installed again before the next compaction
                 raise FencedError(
                     f"{label}: the stale-writer guard was removed from {target.events} "
                     "meanwhile; nothing was deleted (the next compaction installs it again)"
@@ -683,7 +683,7 @@ class ApplicationCompactor:
     def _prepare(self) -> None:
         """The eskit side tables at this code's revision, and the guard, before the first
         write (once per compactor)."""
-        if self._ready and guard.installed(self.target):
+        if self._ready[0] and guard.installed(self.target):
             return
         found = migrate.status(self.target.engine)
         if found.state == "empty":
@@ -692,7 +692,7 @@ class ApplicationCompactor:
             migrate.require_current(self.target.engine)
         if not guard.installed(self.target):
             guard.install(self.target)
-        self._ready = True
+        self._ready[0] = True
 
     def _point(self, stream_id: str) -> int:
         """The stream's compaction point, without writing anything (0: none yet)."""
@@ -881,7 +881,7 @@ class ApplicationCompactor:
         :mod:`eskit_tasks.eventsourcing.guard`). Do it only once nothing compacts this
         application any more: a stale writer is no longer refused."""
         guard.remove(self.target)
-        self._ready = False
+        self._ready[0] = False
 
     # -- transactions -------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ import sqlalchemy as sa
 from eskit_tasks.eventsourcing.target import Target
 
 TRIGGER = "eskit_guard_compacted"
+#: Key of the advisory lock that serialises installing the guard (arbitrary: "eskitgrd").
+_INSTALL_LOCK_KEY = 0x65736B6974677264
 
 _PG_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.eskit_guard_compacted() RETURNS trigger
@@ -62,6 +64,8 @@ def install(target: Target) -> None:
     name = _literal(target.name)
     with target.engine.begin() as conn:
         if target.dialect == "postgresql":
+            # Workers installing it at once would race on CREATE OR REPLACE FUNCTION.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INSTALL_LOCK_KEY)))
             schema = _schema(target)
             conn.execute(sa.text(_PG_FUNCTION.format(schema=schema)))  # text(): '%' kept
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {target.events}")

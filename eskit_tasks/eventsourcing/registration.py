@@ -20,7 +20,8 @@ from typing import Any
 
 from eskit_tasks.core.registry import register_source
 from eskit_tasks.domain.policy import CompactionPolicy
-from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.eventsourcing.compactor import ApplicationCompactor
 from eskit_tasks.ports import Candidate
 
@@ -87,13 +88,41 @@ class ApplicationSource:
         """This process's application, followers and compactor (built on first use)."""
         with self._lock:
             if self._built is None or self._built[0] != os.getpid():
-                app = self.cls(env=dict(self.env))
-                followers = [f(env=dict(self.env)) for f in self.follower_classes]
+                app, followers = self._build()
                 options: dict[str, Any] = {"followers": followers}
                 if self.vacuum_after is not None:
                     options["vacuum_after"] = self.vacuum_after
                 self._built = (os.getpid(), ApplicationCompactor(app, **options))
             return self._built[1]
+
+    def _build(self) -> tuple[Any, list[Any]]:
+        """The application and its followers, as the library builds them.
+
+        Raises:
+            DatabaseUnavailableError: the library could not reach its database (a task
+                tries again later).
+            ConfigurationError: anything else the library refused (its message kept).
+        """
+        from eventsourcing.persistence import InterfaceError, OperationalError
+
+        building = self.cls.__name__
+        try:
+            app = self.cls(env=dict(self.env))
+            followers = []
+            for follower in self.follower_classes:
+                building = follower.__name__
+                followers.append(follower(env=dict(self.env)))
+        except (InterfaceError, OperationalError) as exc:
+            raise DatabaseUnavailableError(
+                f"cannot build application {building} (of {self.name}): its database is "
+                f"unreachable: {mask_url(str(exc))}"
+            ) from exc
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot build application {building} (of {self.name}): "
+                f"{type(exc).__name__}: {mask_url(str(exc))}"
+            ) from exc
+        return app, followers
 
     def compactor(
         self, policy: CompactionPolicy, *, guard: Callable[[], None] | None = None
