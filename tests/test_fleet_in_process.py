@@ -373,3 +373,108 @@ def test_only_the_owner_of_a_task_result_is_counted_in_the_run(
     assert counted is not None
     assert (counted.done, counted.outcomes) == (1, {owner.outcome.value: 1})
     assert counted.events_deleted == owner.events_deleted
+
+
+class FakeSource:
+    """Streams kept outside the store: ``n`` of them, keys 1..n, each compacted at once
+    (the fleet's handling of sources, without a database of their own)."""
+
+    def __init__(self, name: str, n: int, *, broken: bool = False) -> None:
+        self.name, self.n, self.broken = name, n, broken
+        self.compacted: list[str] = []
+
+    def candidate_page(self, *, after: int, limit: int, min_live_events: int):
+        from eskit_tasks.ports import Candidate
+
+        if self.broken:
+            from eskit_tasks.errors import ConfigurationError
+
+            raise ConfigurationError(f"application {self.name} cannot be paged")
+        keys = [k for k in range(after + 1, self.n + 1)][:limit]
+        page = [Candidate(k, self.name, f"{self.name}-{k}", 10) for k in keys]
+        return page, (keys[-1] if keys and keys[-1] < self.n else None)
+
+    def compactor(self, policy: Any, *, guard: Any = None) -> Any:
+        source = self
+
+        class Compacts:
+            def compact(self, stream_id: str, *, compaction_id: str | None = None):
+                if guard is not None:
+                    guard()
+                source.compacted.append(stream_id)
+                return CompactionResult(
+                    stream_type=source.name,
+                    stream_id=stream_id,
+                    outcome=Outcome.COMPACTED,
+                    events_deleted=1,
+                    compaction_id=compaction_id or "x",
+                )
+
+        return Compacts()
+
+
+@pytest.fixture
+def sources() -> Iterator[list[str]]:
+    from eskit_tasks.core.registry import registered_sources, unregister_source
+
+    made: list[str] = []
+    yield made
+    for name in registered_sources():
+        unregister_source(name)
+
+
+def test_a_run_pages_the_stores_streams_then_each_source(fleet: InProcessFleet, sources: list[str]):
+    from eskit_tasks.core.registry import register_source
+
+    for n in range(3):
+        fleet.seed(f"s-{n}", 6)
+    apps = [FakeSource("AppA", 5), FakeSource("AppB", 6)]
+    for app in apps:
+        register_source(app.name, app)
+    final = compact_all(min_events=5, retain_last=1, app=fleet.app).wait(timeout=60, poll=0.05)
+    assert (final.candidates, final.done, final.outcomes) == (14, 14, {"compacted": 14})
+    assert [sorted(a.compacted) for a in apps] == [
+        sorted(f"AppA-{k}" for k in range(1, 6)),
+        sorted(f"AppB-{k}" for k in range(1, 7)),
+    ]
+
+
+def test_a_source_that_cannot_be_paged_fails_the_run_with_its_reason(
+    fleet: InProcessFleet, sources: list[str]
+):
+    """From review: the fan-out died quietly and the run waited for ever."""
+    from eskit_tasks.core.registry import register_source
+
+    fleet.seed("s-0", 6)
+    register_source("AppX", FakeSource("AppX", 3, broken=True))
+    final = compact_all(min_events=5, retain_last=1, app=fleet.app).wait(timeout=60, poll=0.05)
+    assert final.error is not None and "AppX cannot be paged" in final.error
+    assert final.outcomes == {"compacted": 1}  # the store's stream, before it
+
+
+def test_a_run_keeps_its_sources_when_another_is_registered_meanwhile(
+    fleet: InProcessFleet, sources: list[str]
+):
+    """From review: the cursor's segment was a position in the sources registered in the
+    worker taking the page, so registering one mid-run made the run offer a source twice
+    and skip another. A run pages the sources it started with."""
+    from eskit_tasks.core.registry import register_source
+    from eskit_tasks.fleet import fan_out as fan_out_module
+
+    b = FakeSource("AppB", 10)
+    register_source("AppB", b)
+    real = fan_out_module.run_page
+    pages: list[int] = []
+
+    def register_a_after_the_first_page(*args: Any, **kwargs: Any) -> Any:
+        found = real(*args, **kwargs)
+        pages.append(len(found[0]))
+        if len(pages) == 1:
+            register_source("AppA", FakeSource("AppA", 10))  # sorts before AppB
+        return found
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fan_out_module, "run_page", register_a_after_the_first_page)
+        final = compact_all(min_events=1, app=fleet.app).wait(timeout=60, poll=0.05)
+    assert (final.candidates, final.outcomes) == (10, {"compacted": 10}), final
+    assert sorted(b.compacted) == sorted(f"AppB-{k}" for k in range(1, 11))

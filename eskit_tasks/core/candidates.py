@@ -103,7 +103,7 @@ def iter_candidates(
     """Every candidate of the store and then of the registered sources, page by page
     (memory bounded by one page): streams with at least ``min_events`` live events and
     more than ``retain_last``, at most ``limit`` of them."""
-    sources = sources_for(stream_types)
+    sources = [source for _, source in sources_for(stream_types)]
     cursor, seen, done = 0, 0, False
     while not done and (limit is None or seen < limit):
         page, cursor, done = run_page(

@@ -180,11 +180,12 @@ def registered_sources() -> list[str]:
         return sorted(_sources)
 
 
-def sources_for(stream_types: Iterable[str] | None) -> list[StreamSource]:
-    """The sources a run over ``stream_types`` (None: every type) covers, by name."""
+def sources_for(stream_types: Iterable[str] | None) -> list[tuple[str, StreamSource]]:
+    """The sources a run over ``stream_types`` (None: every type) covers, with their
+    names, by name."""
     wanted = None if stream_types is None else set(stream_types)
     with _lock:
-        return [s for t, s in sorted(_sources.items()) if wanted is None or t in wanted]
+        return [(t, s) for t, s in sorted(_sources.items()) if wanted is None or t in wanted]
 
 
 def unregister_source(stream_type: str) -> None:

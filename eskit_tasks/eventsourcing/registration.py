@@ -129,6 +129,17 @@ class ApplicationSource:
     ) -> ApplicationCompactor:
         return self._compactor().with_policy(policy, guard=guard)
 
+    def close(self) -> None:
+        """Close this process's application, followers and connections (built again on
+        the next use)."""
+        with self._lock:
+            built, self._built = self._built, None
+        if built is not None and built[0] == os.getpid():
+            compactor = built[1]
+            compactor.close()
+            for app in (compactor.app, *compactor.followers):
+                app.close()
+
     def candidate_page(
         self, *, after: int, limit: int, min_live_events: int
     ) -> tuple[list[Candidate], int | None]:

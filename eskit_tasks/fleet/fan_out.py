@@ -21,9 +21,9 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from eskit_tasks.core.candidates import run_page
-from eskit_tasks.core.registry import sources_for
+from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
-from eskit_tasks.errors import DatabaseUnavailableError, EskitError
+from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.progress import Page, check_run_id
@@ -52,6 +52,7 @@ def fan_out(
     retain_last: int = 0,
     retain_younger_than: Any = None,
     dry_run: bool = False,
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
     """Enqueue one compact_stream per candidate stream, a page at a time.
 
@@ -62,6 +63,12 @@ def fan_out(
     next page, so memory stays bounded by one page whatever the number of candidates.
     If the database, Redis or the broker is unreachable it retries with backoff; if that
     keeps failing, the run is marked failed (``run.wait()`` returns with its error).
+
+    After the event store's streams come those of the registered applications
+    (``register_application``): the first page fixes which (``sources``, by name) and the
+    next pages page exactly those, so a registration that changes mid-run neither shifts
+    the cursor nor adds a source; one no longer registered fails the run, as does one
+    that cannot be paged.
     """
     if run_id is None:  # started by beat: derive the id from the task, so a redelivered
         run_id = run_id_for(self.request.id)  # first page continues the same run
@@ -74,6 +81,7 @@ def fan_out(
         "retain_last": retain_last,
         "retain_younger_than": retain_younger_than,
         "dry_run": dry_run,
+        "sources": sources,
     }
     res = resources_of(self.app)
     try:
@@ -123,16 +131,26 @@ def fan_out_page(
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
-    # The event store's streams, then those of each registered application.
-    page, new_cursor, exhausted = run_page(
-        res.store,
-        sources_for(args["stream_types"]),
-        cursor=cursor,
-        limit=limit,
-        page_size=settings.fanout_page_size,
-        min_live_events=max(args["min_events"], args["retain_last"] + 1),
-        stream_types=args["stream_types"],
-    )
+    # The event store's streams, then those of the applications the run started with.
+    if args.get("sources") is None:
+        args["sources"] = [name for name, _ in sources_for(args["stream_types"])]
+    try:
+        sources = [_source(name) for name in args["sources"]]
+        page, new_cursor, exhausted = run_page(
+            res.store,
+            sources,
+            cursor=cursor,
+            limit=limit,
+            page_size=settings.fanout_page_size,
+            min_live_events=max(args["min_events"], args["retain_last"] + 1),
+            stream_types=args["stream_types"],
+        )
+    except FANOUT_RETRIED_ERRORS:
+        raise
+    except EskitError as exc:  # an application that cannot be paged: say so, stop
+        error = mask_url(f"fan-out stopped: {exc}")
+        res.progress.fail(run_id, error)
+        return {"run_id": run_id, "error": error}
     finished = exhausted or (budget is not None and len(page) >= budget)
     # Fix the page before sending anything: a copy of this page (a retry, the same
     # fan-out sent twice) sends the stored streams, not its own reading.
@@ -154,6 +172,16 @@ def fan_out_page(
         "cursor": stored.next_cursor,
         "done": stored.last,
     }
+
+
+def _source(name: str) -> StreamSource:
+    found = get_source(name)
+    if found is None:
+        raise ConfigurationError(
+            f"application {name} is in this run but not registered in this worker: give "
+            "every worker the same ESKIT_DECIDER_MODULES"
+        )
+    return found
 
 
 def _progress_lost(res: Resources, args: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 
 from eskit_tasks import SqlEventStore
 from eskit_tasks.cli import Exit, main
-from eskit_tasks.core.registry import unregister_source
+from eskit_tasks.core.registry import get_source, unregister_source
 from eskit_tasks.eventsourcing import register_application
 from eskit_tasks.testing.deciders import deposits
 from tests.eventsourcing.apps import Account, Bank
@@ -37,6 +37,9 @@ def own(tmp_path: Path) -> Iterator[str]:
     try:
         yield url
     finally:
+        source = get_source("Bank")
+        if source is not None:
+            source.close()  # type: ignore[attr-defined]
         unregister_source("Bank")
 
 

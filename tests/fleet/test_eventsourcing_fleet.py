@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from eskit_tasks import compact_all
 from eskit_tasks.cli import Exit, main
-from eskit_tasks.core.registry import unregister_source
+from eskit_tasks.core.registry import get_source, unregister_source
 from tests.eventsourcing.fleet_apps import Ledgers
 from tests.fleet.conftest import Fleet, results_in_backend
 
@@ -131,4 +131,7 @@ def test_the_command_line_lists_and_compacts_an_application(
         assert [fresh.state(i)["total"] for i in ids] == [210, 210, 210]
         fresh.close()
     finally:
+        source = get_source("Ledgers")
+        if source is not None:
+            source.close()  # type: ignore[attr-defined]
         unregister_source("Ledgers")
