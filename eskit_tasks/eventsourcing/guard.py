@@ -29,6 +29,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from eskit_tasks.eventsourcing.target import Target
+from eskit_tasks.stores.engine import writing
 
 TRIGGER = "eskit_guard_compacted"
 #: Key of the advisory lock that serialises installing the guard (arbitrary: "eskitgrd").
@@ -62,7 +63,9 @@ _SQLITE_HEX_TO_UUID = (
 def install(target: Target) -> None:
     """Create the guard on the application's events table (again: harmless)."""
     name = _literal(target.name)
-    with target.engine.begin() as conn:
+    # A write transaction of eskit's (SQLite: BEGIN IMMEDIATE, which waits out the busy
+    # timeout while the application writes, where a plain BEGIN fails at once).
+    with writing(target.engine, f"install the stale-writer guard on {target.events}") as conn:
         if target.dialect == "postgresql":
             # Workers installing it at once would race on CREATE OR REPLACE FUNCTION.
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_INSTALL_LOCK_KEY)))
