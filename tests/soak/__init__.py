@@ -12,6 +12,11 @@ A projection follows the whole store (``read_all``) with a checkpoint, pausing n
 then so that compactions must be held back by it, and must see every event exactly once;
 now and then a compacted stream is restored from the workers' trash bin (consumers.py).
 
+A pyeventsourcing application (``SoakBank``, in SQLite files of the work directory) is
+compacted by the same fan-outs, its aggregates written continuously, loaded and
+compared, saved stale (the guard must refuse that), and followed by a lagging
+``ProcessApplication`` that must process every event exactly once (esapp.py).
+
 Besides the Ledger, the streams include kinds whose states ``==`` forgives a lossy copy
 of (kinds.py: an insertion-ordered dict, a ZoneInfo datetime in a model, enums in a
 model); every observed state is compared with the model's by

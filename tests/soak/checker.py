@@ -34,6 +34,16 @@ The consumer and the trash bin (tests/soak/consumers.py):
 * a restored stream holds versions 1..head again, the restored ones at the positions
   the projection saw them at (so it does not receive them again), and replays to the
   model's state.
+
+The pyeventsourcing application (tests/soak/esapp.py), in its own SQLite file:
+
+* each purse, loaded by a fresh instance of the application, is the object its writer
+  last saved, by the strict comparison; its live events are exactly ``point+1 .. head``,
+  its audit rows tile ``1..point``, its one snapshot is at the point;
+* the follower processed every event exactly once, in order; each deletion's newest
+  event was processed before the deletion committed, and a result held back by the
+  follower names a position it reached and deleted nothing beyond it;
+* (the writer, during the run) every stale save below a compaction point is refused.
 """
 
 from __future__ import annotations
@@ -42,11 +52,25 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import pairwise
 from typing import Any
+from uuid import UUID
 
 import psycopg
 
+from eskit_tasks.domain.compare import first_difference
+from eskit_tasks.eventsourcing.guard import TRIGGER
 from eskit_tasks.ports import ArchivedEvent
+from tests.soak.esapp import (
+    APP_NAME,
+    FOLLOWER_NAME,
+    Processed,
+    compaction_log_rows,
+    compaction_points,
+    read_sqlite,
+    state_of,
+)
 from tests.soak.model import (
     BAD_KINDS,
     BAD_OUTCOMES,
@@ -657,4 +681,194 @@ def restore_problems(
             )
         if len(problems) >= NAMED:
             break
+    return problems
+
+
+# -- the pyeventsourcing application (tests/soak/esapp.py) --------------------------------
+
+
+@dataclass
+class AppStore:
+    """The application's SQLite file at the end: per purse (by UUID) its compaction point,
+    live events, snapshot versions and audit rows; the audit rows' commit moments; and
+    whether the stale-writer guard is on its events table."""
+
+    points: dict[UUID, int] = field(default_factory=dict)
+    live: dict[UUID, LiveEvents] = field(default_factory=dict)
+    snapshots: dict[UUID, list[int]] = field(default_factory=dict)
+    audit: dict[UUID, list[AuditRow]] = field(default_factory=dict)
+    compacted_at: dict[str, datetime] = field(default_factory=dict)
+    guarded: bool = False
+
+    def audit_by_id(self) -> dict[str, AuditRow]:
+        return {row.compaction_id: row for rows in self.audit.values() for row in rows}
+
+    @property
+    def audit_rows(self) -> int:
+        return sum(len(rows) for rows in self.audit.values())
+
+    @property
+    def events_deleted(self) -> int:
+        return sum(row.events_deleted for rows in self.audit.values() for row in rows)
+
+
+def read_app_store(path: str) -> AppStore:
+    """Read the application's SQLite file (nothing writes to it any more)."""
+    store = AppStore(points=compaction_points(path))
+    for stored, first, last, count in read_sqlite(
+        path,
+        "SELECT originator_id, min(originator_version), max(originator_version), count(*) "
+        "FROM stored_events GROUP BY originator_id",
+    ):
+        store.live[UUID(stored)] = LiveEvents(first, last, count)
+    for stored, version in read_sqlite(
+        path,
+        "SELECT originator_id, originator_version FROM stored_snapshots "
+        "ORDER BY originator_id, originator_version",
+    ):
+        store.snapshots.setdefault(UUID(stored), []).append(version)
+    for row in compaction_log_rows(path):
+        purse_id = UUID(row["stream_id"])
+        store.audit.setdefault(purse_id, []).append(
+            AuditRow(
+                row["compaction_id"],
+                row["stream_pk"],
+                row["stream_type"],
+                row["stream_id"],
+                row["from_version"],
+                row["through_version"],
+                row["snapshot_version"],
+                row["head_version"],
+                row["events_deleted"],
+                row["restored_at"] is not None,
+                row["archive_uri"],
+                row["archive_sha256"],
+            )
+        )
+        store.compacted_at[row["compaction_id"]] = row["compacted_at"]
+    for rows in store.audit.values():
+        rows.sort(key=lambda r: r.from_version)  # stable: ties stay in id order
+    store.guarded = bool(
+        read_sqlite(
+            path, "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", TRIGGER
+        )
+    )
+    return store
+
+
+def app_store_problems(store: AppStore, heads: dict[UUID, int]) -> list[str]:
+    """Per purse (``heads``: the model's head versions): the live events are exactly
+    ``point+1 .. head``, the audit rows tile ``1..point``, and a compacted purse has
+    exactly one snapshot, at its point (the library takes none of its own here); the
+    guard is on once anything was deleted; nothing else is in the file."""
+    problems = []
+    for purse_id, head in heads.items():
+        label = f"{APP_NAME}/{purse_id}"
+        point = store.points.get(purse_id, 0)
+        found = [
+            *live_events_problems(head, point, store.live.get(purse_id)),
+            *audit_problems(store.audit.get(purse_id, []), point),
+        ]
+        snapshots = store.snapshots.get(purse_id, [])
+        if snapshots != ([point] if point else []):
+            found.append(f"compacted through {point}, snapshots at {snapshots}")
+        problems += [f"{label}: {p}" for p in found]
+    strangers = (store.live.keys() | store.points.keys() | store.audit.keys()) - heads.keys()
+    problems += [f"{APP_NAME}/{s}: an aggregate nobody wrote" for s in sorted(map(str, strangers))]
+    if store.audit_rows and not store.guarded:
+        problems.append(f"{APP_NAME}: events were deleted, and the guard is not installed")
+    return problems
+
+
+def app_state_problems(expected: dict[UUID, Any], loaded: dict[UUID, Any]) -> list[str]:
+    """Each purse as a fresh application loads it is the writer's (``expected``: the
+    states, ``esapp.state_of`` of the object it last saved), by the strict comparison."""
+    problems = []
+    for purse_id, state in expected.items():
+        found = loaded.get(purse_id)
+        label = f"{APP_NAME}/{purse_id}"
+        if isinstance(found, BaseException) or found is None:
+            problems.append(f"{label}: a fresh application cannot load it: {found!r}")
+            continue
+        difference = first_difference(state, state_of(found))
+        if difference is not None:
+            problems.append(f"{label}: loaded at version {found.version}: {difference}")
+    return problems
+
+
+def app_follower_problems(processed: list[Processed], heads: dict[UUID, int]) -> list[str]:
+    """The follower processed each purse's versions 1..head (the opening and every
+    deposit) exactly once and in order, in notification id order overall."""
+    problems = []
+    by_purse: dict[UUID, list[int]] = defaultdict(list)
+    for event in processed:
+        by_purse[event.aggregate_id].append(event.version)
+    for purse_id, head in heads.items():
+        problem = exactly_once_problem(by_purse.get(purse_id, []), head)
+        if problem is not None:
+            problems.append(f"{APP_NAME}/{purse_id}: the follower processed {problem}")
+    for stranger in sorted(map(str, by_purse.keys() - heads.keys())):
+        problems.append(f"{APP_NAME}/{stranger}: the follower processed an unknown aggregate")
+    ids = [event.notification_id for event in processed]
+    if any(b <= a for a, b in pairwise(ids)):
+        problems.append("the follower's notification ids are not strictly increasing")
+    return problems
+
+
+def app_gate_problems(store: AppStore, processed: list[Processed]) -> list[str]:
+    """Every deletion's newest event (``through_version``: the others came before it, in
+    notification order) was processed by the follower before the deletion committed:
+    its processing began before ``compacted_at``, which the compactor takes after reading
+    the follower's position."""
+    began = {(e.aggregate_id, e.version): e.started for e in processed}
+    problems = []
+    for purse_id, rows in store.audit.items():
+        for row in rows:
+            moment = store.compacted_at.get(row.compaction_id)
+            started = began.get((purse_id, row.through_version))
+            span = f"{APP_NAME}/{purse_id} compaction {row.compaction_id}"
+            if started is None:
+                problems.append(
+                    f"{span} deleted through {row.through_version}, which the follower never "
+                    "processed"
+                )
+            elif moment is not None and started >= moment.timestamp():
+                problems.append(
+                    f"{span} committed at {moment.isoformat()} deleting through "
+                    f"{row.through_version}, which the follower began processing "
+                    f"{started - moment.timestamp():.3f} s later"
+                )
+    return problems
+
+
+def app_held_back_problems(
+    results: Iterable[dict[str, Any]], processed: list[Processed]
+) -> list[str]:
+    """A result held back names the follower at a position it reached (0, or an event's
+    notification id), and what it deleted goes no further than that position."""
+    reached = {0} | {e.notification_id for e in processed}
+    notification = {(str(e.aggregate_id), e.version): e.notification_id for e in processed}
+    problems = []
+    for result in results:
+        held = result.get("held_back_by")
+        if not held:
+            continue
+        label = f"{result.get('stream_type')}/{result.get('stream_id')}"
+        cid = result.get("compaction_id")
+        consumer, position = held.get("consumer"), held.get("position")
+        if consumer != FOLLOWER_NAME:
+            problems.append(f"{label} compaction {cid} was held back by unknown {consumer!r}")
+            continue
+        if position not in reached:
+            problems.append(
+                f"{label} compaction {cid} was held back at position {position}, which the "
+                "follower never reached"
+            )
+        cut = result.get("snapshot_version")
+        top = None if cut is None else notification.get((str(result.get("stream_id")), int(cut)))
+        if result.get("outcome") == "compacted" and top is not None and top > int(position):
+            problems.append(
+                f"{label} compaction {cid}, held back at position {position}, deleted through "
+                f"version {cut}, notification {top}"
+            )
     return problems

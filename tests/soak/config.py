@@ -71,6 +71,17 @@ class SoakConfig:
     #: Seconds between two restores of a compacted stream, and at most how many.
     restore_every: tuple[float, float] = (3.0, 8.0)
     max_restores: int = 30
+    #: The pyeventsourcing application (tests/soak/esapp.py): its aggregates, the most
+    #: seconds between two of its writer's saves, the seconds between two stale copies
+    #: taken and the most waiting at once, and its follower's follow and pause times.
+    app_aggregates: int = 20
+    #: Seconds between two runs over its purses only (one at a time).
+    app_fanout_every: tuple[float, float] = (3.0, 6.0)
+    app_pace: float = 0.05
+    app_stale_every: float = 1.0
+    app_stale_pending: int = 8
+    app_follow: tuple[float, float] = (3.0, 10.0)
+    app_pause: tuple[float, float] = (2.0, 8.0)
     #: Seconds between two checks of the database during the run.
     check_every: float = 5.0
     #: Seconds between progress lines on stdout (0: none).
@@ -87,7 +98,14 @@ class SoakConfig:
         data["workdir"] = None if self.workdir is None else str(self.workdir)
         data["fanout_every"] = list(self.fanout_every)
         data["fault_gap"] = list(self.fault_gap)
-        for name in ("projection_follow", "projection_pause", "restore_every"):
+        for name in (
+            "projection_follow",
+            "projection_pause",
+            "restore_every",
+            "app_fanout_every",
+            "app_follow",
+            "app_pause",
+        ):
             data[name] = list(data[name])
         data.pop("admin_url")  # may hold a password
         return data

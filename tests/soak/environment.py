@@ -1,15 +1,17 @@
 """The soak's own world: a fresh PostgreSQL database, two redis-servers, celery workers.
 
 Everything is private to one soak run (own ports, own database ``eskit_soak_<pid>_...``,
-own trash bin in the work directory), and the environment variables the Celery app and
-the workers read are set here (``ESKIT_ARCHIVE_URL`` among them), before anything
-imports ``eskit_tasks.fleet.app``. The services themselves are
+own trash bin and the pyeventsourcing application's SQLite files in the work
+directory), and the environment variables the Celery app and the workers read are set
+here (``ESKIT_ARCHIVE_URL`` and the application's ``ESKIT_SOAK_APP_ENV`` among them),
+before anything imports ``eskit_tasks.fleet.app``. The services themselves are
 :mod:`eskit_tasks.testing.services`, shared with the tests and the benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -32,6 +34,7 @@ from eskit_tasks.testing.services import (
 )
 from tests import REPO
 from tests.soak.config import FLEET_ENV, SoakConfig
+from tests.soak.esapp import ENV_VAR, app_env
 
 
 class SoakSetupError(RuntimeError):
@@ -53,6 +56,9 @@ class SoakServices:
         #: The trash bin: every worker archives what it deletes here (ESKIT_ARCHIVE_URL).
         self.archive_dir = workdir / "archive"
         self.db_url = ""
+        #: The pyeventsourcing application's environment (tests/soak/esapp.py): SQLite
+        #: files in the work directory, passed to the workers as JSON in ENV_VAR.
+        self.app_env = app_env(workdir)
         #: Drops the database on close (scratch_database's exit).
         self._database = contextlib.ExitStack()
         self.broker = RedisServer(free_port(), workdir / "redis-broker")
@@ -91,6 +97,7 @@ class SoakServices:
                 "ESKIT_DATABASE_URL": self.db_url,
                 "ESKIT_TEST_MARKERS": str(self.workdir / "markers"),
                 "ESKIT_ARCHIVE_URL": str(self.archive_dir),
+                ENV_VAR: json.dumps(self.app_env),
             }
         )
         for name in [n for n in os.environ if n.startswith(("ESKIT_NIGHTLY", "ESKIT_METRICS"))]:

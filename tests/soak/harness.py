@@ -3,19 +3,22 @@
 Phases:
 
 1. set-up: a fresh database, two redis-servers, the environment (before the Celery app is
-   imported), the streams seeded, three workers started;
+   imported), the streams seeded, the pyeventsourcing application's purses opened, three
+   workers started;
 2. workload: writers, readers, fan-outs every few seconds and the fault schedule, for
    ``config.seconds``; a projection follows the store, lagging now and then (its
    checkpoint holds compactions back), and now and then a compacted stream is restored
    from the trash bin (tests/soak/consumers.py); the database is checked against the
-   model every few seconds;
+   model every few seconds; the application's writer deposits, loads and tries stale
+   saves, its follower lags and catches up (tests/soak/esapp.py);
 3. quiesce: faults stop (everything down is brought back), writers, readers and restores
-   stop, the projection catches up, the runs and the queues drain, one last run compacts
-   everything, workers stop;
+   stop, the projection and the application's follower catch up, the runs and the queues
+   drain, one last run compacts everything, the last stale saves, workers stop;
 4. final check: the database against the model (heads exact now), ``load_state`` of every
    stream, the observations kept back, what the projection saw (every event exactly
    once), every archive entry (what was deleted, the projection had seen), every
-   compaction result against the audit table and the projection's checkpoints.
+   compaction result against the audit table and the projection's checkpoints; the
+   application's purses, store, follower and results (tests/soak/checker.py, ``app_*``).
 
 The Celery app reads its settings once per process: ``run_soak`` runs once per process
 (the pytest test starts a fresh one).
@@ -53,18 +56,34 @@ from eskit_tasks.ports import ArchiveRef
 from eskit_tasks.stores.archive import LocalArchive
 from eskit_tasks.testing.services import postgres_problem
 from tests.soak.checker import (
+    AppStore,
     DbState,
+    app_follower_problems,
+    app_gate_problems,
+    app_held_back_problems,
+    app_state_problems,
+    app_store_problems,
     archived_problems,
     check_db,
     check_results,
     held_back_problems,
     held_back_summary,
     projection_problems,
+    read_app_store,
     read_db_state,
 )
 from tests.soak.config import SoakConfig
 from tests.soak.consumers import Projection, Restorer
 from tests.soak.environment import SoakServices, SoakSetupError, wait_for
+from tests.soak.esapp import (
+    APP_NAME,
+    AppFollower,
+    AppModel,
+    AppWriter,
+    app_policy,
+    fresh_states,
+    state_of,
+)
 from tests.soak.faults import FaultInjector, make_schedule
 from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS
 from tests.soak.model import (
@@ -165,6 +184,15 @@ class Soak:
         #: The highest position each compaction deleted (its archive entry), by id.
         self.deleted_up_to: dict[str, int] = {}
         self.archive_checked: dict[str, int] = {}
+        #: The pyeventsourcing application (tests/soak/esapp.py), seeded apart too.
+        self.app_rng = random.Random(f"{seed}/application")
+        self.app_model = AppModel(services.app_env)
+        self.app_writer: AppWriter | None = None
+        self.app_follower: AppFollower | None = None
+        self.app_store: AppStore | None = None
+        #: When the workload ended (epoch seconds): the application's compactions before
+        #: it were the fan-outs', not the final run's.
+        self.workload_ended_at: float | None = None
 
     def clock(self) -> float:
         """Seconds since the workload started."""
@@ -193,7 +221,11 @@ class Soak:
             )
             self.projection.register()  # before any event exists: it holds back everything
             self.seed_streams(store)
-            self.say(f"seeded {len(self.model.streams)} streams; starting workers")
+            self.start_application()
+            self.say(
+                f"seeded {len(self.model.streams)} streams and {len(self.app_model.purses)} "
+                f"{APP_NAME} purses; starting workers"
+            )
             self.services.start_workers()
             schedule = make_schedule(
                 self.rng.randrange(2**32),
@@ -213,6 +245,8 @@ class Soak:
             self.stop_faults.set()
             self.stop_background.set()
             store.engine.dispose()
+            if self.app_follower is not None:
+                self.app_follower.close()
         return self.build_report(injector, db, workload_s, time.monotonic() - began)
 
     def seed_streams(self, store: SqlEventStore) -> None:
@@ -245,6 +279,21 @@ class Soak:
             stream = StreamModel(stream_type, stream_id, kind, owner=-1)
             stream.record([0] * len(events))  # only the count matters for bad input
             self.model.add(stream)
+
+    def start_application(self) -> None:
+        """The purses (a few deposits each) and the follower, before the workers start:
+        its tracking table exists, at nothing processed, when they first look."""
+        config = self.config
+        self.app_model.open_purses(config.app_aggregates, self.app_rng)
+        self.app_follower = AppFollower(
+            self.app_model.env,
+            self.app_rng.randrange(2**32),
+            self.stats,
+            self.violations,
+            self.stop_background,
+            follow=config.app_follow,
+            pause=config.app_pause,
+        )
 
     def _seed(self, store: SqlEventStore, stream: StreamModel, low: int, high: int) -> None:
         amounts = [self.rng.randint(1, 1000) for _ in range(self.rng.randint(low, high))]
@@ -292,7 +341,18 @@ class Soak:
             every=self.config.restore_every,
             limit=self.config.max_restores,
         )
-        self.threads += [self.projection, self.restorer]
+        self.app_writer = AppWriter(
+            self.app_model,
+            self.app_rng.randrange(2**32),
+            self.stats,
+            self.violations,
+            self.stop_workload,
+            pace=self.config.app_pace,
+            stale_every=self.config.app_stale_every,
+            stale_pending=self.config.app_stale_pending,
+        )
+        assert self.app_follower is not None
+        self.threads += [self.projection, self.restorer, self.app_writer, self.app_follower]
         for thread in self.threads:
             thread.start()
         # The fleet's modules are imported here, once, before the fan-out and run threads
@@ -301,6 +361,9 @@ class Soak:
         importlib.import_module("eskit_tasks.fleet.runs")
         importlib.import_module("eskit_tasks.tasks")
         self._loop("soak-fanouts", self._fan_out, self.stop_workload, self.rng.randrange(2**32))
+        self._loop(
+            "soak-app-fanouts", self._app_fan_out, self.stop_workload, self.app_rng.randrange(2**32)
+        )
         self._loop("soak-runs", lambda _rng: self._poll_runs(), self.stop_background, 0)
         self._loop("soak-checker", lambda _rng: self._check_now(), self.stop_background, 0)
         injector = FaultInjector(
@@ -329,11 +392,22 @@ class Soak:
 
     def _fan_out(self, rng: random.Random) -> float:
         policy = random_policy(rng)
-        if len(self.tracker.running()) >= self.config.max_running_runs:
+        running = [r for r in self.tracker.running() if r.kind != "app"]  # those go alone
+        if len(running) >= self.config.max_running_runs:
             self.stats.add("fanouts_skipped_busy")
         else:
             self.tracker.start(policy, "scheduled")
         return rng.uniform(*self.config.fanout_every)
+
+    def _app_fan_out(self, rng: random.Random) -> float:
+        """A run over the application's purses only, one at a time: the fan-outs over
+        every type reach them after the store's streams, which a run lost to a Redis
+        restart never gets past."""
+        if any(r.kind == "app" for r in self.tracker.running()):
+            self.stats.add("app:fanouts_skipped_busy")
+        else:
+            self.tracker.start(app_policy(rng), "app")
+        return rng.uniform(*self.config.app_fanout_every)
 
     def _poll_runs(self) -> float:
         try:
@@ -379,6 +453,9 @@ class Soak:
             f"appends {self.stats.get('appends')}, reads {self.stats.get('reads')}, "
             f"projection at {self.seen.last} ({self.seen.events} events), "
             f"restores {self.stats.get('restores:restored')}, "
+            f"{APP_NAME} appends {self.stats.get('app:appends')} (follower "
+            f"{0 if self.app_follower is None else len(self.app_follower.processed)} events, "
+            f"stale refused {self.stats.get('app:stale_refused')}), "
             f"runs {dict(runs)}, deletions {deletions}, "
             f"faults {sum(injector.injected.values())}, violations {self.violations.count}"
         )
@@ -387,19 +464,33 @@ class Soak:
 
     def quiesce(self, injector: FaultInjector, store: SqlEventStore) -> None:
         self.say("workload over: stopping faults, writers, readers and restores")
+        self.workload_ended_at = time.time()
         self.stop_faults.set()
         injector.join(timeout=300)
         if injector.is_alive():
             self.violations.add("harness", "the fault injector did not stop in 300 s")
         self.notes.extend(self.services.ensure_all_up())
         self.stop_workload.set()
-        self.join_threads("soak-writer", "soak-reader", "soak-fanouts", "soak-restorer")
-        self.say("the projection catches up")
+        self.join_threads(
+            "soak-writer",
+            "soak-reader",
+            "soak-fanouts",
+            "soak-restorer",
+            "soak-app-writer",
+            "soak-app-fanouts",
+        )
+        self.say("the projection and the application's follower catch up")
         self.projection_caught_up(store)
+        assert self.app_follower is not None
+        self.app_follower.finish()
+        if not self.app_follower.caught_up_at_end:
+            self.violations.add("liveness", f"the {APP_NAME} follower could not catch up")
         self.say("draining the runs and queues")
         self.drain(self.config.drain_timeout)
         self.final_run()
         self.drain(60.0, runs=False)
+        if self.app_writer is not None:
+            self.app_writer.finish()  # the stale copies the final run passed
         self.services.stop_workers()
         self.stop_background.set()
         self.join_threads("soak-runs", "soak-checker")
@@ -515,7 +606,35 @@ class Soak:
         self.stats.add("deferred_observations", self.model.check_deferred())
         self.check_projection(db)
         self.check_archive(db)
+        self.check_application()
         return db
+
+    def check_application(self) -> None:
+        """The purses as a fresh application loads them, its SQLite file (live events,
+        audit rows, snapshots; after the final run, every purse compacted through
+        head - 1), and what the follower processed and when."""
+        assert self.app_follower is not None
+        model = self.app_model
+        purses = {i: p for i, p in model.purses.items() if not p.broken}
+        heads = {i: p.head for i, p in purses.items()}
+        expected = {i: state_of(p.held) for i, p in purses.items()}
+        for problem in app_state_problems(expected, fresh_states(model.env, list(purses))):
+            self.violations.add("app", problem)
+        self.app_store = store = read_app_store(model.bank_path)
+        for problem in app_store_problems(store, heads):
+            self.violations.add("app", problem)
+        for purse_id, head in heads.items():
+            if store.points.get(purse_id, 0) != head - 1:
+                self.violations.add(
+                    "liveness",
+                    f"{APP_NAME}/{purse_id}: compacted through "
+                    f"{store.points.get(purse_id, 0)} of {head} after the final run",
+                )
+        processed = self.app_follower.processed
+        for problem in app_follower_problems(processed, heads):
+            self.violations.add("app_follower", problem)
+        for problem in app_gate_problems(store, processed):
+            self.violations.add("app_gate", problem)
 
     def check_projection(self, db: DbState) -> None:
         """Every event exactly once: read once more (nothing new may come: nothing was
@@ -631,6 +750,64 @@ class Soak:
 
     # -- the report -----------------------------------------------------------------------
 
+    def application_summary(
+        self, results: list[dict[str, Any]], attempts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The application's results and logged attempts against its audit log, and what
+        its writer and follower did."""
+        store = self.app_store if self.app_store is not None else AppStore()
+        processed = [] if self.app_follower is None else self.app_follower.processed
+        audit = store.audit_by_id()
+        # A Model of the purses as streams, for check_results (unknown streams, outcomes).
+        streams = Model(self.violations)
+        for purse_id in self.app_model.purses:
+            streams.add(StreamModel(APP_NAME, str(purse_id), APP_NAME, owner=-1))
+        backend = check_results(results, audit, streams, self.violations, "app task result")
+        logged = check_results(attempts, audit, streams, self.violations, "app log line")
+        for problem in app_held_back_problems(results, processed):
+            self.violations.add("app_gate", problem)
+        held = Counter(
+            "limited" if r.get("outcome") in ("compacted", "dry_run") else "held"
+            for r in results
+            if r.get("held_back_by")
+        )
+        ops = self.stats.prefixed("app:")
+        summary = {
+            "purses": len(self.app_model.purses),
+            "appends": ops.get("appends", 0),
+            "appended_events": ops.get("appended_events", 0),
+            "events": self.app_model.events(),
+            "reads": ops.get("reads", 0),
+            "load_raced": sum(v for k, v in ops.items() if k.startswith("load_raced:")),
+            "compactions": store.audit_rows,
+            "compactions_in_workload": sum(
+                1
+                for moment in store.compacted_at.values()
+                if self.workload_ended_at is not None
+                and moment.timestamp() < self.workload_ended_at
+            ),
+            "events_deleted": store.events_deleted,
+            "purses_compacted": len(store.audit),
+            "attempts": logged.by_outcome,
+            "task_results": backend.by_outcome,
+            "unreported_deletions": logged.unreported_deletions,
+            "held_back": {k: held.get(k, 0) for k in ("limited", "held")},
+            "stale_refused": ops.get("stale_refused", 0),
+            "stale_refused_at_end": ops.get("stale_refused_at_end", 0),
+            "stale_not_passed": ops.get("stale_not_passed", 0),
+            "follower_events": len(processed),
+            "follower_pauses": ops.get("follower_pauses", 0),
+            "errors": self.stats.prefixed("app_error:"),
+        }
+        deletions = {}
+        if store.audit_rows:
+            deletions[APP_NAME] = {
+                "deletions": store.audit_rows,
+                "events": store.events_deleted,
+                "streams": len(store.audit),
+            }
+        return {"summary": summary, "logged": logged, "deletions_by_type": deletions}
+
     def retain_by_compaction(self, attempts: list[dict[str, Any]]) -> dict[str, int]:
         """Each compaction's ``retain_last``: a logged one's from the policy of its run,
         a racing one's as the restorer chose it."""
@@ -648,8 +825,8 @@ class Soak:
         self, injector: FaultInjector, db: DbState, workload_s: float, total_s: float
     ) -> Report:
         audit = db.audit_by_id()
-        results = self.task_results()
-        attempts = self.logged_attempts()
+        results, app_results = _split(self.task_results())
+        attempts, app_attempts = _split(self.logged_attempts())
         # The compactions that raced restores ran here, not in the fleet: checked on their
         # own, and no fleet result is expected for their deletions.
         raced = [] if self.restorer is None else list(self.restorer.results)
@@ -662,6 +839,8 @@ class Soak:
         for problem in held_back_problems(every_result, self.deleted_up_to, self.seen.saved):
             self.violations.add("gate", problem)
         held = held_back_summary(every_result, self.retain_by_compaction(attempts))
+        application = self.application_summary(app_results, app_attempts)
+        app_logged = application.pop("logged")
         ops = dict(self.stats.counts)
         errors = {
             k: v
@@ -680,7 +859,8 @@ class Soak:
         ops = {
             k: v
             for k, v in ops.items()
-            if k not in errors and not k.startswith(("projection:", "restores:"))
+            if k not in errors
+            and not k.startswith(("projection:", "restores:", "app:", "app_error:"))
         }
         assert self.projection is not None
         projection = {
@@ -715,8 +895,8 @@ class Soak:
             task_results=backend.by_outcome,
             run_outcomes=dict(sorted(run_outcomes.items())),
             bad_input=logged.bad_input,
-            compactions_by_type=logged.by_type,
-            deletions_by_type=db.deletions_by_type(),
+            compactions_by_type={**logged.by_type, **app_logged.by_type},
+            deletions_by_type={**db.deletions_by_type(), **application["deletions_by_type"]},
             audit_rows=db.audit_rows,
             events_deleted=sum(r.events_deleted for rows in db.audit.values() for r in rows),
             unreported_deletions=logged.unreported_deletions,
@@ -727,6 +907,7 @@ class Soak:
             held_back=held,
             restores=self.stats.prefixed("restores:"),
             archive=self.archive_checked,
+            application=application["summary"],
             final_run={}
             if final is None
             else {"status": final.status, "candidates": final.candidates, **final.outcomes},
@@ -735,3 +916,9 @@ class Soak:
             violations=list(self.violations.messages),
             notes=self.notes,
         )
+
+
+def _split(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The event store's results, and the pyeventsourcing application's."""
+    app = [r for r in results if r.get("stream_type") == APP_NAME]
+    return [r for r in results if r.get("stream_type") != APP_NAME], app

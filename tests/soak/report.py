@@ -59,6 +59,11 @@ class Report:
     restores: dict[str, int] = field(default_factory=dict)
     #: The trash bin at the end: archive entries read back and checked, their events.
     archive: dict[str, int] = field(default_factory=dict)
+    #: The pyeventsourcing application (tests/soak/esapp.py): purses, saves and events
+    #: appended, loads, compactions of its purses (audit rows) and events deleted,
+    #: attempts by outcome, stale saves refused (during the run, and after the final
+    #: run), the follower's events and pauses, errors tolerated.
+    application: dict[str, Any] = field(default_factory=dict)
     final_run: dict[str, Any] = field(default_factory=dict)
     #: Every run started: policy, status, timings, outcomes (JSON only).
     runs: list[dict[str, Any]] = field(default_factory=list)
@@ -80,6 +85,30 @@ class Report:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def _application_lines(self) -> list[str]:
+        app = self.application
+        if not app:
+            return []
+        held = app.get("held_back", {})
+        return [
+            "pyeventsourcing application (SQLite) and its follower",
+            f"  appends              {app.get('appends', 0)} saves "
+            f"({app.get('appended_events', 0)} deposits; {app.get('events', 0)} events in "
+            f"{app.get('purses', 0)} purses), {app.get('reads', 0)} loads checked "
+            f"({app.get('load_raced', 0)} raced by a compaction, retried)",
+            f"  compactions          {app.get('compactions', 0)} deleted events "
+            f"({app.get('compactions_in_workload', 0)} during the workload; "
+            f"{app.get('events_deleted', 0)} events, {app.get('purses_compacted', 0)} purses)",
+            f"  attempts             {_pairs(app.get('attempts', {})) or 'none'}",
+            f"  stale saves refused  {app.get('stale_refused', 0)} "
+            f"({app.get('stale_refused_at_end', 0)} of them after the final run; "
+            f"{app.get('stale_not_passed', 0)} copies never passed)",
+            f"  follower             {app.get('follower_events', 0)} events, each once "
+            f"({app.get('follower_pauses', 0)} pauses; held compactions back: "
+            f"{held.get('limited', 0)} cut short, {held.get('held', 0)} entirely)",
+            f"  tolerated errors     {_pairs(app.get('errors', {})) or 'none'}",
+        ]
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +178,8 @@ class Report:
             f"  archive              {self.archive.get('entries', 0)} entries read back "
             f"({self.archive.get('events', 0)} events), "
             f"{self.archive.get('restored_rows', 0)} audit rows restored",
+            "",
+            *self._application_lines(),
             "",
             "bad input (attempts by outcome; each finished run reported them: "
             f"{ops.get('bad_input_checks', 0)} checks)",

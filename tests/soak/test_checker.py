@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import random
+import sqlite3
+import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timezone
 from pathlib import Path
@@ -26,12 +30,19 @@ from eskit_tasks import (
 )
 from eskit_tasks.domain.codec import StateCodec
 from eskit_tasks.domain.compare import Difference
+from eskit_tasks.eventsourcing import ApplicationCompactor
 from eskit_tasks.ports import ArchivedEvent
 from eskit_tasks.testing.deciders import Ledger
 from eskit_tasks.testing.services import libpq_url, scratch_database
 from tests.soak.checker import (
+    AppStore,
     AuditRow,
     LiveEvents,
+    app_follower_problems,
+    app_gate_problems,
+    app_held_back_problems,
+    app_state_problems,
+    app_store_problems,
     archived_problems,
     audit_problems,
     check_db,
@@ -41,8 +52,21 @@ from tests.soak.checker import (
     held_back_summary,
     live_events_problems,
     projection_problems,
+    read_app_store,
     read_db_state,
     restore_problems,
+)
+from tests.soak.esapp import (
+    APP_NAME,
+    FOLLOWER_NAME,
+    AppModel,
+    AppWriter,
+    Processed,
+    SoakAudit,
+    SoakBank,
+    app_env,
+    fresh_states,
+    state_of,
 )
 from tests.soak.kinds import FOLDERS, STRICT_KINDS, Priority, Status
 from tests.soak.model import (
@@ -50,6 +74,7 @@ from tests.soak.model import (
     Model,
     Observation,
     ProjectionModel,
+    Stats,
     StreamModel,
     Violations,
     ledger_state,
@@ -716,3 +741,170 @@ def test_a_restore_in_a_real_database_satisfies_the_checker_until_it_loses_an_ev
 def read_state(url: str) -> Any:
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         return read_db_state(conn)
+
+
+# -- the pyeventsourcing application (tests/soak/esapp.py) --------------------------------
+
+
+@pytest.fixture
+def bank_model(tmp_path: Path) -> Iterator[tuple[AppModel, SoakAudit]]:
+    """Three purses of a real application in SQLite, and its follower (followed)."""
+    model = AppModel(app_env(tmp_path))
+    model.open_purses(3, random.Random(7))
+    audit = SoakAudit(env=model.env)
+    leader = SoakBank(env=model.env)
+    audit.follow(leader.name, leader.notification_log)
+    yield model, audit
+    audit.close()
+    leader.close()
+
+
+def _compact_all(model: AppModel, audit: SoakAudit, retain_last: int) -> list[dict[str, Any]]:
+    bank = SoakBank(env=model.env)
+    compactor = ApplicationCompactor(
+        bank, policy=CompactionPolicy(retain_last=retain_last), followers=[audit]
+    )
+    try:
+        return [compactor.compact(i).model_dump(mode="json") for i in model.purses]
+    finally:
+        compactor.close()
+        bank.close()
+
+
+def _app_problems(model: AppModel, audit: SoakAudit) -> list[str]:
+    heads = {i: p.head for i, p in model.purses.items()}
+    store = read_app_store(model.bank_path)
+    expected = {i: state_of(p.held) for i, p in model.purses.items()}
+    return [
+        *app_store_problems(store, heads),
+        *app_state_problems(expected, fresh_states(model.env, list(model.purses))),
+        *app_follower_problems(audit.processed, heads),
+        *app_gate_problems(store, audit.processed),
+    ]
+
+
+def test_the_application_checks_pass_a_compaction_held_back_by_the_follower(bank_model: Any):
+    model, audit = bank_model
+    audit.pull_and_process(APP_NAME, stop=5)  # the first purse's first events only
+    results = _compact_all(model, audit, retain_last=1)
+    assert [r["held_back_by"]["position"] for r in results] == [5, 5, 5]
+    assert app_held_back_problems(results, audit.processed) == []
+    audit.pull_and_process(APP_NAME)
+    _compact_all(model, audit, retain_last=1)
+    assert _app_problems(model, audit) == []
+    store = read_app_store(model.bank_path)
+    assert store.guarded and store.audit_rows >= 4
+    assert {store.points[i] for i in model.purses} == {p.head - 1 for p in model.purses.values()}
+
+
+def test_the_application_checks_catch_an_event_deleted_before_the_follower_saw_it(
+    bank_model: Any,
+):
+    model, audit = bank_model
+    purse = next(iter(model.purses.values()))
+    conn = sqlite3.connect(model.bank_path)
+    conn.execute(
+        "DELETE FROM stored_events WHERE originator_id = ? AND originator_version = 2",
+        (purse.id.hex,),
+    )
+    conn.commit()
+    conn.close()
+    audit.pull_and_process(APP_NAME)
+    problems = _app_problems(model, audit)
+    assert any(
+        "the follower processed of versions" in p and "1 never seen (2)" in p for p in problems
+    ), problems
+    assert any("live events are" in p for p in problems), problems
+    assert any("cannot load it" in p for p in problems), problems  # version 1, then 3
+
+
+def test_the_application_checks_compare_states_strictly():
+    class Thing:
+        def __init__(self, recent: dict[str, int]) -> None:
+            self.recent = recent
+            self._pending_events: list[Any] = []
+            self.version = 2
+
+    purse_id = uuid.uuid4()
+    expected = {purse_id: state_of(Thing({"a": 1, "b": 2}))}
+    assert app_state_problems(expected, {purse_id: Thing({"a": 1, "b": 2})}) == []
+    [order] = app_state_problems(expected, {purse_id: Thing({"b": 2, "a": 1})})
+    assert "key order" in order, order
+    [typed] = app_state_problems(expected, {purse_id: Thing({"a": 1.0, "b": 2})})  # type: ignore[dict-item]
+    assert "type" in typed, typed
+    [failed] = app_state_problems(expected, {purse_id: AssertionError()})
+    assert "cannot load it" in failed
+
+
+def test_a_deletion_the_follower_had_not_processed_and_held_back_results_are_flagged():
+    purse_id = uuid.uuid4()
+    row = AuditRow("c1", 1, APP_NAME, str(purse_id), 1, 4, 4, 6, 4)
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    store = AppStore(audit={purse_id: [row]}, compacted_at={"c1": at})
+    processed = [Processed(purse_id, v, 10 + v, at.timestamp() - 1) for v in range(1, 7)]
+    assert app_gate_problems(store, processed) == []
+    late = [*processed[:3], Processed(purse_id, 4, 14, at.timestamp() + 0.5), *processed[4:]]
+    [problem] = app_gate_problems(store, late)
+    assert "began processing 0.500 s later" in problem
+    [never] = app_gate_problems(store, processed[:3])
+    assert "never processed" in never
+
+    def held(position: int, cut: int | None, consumer: str = FOLLOWER_NAME) -> dict[str, Any]:
+        return {
+            "stream_type": APP_NAME,
+            "stream_id": str(purse_id),
+            "compaction_id": "c",
+            "outcome": "compacted" if cut else "nothing_to_compact",
+            "snapshot_version": cut,
+            "held_back_by": {"consumer": consumer, "position": position},
+        }
+
+    assert app_held_back_problems([held(14, 4), held(0, None)], processed) == []
+    [beyond] = app_held_back_problems([held(13, 4)], processed)
+    assert "deleted through version 4, notification 14" in beyond
+    [unknown] = app_held_back_problems([held(14, 4, "Other")], processed)
+    assert "unknown 'Other'" in unknown
+    [unreached] = app_held_back_problems([held(99, None)], processed)
+    assert "never reached" in unreached
+
+
+def test_the_follower_must_see_each_event_once_in_order():
+    a, b = uuid.uuid4(), uuid.uuid4()
+    heads = {a: 2, b: 1}
+    seen = [Processed(a, 1, 1, 0.0), Processed(b, 1, 2, 0.0), Processed(a, 2, 3, 0.0)]
+    assert app_follower_problems(seen, heads) == []
+    twice = app_follower_problems([*seen, Processed(a, 2, 3, 0.0)], heads)
+    assert any("seen more than once" in p for p in twice), twice
+    assert any("not strictly increasing" in p for p in twice), twice
+    assert any("1 never seen (2)" in p for p in app_follower_problems(seen[:2], heads))
+
+
+def test_a_stale_save_that_gets_through_is_a_violation(bank_model: Any):
+    model, audit = bank_model
+    audit.pull_and_process(APP_NAME)
+    stats, violations = Stats(), Violations()
+    writer = AppWriter(
+        model, 1, stats, violations, threading.Event(), pace=0, stale_every=0, stale_pending=3
+    )
+    writer.bank = SoakBank(env=model.env)
+    purses = list(model.purses.values())
+    for purse in purses:
+        writer.take_stale(purses)
+        writer.append(purse)
+        writer.append(purse)
+    assert len(writer.pending) == 3 and stats.get("app:reads") == 3
+    audit.pull_and_process(APP_NAME)
+    _compact_all(model, audit, retain_last=1)
+    first = purses[0].id
+    stale_first = writer.pending.pop(first)
+    writer.try_stale()
+    assert (stats.get("app:stale_refused"), violations.count) == (2, 0)
+
+    compactor = ApplicationCompactor(writer.bank)
+    compactor.remove_guard()  # what the guard is for: without it, the save goes through
+    compactor.close()
+    writer.pending[first] = stale_first
+    writer.try_stale()
+    [message] = violations.messages
+    assert "a stale save of version" in message and "went through" in message
+    writer.bank.close()

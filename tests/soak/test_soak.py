@@ -1,4 +1,5 @@
-"""The short soak of the suite: about 75 s of workload under every kind of fault.
+"""The short soak of the suite: about 75 s of workload under every kind of fault, with a
+pyeventsourcing application's purses, writer, stale writer and follower besides.
 
 ``run_soak`` configures the Celery app for its own redis-servers, and the app reads its
 settings once per process; this session's app (tests/conftest.py) may already be in use
@@ -89,3 +90,13 @@ def test_a_soak_under_faults_keeps_every_invariant(tmp_path: Path):
     assert report.held_back.get("limited", 0) + report.held_back.get("held", 0) > 0, text
     assert report.restores.get("restored", 0) > 0, text
     assert report.archive.get("entries") == report.audit_rows, text
+    # The pyeventsourcing application (tests/soak/esapp.py; what it holds, what its
+    # follower saw and the stale saves are checked: a violation otherwise): the fan-outs
+    # compacted its purses during the workload, held back by its lagging follower, which
+    # processed every event; stale saves were refused by the guard during the workload.
+    app = report.application
+    assert app.get("appends", 0) > 0 and app.get("reads", 0) > 0, text
+    assert app.get("compactions_in_workload", 0) > 0, text
+    assert app.get("follower_pauses", 0) > 0 and app.get("follower_events") == app["events"], text
+    assert sum(app.get("held_back", {}).values()) > 0, text
+    assert app.get("stale_refused", 0) > app.get("stale_refused_at_end", 0), text
