@@ -26,6 +26,7 @@ from eventsourcing.domain import Aggregate, event
 
 from eskit_tasks import CompactionPolicy
 from eskit_tasks.eventsourcing import ApplicationCompactor
+from eskit_tasks.testing.services import eventsourcing_postgres_env
 
 
 class Account(Aggregate):
@@ -86,15 +87,7 @@ def _application(url: str | None) -> Iterator[tuple[BenchBank, str, str]]:
             finally:
                 app.close()
         return
-    parsed = sa.engine.make_url(url)
-    env = {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "POSTGRES_DBNAME": str(parsed.database),
-        "POSTGRES_HOST": str(parsed.host or "127.0.0.1"),
-        "POSTGRES_PORT": str(parsed.port or 5432),
-        "POSTGRES_USER": str(parsed.username or "postgres"),
-        "POSTGRES_PASSWORD": str(parsed.password or ""),
-    }
+    env = eventsourcing_postgres_env(url)
     app = BenchBank(env=env)
     try:
         yield app, url, "benchbank_events"

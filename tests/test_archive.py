@@ -676,6 +676,8 @@ def test_archive_from_url_refuses_what_is_not_a_usable_directory(tmp_path):
         archive_from_url("  ")
 
 
+# Platform-bound: file permissions do not bind root (CI and this machine run as root),
+# so a read-only directory cannot be made there; the check runs for any other user.
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_archive_from_url_refuses_a_read_only_directory(tmp_path):
     locked = tmp_path / "locked"

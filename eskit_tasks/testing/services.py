@@ -64,6 +64,20 @@ START_POSTGRES = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) 
 _MAX_IDENTIFIER = 63
 
 
+def eventsourcing_postgres_env(url: str) -> dict[str, str]:
+    """The environment of a pyeventsourcing application on the PostgreSQL database at
+    SQLAlchemy ``url`` (``PERSISTENCE_MODULE`` and the ``POSTGRES_*`` settings)."""
+    parsed = make_url(url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(parsed.database),
+        "POSTGRES_HOST": str(parsed.host or "127.0.0.1"),
+        "POSTGRES_PORT": str(parsed.port or 5432),
+        "POSTGRES_USER": str(parsed.username or "postgres"),
+        "POSTGRES_PASSWORD": str(parsed.password or ""),
+    }
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it)."""
     with socket.socket() as s:

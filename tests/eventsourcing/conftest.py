@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from eskit_tasks.testing.services import postgres_admin_url, scratch_database
+from eskit_tasks.testing.services import (
+    eventsourcing_postgres_env,
+    postgres_admin_url,
+    scratch_database,
+)
 
 
 @dataclass
@@ -60,18 +64,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     else:
         request.getfixturevalue("postgres_url")  # the server is up, or the run stops
         with scratch_database(postgres_admin_url(), "eskit_es") as url:
-            parsed = sa.engine.make_url(url)
             made = Backend(
                 "postgres",
                 url,
-                {
-                    "PERSISTENCE_MODULE": "eventsourcing.postgres",
-                    "POSTGRES_DBNAME": str(parsed.database),
-                    "POSTGRES_HOST": str(parsed.host or "127.0.0.1"),
-                    "POSTGRES_PORT": str(parsed.port or 5432),
-                    "POSTGRES_USER": str(parsed.username or "postgres"),
-                    "POSTGRES_PASSWORD": str(parsed.password or ""),
-                },
+                eventsourcing_postgres_env(url),
             )
             try:
                 yield made

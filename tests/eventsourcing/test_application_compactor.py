@@ -369,11 +369,10 @@ def test_an_event_sourced_log_is_not_compacted(backend: Backend):
 
 
 @pytest.mark.services
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # schemas: PostgreSQL only
 def test_an_application_in_its_own_postgres_schema(backend: Backend):
     """POSTGRES_SCHEMA: the library's tables, eskit's side tables and the guard all live
     in that schema (the library does not create it)."""
-    if backend.name != "postgres":
-        pytest.skip("PostgreSQL schemas")
     engine = sa.create_engine(backend.url)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE SCHEMA vault")

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from eskit_tasks import compact_all
 from eskit_tasks.cli import Exit, main
 from eskit_tasks.core.registry import get_source, unregister_source
+from eskit_tasks.testing.services import eventsourcing_postgres_env
 from tests.eventsourcing.fleet_apps import Ledgers
 from tests.fleet.conftest import Fleet, results_in_backend
 
@@ -34,15 +35,7 @@ def ledgers(request: pytest.FixtureRequest, tmp_path: Path, postgres_url: str) -
             "SQLITE_DBNAME": str(tmp_path / "l.db"),
         }
     else:
-        url = sa.engine.make_url(postgres_url)
-        env = {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
-            "POSTGRES_DBNAME": str(url.database),
-            "POSTGRES_HOST": str(url.host or "127.0.0.1"),
-            "POSTGRES_PORT": str(url.port or 5432),
-            "POSTGRES_USER": str(url.username or "postgres"),
-            "POSTGRES_PASSWORD": str(url.password or ""),
-        }
+        env = eventsourcing_postgres_env(postgres_url)
         engine = sa.create_engine(postgres_url)
         with engine.begin() as conn:  # a clean application for each test
             conn.exec_driver_sql("DROP TABLE IF EXISTS ledgers_events, ledgers_snapshots")
