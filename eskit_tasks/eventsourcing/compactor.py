@@ -36,10 +36,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dt_time
-from decimal import Decimal
-from enum import Enum
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -58,7 +55,8 @@ from eskit_tasks.errors import (
     StreamIntegrityError,
     VersionGapError,
 )
-from eskit_tasks.eventsourcing import guard
+from eskit_tasks.eventsourcing import bookkeeping, guard
+from eskit_tasks.eventsourcing.state import state_of, unkept
 from eskit_tasks.eventsourcing.target import Target, target_of
 from eskit_tasks.ports import Candidate
 from eskit_tasks.stores import migrate
@@ -210,7 +208,7 @@ class ApplicationCompactor:
         except _VerificationFailed as exc:
             self._failed(fields, Outcome.VERIFICATION_FAILED, exc)
         except StreamIntegrityError as exc:  # or a newer compaction deleted under the replay
-            lost = bool(token) and self._token_of(stream_id) != token[0]
+            lost = bool(token) and bookkeeping.token_of(self.target, stream_id) != token[0]
             self._failed(fields, Outcome.FENCED if lost else Outcome.FAILED, exc)
         except Exception as exc:  # a bug in an aggregate must not kill a fleet worker
             self._failed(fields, Outcome.FAILED, exc)
@@ -235,14 +233,6 @@ class ApplicationCompactor:
                 "VACUUM of %s failed (run compactor.vacuum() later): %s", self.target.events, exc
             )
 
-    def _token_of(self, stream_id: str) -> int | None:
-        try:
-            with self._reading("read the fencing token") as conn:
-                info = stream_row(conn, self.target.name, stream_id)[1]
-        except Exception:
-            return None
-        return None if info is None else info.fence_token
-
     def _failed(self, fields: dict[str, Any], outcome: Outcome, exc: BaseException) -> None:
         failed = CompactionResult.failed(
             fields["stream_type"],
@@ -259,16 +249,18 @@ class ApplicationCompactor:
     ) -> None:
         dry_run = self.policy.dry_run
         if settle and not dry_run:
-            done = self._logged(fields["compaction_id"], fields["stream_id"])
+            done = bookkeeping.logged(self.target, fields["compaction_id"], fields["stream_id"])
             if done is not None:  # a retry of a compaction that committed: report it
                 fields.update(done, outcome=Outcome.COMPACTED, recovered=True)
                 return
         # Read only, first: a typo'd id or a stream with nothing to do changes nothing.
-        plan = self._plan(aggregate_id, fields["stream_id"], self._point(fields["stream_id"]))
+        plan = self._plan(
+            aggregate_id, fields["stream_id"], bookkeeping.point(self.target, fields["stream_id"])
+        )
         if not dry_run and plan.cut > plan.compacted_through:
             self._check_guard()
             self._prepare()
-            point, taken = self._fence(fields["stream_id"])
+            point, taken = bookkeeping.fence(self.target, fields["stream_id"])
             token.append(taken)
             plan = self._plan(aggregate_id, fields["stream_id"], point, taken)
         fields.update(
@@ -463,7 +455,7 @@ class ApplicationCompactor:
                 stream_id=plan.stream_id,
                 version=plan.cut,
             )
-        difference = first_difference(_state(aggregate), _state(rebuilt))
+        difference = first_difference(state_of(aggregate), state_of(rebuilt))
         if difference is not None:
             raise _VerificationFailed(
                 f"{label}: versions {plan.cut + 1}..{plan.head} replayed on the snapshot at "
@@ -484,11 +476,11 @@ class ApplicationCompactor:
                 f"{label}: {type(aggregate).__name__} cannot be snapshotted (no Snapshot "
                 "class); only aggregates are compacted"
             )
-        unkept = _unkept(aggregate)
-        if unkept is not None:
+        lost = unkept(aggregate)
+        if lost is not None:
             raise _VerificationFailed(
                 f"{label}: the snapshot at version {version} could not give back the "
-                f"aggregate: {unkept}; nothing was deleted"
+                f"aggregate: {lost}; nothing was deleted"
             )
         try:
             stored = mapper.to_stored_event(snapshot_class.take(aggregate))
@@ -498,7 +490,7 @@ class ApplicationCompactor:
                 f"{label}: the snapshot at version {version} cannot be encoded and decoded by "
                 f"the application's mapper ({type(exc).__name__}: {exc}); nothing was deleted"
             ) from exc
-        difference = first_difference(_state(aggregate), _state(rebuilt))
+        difference = first_difference(state_of(aggregate), state_of(rebuilt))
         if difference is not None:
             raise _VerificationFailed(
                 f"{label}: the snapshot at version {version} would not give back the "
@@ -694,82 +686,6 @@ class ApplicationCompactor:
             guard.install(self.target)
         self._ready[0] = True
 
-    def _point(self, stream_id: str) -> int:
-        """The stream's compaction point, without writing anything (0: none yet)."""
-        if migrate.status(self.target.engine).state == "empty":
-            return 0
-        with self._reading("read the compaction point") as conn:
-            info = stream_row(conn, self.target.name, stream_id)[1]
-        return 0 if info is None else info.compacted_through
-
-    def _fence(self, stream_id: str) -> tuple[int, int]:
-        """Take a new fencing token for the stream; return its compaction point and token."""
-        name = self.target.name
-        with self._writing(f"take a fencing token for {name}/{stream_id}") as conn:
-            pk, _ = stream_row(conn, name, stream_id, lock=True)
-            if pk is None:
-                conn.execute(
-                    streams.insert().values(
-                        stream_type=name,
-                        stream_id=stream_id,
-                        head_version=0,
-                        compacted_through=0,
-                        fence_token=0,
-                        created_at=datetime.now(UTC),
-                    )
-                )
-                pk, _ = stream_row(conn, name, stream_id, lock=True)
-            assert pk is not None
-            conn.execute(
-                sa.update(streams)
-                .where(streams.c.pk == pk)
-                .values(fence_token=streams.c.fence_token + 1)
-            )
-            _, info = stream_row(conn, name, stream_id)
-            assert info is not None
-            return info.compacted_through, info.fence_token
-
-    def _logged(self, compaction_id: str, stream_id: str) -> dict[str, Any] | None:
-        """The result fields of this aggregate's committed compaction under
-        ``compaction_id``.
-
-        Raises:
-            ConfigurationError: the id names a compaction of another stream.
-        """
-        if migrate.status(self.target.engine).state == "empty":
-            return None
-        c = compaction_log.c
-        with self._reading("read the audit log") as conn:
-            row = conn.execute(
-                sa.select(
-                    c.stream_type,
-                    c.stream_id,
-                    c.from_version,
-                    c.through_version,
-                    c.head_version,
-                    c.state_hash,
-                    c.events_deleted,
-                    c.bytes_reclaimed,
-                ).where(c.compaction_id == compaction_id)
-            ).first()
-        if row is None:
-            return None
-        if (row.stream_type, row.stream_id) != (self.target.name, stream_id):
-            raise ConfigurationError(
-                f"compaction id {compaction_id!r} is already in the audit log, for "
-                f"{row.stream_type}/{row.stream_id}; give each compaction its own id; "
-                "nothing was deleted"
-            )
-        return {
-            "compacted_through_before": row.from_version - 1,
-            "snapshot_version": row.through_version,
-            "head_version": row.head_version,
-            "events_retained": row.head_version - row.through_version,
-            "state_hash": row.state_hash,
-            "events_deleted": row.events_deleted,
-            "bytes_reclaimed": row.bytes_reclaimed,
-        }
-
     # -- candidates, maintenance --------------------------------------------------------
 
     def candidates(self, *, min_events: int = 1, page_size: int = 500) -> Iterator[Candidate]:
@@ -895,75 +811,3 @@ class ApplicationCompactor:
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _unkept(aggregate: Any) -> str | None:
-    """What a snapshot (``vars()`` through the transcoder) cannot keep of ``aggregate``:
-    attributes in ``__slots__`` (outside ``vars()``), or one mutable object reachable
-    under two names (a snapshot decodes two copies, and a later event changes one)."""
-    for cls in type(aggregate).__mro__:
-        slots = cls.__dict__.get("__slots__", ())
-        for slot in (slots,) if isinstance(slots, str) else slots:
-            if slot not in ("__dict__", "__weakref__") and hasattr(aggregate, slot):
-                return (
-                    f"{cls.__name__}.{slot} is a slot, which a snapshot does not keep "
-                    "(snapshots keep vars())"
-                )
-    seen: dict[int, str] = {}
-    for name, value in vars(aggregate).items():
-        if name != "_pending_events":
-            shared = _shared(value, seen, name)
-            if shared is not None:
-                return shared
-    return None
-
-
-def _shared(value: Any, seen: dict[int, str], path: str) -> str | None:
-    """The first mutable object reachable twice from ``value`` (``seen``: the paths of
-    the ones met so far), said as two paths."""
-    if value is None or isinstance(value, (*_ATOMS, type, Enum)):
-        return None
-    mutable = isinstance(value, list | dict | set | bytearray) or hasattr(value, "__dict__")
-    if mutable:
-        if id(value) in seen:
-            return f"{seen[id(value)]} and {path} are one and the same object"
-        seen[id(value)] = path
-    if isinstance(value, dict):
-        children: Iterable[tuple[str, Any]] = ((f"{path}[{k!r}]", v) for k, v in value.items())
-    elif isinstance(value, list | tuple | set | frozenset):
-        children = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    elif hasattr(value, "__dict__"):
-        children = ((f"{path}.{k}", v) for k, v in vars(value).items())
-    else:
-        return None
-    for where, child in children:
-        found = _shared(child, seen, where)
-        if found is not None:
-            return found
-    return None
-
-
-#: Values that hold no mutable object (what ``_shared`` need not look into).
-_ATOMS = (
-    str,
-    bytes,
-    int,
-    float,
-    complex,
-    bool,
-    Decimal,
-    datetime,
-    date,
-    dt_time,
-    timedelta,
-    uuid.UUID,
-)
-
-
-def _state(aggregate: Any) -> tuple[type, dict[str, Any]]:
-    """What makes an aggregate what it is: its class and its attributes (but the events it
-    has not saved yet, which a replay never has), by name: the order an object's
-    attributes were set in is not state (a snapshot sets the library's own last), while
-    the values inside are compared strictly, dict order included."""
-    attributes = vars(aggregate)
-    return type(aggregate), {k: attributes[k] for k in sorted(attributes) if k != "_pending_events"}
