@@ -339,7 +339,7 @@ def test_only_the_owner_of_a_task_result_is_counted_in_the_run(
 
     res = Resources(EskitSettings(metrics_port=None), redis=fakeredis.FakeRedis())
     res.progress.create(RUN, {})
-    task = types.SimpleNamespace(request=types.SimpleNamespace(id="t-1", retries=0))
+    task = types.SimpleNamespace(request=types.SimpleNamespace(id="t-1", retries=0), app=None)
     good, late = TaskCopy(task, res, RUN), TaskCopy(task, res, RUN)
     won = CompactionResult.failed("ledger", "s", "x", compaction_id=good.compaction_id)
     won = won.model_copy(
@@ -357,8 +357,8 @@ def test_only_the_owner_of_a_task_result_is_counted_in_the_run(
     if order == "interleaved":  # the good copy finishes while the stale one counts
         real = redelivery.report_to_run
 
-        def count(res_: Resources, run_id: str, result: CompactionResult) -> None:
-            real(res_, run_id, result)
+        def count(res_: Resources, run_id: str, result: CompactionResult, app: Any) -> None:
+            real(res_, run_id, result, app)
             if result is stale and "good" not in claims:
                 claims["good"] = good.claim_result(won)
 
@@ -382,6 +382,11 @@ class FakeSource:
     def __init__(self, name: str, n: int, *, broken: bool = False) -> None:
         self.name, self.n, self.broken = name, n, broken
         self.compacted: list[str] = []
+        self.reclaims = 0
+
+    def reclaim(self, *, full: bool = False) -> Any:
+        self.reclaims += 1
+        return None
 
     def candidate_page(self, *, after: int, limit: int, min_live_events: int):
         from eskit_tasks.ports import Candidate
@@ -437,6 +442,9 @@ def test_a_run_pages_the_stores_streams_then_each_source(fleet: InProcessFleet, 
         sorted(f"AppA-{k}" for k in range(1, 6)),
         sorted(f"AppB-{k}" for k in range(1, 7)),
     ]
+    # The run ends by reclaiming each application once, not after each stream.
+    assert [a.reclaims for a in apps] == [1, 1]
+    assert final.reclaim is not None and set(final.reclaim["applications"]) == {"AppA", "AppB"}
 
 
 def test_a_source_that_cannot_be_paged_fails_the_run_with_its_reason(

@@ -499,9 +499,9 @@ def test_run_progress_counts_every_colliding_stream_once(fake_redis):
     stored = progress.store_page(run_id, Page(0, 1, True, tuple(pairs)))
     assert stored is not None and list(stored.streams) == pairs
     for n, pair in enumerate(pairs, start=1):
-        assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)) is True, pair
+        assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)).counted is True, pair
     for n, pair in enumerate(pairs, start=1):
-        assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)) is False, pair
+        assert progress.report(run_id, _result(*pair, Outcome.COMPACTED, n)).counted is False, pair
     got = progress.get(run_id)
     assert got is not None
     assert got.done == got.candidates == len(pairs)
@@ -522,8 +522,8 @@ def test_failed_streams_keep_hostile_ids_exactly(fake_redis):
     progress.create(run_id, {})
     pairs = [*COLLIDING_GROUPS[0], *COLLIDING_GROUPS[6], *_hostile_streams()]
     for n, pair in enumerate(pairs):
-        assert progress.report(run_id, _result(*pair, Outcome.FAILED, n)) is True
-        assert progress.report(run_id, _result(*pair, Outcome.FAILED, n)) is False
+        assert progress.report(run_id, _result(*pair, Outcome.FAILED, n)).counted is True
+        assert progress.report(run_id, _result(*pair, Outcome.FAILED, n)).counted is False
     failed = progress.failed_streams(run_id)
     assert [(f.stream_type, f.stream_id) for f in failed] == pairs
     assert all(f.outcome == "failed" for f in failed)

@@ -33,6 +33,7 @@ from eskit_tasks.cli.render import (
     out,
     print_candidates,
     print_log,
+    print_reclaim,
     print_result,
     print_snapshot_report,
     progress_bar,
@@ -50,12 +51,14 @@ from eskit_tasks.core.registry import (
 from eskit_tasks.core.verify import verify_snapshots
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
-from eskit_tasks.domain.result import CompactionResult
+from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError, EskitError
+from eskit_tasks.fleet.finish import reclaim_after_run
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 from eskit_tasks.stores import migrate
 from eskit_tasks.stores.engine import create_engine
+from eskit_tasks.stores.reclaim import FULL_LOCK_WARNING, reclaim, store_tables
 from eskit_tasks.stores.sql import SqlSnapshotStore
 
 
@@ -183,7 +186,11 @@ def demo(
         i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
     }
     unchanged = before == after
-    report_results(results, elapsed, json_, extra={"state_unchanged": unchanged})
+    deleted = deleted_by_type(results)
+    reclaimed = reclaim_after_run(store.engine, deleted) if deleted else None
+    report_results(
+        results, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
+    )
     if not json_:
         out.print(f"state after compaction equals state before: {'yes' if unchanged else 'NO'}")
     if not unchanged or any(not r.ok for r in results):
@@ -334,6 +341,62 @@ class LocalCompactors:
         return reg.compactor(self.store, self.snapshots, self.policy, archive=self.archive)
 
 
+def deleted_by_type(results: Sequence[CompactionResult]) -> dict[str, int]:
+    """Events deleted per stream type by the compactions that committed."""
+    deleted: dict[str, int] = {}
+    for r in results:
+        if r.outcome == Outcome.COMPACTED and r.events_deleted and not r.recovered:
+            deleted[r.stream_type] = deleted.get(r.stream_type, 0) + r.events_deleted
+    return deleted
+
+
+@app.command("reclaim")
+def reclaim_cmd(
+    database: Database = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Rewrite the tables smaller (PostgreSQL VACUUM FULL, SQLite VACUUM): "
+            "an exclusive lock while it runs.",
+        ),
+    ] = False,
+    decider_module: DeciderModules = None,
+    json_: JsonOut = False,
+) -> None:
+    """Give the space of deleted events back and show the measured sizes.
+
+    PostgreSQL: VACUUM (ANALYZE) of the events and snapshots tables, which makes the
+    space of deleted rows reusable (the files keep their size); --full rewrites them
+    smaller under an ACCESS EXCLUSIVE lock (pg_repack does it online). Free space is
+    measured when the pgstattuple extension is installed. SQLite: checkpoint the WAL
+    and shrink the file where it allows (--full: VACUUM). The applications registered
+    by --decider-module (pyeventsourcing on PostgreSQL) are vacuumed too.
+    """
+    import_deciders(decider_module)
+    store = open_store(database)
+    if full:
+        err.print(f"warning: {FULL_LOCK_WARNING.get(store.engine.dialect.name, '')}")
+    try:
+        reports: dict[str, Any] = {
+            "store": reclaim(store.engine, store_tables(store.engine), full=full)
+        }
+    finally:
+        store.engine.dispose()
+    for name in registered_sources():
+        source = get_source(name)
+        if source is not None:
+            reports[f"app {name}"] = source.reclaim(full=full)
+    if json_:
+        emit_json({k: None if r is None else r.as_json() for k, r in reports.items()})
+        return
+    for name, r in reports.items():
+        if r is None:
+            out.print(f"{name}: not vacuumed (SQLite: freed pages are reused by new events)")
+        else:
+            print_reclaim(name, r)
+
+
 def compact_all_here(
     database: str | None,
     policy: CompactionPolicy,
@@ -368,7 +431,18 @@ def compact_all_here(
                 progress.advance(task)
         except EskitError as exc:  # a source that cannot be paged: report what was done
             stopped = exc
-    report_results(results, time.perf_counter() - started, json_)
+        reclaimed = None
+        deleted = deleted_by_type(results)
+        if get_settings().reclaim == "auto" and deleted:
+            progress.update(task, description="reclaiming space")
+            reclaimed = reclaim_after_run(store.engine, deleted)
+    store.engine.dispose()
+    report_results(
+        results,
+        time.perf_counter() - started,
+        json_,
+        extra={"deleted_by_type": deleted, "reclaim": reclaimed},
+    )
     if stopped is not None:
         err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")
     if stopped is not None or any(not r.ok for r in results):

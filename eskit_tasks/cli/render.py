@@ -16,6 +16,7 @@ from rich.table import Table
 
 from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport
 from eskit_tasks.domain.result import CompactionResult, Outcome
+from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.ports import Candidate, CompactionRecord
 
 out = Console(highlight=False, soft_wrap=True)
@@ -181,16 +182,71 @@ def summary_table(t: dict[str, Any]) -> None:
     failed = sum(outcomes.get(o.value, 0) for o in Outcome if o.needs_attention)
     table.add_row("failed", f"{failed:,}")
     table.add_row("events deleted", f"{t['events_deleted']:,}")
-    table.add_row("bytes reclaimed", human_bytes(t["bytes_reclaimed"]))
+    # An estimate of the deleted rows' size, not disk given back: see the reclaim rows.
+    table.add_row("deleted event data (est.)", human_bytes(t["bytes_reclaimed"]))
     if t.get("dry_run_events"):
         table.add_row(
             "would delete (dry run)",
             f"{t['dry_run_events']:,} events, {human_bytes(t['dry_run_bytes'])}",
         )
     table.add_row("time", f"{t['elapsed_s']:.2f}s")
+    for name, line in reclaim_lines(t.get("reclaim")):
+        table.add_row(name, line)
     out.print(table)
     for f in t["failed_streams"]:
         out.print(f"[red]{f['outcome']}[/red] {f['stream_type']}/{f['stream_id']}: {f['error']}")
+
+
+def reclaim_lines(reclaim: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Rows for what a run's finishing step reclaimed (measured sizes)."""
+    if not reclaim:
+        return []
+    if "error" in reclaim:
+        return [("reclaim", f"failed: {reclaim['error']}")]
+    parts = [("store", reclaim.get("store"))]
+    parts += [(f"app {name}", r) for name, r in sorted(reclaim.get("applications", {}).items())]
+    return [(f"disk: {name}", describe_reclaim(r)) for name, r in parts if r is not None]
+
+
+def describe_reclaim(r: dict[str, Any]) -> str:
+    """One reclaim report (its JSON) in a line: sizes before and after, free space."""
+    if "error" in r:
+        return f"failed: {r['error']}"
+    line = (
+        f"{r['mode']}: {human_bytes(r['total_bytes_before'])} -> "
+        f"{human_bytes(r['total_bytes_after'])}"
+    )
+    if r.get("reusable_bytes") is not None:
+        line += f", free in tables {human_bytes(r['free_bytes_after'])}"
+    if r.get("note"):
+        line += f" ({r['note']})"
+    return line
+
+
+def print_reclaim(name: str, r: ReclaimReport) -> None:
+    """One reclaim's measured sizes, before and after."""
+    table = Table(title=f"{name}: {r.mode} ({r.duration_s:.1f}s)")
+    table.add_column("table")
+    table.add_column("size before", justify="right")
+    table.add_column("size after", justify="right")
+    table.add_column("free before", justify="right")
+    table.add_column("free after", justify="right")
+
+    def free(n: int | None) -> str:
+        return "-" if n is None else human_bytes(n)
+
+    for before, after in zip(r.before.tables, r.after.tables, strict=True):
+        table.add_row(
+            before.table,
+            human_bytes(before.total_bytes),
+            human_bytes(after.total_bytes),
+            free(before.free_bytes),
+            free(after.free_bytes),
+        )
+    out.print(table)
+    out.print(f"{human_bytes(r.shrunk_bytes)} smaller on disk", highlight=False)
+    if r.note:
+        out.print(f"note: {r.note}", highlight=False)
 
 
 def print_summary(summary: Any, json_: bool) -> None:
@@ -200,6 +256,8 @@ def print_summary(summary: Any, json_: bool) -> None:
         emit_json(totals)
         return
     state = "finished" if summary.finished else "running"
+    if not summary.finished and summary.error is None and summary.done >= summary.candidates:
+        state = "reclaiming space"
     out.print(f"run {summary.run_id}: {state}, {summary.done} of {summary.candidates} streams done")
     if summary.error:
         out.print(f"[red]run error:[/red] {summary.error}")

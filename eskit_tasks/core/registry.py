@@ -22,6 +22,7 @@ from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.domain.schema import Upcaster
+from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.errors import ConfigurationError, SnapshotCodecError, UnknownStreamTypeError
 from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 
@@ -88,6 +89,11 @@ class StreamSource(Protocol):
         """At most ``limit`` streams with at least ``min_live_events`` live events whose
         key is above ``after``, in key order; and the key the next page starts after
         (None: there is no next page)."""
+        ...
+
+    def reclaim(self, *, full: bool = False) -> ReclaimReport | None:
+        """Give back the space of the events compaction deleted and measure it (see
+        :mod:`eskit_tasks.stores.reclaim`); None if this source never does."""
         ...
 
 

@@ -45,6 +45,7 @@ from sqlalchemy.engine import Connection
 from eskit_tasks.domain.compare import first_difference
 from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.domain.result import CompactionResult, HeldBack, Outcome
+from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.errors import (
     ConfigurationError,
     DeletionMismatchError,
@@ -60,8 +61,8 @@ from eskit_tasks.eventsourcing.state import state_of, unkept
 from eskit_tasks.eventsourcing.target import Target, target_of
 from eskit_tasks.ports import Candidate
 from eskit_tasks.stores import migrate
-from eskit_tasks.stores.driver_errors import translate_errors
 from eskit_tasks.stores.engine import reading, writing
+from eskit_tasks.stores.reclaim import reclaim
 from eskit_tasks.stores.schema import compaction_log, stream_row, streams
 
 log = logging.getLogger("eskit_tasks")
@@ -780,17 +781,18 @@ class ApplicationCompactor:
         """``VACUUM`` the events table on PostgreSQL, where the library turned autovacuum
         off; True if it ran. Never on SQLite: a VACUUM there may renumber the rowids the
         application uses as notification ids."""
+        return self.reclaim() is not None
+
+    def reclaim(self, *, full: bool = False) -> ReclaimReport | None:
+        """``VACUUM (ANALYZE)`` the events and snapshots tables on PostgreSQL (``full``:
+        ``VACUUM FULL``, under an exclusive lock), measuring their size before and after;
+        None on SQLite, where it is never done (a VACUUM there may renumber the rowids
+        the application uses as notification ids; freed pages are reused anyway)."""
         self._since_vacuum[0] = 0
         target = self.target
         if target.dialect != "postgresql":
-            return False
-        autocommit = target.engine.execution_options(isolation_level="AUTOCOMMIT")
-        with (
-            translate_errors(target.engine, f"vacuum {target.events}"),
-            autocommit.connect() as conn,
-        ):
-            conn.exec_driver_sql(f"VACUUM (ANALYZE) {target.events}")
-        return True
+            return None
+        return reclaim(target.engine, [target.events, target.snapshots], full=full)
 
     def remove_guard(self) -> None:
         """Drop the stale-writer guard from the application's events table (see

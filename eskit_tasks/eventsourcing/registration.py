@@ -21,6 +21,7 @@ from typing import Any
 from eskit_tasks.core.registry import register_source
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.eventsourcing.compactor import ApplicationCompactor
 from eskit_tasks.ports import Candidate
@@ -146,6 +147,9 @@ class ApplicationSource:
         return self._compactor().candidate_page(
             after=after, limit=limit, min_live_events=min_live_events
         )
+
+    def reclaim(self, *, full: bool = False) -> ReclaimReport | None:
+        return self._compactor().reclaim(full=full)
 
 
 def _application_class(spec: str | type[Any]) -> type[Any]:

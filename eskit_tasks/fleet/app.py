@@ -1,7 +1,8 @@
 """The Celery application: ``celery -A eskit_tasks worker`` / ``beat`` find it here.
 
 :func:`create_app` builds an app from the settings it is given — its Celery
-configuration, its two tasks (``eskit_tasks.compact_stream``, ``eskit_tasks.fan_out``)
+configuration, its tasks (``eskit_tasks.compact_stream``, ``eskit_tasks.fan_out``,
+``eskit_tasks.finish_run``)
 and the resources its tasks use — so a test can build a whole fleet in-process::
 
     app = create_app(settings, config={"broker_url": "memory://"}, resources=resources)
@@ -25,8 +26,14 @@ from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, Tab
 from eskit_tasks.fleet import celeryconfig as packaged
 from eskit_tasks.fleet import failures, metrics, observability
 from eskit_tasks.fleet.compact_task import compact_stream
-from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK, FANOUT_MAX_RETRIES
+from eskit_tasks.fleet.constants import (
+    COMPACT_STREAM_TASK,
+    FAN_OUT_TASK,
+    FANOUT_MAX_RETRIES,
+    FINISH_RUN_TASK,
+)
 from eskit_tasks.fleet.fan_out import fan_out
+from eskit_tasks.fleet.finish import finish_run
 from eskit_tasks.fleet.resources import PerProcess, Resources
 from eskit_tasks.fleet.settings import EskitSettings, get_settings
 from eskit_tasks.stores.engine import create_engine
@@ -86,6 +93,7 @@ def create_app(
         app.eskit_resources = PerProcess(resources or (lambda: Resources(settings)))
     app.task(bind=True, shared=False, name=COMPACT_STREAM_TASK, max_retries=None)(compact_stream)
     app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
+    app.task(bind=True, shared=False, name=FINISH_RUN_TASK)(finish_run)
     return app
 
 

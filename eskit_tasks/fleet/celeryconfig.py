@@ -14,7 +14,7 @@ from typing import Any
 from celery.schedules import crontab
 from kombu import Queue
 
-from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK
+from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK, FINISH_RUN_TASK
 from eskit_tasks.fleet.settings import EskitSettings, get_settings
 
 
@@ -74,6 +74,8 @@ def celery_config(s: EskitSettings) -> dict[str, Any]:
         "task_routes": {
             COMPACT_STREAM_TASK: {"queue": s.compaction_queue},
             FAN_OUT_TASK: {"queue": s.fanout_queue},
+            # The end of a run (reclaiming space) must not wait behind a full queue.
+            FINISH_RUN_TASK: {"queue": s.fanout_queue},
         },
         # -- results ------------------------------------------------------------------
         # No STARTED state: it would cost a result-backend write per task, and what a

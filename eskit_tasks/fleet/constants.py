@@ -93,3 +93,4 @@ COMPACTION_LOGGER = "eskit_tasks.compaction"
 #: them by name), never to change.
 COMPACT_STREAM_TASK = "eskit_tasks.compact_stream"
 FAN_OUT_TASK = "eskit_tasks.fan_out"
+FINISH_RUN_TASK = "eskit_tasks.finish_run"

@@ -71,7 +71,7 @@ def _report_task_failure(
             _failures_handled.popitem(last=False)
     record(result, run_id, task_id)
     if run_id:
-        report_to_run(res, run_id, result)
+        report_to_run(res, run_id, result, sender.app)
     _store_recovered(sender, task_id, result, args, kwargs)
 
 

@@ -26,9 +26,11 @@ from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
+from eskit_tasks.fleet.observability import send_finish
 from eskit_tasks.fleet.progress import Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.fleet.settings import EskitSettings
 
 #: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
 BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
@@ -112,9 +114,9 @@ def fan_out_page(
         return {"run_id": run_id, "error": str(exc)}
     if cursor != 0 and not res.progress.exists(run_id):
         return _progress_lost(res, args)
-    res.progress.create(run_id, args)
+    res.progress.create(run_id, args, finish=finishes(settings, args["dry_run"]))
     if res.progress.cursor(run_id) != cursor:
-        return {"run_id": run_id, "duplicate_page": cursor}
+        return _page_seen_again(task, res, args, cursor)
 
     depth = queue_depth(app, settings.compaction_queue)
     if depth >= settings.fanout_high_water:
@@ -163,8 +165,12 @@ def fan_out_page(
             return _progress_lost(res, args)
         return {"run_id": run_id, "duplicate_page": cursor}
     enqueue(app, stored.streams, {"run_id": run_id, **policy})
-    claimed = res.progress.advance(run_id, stored, depth=depth)
-    if claimed and not stored.last:
+    advanced = res.progress.advance(
+        run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
+    )
+    if advanced.complete:  # every stream reported before the last page was counted
+        send_finish(app, run_id)
+    if advanced.claimed and not stored.last:
         task.apply_async(kwargs={**args, "cursor": stored.next_cursor})
     return {
         "run_id": run_id,
@@ -172,6 +178,30 @@ def fan_out_page(
         "cursor": stored.next_cursor,
         "done": stored.last,
     }
+
+
+def _page_seen_again(
+    task: Task[Any, Any], res: Resources, args: dict[str, Any], cursor: int
+) -> dict[str, Any]:
+    """A page whose cursor the run has moved past. If this very message moved it (its
+    redelivery after the worker died, or its retry after a failed send), the next page
+    may never have been sent: send it again (a copy too many stops at the cursor check).
+    Any other copy is a duplicate and stops, after making sure a complete run is ended
+    (the copy that completed it may have died before sending its end)."""
+    run_id = args["run_id"]
+    unsent = res.progress.unsent_next_page(run_id, task.request.id, cursor)
+    if unsent is not None:
+        next_cursor, sources = unsent
+        task.apply_async(kwargs={**args, "sources": sources, "cursor": next_cursor})
+        return {"run_id": run_id, "resent_page": next_cursor}
+    if res.progress.needs_finish(run_id):
+        send_finish(task.app, run_id)
+    return {"run_id": run_id, "duplicate_page": cursor}
+
+
+def finishes(settings: EskitSettings, dry_run: bool) -> bool:
+    """Whether a run ends by reclaiming the space of what it deleted."""
+    return settings.reclaim == "auto" and not dry_run
 
 
 def _source(name: str) -> StreamSource:

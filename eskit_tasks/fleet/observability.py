@@ -11,15 +11,16 @@ from datetime import UTC, datetime
 from logging.handlers import WatchedFileHandler
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 from celery.utils.log import get_task_logger
+from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import EskitError
 from eskit_tasks.fleet import metrics
-from eskit_tasks.fleet.constants import COMPACTION_LOGGER
+from eskit_tasks.fleet.constants import COMPACTION_LOGGER, FINISH_RUN_TASK
 from eskit_tasks.fleet.progress import check_run_id
 from eskit_tasks.fleet.resources import Resources
 
@@ -88,11 +89,15 @@ def log_result(result: CompactionResult, run_id: str | None, task_id: str | None
     )
 
 
-def report_to_run(res: Resources, run_id: str, result: CompactionResult) -> None:
-    """Count a stream's result in its run; a warning (never an exception) when the run's
-    progress cannot be written."""
+def report_to_run(res: Resources, run_id: str, result: CompactionResult, app: Celery) -> None:
+    """Count a stream's result in its run (and send the run's finishing step when this
+    report completed it); a warning (never an exception) when the run's progress cannot
+    be written."""
     try:
-        if res.progress.report(check_run_id(run_id), result) is None:
+        reported = res.progress.report(check_run_id(run_id), result)
+        if reported is not None and reported.complete:
+            send_finish(app, run_id)
+        if reported is None:
             log.warning(
                 "run %s has no progress in Redis (expired, or Redis restarted without "
                 "persistence): %s/%s not counted",
@@ -100,8 +105,13 @@ def report_to_run(res: Resources, run_id: str, result: CompactionResult) -> None
                 result.stream_type,
                 result.stream_id,
             )
-    except (RedisError, EskitError) as exc:
+    except (RedisError, EskitError, KombuOperationalError) as exc:
         log.warning("could not record progress of run %s: %s", run_id, exc)
+
+
+def send_finish(app: Celery, run_id: str) -> None:
+    """Send the finishing step of a run whose candidates have all reported."""
+    app.tasks[FINISH_RUN_TASK].apply_async(args=(run_id,))
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -34,15 +34,40 @@ from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
+# The end of a run. Once the fan-out is done and every candidate has reported, a run
+# that deleted events and asked for a finishing step (reclaiming the space: the run's
+# 'finish' field) answers COMPLETE to whoever saw it complete, which sends the
+# finish_run task; that task sets 'finished_at'. Any other run is finished on the spot.
+# A report or page seen again still answers COMPLETE while 'finished_at' is unset, so a
+# worker killed before it sent finish_run is made good by its redelivered copy.
+_COMPLETE = """
+local function complete(hash, now)
+  if redis.call('HGET', hash, 'fanout_done') ~= '1' then return 0 end
+  local done = tonumber(redis.call('HGET', hash, 'done') or '0')
+  if done < tonumber(redis.call('HGET', hash, 'candidates') or '0') then return 0 end
+  if redis.call('HEXISTS', hash, 'finished_at') == 1 then return 0 end
+  if redis.call('HGET', hash, 'finish') == '1'
+     and tonumber(redis.call('HGET', hash, 'events_deleted') or '0') > 0 then
+    return 2
+  end
+  redis.call('HSET', hash, 'finished_at', now)
+  return 0
+end
+"""
+
 # KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list.
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
-#       ttl, failed entry ('' if none), failed cap, now.
+#       ttl, failed entry ('' if none), failed cap, now, stream type.
+# Returns -1 (no such run), else 1 if this report was counted (0: the stream had
+# reported already) plus 2 if the run is complete and needs its finishing step.
 # A stream no page named (a task sent by hand with a run id) becomes a candidate as it
 # reports, so done never exceeds candidates.
-_REPORT = """
+_REPORT = (
+    _COMPLETE
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local seen = redis.call('HGET', KEYS[2], ARGV[1])
-if seen == '1' then return 0 end
+if seen == '1' then return complete(KEYS[1], ARGV[10]) end
 redis.call('HSET', KEYS[2], ARGV[1], '1')
 if not seen then redis.call('HINCRBY', KEYS[1], 'candidates', 1) end
 redis.call('HINCRBY', KEYS[1], 'done', 1)
@@ -51,13 +76,15 @@ redis.call('HINCRBY', KEYS[1], 'events_deleted', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'bytes_reclaimed', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'dry_run_events', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'dry_run_bytes', ARGV[6])
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'deleted:' .. ARGV[11], ARGV[3]) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[10])
 if ARGV[8] ~= '' and redis.call('LLEN', KEYS[3]) < tonumber(ARGV[9]) then
   redis.call('RPUSH', KEYS[3], ARGV[8])
 end
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
-return 1
+return 1 + complete(KEYS[1], ARGV[10])
 """
+)
 
 # KEYS: hash, streams hash, page list.
 # ARGV: cursor, next cursor, last page (0/1), ttl, now, then digest and entry of each
@@ -84,10 +111,19 @@ return {1, redis.call('HGET', KEYS[1], 'page_next'), redis.call('HGET', KEYS[1],
 """
 
 # KEYS: hash, page list. ARGV: expected cursor, new cursor, fan-out done (0/1),
-#       queue depth seen, ttl, now.
-_ADVANCE = """
-if redis.call('HGET', KEYS[1], 'cursor') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'cursor', ARGV[2], 'updated_at', ARGV[6])
+#       queue depth seen, ttl, now, id of the fan-out message that moves the cursor,
+#       the run's sources (JSON).
+# The message id is kept so that a copy of that very message (redelivered after its
+# worker died between moving the cursor and sending the next page, or retrying after
+# that send failed) knows to send the next page (see unsent_next_page).
+# Returns 0 (another copy moved the cursor), else 1 plus 2 if the run is complete and
+# needs its finishing step (see _COMPLETE).
+_ADVANCE = (
+    _COMPLETE
+    + """
+if redis.call('HGET', KEYS[1], 'cursor') ~= ARGV[1] then return complete(KEYS[1], ARGV[6]) end
+redis.call('HSET', KEYS[1], 'cursor', ARGV[2], 'updated_at', ARGV[6],
+           'advanced_from', ARGV[1], 'advanced_by', ARGV[7], 'sources', ARGV[8])
 redis.call('DEL', KEYS[2])
 if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'fanout_done', '1') end
 local seen = tonumber(ARGV[4])
@@ -95,8 +131,18 @@ if seen > tonumber(redis.call('HGET', KEYS[1], 'max_queue_depth') or '0') then
   redis.call('HSET', KEYS[1], 'max_queue_depth', seen)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-return 1
+return 1 + complete(KEYS[1], ARGV[6])
 """
+)
+
+# KEYS: hash. ARGV: now. 2 if the run is complete and needs its finishing step.
+_CHECK_COMPLETE = (
+    _COMPLETE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return complete(KEYS[1], ARGV[1])
+"""
+)
 
 _MAX_DEPTH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -125,16 +171,52 @@ class RunProgress(BaseModel):
     max_queue_depth: int = 0
     fanout_done: bool = False
     error: str | None = None
+    #: Events deleted per stream type (types that deleted none are absent).
+    deleted_by_type: dict[str, int] = Field(default_factory=dict)
+    #: When the run ended: every candidate reported and, if the run reclaims the space
+    #: of what it deleted (ESKIT_RECLAIM=auto), that step done.
+    finished_at: float | None = None
+    #: What the finishing step measured and did (see eskit_tasks.core.reclaim).
+    reclaim: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The fan-out has enqueued every candidate and each one has reported."""
+        return self.fanout_done and self.done >= self.candidates
 
     @property
     def finished(self) -> bool:
-        """The fan-out has enqueued every candidate and each one has reported."""
-        return self.error is not None or (self.fanout_done and self.done >= self.candidates)
+        """The run has ended: complete and its finishing step done, or stopped by an
+        error."""
+        return self.error is not None or (self.complete and self.finished_at is not None)
+
+    @property
+    def reclaiming(self) -> bool:
+        """Every stream has reported; the space of what was deleted is being reclaimed."""
+        return self.error is None and self.complete and self.finished_at is None
 
     @property
     def failed(self) -> int:
         """Streams whose outcome needs attention (see ``Outcome.needs_attention``)."""
         return sum(self.outcomes.get(o.value, 0) for o in Outcome if o.needs_attention)
+
+
+@dataclass(frozen=True)
+class Reported:
+    """What counting a stream's result did: ``counted`` (False: the stream had reported
+    already) and ``complete`` (the run now needs its finishing step)."""
+
+    counted: bool
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """What moving the fan-out cursor did: ``claimed`` (False: another copy of the page
+    moved it) and ``complete`` (the run now needs its finishing step)."""
+
+    claimed: bool
+    complete: bool
 
 
 @dataclass(frozen=True)
@@ -184,6 +266,7 @@ class RunProgressStore:
         self._advance = client.register_script(_ADVANCE)
         self._store_page = client.register_script(_STORE_PAGE)
         self._max_depth = client.register_script(_MAX_DEPTH)
+        self._check_complete = client.register_script(_CHECK_COMPLETE)
 
     @staticmethod
     def _keys(run_id: str) -> tuple[str, str, str]:
@@ -195,8 +278,13 @@ class RunProgressStore:
     def _page_key(run_id: str) -> str:
         return f"{RUN_PREFIX}{{{check_run_id(run_id)}}}:page"
 
-    def create(self, run_id: str, policy: dict[str, Any]) -> None:
-        """Start a run's record (idempotent: an existing record is left as it is)."""
+    def create(self, run_id: str, policy: dict[str, Any], *, finish: bool = False) -> None:
+        """Start a run's record (idempotent: an existing record is left as it is).
+
+        Args:
+            finish: The run ends with a finishing step (``finish_run``: reclaiming the
+                space of what it deleted) if it deletes anything.
+        """
         key = self._keys(run_id)[0]
         now = time.time()
         fields: dict[str, str | float | int] = {
@@ -206,6 +294,7 @@ class RunProgressStore:
             "candidates": 0,
             "done": 0,
             "policy": json.dumps(policy, default=str),
+            "finish": "1" if finish else "0",
         }
         pipe = self.client.pipeline()
         for name, value in fields.items():
@@ -247,11 +336,21 @@ class RunProgressStore:
         streams = tuple((str(t), str(i)) for t, i in (json.loads(e) for e in entries))
         return Page(page.cursor, int(next_cursor), _text(last) == "1", streams)
 
-    def advance(self, run_id: str, page: Page, *, depth: int) -> bool:
+    def advance(
+        self,
+        run_id: str,
+        page: Page,
+        *,
+        depth: int,
+        task_id: str = "",
+        sources: list[str] | None = None,
+    ) -> Advanced:
         """Move the fan-out cursor past ``page`` (setting ``fanout_done`` on the last
-        page) once its messages are sent; False if another copy of the page already
-        did (this one was a duplicate)."""
-        return bool(
+        page) once its messages are sent. ``claimed`` is False if another copy of the
+        page already did (this one was a duplicate); ``complete`` is True when the run
+        now needs its finishing step. ``task_id``: the fan-out message moving it;
+        ``sources``: the run's sources, for a copy that sends the next page again."""
+        status = int(
             self._advance(
                 keys=[self._keys(run_id)[0], self._page_key(run_id)],
                 args=[
@@ -261,9 +360,36 @@ class RunProgressStore:
                     depth,
                     self.ttl,
                     time.time(),
+                    task_id,
+                    json.dumps(sources),
                 ],
             )
         )
+        return Advanced(claimed=bool(status & 1), complete=bool(status & 2))
+
+    def unsent_next_page(
+        self, run_id: str, task_id: str | None, cursor: int
+    ) -> tuple[int, list[str] | None] | None:
+        """Where the next page starts, and the run's sources, if the fan-out message
+        ``task_id`` itself moved the cursor past the page at ``cursor``: this copy is its
+        redelivery or retry, and the copy that moved it may have died before sending the
+        next page. None otherwise (another message's duplicate, or the last page)."""
+        if not task_id:
+            return None
+        by, start, now_at, done, sources = self.client.hmget(
+            self._keys(run_id)[0],
+            ["advanced_by", "advanced_from", "cursor", "fanout_done", "sources"],
+        )
+        if by is None or _text(by) != task_id or start is None or _text(start) != str(cursor):
+            return None
+        if now_at is None or (done is not None and _text(done) == "1"):
+            return None
+        return int(now_at), None if sources is None else json.loads(sources)
+
+    def needs_finish(self, run_id: str) -> bool:
+        """True if the run is complete and its finishing step has not ended: send it
+        (again; it is idempotent)."""
+        return int(self._check_complete(keys=[self._keys(run_id)[0]], args=[time.time()])) == 2
 
     def note_depth(self, run_id: str, depth: int) -> None:
         """Record a queue depth seen while waiting (the high-water check)."""
@@ -275,9 +401,10 @@ class RunProgressStore:
         self.client.hset(key, mapping={"error": error, "updated_at": time.time()})
         self.client.expire(key, self.ttl)
 
-    def report(self, run_id: str, result: CompactionResult) -> bool | None:
-        """Count one stream's result; False if that stream already reported in this run,
-        None if the run has no progress (expired, or Redis lost it)."""
+    def report(self, run_id: str, result: CompactionResult) -> Reported | None:
+        """Count one stream's result (``counted`` is False if that stream already
+        reported in this run); None if the run has no progress (expired, or Redis lost
+        it). ``complete``: the run now needs its finishing step (send ``finish_run``)."""
         digest = _digest(result.stream_type, result.stream_id)
         compacted = result.outcome == Outcome.COMPACTED
         dry = result.outcome == Outcome.DRY_RUN
@@ -305,9 +432,25 @@ class RunProgressStore:
                 entry,
                 RUN_FAILED_KEEP,
                 time.time(),
+                result.stream_type,
             ],
         )
-        return None if int(status) == -1 else int(status) == 1
+        if int(status) == -1:
+            return None
+        return Reported(counted=bool(int(status) & 1), complete=bool(int(status) & 2))
+
+    def finish(self, run_id: str, reclaim: dict[str, Any] | None) -> bool:
+        """Record the end of a run's finishing step (what it reclaimed); False if
+        another copy of the step recorded it first, or the run is gone."""
+        key = self._keys(run_id)[0]
+        if not self.client.exists(key):
+            return False
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "finished_at", time.time())
+        pipe.hsetnx(key, "reclaim", json.dumps(reclaim))
+        pipe.expire(key, self.ttl)
+        first, *_ = pipe.execute()
+        return bool(first)
 
     def get(self, run_id: str) -> RunProgress | None:
         """Read a run's progress; None if unknown or expired."""
@@ -331,6 +474,11 @@ class RunProgressStore:
             max_queue_depth=int(data.get("max_queue_depth", 0)),
             fanout_done=data.get("fanout_done") == "1",
             error=data.get("error"),
+            deleted_by_type={
+                k.split(":", 1)[1]: int(v) for k, v in data.items() if k.startswith("deleted:")
+            },
+            finished_at=float(data["finished_at"]) if "finished_at" in data else None,
+            reclaim=json.loads(data["reclaim"]) if "reclaim" in data else None,
         )
 
     def failed_streams(self, run_id: str) -> list[FailedStream]:

@@ -97,7 +97,7 @@ def already_finished(task: Any, res: Resources, run_id: str | None) -> bool:
     if claim is not None:
         stored = _claim_of(claim)[1]
         if run_id is not None and stored is not None:
-            report_to_run(res, run_id, stored)
+            report_to_run(res, run_id, stored, task.app)
         return True
     try:
         return task.AsyncResult(task_id).state in states.READY_STATES
@@ -170,7 +170,7 @@ class TaskCopy:
 
     def _count(self, result: CompactionResult | None) -> None:
         if self.run_id is not None and result is not None and not self.counted:
-            report_to_run(self.res, self.run_id, result)
+            report_to_run(self.res, self.run_id, result, self.task.app)
             self.counted = True
 
     def guard(self, lock: StreamLock) -> Callable[[], None]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
+from eskit_tasks.fleet.fan_out import finishes
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
 from eskit_tasks.fleet.resources import Resources, resources_of
@@ -38,6 +39,11 @@ class RunSummary(BaseModel):
     elapsed_s: float
     failed_streams: list[FailedStream]
     error: str | None = None
+    #: Events deleted per stream type.
+    deleted_by_type: dict[str, int] = {}
+    #: What the run's finishing step reclaimed, measured (None: nothing to reclaim,
+    #: ESKIT_RECLAIM=off, a dry run, or not finished yet). See eskit_tasks.fleet.finish.
+    reclaim: dict[str, Any] | None = None
 
 
 class CompactionRun:
@@ -78,7 +84,8 @@ class CompactionRun:
         *,
         on_progress: Callable[[RunProgress], object] | None = None,
     ) -> RunProgress:
-        """Block until every candidate has reported; return the final progress.
+        """Block until every candidate has reported and the run's finishing step
+        (reclaiming the space of what it deleted) is done; return the final progress.
 
         Args:
             timeout: Give up after this many seconds (default: wait for ever).
@@ -100,6 +107,7 @@ class CompactionRun:
                     f"run {self.run_id} not finished after {timeout}s: {current.done} of "
                     f"{current.candidates} streams reported"
                     f"{'' if current.fanout_done else ', fan-out still paging'}"
+                    f"{', reclaiming space' if current.reclaiming else ''}"
                 )
             time.sleep(poll)
 
@@ -119,6 +127,8 @@ class CompactionRun:
             elapsed_s=round(p.updated_at - p.started_at, 3),
             failed_streams=self._resources().progress.failed_streams(self.run_id),
             error=p.error,
+            deleted_by_type=p.deleted_by_type,
+            reclaim=p.reclaim,
         )
 
 
@@ -159,7 +169,8 @@ def compact_all(
         **policy,
     }
     app = app or _default_app()
-    resources_of(app).progress.create(run_id, kwargs)
+    res = resources_of(app)
+    res.progress.create(run_id, kwargs, finish=finishes(res.settings, dry_run))
     app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
     return CompactionRun(run_id, app=app)
 

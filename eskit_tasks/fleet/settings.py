@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +64,11 @@ class EskitSettings(BaseSettings):
     fanout_page_size: int = Field(c.FANOUT_PAGE_SIZE, gt=0)
     fanout_high_water: int = Field(c.FANOUT_HIGH_WATER, gt=0)
     fanout_backoff: float = Field(c.FANOUT_BACKOFF_S, ge=0)
+    #: ESKIT_RECLAIM: ``auto`` (default): a run that deleted events ends by reclaiming
+    #: their space (PostgreSQL ``VACUUM (ANALYZE)`` of the tables it deleted from; SQLite
+    #: checkpoint and incremental vacuum) and reports the measured sizes; ``off``: never
+    #: (run ``eskit-tasks reclaim`` yourself). See eskit_tasks.stores.reclaim.
+    reclaim: Literal["auto", "off"] = "auto"
     #: ESKIT_RUN_TTL: seconds run progress stays in Redis.
     run_ttl: int = Field(c.RUN_TTL_S, gt=0)
     #: ESKIT_CELERY_CONFIG: the module with the Celery settings.

@@ -28,6 +28,8 @@ from eskit_tasks.stores.driver_errors import mask_url, secrets_of, translate_err
 
 #: Seconds SQLite waits for another connection's write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30
+#: auto_vacuum of the SQLite files eskit-tasks creates: INCREMENTAL (see stores/reclaim.py).
+SQLITE_AUTO_VACUUM = 2
 #: Seconds to wait for a PostgreSQL connection before reporting it unreachable.
 PG_CONNECT_TIMEOUT_S = 10
 #: PostgreSQL, inside eskit's write transactions: give up waiting for a row lock after this.
@@ -107,6 +109,11 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
         cur = dbapi_conn.cursor()
         if not in_memory:
             # WAL: readers keep a consistent view while a compaction deletes.
+            # A new file can then be shrunk by `PRAGMA incremental_vacuum` after a run
+            # (stores/reclaim.py); on a file that has tables already this takes effect
+            # at its next VACUUM (`eskit-tasks reclaim --full`). Before the WAL switch,
+            # which writes the file's header.
+            cur.execute(f"PRAGMA auto_vacuum={SQLITE_AUTO_VACUUM}")
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cur.close()

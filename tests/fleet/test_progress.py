@@ -98,8 +98,8 @@ def test_create_is_idempotent_and_never_resets_progress(store):
     assert before is not None
     first = store.store_page(run, page(0, 7, "s1", "s2", "s3"))
     assert first is not None
-    assert store.advance(run, first, depth=0)
-    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=5, nbytes=50))
+    assert store.advance(run, first, depth=0).claimed
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=5, nbytes=50)).counted
     time.sleep(0.01)
     store.create(run, {"min_events": 999})
     after = store.get(run)
@@ -118,9 +118,13 @@ def test_report_counts_a_stream_once_even_if_reported_twice(store):
     returns False and changes no counter, even with a different outcome or numbers."""
     run = new_run_id()
     store.create(run, {})
-    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)) is True
-    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)) is False
-    assert store.report(run, result("s1", Outcome.FAILED, error="later copy")) is False
+    assert (
+        store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)).counted is True
+    )
+    assert (
+        store.report(run, result("s1", Outcome.COMPACTED, deleted=10, nbytes=100)).counted is False
+    )
+    assert store.report(run, result("s1", Outcome.FAILED, error="later copy")).counted is False
     got = store.get(run)
     assert got is not None
     assert got.done == 1
@@ -133,10 +137,10 @@ def test_report_tells_streams_apart_by_type_and_id(store):
     """Same id under two types, and ids that concatenate alike, are different streams."""
     run = new_run_id()
     store.create(run, {})
-    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="a"))
-    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="b"))
-    assert store.report(run, result("c", Outcome.NOTHING_TO_COMPACT, stream_type="a:b"))
-    assert store.report(run, result("b:c", Outcome.NOTHING_TO_COMPACT, stream_type="a"))
+    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="a")).counted
+    assert store.report(run, result("1", Outcome.NOTHING_TO_COMPACT, stream_type="b")).counted
+    assert store.report(run, result("c", Outcome.NOTHING_TO_COMPACT, stream_type="a:b")).counted
+    assert store.report(run, result("b:c", Outcome.NOTHING_TO_COMPACT, stream_type="a")).counted
     got = store.get(run)
     assert got is not None and got.done == 4
 
@@ -146,8 +150,8 @@ def test_the_same_stream_counts_again_in_another_run(store):
     a, b = new_run_id(), new_run_id()
     store.create(a, {})
     store.create(b, {})
-    assert store.report(a, result("s1", Outcome.COMPACTED, deleted=1))
-    assert store.report(b, result("s1", Outcome.COMPACTED, deleted=1))
+    assert store.report(a, result("s1", Outcome.COMPACTED, deleted=1)).counted
+    assert store.report(b, result("s1", Outcome.COMPACTED, deleted=1)).counted
     ga, gb = store.get(a), store.get(b)
     assert ga is not None and gb is not None
     assert (ga.done, gb.done) == (1, 1)
@@ -168,7 +172,7 @@ def test_report_counts_each_outcome(store):
     }
     for outcome, n in reported.items():
         for i in range(n):
-            assert store.report(run, result(f"{outcome.value}-{i}", outcome, error="e"))
+            assert store.report(run, result(f"{outcome.value}-{i}", outcome, error="e")).counted
     got = store.get(run)
     assert got is not None
     assert got.outcomes == {o.value: n for o, n in reported.items()}
@@ -263,7 +267,7 @@ def test_a_page_counts_its_streams_as_candidates_once(store):
     store.create(run, {})
     got = store.store_page(run, page(0, 500, "s1", "s2", "s3"))
     assert got == page(0, 500, "s1", "s2", "s3")
-    assert store.advance(run, got, depth=0)
+    assert store.advance(run, got, depth=0).claimed
     again = store.store_page(run, page(500, 900, "s3", "s4"))
     assert again == page(500, 900, "s3", "s4")
     progress = store.get(run)
@@ -298,9 +302,9 @@ def test_a_page_after_the_cursor_moved_on_is_a_duplicate(store):
     run = new_run_id()
     store.create(run, {})
     first = store.store_page(run, page(0, 500, "s1"))
-    assert first is not None and store.advance(run, first, depth=0)
+    assert first is not None and store.advance(run, first, depth=0).claimed
     assert store.store_page(run, page(0, 500, "s1", "s9", last=True)) is None
-    assert store.advance(run, page(0, 700, "s9", last=True), depth=0) is False
+    assert store.advance(run, page(0, 700, "s9", last=True), depth=0).claimed is False
     progress = store.get(run)
     assert progress is not None
     assert (progress.candidates, store.cursor(run), progress.fanout_done) == (1, 500, False)
@@ -317,8 +321,8 @@ def test_a_stream_no_page_named_counts_as_a_candidate_when_it_reports(store):
     run = new_run_id()
     store.create(run, {})
     store.store_page(run, page(0, 5, "s1"))
-    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=1))
-    assert store.report(run, result("by-hand", Outcome.COMPACTED, deleted=1))
+    assert store.report(run, result("s1", Outcome.COMPACTED, deleted=1)).counted
+    assert store.report(run, result("by-hand", Outcome.COMPACTED, deleted=1)).counted
     progress = store.get(run)
     assert progress is not None and (progress.candidates, progress.done) == (2, 2)
 
@@ -329,9 +333,9 @@ def test_advance_moves_the_cursor_and_keeps_the_deepest_queue(store):
     run = new_run_id()
     store.create(run, {})
     first = store.store_page(run, page(0, 500, "s1"))
-    assert first is not None and store.advance(run, first, depth=40) is True
+    assert first is not None and store.advance(run, first, depth=40).claimed is True
     last = store.store_page(run, page(500, 731, "s2", last=True))
-    assert last is not None and store.advance(run, last, depth=12) is True
+    assert last is not None and store.advance(run, last, depth=12).claimed is True
     got = store.get(run)
     assert got is not None
     assert store.cursor(run) == 731
@@ -347,9 +351,9 @@ def test_advance_is_a_compare_and_set_so_a_duplicate_page_counts_once(store):
     store.create(run, {})
     first = store.store_page(run, page(0, 500, "s1"))
     assert first is not None
-    assert store.advance(run, first, depth=0)
-    assert store.advance(run, first, depth=0) is False
-    assert store.advance(run, page(0, 900, last=True), depth=9999) is False
+    assert store.advance(run, first, depth=0).claimed
+    assert store.advance(run, first, depth=0).claimed is False
+    assert store.advance(run, page(0, 900, last=True), depth=9999).claimed is False
     got = store.get(run)
     assert got is not None
     assert store.cursor(run) == 500
@@ -360,7 +364,7 @@ def test_advance_is_a_compare_and_set_so_a_duplicate_page_counts_once(store):
 
 def test_advance_on_an_unknown_run_returns_false_and_creates_nothing(store, client):
     """No record, no cursor: the compare fails and no key appears."""
-    assert store.advance(new_run_id(), page(0, 5, "s1", last=True), depth=1) is False
+    assert store.advance(new_run_id(), page(0, 5, "s1", last=True), depth=1).claimed is False
     assert client.dbsize() == 0
 
 
@@ -383,7 +387,7 @@ def test_finished_only_when_fanout_done_and_every_candidate_reported(store):
     run = new_run_id()
     store.create(run, {})
     first = store.store_page(run, page(0, 2, "s1", "s2"))
-    assert first is not None and store.advance(run, first, depth=0)
+    assert first is not None and store.advance(run, first, depth=0).claimed
     store.report(run, result("s1", Outcome.COMPACTED, deleted=1))
     store.report(run, result("s2", Outcome.COMPACTED, deleted=1))
     got = store.get(run)
@@ -391,7 +395,7 @@ def test_finished_only_when_fanout_done_and_every_candidate_reported(store):
     assert not got.finished  # more pages may come
 
     last = store.store_page(run, page(2, 3, "s3", last=True))
-    assert last is not None and store.advance(run, last, depth=0)
+    assert last is not None and store.advance(run, last, depth=0).claimed
     got = store.get(run)
     assert got is not None and got.fanout_done
     assert not got.finished  # s3 has not reported
@@ -406,7 +410,7 @@ def test_a_run_without_candidates_is_finished_once_the_fanout_is_done(store):
     store.create(run, {})
     empty = store.store_page(run, page(0, 0, last=True))
     assert empty == page(0, 0, last=True)
-    assert store.advance(run, empty, depth=0)
+    assert store.advance(run, empty, depth=0).claimed
     got = store.get(run)
     assert got is not None and got.finished
 

@@ -1,0 +1,95 @@
+"""The end of a run: giving back the space of what it deleted (ESKIT_RECLAIM=auto).
+
+A run that deleted events ends with one finishing step, whoever ran it: the
+``eskit_tasks.finish_run`` task in a fleet (sent by the worker whose report, or the
+fan-out whose last page, completed the run; see ``_COMPLETE`` in progress.py), or the
+end of ``compact-all --local``. The step reclaims the event store if streams of its own
+types deleted events, and each registered application that deleted some (a
+pyeventsourcing application on PostgreSQL: the library turned autovacuum off), once per
+run instead of after each stream. Sizes are measured before and after; a failure is
+recorded in the run's summary and never undoes or hides a compaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Task
+from sqlalchemy.engine import Engine
+
+from eskit_tasks.core.registry import get_source, import_decider_modules
+from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.space import ReclaimReport
+from eskit_tasks.fleet.progress import check_run_id
+from eskit_tasks.fleet.resources import resources_of
+from eskit_tasks.stores.reclaim import reclaim, store_tables
+
+log = logging.getLogger("eskit_tasks.reclaim")
+
+
+def reclaim_after_run(engine: Engine | None, deleted_by_type: Mapping[str, int]) -> dict[str, Any]:
+    """Reclaim what a run deleted; return what was measured, as JSON.
+
+    Args:
+        engine: The event store's engine (None: a store without one, kept in memory).
+        deleted_by_type: Events the run deleted per stream type.
+
+    Returns:
+        ``{"store": report, "applications": {name: report}}``: a report is a
+        :class:`~eskit_tasks.domain.space.ReclaimReport` as JSON, ``{"error": ...}`` if
+        that step failed, or None (an application on SQLite, never vacuumed); ``store``
+        is None when no stream of the store's own types lost events.
+    """
+    store_types = [t for t, n in deleted_by_type.items() if n > 0 and get_source(t) is None]
+    sources = sorted(t for t, n in deleted_by_type.items() if n > 0 and get_source(t) is not None)
+    answer: dict[str, Any] = {"store": None, "applications": {}}
+    if store_types and engine is not None:
+        answer["store"] = _attempt("the event store", lambda: reclaim(engine, store_tables(engine)))
+    for name in sources:
+        source = get_source(name)
+        if source is not None:
+            answer["applications"][name] = _attempt(
+                f"application {name}", lambda s=source: s.reclaim()
+            )
+    return answer
+
+
+def _attempt(what: str, step: Any) -> dict[str, Any] | None:
+    try:
+        report: ReclaimReport | None = step()
+    except Exception as exc:  # the deletions stand; say what failed and go on
+        error = mask_url(f"reclaiming the space of {what} failed: {type(exc).__name__}: {exc}")
+        log.warning("%s (run `eskit-tasks reclaim` later)", error)
+        return {"error": error}
+    if report is None:
+        return None
+    log.info(
+        "reclaimed %s: %s, %d bytes smaller, %s bytes more reusable, in %.1fs",
+        what,
+        report.mode,
+        report.shrunk_bytes,
+        report.reusable_bytes,
+        report.duration_s,
+    )
+    return report.as_json()
+
+
+def finish_run(self: Task[Any, Any], /, run_id: str) -> dict[str, Any] | None:
+    """The finishing step of a fleet run whose candidates have all reported: reclaim
+    the space of what it deleted, then mark the run finished. Idempotent: a copy that
+    finds the run finished does nothing; two copies at once both vacuum, harmlessly."""
+    res = resources_of(self.app)
+    run_id = check_run_id(run_id)
+    progress = res.progress.get(run_id)
+    if progress is None or progress.finished_at is not None:
+        return None
+    try:
+        import_decider_modules(res.settings.decider_module_list)
+        answer = reclaim_after_run(getattr(res.store, "engine", None), progress.deleted_by_type)
+    except Exception as exc:  # the run still ends, saying what went wrong
+        answer = {"error": mask_url(f"the run's finishing step failed: {exc}")}
+        log.warning("run %s: %s", run_id, answer["error"])
+    res.progress.finish(run_id, answer)
+    return answer
