@@ -119,6 +119,7 @@ class DeletionPlan:
         compaction_id: Unique id of this compaction.
         archive: The trash bin's entry holding exactly the events to delete (None: not
             archived); recorded in the audit row.
+        run_id: The run this compaction belongs to (None: none), for the audit row.
     """
 
     stream_type: str
@@ -132,6 +133,7 @@ class DeletionPlan:
     bytes_reclaimed: int
     compaction_id: str
     archive: ArchiveRef | None = None
+    run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +254,8 @@ class CompactionRecord:
     """The archive entry's checksum, as the archive confirmed it before the delete."""
     restored_at: datetime | None = None
     """When :func:`eskit_tasks.restore` put these events back (None: still deleted)."""
+    run_id: str | None = None
+    """The run that made this compaction (None: a compaction outside any run)."""
 
     @property
     def archive(self) -> ArchiveRef | None:
@@ -352,9 +356,14 @@ class EventStore(Protocol):
         ...
 
     def compaction_log(
-        self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
+        self,
+        stream_type: str | None = None,
+        stream_id: str | None = None,
+        *,
+        limit: int = 100,
+        run_id: str | None = None,
     ) -> list[CompactionRecord]:
-        """Return the newest audit rows first, optionally for one stream."""
+        """Return the newest audit rows first, optionally for one stream or one run."""
         ...
 
     def find_compaction(self, compaction_id: str) -> CompactionRecord | None:

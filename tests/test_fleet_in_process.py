@@ -403,7 +403,7 @@ class FakeSource:
         source = self
 
         class Compacts:
-            def compact(self, stream_id: str, *, compaction_id: str | None = None):
+            def compact(self, stream_id: str, *, compaction_id: str | None = None, run_id=None):
                 if guard is not None:
                     guard()
                 source.compacted.append(stream_id)

@@ -74,6 +74,7 @@ def compact_all_cmd(
         retain_last=retain_last,
         retain_younger_than=retain_younger_than,
         dry_run=dry_run,
+        trigger="cli",
     )
     if not wait:
         if json_:

@@ -35,6 +35,7 @@ from eskit_tasks.cli.render import (
     print_log,
     print_reclaim,
     print_result,
+    print_runs,
     print_snapshot_report,
     progress_bar,
     report_results,
@@ -54,12 +55,14 @@ from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError, EskitError
 from eskit_tasks.fleet.finish import reclaim_after_run
+from eskit_tasks.fleet.progress import new_run_id
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
-from eskit_tasks.stores import migrate
+from eskit_tasks.stores import migrate, sql_runs
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.reclaim import FULL_LOCK_WARNING, reclaim, store_tables
 from eskit_tasks.stores.sql import SqlSnapshotStore
+from eskit_tasks.stores.sql_runs import recent_runs
 
 
 @app.command("init-db")
@@ -261,11 +264,30 @@ def log(
     stream_type: Annotated[str | None, typer.Option("--stream-type")] = None,
     stream_id: Annotated[str | None, typer.Option("--stream-id")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Only the compactions of this run.")
+    ] = None,
     json_: JsonOut = False,
 ) -> None:
     """Show the compaction audit log, newest first."""
     store = open_store(database, read_only=True)
-    print_log(store.compaction_log(stream_type, stream_id, limit=limit), json_)
+    print_log(store.compaction_log(stream_type, stream_id, limit=limit, run_id=run), json_)
+
+
+@app.command()
+def runs(
+    database: Database = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    json_: JsonOut = False,
+) -> None:
+    """List recent runs, newest first: who started each, when, its outcomes, events
+    deleted and the disk space its end reclaimed (measured)."""
+    store = open_store(database, read_only=True)
+    try:
+        found = recent_runs(store.engine, limit)
+    finally:
+        store.engine.dispose()
+    print_runs(found, json_)
 
 
 @app.command("verify-snapshots")
@@ -309,9 +331,12 @@ class LocalCompactors:
         snapshots: SnapshotStore,
         policy: CompactionPolicy,
         archive: Archive | None = None,
+        *,
+        run_id: str | None = None,
     ):
         self.store, self.snapshots, self.policy = store, snapshots, policy
         self.archive = archive
+        self.run_id = run_id
         self._by_type: dict[str, Compactor[Any] | SourceCompactor | ConfigurationError] = {}
 
     def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
@@ -327,8 +352,8 @@ class LocalCompactors:
                 compaction_id="-",
             )
         if isinstance(found, Compactor):
-            return found.compact(stream_type, stream_id)
-        return found.compact(stream_id)
+            return found.compact(stream_type, stream_id, run_id=self.run_id)
+        return found.compact(stream_id, run_id=self.run_id)
 
     def _make(self, stream_type: str) -> Compactor[Any] | SourceCompactor | ConfigurationError:
         try:
@@ -412,7 +437,17 @@ def compact_all_here(
     trash = open_archive(archive)
     _warn_unarchived(trash, stream_types)
     store = open_store(database)
-    compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash)
+    run_id = new_run_id()
+    arguments = {
+        **policy.model_dump(mode="json", exclude_defaults=True),
+        "min_events": min_events,
+        "stream_types": None if stream_types is None else list(stream_types),
+        "max_streams": max_streams,
+    }
+    sql_runs.record_start(store.engine, run_id, "local", arguments)
+    compactors = LocalCompactors(
+        store, SqlSnapshotStore(store.engine), policy, trash, run_id=run_id
+    )
     results: list[CompactionResult] = []
     started = time.perf_counter()
     todo = iter_candidates(
@@ -436,12 +471,25 @@ def compact_all_here(
         if get_settings().reclaim == "auto" and deleted:
             progress.update(task, description="reclaiming space")
             reclaimed = reclaim_after_run(store.engine, deleted)
+    outcomes: dict[str, int] = {}
+    for r in results:
+        outcomes[r.outcome.value] = outcomes.get(r.outcome.value, 0) + 1
+    sql_runs.record_end(
+        store.engine,
+        run_id,
+        candidates=len(results),
+        done=len(results),
+        outcomes=outcomes,
+        events_deleted=sum(deleted.values()),
+        reclaim=reclaimed,
+        error=None if stopped is None else mask_url(str(stopped)),
+    )
     store.engine.dispose()
     report_results(
         results,
         time.perf_counter() - started,
         json_,
-        extra={"deleted_by_type": deleted, "reclaim": reclaimed},
+        extra={"run_id": run_id, "deleted_by_type": deleted, "reclaim": reclaimed},
     )
     if stopped is not None:
         err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")

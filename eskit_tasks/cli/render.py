@@ -18,6 +18,7 @@ from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.ports import Candidate, CompactionRecord
+from eskit_tasks.stores.sql_runs import RunRecord
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -221,6 +222,58 @@ def describe_reclaim(r: dict[str, Any]) -> str:
     if r.get("note"):
         line += f" ({r['note']})"
     return line
+
+
+def print_runs(found: Sequence[RunRecord], json_: bool) -> None:
+    """Recent runs, newest first."""
+    if json_:
+        emit_json([{**r.model_dump(mode="json"), "state": r.state} for r in found])
+        return
+    table = Table(title=f"{len(found)} runs", show_lines=False)
+    for name in ("run", "trigger", "started (UTC)", "state", "streams", "deleted", "disk"):
+        table.add_column(name, overflow="fold")
+    for r in found:
+        outcomes = ", ".join(f"{k} {v:,}" for k, v in sorted(r.outcomes.items()))
+        table.add_row(
+            r.run_id,
+            r.trigger,
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            r.state if r.finished_at is None else f"{r.state} in {_took(r)}",
+            f"{r.done:,}/{r.candidates:,}" + (f" ({outcomes})" if outcomes else ""),
+            f"{r.events_deleted:,}",
+            _disk(r.reclaim),
+        )
+    out.print(table)
+    if any(r.finished_at is None for r in found):
+        out.print("running runs: live progress with `eskit-tasks status RUN_ID`", highlight=False)
+
+
+def _took(r: RunRecord) -> str:
+    assert r.finished_at is not None
+    return f"{(r.finished_at - r.started_at).total_seconds():.1f}s"
+
+
+def _disk(reclaim: dict[str, Any] | None) -> str:
+    """What a run's end gave back, measured: the store's files shrink, free space."""
+    if not reclaim:
+        return "-"
+    if "error" in reclaim:
+        return "reclaim failed"
+    parts = []
+    for name, r in [
+        ("store", reclaim.get("store")),
+        *sorted(reclaim.get("applications", {}).items()),
+    ]:
+        if r is None:
+            continue
+        if "error" in r:
+            parts.append(f"{name}: failed")
+            continue
+        line = f"{name}: -{human_bytes(max(r['shrunk_bytes'], 0))}"
+        if r.get("reusable_bytes"):
+            line += f", +{human_bytes(r['reusable_bytes'])} free"
+        parts.append(line)
+    return "; ".join(parts) or "-"
 
 
 def print_reclaim(name: str, r: ReclaimReport) -> None:

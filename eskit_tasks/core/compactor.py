@@ -101,6 +101,7 @@ class _RunState:
 
     token: int | None = None
     snapshot_saved: bool = False
+    run_id: str | None = None
 
 
 class Compactor(Generic[S]):
@@ -164,7 +165,12 @@ class Compactor(Generic[S]):
         self.archive = archive
 
     def compact(
-        self, stream_type: str, stream_id: str, *, compaction_id: str | None = None
+        self,
+        stream_type: str,
+        stream_id: str,
+        *,
+        compaction_id: str | None = None,
+        run_id: str | None = None,
     ) -> CompactionResult:
         """Compact one stream under the policy; see the module docstring for the steps.
 
@@ -176,6 +182,7 @@ class Compactor(Generic[S]):
                 compaction whose outcome is unknown (the process died, the database was
                 cut off): if the earlier attempt committed, the retry reports that
                 deletion (``recovered``) instead of compacting again.
+            run_id: The run this compaction belongs to, recorded in the audit log.
 
         Raises:
             ConfigurationError: ``compaction_id`` is not a string of 1 to 36 characters.
@@ -187,7 +194,7 @@ class Compactor(Generic[S]):
             "stream_id": stream_id,
             "compaction_id": compaction_id or str(uuid.uuid4()),
         }
-        run = _RunState()
+        run = _RunState(run_id=run_id)
         try:
             plan = self._plan(stream_type, stream_id, fields, settle=compaction_id is not None)
             if plan is not None:
@@ -306,6 +313,7 @@ class Compactor(Generic[S]):
             compacted_through=info.compacted_through,
             retain_last=self.policy.retain_last,
             newest_old_enough=newest_old_enough,
+            through_version=self.policy.through_version,
         )
 
     def _run(
@@ -401,6 +409,7 @@ class Compactor(Generic[S]):
             bytes_reclaimed=doomed_bytes,
             compaction_id=fields["compaction_id"],
             archive=archived,
+            run_id=run.run_id,
         )
         try:
             deleted = self.store.commit_compaction(deletion)

@@ -67,8 +67,11 @@ class Registration:
 class SourceCompactor(Protocol):
     """Compacts the streams of a :class:`StreamSource`."""
 
-    def compact(self, stream_id: str, *, compaction_id: str | None = None) -> CompactionResult:
-        """Compact one stream of the source (a result for every outcome)."""
+    def compact(
+        self, stream_id: str, *, compaction_id: str | None = None, run_id: str | None = None
+    ) -> CompactionResult:
+        """Compact one stream of the source (a result for every outcome); ``run_id`` is
+        recorded in its audit log."""
         ...
 
 

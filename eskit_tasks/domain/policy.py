@@ -24,6 +24,8 @@ class CompactionPolicy(BaseModel):
         retain_younger_than: Keep every event recorded less than this long ago. A
             ``timedelta``, seconds, an ISO 8601 duration (``P30D``) or ``"30d"``/``"12h"``.
         dry_run: Plan, replay and verify in memory; write and delete nothing.
+        through_version: Never compact past this version, whatever the rules above
+            allow (what a stored plan decided for one stream: ``eskit-tasks apply``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -31,6 +33,7 @@ class CompactionPolicy(BaseModel):
     retain_last: StrictInt = 0
     retain_younger_than: timedelta | None = None
     dry_run: StrictBool = False
+    through_version: StrictInt | None = None
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -47,6 +50,13 @@ class CompactionPolicy(BaseModel):
     def _non_negative(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    @field_validator("through_version")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be 1 or more, got {value}")
         return value
 
     @field_validator("retain_younger_than", mode="before")
@@ -78,6 +88,7 @@ def plan_cut(
     compacted_through: int,
     retain_last: int,
     newest_old_enough: int | None,
+    through_version: int | None = None,
 ) -> int | None:
     """Return the version C to compact through, or None when there is nothing to do.
 
@@ -91,8 +102,11 @@ def plan_cut(
         newest_old_enough: The version before the oldest event younger than the age
             cutoff (the head when no event is that young); None when the policy has no
             age rule.
+        through_version: The highest C allowed (a stored plan's cut); None: no cap.
     """
     cut = head - retain_last
     if newest_old_enough is not None:
         cut = min(cut, newest_old_enough)
+    if through_version is not None:
+        cut = min(cut, through_version)
     return cut if cut > compacted_through else None

@@ -168,8 +168,11 @@ class ApplicationCompactor:
 
     # -- compaction ---------------------------------------------------------------------
 
-    def compact(self, aggregate_id: Any, *, compaction_id: str | None = None) -> CompactionResult:
-        """Compact one aggregate under the policy (see the module docstring).
+    def compact(
+        self, aggregate_id: Any, *, compaction_id: str | None = None, run_id: str | None = None
+    ) -> CompactionResult:
+        """Compact one aggregate under the policy (see the module docstring); ``run_id``
+        (the run it belongs to) is recorded in the audit log.
 
         Returns a result for every outcome; a bad aggregate (a gap, an event that cannot
         be decoded or applied, a lossy snapshot) deletes nothing.
@@ -191,6 +194,7 @@ class ApplicationCompactor:
             "stream_type": self.stream_type,
             "stream_id": stream_id,
             "compaction_id": compaction_id or str(uuid.uuid4()),
+            "_run_id": run_id,  # for the audit row; not part of the result
         }
         token: list[int] = []  # the fencing token taken, once taken
         try:
@@ -218,6 +222,7 @@ class ApplicationCompactor:
             self._since_vacuum[0] += fields["events_deleted"]
             if self.vacuum_after and self._since_vacuum[0] >= self.vacuum_after:
                 self._vacuum_quietly()
+        fields.pop("_run_id", None)
         return CompactionResult(**fields)
 
     def _check_guard(self) -> None:
@@ -288,7 +293,9 @@ class ApplicationCompactor:
             )
             return
         self._check_guard()
-        deleted, reclaimed = self._commit(plan, snapshot, digest, fields["compaction_id"])
+        deleted, reclaimed = self._commit(
+            plan, snapshot, digest, fields["compaction_id"], fields.get("_run_id")
+        )
         fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=reclaimed)
 
     # -- plan ---------------------------------------------------------------------------
@@ -329,6 +336,7 @@ class ApplicationCompactor:
             compacted_through=compacted_through,
             retain_last=max(self.policy.retain_last, 1),
             newest_old_enough=self._newest_old_enough(stored_id, compacted_through, head),
+            through_version=self.policy.through_version,
         )
         cut = cut or 0
         held: HeldBack | None = None
@@ -555,7 +563,7 @@ class ApplicationCompactor:
     # -- commit -------------------------------------------------------------------------
 
     def _commit(
-        self, plan: _Plan, snapshot: Any, digest: str, compaction_id: str
+        self, plan: _Plan, snapshot: Any, digest: str, compaction_id: str, run_id: str | None
     ) -> tuple[int, int]:
         target = self.target
         label = f"{target.name}/{plan.stream_id}"
@@ -653,6 +661,7 @@ class ApplicationCompactor:
                     bytes_reclaimed=reclaimed,
                     fence_token=plan.token,
                     compacted_at=datetime.now(UTC),
+                    run_id=run_id,
                 )
             )
         return len(gone), reclaimed

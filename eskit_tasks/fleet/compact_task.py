@@ -129,13 +129,13 @@ def _compact_locked(
             raise Ignore()  # a copy of this task finished while we waited for the lock
         if source is not None:
             result = source.compactor(parsed, guard=copy.guard(lock)).compact(
-                stream_id, compaction_id=copy.compaction_id
+                stream_id, compaction_id=copy.compaction_id, run_id=copy.run_id
             )
         else:
             assert registration is not None
             result = registration.compactor(
                 store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive
-            ).compact(stream_type, stream_id, compaction_id=copy.compaction_id)
+            ).compact(stream_type, stream_id, compaction_id=copy.compaction_id, run_id=copy.run_id)
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that
         # takes the lock next sees that this task is done.

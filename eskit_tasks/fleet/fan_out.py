@@ -25,12 +25,12 @@ from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
+from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.observability import send_finish
 from eskit_tasks.fleet.progress import Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
-from eskit_tasks.fleet.settings import EskitSettings
 
 #: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
 BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
@@ -55,6 +55,7 @@ def fan_out(
     retain_younger_than: Any = None,
     dry_run: bool = False,
     sources: list[str] | None = None,
+    trigger: str | None = None,
 ) -> dict[str, Any]:
     """Enqueue one compact_stream per candidate stream, a page at a time.
 
@@ -84,6 +85,7 @@ def fan_out(
         "retain_younger_than": retain_younger_than,
         "dry_run": dry_run,
         "sources": sources,
+        "trigger": trigger or "beat",
     }
     res = resources_of(self.app)
     try:
@@ -94,7 +96,7 @@ def fan_out(
         # Out of retries, retry(exc=...) raises exc itself, not MaxRetriesExceededError.
         except (MaxRetriesExceededError, *FANOUT_RETRIED_ERRORS):
             with contextlib.suppress(RedisError):
-                res.progress.fail(run_id, mask_url(f"fan-out gave up: {exc}"))
+                fail_run(res, run_id, mask_url(f"fan-out gave up: {exc}"))
             raise
 
 
@@ -105,18 +107,12 @@ def fan_out_page(
     fan-out for the next page. Returns what it did (its task result)."""
     settings, app = res.settings, task.app
     run_id = args["run_id"]
-    try:
-        policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
-        check_run_args(args["min_events"], args["stream_types"], args["max_streams"])
-    except EskitError as exc:
-        res.progress.create(run_id, args)
-        res.progress.fail(run_id, str(exc))
-        return {"run_id": run_id, "error": str(exc)}
-    if cursor != 0 and not res.progress.exists(run_id):
-        return _progress_lost(res, args)
-    res.progress.create(run_id, args, finish=finishes(settings, args["dry_run"]))
+    stopped = _start_page(res, args, cursor)
+    if stopped is not None:
+        return stopped
     if res.progress.cursor(run_id) != cursor:
         return _page_seen_again(task, res, args, cursor)
+    policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
 
     depth = queue_depth(app, settings.compaction_queue)
     if depth >= settings.fanout_high_water:
@@ -151,7 +147,7 @@ def fan_out_page(
         raise
     except EskitError as exc:  # an application that cannot be paged: say so, stop
         error = mask_url(f"fan-out stopped: {exc}")
-        res.progress.fail(run_id, error)
+        fail_run(res, run_id, error)
         return {"run_id": run_id, "error": error}
     finished = exhausted or (budget is not None and len(page) >= budget)
     # Fix the page before sending anything: a copy of this page (a retry, the same
@@ -180,6 +176,26 @@ def fan_out_page(
     }
 
 
+def _start_page(res: Resources, args: dict[str, Any], cursor: int) -> dict[str, Any] | None:
+    """Check the run's arguments and make sure its progress exists (and, on the first
+    page, its record in the database); what the page returns if it must stop here."""
+    run_id = args["run_id"]
+    try:
+        policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
+        check_run_args(args["min_events"], args["stream_types"], args["max_streams"])
+    except EskitError as exc:
+        res.progress.create(run_id, args)
+        record_run_start(res, run_id, args)
+        fail_run(res, run_id, str(exc))
+        return {"run_id": run_id, "error": str(exc)}
+    if cursor != 0 and not res.progress.exists(run_id):
+        return _progress_lost(res, args)
+    res.progress.create(run_id, args, finish=True)
+    if cursor == 0:
+        record_run_start(res, run_id, args)
+    return None
+
+
 def _page_seen_again(
     task: Task[Any, Any], res: Resources, args: dict[str, Any], cursor: int
 ) -> dict[str, Any]:
@@ -197,11 +213,6 @@ def _page_seen_again(
     if res.progress.needs_finish(run_id):
         send_finish(task.app, run_id)
     return {"run_id": run_id, "duplicate_page": cursor}
-
-
-def finishes(settings: EskitSettings, dry_run: bool) -> bool:
-    """Whether a run ends by reclaiming the space of what it deleted."""
-    return settings.reclaim == "auto" and not dry_run
 
 
 def _source(name: str) -> StreamSource:
@@ -222,7 +233,7 @@ def _progress_lost(res: Resources, args: dict[str, Any]) -> dict[str, Any]:
         "already done are unaffected."
     )
     res.progress.create(run_id, args)
-    res.progress.fail(run_id, error)
+    fail_run(res, run_id, error)
     return {"run_id": run_id, "error": error}
 
 

@@ -22,8 +22,10 @@ from sqlalchemy.engine import Engine
 from eskit_tasks.core.registry import get_source, import_decider_modules
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.space import ReclaimReport
-from eskit_tasks.fleet.progress import check_run_id
-from eskit_tasks.fleet.resources import resources_of
+from eskit_tasks.errors import EskitError
+from eskit_tasks.fleet.progress import RunProgress, check_run_id
+from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.stores import sql_runs
 from eskit_tasks.stores.reclaim import reclaim, store_tables
 
 log = logging.getLogger("eskit_tasks.reclaim")
@@ -78,18 +80,65 @@ def _attempt(what: str, step: Any) -> dict[str, Any] | None:
 
 def finish_run(self: Task[Any, Any], /, run_id: str) -> dict[str, Any] | None:
     """The finishing step of a fleet run whose candidates have all reported: reclaim
-    the space of what it deleted, then mark the run finished. Idempotent: a copy that
-    finds the run finished does nothing; two copies at once both vacuum, harmlessly."""
+    the space of what it deleted (ESKIT_RECLAIM=auto, not a dry run), record the run's
+    end in the database, then mark it finished. Idempotent: a copy that finds the run
+    finished does nothing; two copies at once both vacuum, harmlessly."""
     res = resources_of(self.app)
     run_id = check_run_id(run_id)
     progress = res.progress.get(run_id)
     if progress is None or progress.finished_at is not None:
         return None
-    try:
-        import_decider_modules(res.settings.decider_module_list)
-        answer = reclaim_after_run(getattr(res.store, "engine", None), progress.deleted_by_type)
-    except Exception as exc:  # the run still ends, saying what went wrong
-        answer = {"error": mask_url(f"the run's finishing step failed: {exc}")}
-        log.warning("run %s: %s", run_id, answer["error"])
+    engine = getattr(res.store, "engine", None)
+    answer: dict[str, Any] | None = None
+    if (
+        res.settings.reclaim == "auto"
+        and not progress.policy.get("dry_run")
+        and any(n > 0 for n in progress.deleted_by_type.values())
+    ):
+        try:
+            import_decider_modules(res.settings.decider_module_list)
+            answer = reclaim_after_run(engine, progress.deleted_by_type)
+        except Exception as exc:  # the run still ends, saying what went wrong
+            answer = {"error": mask_url(f"the run's finishing step failed: {exc}")}
+            log.warning("run %s: %s", run_id, answer["error"])
+    if engine is not None:
+        _record_end(engine, progress, answer)
     res.progress.finish(run_id, answer)
     return answer
+
+
+def record_run_start(res: Resources, run_id: str, args: Mapping[str, Any]) -> None:
+    """Record a fleet run's start in the database (idempotent), when the store has one."""
+    engine = getattr(res.store, "engine", None)
+    if engine is not None:
+        policy = {k: v for k, v in args.items() if k not in ("run_id", "trigger", "sources")}
+        sql_runs.record_start(engine, run_id, str(args.get("trigger") or "beat"), policy)
+
+
+def fail_run(res: Resources, run_id: str, error: str) -> None:
+    """Stop a run with an error: in its progress (``run.wait()`` returns) and in its
+    record in the database (best effort: the progress says it either way)."""
+    res.progress.fail(run_id, error)
+    engine = getattr(res.store, "engine", None)
+    progress = res.progress.get(run_id)
+    if engine is not None and progress is not None:
+        _record_end(engine, progress, None)
+
+
+def _record_end(engine: Engine, progress: RunProgress, reclaim: dict[str, Any] | None) -> None:
+    """Record the run's end; a database that cannot take it is logged, never stops the
+    run from ending (its progress in Redis has the same totals)."""
+    try:
+        sql_runs.record_end(
+            engine,
+            progress.run_id,
+            candidates=progress.candidates,
+            done=progress.done,
+            outcomes=progress.outcomes,
+            events_deleted=progress.events_deleted,
+            reclaim=reclaim,
+            error=progress.error,
+            policy=progress.policy,
+        )
+    except EskitError as exc:  # a database down, or tables of an older revision
+        log.warning("run %s: could not record its end in the database: %s", progress.run_id, exc)

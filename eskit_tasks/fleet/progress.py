@@ -35,9 +35,10 @@ from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 # The end of a run. Once the fan-out is done and every candidate has reported, a run
-# that deleted events and asked for a finishing step (reclaiming the space: the run's
-# 'finish' field) answers COMPLETE to whoever saw it complete, which sends the
-# finish_run task; that task sets 'finished_at'. Any other run is finished on the spot.
+# that asked for a finishing step (the run's 'finish' field: the fleet's runs, whose
+# end finish_run records in the database and which may reclaim space) answers COMPLETE
+# to whoever saw it complete, which sends the finish_run task; that task sets
+# 'finished_at'. Any other run is finished on the spot.
 # A report or page seen again still answers COMPLETE while 'finished_at' is unset, so a
 # worker killed before it sent finish_run is made good by its redelivered copy.
 _COMPLETE = """
@@ -46,10 +47,7 @@ local function complete(hash, now)
   local done = tonumber(redis.call('HGET', hash, 'done') or '0')
   if done < tonumber(redis.call('HGET', hash, 'candidates') or '0') then return 0 end
   if redis.call('HEXISTS', hash, 'finished_at') == 1 then return 0 end
-  if redis.call('HGET', hash, 'finish') == '1'
-     and tonumber(redis.call('HGET', hash, 'events_deleted') or '0') > 0 then
-    return 2
-  end
+  if redis.call('HGET', hash, 'finish') == '1' then return 2 end
   redis.call('HSET', hash, 'finished_at', now)
   return 0
 end
@@ -282,8 +280,8 @@ class RunProgressStore:
         """Start a run's record (idempotent: an existing record is left as it is).
 
         Args:
-            finish: The run ends with a finishing step (``finish_run``: reclaiming the
-                space of what it deleted) if it deletes anything.
+            finish: The run ends with a finishing step (``finish_run``: recording the
+                run's end, reclaiming the space of what it deleted).
         """
         key = self._keys(run_id)[0]
         now = time.time()

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 
 from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
-from eskit_tasks.fleet.fan_out import finishes
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
 from eskit_tasks.fleet.resources import Resources, resources_of
@@ -141,6 +140,7 @@ def compact_all(
     retain_younger_than: timedelta | float | str | None = None,
     dry_run: bool = False,
     app: Celery | None = None,
+    trigger: str = "shell",
 ) -> CompactionRun:
     """Start a fleet run: a fan-out over every candidate stream, compacted by the workers.
 
@@ -154,6 +154,7 @@ def compact_all(
         dry_run: Verify in memory, delete nothing; the run reports what would go.
         app: The fleet app to send the run to (default: the process's app, configured
             from the environment).
+        trigger: Who started the run, as ``eskit-tasks runs`` shows it.
 
     Raises:
         InvalidPolicyError: a bad value; nothing was sent.
@@ -167,10 +168,11 @@ def compact_all(
         "stream_types": None if stream_types is None else list(stream_types),
         "max_streams": max_streams,
         **policy,
+        "trigger": trigger,
     }
     app = app or _default_app()
     res = resources_of(app)
-    res.progress.create(run_id, kwargs, finish=finishes(res.settings, dry_run))
+    res.progress.create(run_id, kwargs, finish=True)
     app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
     return CompactionRun(run_id, app=app)
 

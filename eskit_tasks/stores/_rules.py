@@ -376,4 +376,5 @@ def audit_fields(plan: DeletionPlan, stream: StreamRow, deleted: int) -> dict[st
         "fence_token": plan.fence_token,
         "archive_uri": None if plan.archive is None else plan.archive.uri,
         "archive_sha256": None if plan.archive is None else plan.archive.sha256,
+        "run_id": plan.run_id,
     }

@@ -241,7 +241,12 @@ class InMemoryEventStore:
             return self.engine.next_key
 
     def compaction_log(
-        self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
+        self,
+        stream_type: str | None = None,
+        stream_id: str | None = None,
+        *,
+        limit: int = 100,
+        run_id: str | None = None,
     ) -> list[CompactionRecord]:
         with self.engine.lock:
             rows = [
@@ -249,6 +254,7 @@ class InMemoryEventStore:
                 for r in reversed(self.engine.log)
                 if (stream_type is None or r.stream_type == stream_type)
                 and (stream_id is None or r.stream_id == stream_id)
+                and (run_id is None or r.run_id == run_id)
             ]
         return list(itertools.islice(rows, limit))
 

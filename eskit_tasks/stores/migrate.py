@@ -44,7 +44,11 @@ SCHEMA_MARKERS_DIFFERENCES = frozenset(
         "eskit_events lacks column position",
         "eskit_position_counter is missing",
         "eskit_checkpoints is missing",
-        "eskit_compaction_log lacks columns archive_uri, archive_sha256, restored_at",
+        "eskit_compaction_log lacks columns archive_uri, archive_sha256, restored_at, run_id",
+        "eskit_runs is missing",
+        "eskit_quarantine is missing",
+        "eskit_plans is missing",
+        "eskit_plan_streams is missing",
     }
 )
 #: How the first layout differs from this code's.

@@ -166,6 +166,79 @@ compaction_log = sa.Table(
     sa.Column("archive_sha256", sa.String(64), nullable=True),
     # Set when the archived events were put back (eskit-tasks restore).
     sa.Column("restored_at", UtcDateTime, nullable=True),
+    # The run that made this compaction (None: a compaction outside any run).
+    sa.Column("run_id", sa.String(32), nullable=True, index=True),
+)
+
+runs = sa.Table(
+    "eskit_runs",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    # Who started it: beat, shell, cli, local (compact-all --local), plan.
+    sa.Column("trigger", sa.Text, nullable=False),
+    # JSON: the run's arguments (policy, min_events, stream_types, max_streams).
+    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("plan_id", sa.String(32), nullable=True),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("finished_at", UtcDateTime, nullable=True),
+    sa.Column("candidates", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("done", sa.BigInteger, nullable=False, server_default="0"),
+    # JSON: streams per outcome.
+    sa.Column("outcomes", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("events_deleted", sa.BigInteger, nullable=False, server_default="0"),
+    # JSON: what the run's end reclaimed, measured (see stores/reclaim.py).
+    sa.Column("reclaim", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+quarantine = sa.Table(
+    "eskit_quarantine",
+    metadata,
+    sa.Column("stream_type", sa.Text, primary_key=True),
+    sa.Column("stream_id", sa.Text, primary_key=True),
+    # Compactions in a row that ended failed or verification_failed.
+    sa.Column("failures", sa.BigInteger, nullable=False),
+    sa.Column("last_outcome", sa.Text, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("first_failed_at", UtcDateTime, nullable=False),
+    sa.Column("last_failed_at", UtcDateTime, nullable=False),
+    # Set once the failures reach the threshold: candidates skip the stream until
+    # retry_after, when one more attempt is made (healed: the row goes).
+    sa.Column("quarantined_at", UtcDateTime, nullable=True),
+    sa.Column("retry_after", UtcDateTime, nullable=True),
+)
+
+plans = sa.Table(
+    "eskit_plans",
+    metadata,
+    sa.Column("plan_id", sa.String(32), primary_key=True),
+    # JSON: the policy and selection the plan was made with.
+    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("verified", sa.Boolean, nullable=False),
+    sa.Column("streams", sa.BigInteger, nullable=False),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+)
+
+plan_streams = sa.Table(
+    "eskit_plan_streams",
+    metadata,
+    sa.Column("plan_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+    sa.Column("stream_type", sa.Text, nullable=False),
+    sa.Column("stream_id", sa.Text, nullable=False),
+    sa.Column("head_version", sa.BigInteger, nullable=False),
+    sa.Column("compacted_through", sa.BigInteger, nullable=False),
+    # The cut C: apply deletes events up to here, never further.
+    sa.Column("through_version", sa.BigInteger, nullable=False),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    # With --verify: the dry run's outcome and error.
+    sa.Column("outcome", sa.Text, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sqlite_with_rowid=False,
 )
 
 

@@ -87,6 +87,7 @@ _AUDIT_QUERY = sa.select(
     compaction_log.c.archive_uri,
     compaction_log.c.archive_sha256,
     compaction_log.c.restored_at,
+    compaction_log.c.run_id,
 )
 
 
@@ -293,7 +294,12 @@ class SqlEventStore:
             return int(conn.execute(sa.select(sa.func.max(streams.c.pk))).scalar_one() or 0)
 
     def compaction_log(
-        self, stream_type: str | None = None, stream_id: str | None = None, *, limit: int = 100
+        self,
+        stream_type: str | None = None,
+        stream_id: str | None = None,
+        *,
+        limit: int = 100,
+        run_id: str | None = None,
     ) -> list[CompactionRecord]:
         c = compaction_log.c
         query = _AUDIT_QUERY.order_by(c.id.desc()).limit(limit)
@@ -301,6 +307,8 @@ class SqlEventStore:
             query = query.where(c.stream_type == stream_type)
         if stream_id is not None:
             query = query.where(c.stream_id == stream_id)
+        if run_id is not None:
+            query = query.where(c.run_id == run_id)
         with reading(self.engine, "read the compaction log") as conn:
             return [CompactionRecord(**row._mapping) for row in conn.execute(query)]
 
