@@ -5,6 +5,8 @@
   ``<ESKIT_TEST_MARKERS>/<stream id>.<pid>`` when it starts folding, so a test knows
   which process is compacting which stream (to kill or pause exactly that one).
 * ``lossy``: a state whose codec does not round-trip (sets become lists).
+* ``brittle``: the Ledger, whose ``evolve`` raises while ESKIT_TEST_BROKEN=1 (a decider
+  bug that a later deployment fixes).
 * anything else (e.g. ``ghost``) has no decider.
 """
 
@@ -30,6 +32,14 @@ class SlowLedger(Ledger):
         return super().evolve(state, event)
 
 
+class BrittleLedger(Ledger):
+    def evolve(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+        if os.environ.get("ESKIT_TEST_BROKEN") == "1":
+            raise RuntimeError("a bug in this deployment's decider")
+        return super().evolve(state, event)
+
+
 register_decider("ledger", Ledger(), dict)
+register_decider("brittle", BrittleLedger(), dict)
 register_decider("slow", SlowLedger(), dict)
 register_decider("lossy", LossyTagger(), dict)

@@ -56,12 +56,14 @@ from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError, EskitError
 from eskit_tasks.fleet.finish import reclaim_after_run
 from eskit_tasks.fleet.progress import new_run_id
+from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 from eskit_tasks.stores import migrate, sql_runs
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.reclaim import FULL_LOCK_WARNING, reclaim, store_tables
 from eskit_tasks.stores.sql import SqlSnapshotStore
+from eskit_tasks.stores.sql_quarantine import SqlQuarantine
 from eskit_tasks.stores.sql_runs import recent_runs
 
 
@@ -213,12 +215,14 @@ def candidates(
     """List the streams a policy would pick, with their live event counts (those of the
     registered pyeventsourcing applications after the store's)."""
     import_deciders(decider_module)
+    store = open_store(database, read_only=True)
     found = iter_candidates(
-        open_store(database, read_only=True),
+        store,
         min_events=min_events,
         retain_last=retain_last,
         stream_types=stream_type,
         limit=limit,
+        skip=SqlQuarantine(store.engine).held,
     )
     listed: list[Candidate] = []
     try:
@@ -337,6 +341,10 @@ class LocalCompactors:
         self.store, self.snapshots, self.policy = store, snapshots, policy
         self.archive = archive
         self.run_id = run_id
+        engine = getattr(store, "engine", None)
+        self.quarantine = (
+            SqlQuarantine(engine, get_settings().quarantine_rules) if engine is not None else None
+        )
         self._by_type: dict[str, Compactor[Any] | SourceCompactor | ConfigurationError] = {}
 
     def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
@@ -352,8 +360,11 @@ class LocalCompactors:
                 compaction_id="-",
             )
         if isinstance(found, Compactor):
-            return found.compact(stream_type, stream_id, run_id=self.run_id)
-        return found.compact(stream_id, run_id=self.run_id)
+            result = found.compact(stream_type, stream_id, run_id=self.run_id)
+        else:
+            result = found.compact(stream_id, run_id=self.run_id)
+        note_outcome(self.quarantine, result)
+        return result
 
     def _make(self, stream_type: str) -> Compactor[Any] | SourceCompactor | ConfigurationError:
         try:
@@ -456,6 +467,7 @@ def compact_all_here(
         retain_last=policy.retain_last,
         stream_types=stream_types,
         limit=max_streams,
+        skip=None if compactors.quarantine is None else compactors.quarantine.held,
     )
     stopped: EskitError | None = None
     with progress_bar(json_) as progress:

@@ -5,7 +5,7 @@ one cursor (:func:`run_page`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from eskit_tasks.core.registry import StreamSource, registered_sources, sources_for
 from eskit_tasks.ports import Candidate, EventStore
@@ -18,6 +18,9 @@ PAGE_SIZE = 500
 #: A run's cursor is ``segment * SEGMENT + key``: segment 0 is the event store (keys are
 #: its stream keys), segment k the k-th source a run covers (keys its own, below 2**129).
 SEGMENT = 1 << 130
+
+#: Which of a page's streams to leave out (quarantined ones): their (type, id) pairs.
+Skip = Callable[[Sequence[Candidate]], set[tuple[str, str]]]
 
 
 def candidate_page(
@@ -56,12 +59,38 @@ def run_page(
     page_size: int,
     min_live_events: int,
     stream_types: Sequence[str] | None,
+    skip: Skip | None = None,
 ) -> tuple[list[Candidate], int, bool]:
     """One bounded page of a run's candidates after ``cursor``: the event store's streams
     (of ``stream_types`` that are not sources), then each of ``sources`` in turn (as
-    :func:`~eskit_tasks.core.registry.sources_for` lists them for ``stream_types``).
-    Returns the page, the cursor the next page starts after, and whether the run has
-    examined everything."""
+    :func:`~eskit_tasks.core.registry.sources_for` lists them for ``stream_types``),
+    without the streams ``skip`` names. Returns the page, the cursor the next page
+    starts after, and whether the run has examined everything."""
+    page, after, done = _run_page(
+        store,
+        sources,
+        cursor=cursor,
+        limit=limit,
+        page_size=page_size,
+        min_live_events=min_live_events,
+        stream_types=stream_types,
+    )
+    if skip is not None and page:
+        left_out = skip(page)
+        page = [c for c in page if (c.stream_type, c.stream_id) not in left_out]
+    return page, after, done
+
+
+def _run_page(
+    store: EventStore,
+    sources: Sequence[StreamSource],
+    *,
+    cursor: int,
+    limit: int,
+    page_size: int,
+    min_live_events: int,
+    stream_types: Sequence[str] | None,
+) -> tuple[list[Candidate], int, bool]:
     segment, key = divmod(cursor, SEGMENT)
     if limit <= 0:
         return [], cursor, True
@@ -99,10 +128,11 @@ def iter_candidates(
     stream_types: Sequence[str] | None = None,
     limit: int | None = None,
     page_size: int = PAGE_SIZE,
+    skip: Skip | None = None,
 ) -> Iterator[Candidate]:
     """Every candidate of the store and then of the registered sources, page by page
     (memory bounded by one page): streams with at least ``min_events`` live events and
-    more than ``retain_last``, at most ``limit`` of them."""
+    more than ``retain_last``, at most ``limit`` of them, but those ``skip`` names."""
     sources = [source for _, source in sources_for(stream_types)]
     cursor, seen, done = 0, 0, False
     while not done and (limit is None or seen < limit):
@@ -114,6 +144,7 @@ def iter_candidates(
             page_size=page_size,
             min_live_events=max(min_events, retain_last + 1),
             stream_types=stream_types,
+            skip=skip,
         )
         yield from page
         seen += len(page)

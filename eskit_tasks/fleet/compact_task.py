@@ -29,6 +29,7 @@ from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import record
+from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
 from eskit_tasks.fleet.resources import resources_of
 
@@ -145,6 +146,8 @@ def _compact_locked(
         # deletion from the audit log (both under the task's compaction id).
         if claimed or result.outcome is not Outcome.COMPACTED:
             record(result, copy.run_id, copy.task_id, timed=True)
+        if claimed:
+            note_outcome(res.quarantine, result)
     finally:
         lock.release()
     if retry:

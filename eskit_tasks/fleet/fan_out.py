@@ -142,6 +142,7 @@ def fan_out_page(
             page_size=settings.fanout_page_size,
             min_live_events=max(args["min_events"], args["retain_last"] + 1),
             stream_types=args["stream_types"],
+            skip=None if res.quarantine is None else res.quarantine.held,
         )
     except FANOUT_RETRIED_ERRORS:
         raise

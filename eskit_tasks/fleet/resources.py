@@ -18,12 +18,14 @@ import os
 from collections.abc import Callable
 
 import redis
+from sqlalchemy.engine import Engine
 
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.progress import RunProgressStore
 from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.ports import Archive, EventStore, SnapshotStore
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
+from eskit_tasks.stores.sql_quarantine import SqlQuarantine
 
 
 class Resources:
@@ -54,6 +56,7 @@ class Resources:
         self._snapshots = snapshots
         self._redis = redis
         self._progress: RunProgressStore | None = None
+        self._quarantine: SqlQuarantine | None = None
 
     @property
     def store(self) -> EventStore:
@@ -88,6 +91,15 @@ class Resources:
                 health_check_interval=30,
             )
         return self._redis
+
+    @property
+    def quarantine(self) -> SqlQuarantine | None:
+        """The streams whose compactions keep failing (None: a store without a
+        database, kept in memory, has no quarantine)."""
+        engine = getattr(self.store, "engine", None)
+        if self._quarantine is None and isinstance(engine, Engine):
+            self._quarantine = SqlQuarantine(engine, self.settings.quarantine_rules)
+        return self._quarantine
 
     @property
     def progress(self) -> RunProgressStore:

@@ -8,12 +8,14 @@ into Celery settings.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eskit_tasks.domain.quarantine import QuarantineRules
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet import constants as c
@@ -69,6 +71,13 @@ class EskitSettings(BaseSettings):
     #: checkpoint and incremental vacuum) and reports the measured sizes; ``off``: never
     #: (run ``eskit-tasks reclaim`` yourself). See eskit_tasks.stores.reclaim.
     reclaim: Literal["auto", "off"] = "auto"
+    #: ESKIT_QUARANTINE_AFTER: compactions of a stream ending failed or
+    #: verification_failed in a row that quarantine it (0: never); ESKIT_QUARANTINE_BACKOFF
+    #: / ESKIT_QUARANTINE_MAX_BACKOFF: seconds of its first / longest quarantine (it
+    #: doubles with each failure after). See eskit_tasks.domain.quarantine.
+    quarantine_after: int = Field(3, ge=0)
+    quarantine_backoff: float = Field(3600.0, gt=0)
+    quarantine_max_backoff: float = Field(7 * 86400.0, gt=0)
     #: ESKIT_RUN_TTL: seconds run progress stays in Redis.
     run_ttl: int = Field(c.RUN_TTL_S, gt=0)
     #: ESKIT_CELERY_CONFIG: the module with the Celery settings.
@@ -117,6 +126,14 @@ class EskitSettings(BaseSettings):
         if not isinstance(value, dict):
             raise ValueError("ESKIT_NIGHTLY_POLICY must be a JSON object")
         return value
+
+    @property
+    def quarantine_rules(self) -> QuarantineRules:
+        return QuarantineRules(
+            after=self.quarantine_after,
+            backoff=timedelta(seconds=self.quarantine_backoff),
+            max_backoff=timedelta(seconds=self.quarantine_max_backoff),
+        )
 
     @property
     def decider_module_list(self) -> list[str]:
