@@ -76,7 +76,8 @@ def test_one_answer_to_which_outcomes_need_attention():
     from eskit_tasks.fleet.progress import RunProgress
 
     fine = {o for o in eskit_tasks.Outcome if not o.needs_attention}
-    assert {o.value for o in fine} == {"compacted", "dry_run", "nothing_to_compact"}
+    # cancelled: an operator stopped the run on purpose; nothing is wrong with the stream.
+    assert {o.value for o in fine} == {"compacted", "dry_run", "nothing_to_compact", "cancelled"}
     for outcome in eskit_tasks.Outcome:
         result = eskit_tasks.CompactionResult(
             stream_type="t", stream_id="s", outcome=outcome, compaction_id="c"

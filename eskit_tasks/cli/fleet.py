@@ -22,7 +22,7 @@ from eskit_tasks.cli.options import (
     app,
     policy_of,
 )
-from eskit_tasks.cli.render import emit_json, out, print_summary, progress_bar
+from eskit_tasks.cli.render import emit_json, err, out, print_summary, progress_bar
 from eskit_tasks.errors import ConfigurationError, RunTimeoutError
 
 
@@ -104,6 +104,51 @@ def status(
         raise typer.Exit(Exit.FAILED_STREAMS)
 
 
+def _control(run_id: str, action: str, json_: bool) -> None:
+    from eskit_tasks.fleet.runs import CompactionRun
+
+    run = CompactionRun(run_id)
+    done = getattr(run, action)()
+    state = run.progress().state
+    if json_:
+        emit_json({"run_id": run_id, "action": action, "done": done, "state": state})
+    elif done:
+        out.print(f"run {run_id}: {state}", highlight=False)
+    else:
+        err.print(
+            f"error: run {run_id} has ended or was cancelled already ({state}); nothing to {action}"
+        )
+    if not done:
+        raise typer.Exit(Exit.ERROR)
+
+
+@app.command()
+def pause(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")], json_: JsonOut = False
+) -> None:
+    """Pause a fleet run: it enqueues nothing and its queued tasks wait (compactions
+    already running finish). Exit 1 if it has ended or was cancelled."""
+    _control(run_id, "pause", json_)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")], json_: JsonOut = False
+) -> None:
+    """Resume a paused fleet run. Exit 1 if it has ended or was cancelled."""
+    _control(run_id, "resume", json_)
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="The run's id.")], json_: JsonOut = False
+) -> None:
+    """Cancel a fleet run: it enqueues nothing more and its queued tasks end cancelled
+    without touching the database (compactions already running finish). Exit 1 if it
+    has ended already."""
+    _control(run_id, "cancel", json_)
+
+
 def follow(run_id: str, timeout: float | None, json_: bool) -> None:
     """Wait for a run with a progress bar, then print its summary."""
     from eskit_tasks.fleet.runs import CompactionRun
@@ -120,6 +165,12 @@ def follow(run_id: str, timeout: float | None, json_: bool) -> None:
             )
         except RunTimeoutError as exc:
             raise RunTimeoutError(f"{exc}; it keeps running: eskit-tasks status {run_id}") from exc
+        except KeyboardInterrupt:
+            err.print(
+                f"stopped waiting; run {run_id} goes on: follow it with eskit-tasks status "
+                f"{run_id} --wait, stop it with eskit-tasks cancel {run_id}"
+            )
+            raise typer.Exit(Exit.INTERRUPTED) from None
     summary = run.summary()
     print_summary(summary, json_)
     if summary.failed_streams or summary.error:

@@ -28,6 +28,8 @@ class Exit(IntEnum):
     USAGE = 2
     UNAVAILABLE = 3
     FAILED_STREAMS = 4
+    #: Ctrl-C (128 + SIGINT, as shells report it).
+    INTERRUPTED = 130
 
 
 app = typer.Typer(

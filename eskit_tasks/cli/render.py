@@ -308,9 +308,11 @@ def print_summary(summary: Any, json_: bool) -> None:
     if json_:
         emit_json(totals)
         return
-    state = "finished" if summary.finished else "running"
+    state = "finished" if summary.finished else summary.state
     if not summary.finished and summary.error is None and summary.done >= summary.candidates:
-        state = "reclaiming space"
+        state = "finishing"
+    if summary.finished and summary.state == "cancelled":
+        state = "finished (cancelled)"
     out.print(f"run {summary.run_id}: {state}, {summary.done} of {summary.candidates} streams done")
     if summary.error:
         out.print(f"[red]run error:[/red] {summary.error}")

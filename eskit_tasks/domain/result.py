@@ -26,6 +26,9 @@ class Outcome(StrEnum):
     """The stream could not be replayed or the database refused; nothing deleted."""
     LOCKED = "locked"
     """Another worker holds the stream's lock; this copy did not run (fleet only)."""
+    CANCELLED = "cancelled"
+    """The run was cancelled before this stream's turn; nothing was read or written
+    (fleet only)."""
 
     @property
     def needs_attention(self) -> bool:
@@ -37,7 +40,9 @@ class Outcome(StrEnum):
 
 
 #: The outcomes that need no attention.
-_FINE = frozenset({Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT})
+_FINE = frozenset(
+    {Outcome.COMPACTED, Outcome.DRY_RUN, Outcome.NOTHING_TO_COMPACT, Outcome.CANCELLED}
+)
 
 
 class HeldBack(BaseModel):

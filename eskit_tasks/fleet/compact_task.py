@@ -27,11 +27,13 @@ from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
 from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.constants import PAUSE_POLL_MIN_S
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import record
 from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
-from eskit_tasks.fleet.resources import resources_of
+from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.fleet.settings import EskitSettings
 
 
 def compact_stream(
@@ -60,6 +62,17 @@ def compact_stream(
         raise Ignore()
     copy = TaskCopy(self, res, run_id)
     try:
+        if _run_state(res, run_id) == "paused":  # wait, without reading anything
+            copy.retry_later(pause_poll(res.settings), unlimited=True)
+        if _run_state(res, run_id) == "cancelled":
+            result = CompactionResult(
+                stream_type=stream_type,
+                stream_id=stream_id,
+                outcome=Outcome.CANCELLED,
+                compaction_id=copy.compaction_id,
+            )
+            record(result, run_id, copy.task_id)
+            return _claimed(copy, result)
         import_decider_modules(res.settings.decider_module_list)
         result = _compact_locked(copy, stream_type, stream_id, policy)
     except (Ignore, Retry):
@@ -71,9 +84,29 @@ def compact_stream(
             stream_type, stream_id, exc, compaction_id=copy.compaction_id
         )
         record(result, run_id, copy.task_id)
+    return _claimed(copy, result)
+
+
+def _claimed(copy: TaskCopy, result: CompactionResult) -> dict[str, Any]:
     if not copy.claim_result(result):
         raise Ignore()  # another copy of this very task finished first and owns the result
     return result.model_dump(mode="json")
+
+
+def _run_state(res: Resources, run_id: str | None) -> str:
+    """The run's state (paused, cancelled or running); running when Redis cannot say
+    (the lock step reports Redis being down)."""
+    if run_id is None:
+        return "running"
+    try:
+        return res.progress.state(run_id)
+    except RedisError:
+        return "running"
+
+
+def pause_poll(settings: EskitSettings) -> float:
+    """Seconds before the work of a paused run looks again."""
+    return max(settings.fanout_backoff, PAUSE_POLL_MIN_S)
 
 
 def _compact_locked(

@@ -55,6 +55,8 @@ FANOUT_MAX_RETRIES = 10
 FANOUT_HIGH_WATER = 2000
 #: Seconds before a fan-out that found the queue full looks again.
 FANOUT_BACKOFF_S = 5.0
+#: The fewest seconds between two looks of a paused run's fan-out or queued tasks.
+PAUSE_POLL_MIN_S = 1.0
 
 #: Address the worker's metrics port binds to (ESKIT_METRICS_ADDRESS): every interface,
 #: so Prometheus can scrape a worker in a container. The page holds counts only.

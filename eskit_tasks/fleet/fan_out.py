@@ -24,6 +24,7 @@ from eskit_tasks.core.candidates import run_page
 from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+from eskit_tasks.fleet.compact_task import pause_poll
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
 from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
@@ -112,6 +113,9 @@ def fan_out_page(
         return stopped
     if res.progress.cursor(run_id) != cursor:
         return _page_seen_again(task, res, args, cursor)
+    held = _held_by_operator(task, res, args, cursor)
+    if held is not None:
+        return held
     policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], args["dry_run"])
 
     depth = queue_depth(app, settings.compaction_queue)
@@ -194,6 +198,23 @@ def _start_page(res: Resources, args: dict[str, Any], cursor: int) -> dict[str, 
     res.progress.create(run_id, args, finish=True)
     if cursor == 0:
         record_run_start(res, run_id, args)
+    return None
+
+
+def _held_by_operator(
+    task: Task[Any, Any], res: Resources, args: dict[str, Any], cursor: int
+) -> dict[str, Any] | None:
+    """A paused run's page enqueues nothing and looks again later; a cancelled run's
+    fan-out ends here (the run completes once the tasks already sent report)."""
+    run_id = args["run_id"]
+    state = res.progress.state(run_id)
+    if state == "paused":
+        task.apply_async(kwargs={**args, "cursor": cursor}, countdown=pause_poll(res.settings))
+        return {"run_id": run_id, "paused": cursor}
+    if state == "cancelled":
+        if res.progress.stop_fanout(run_id):
+            send_finish(task.app, run_id)
+        return {"run_id": run_id, "cancelled": cursor}
     return None
 
 

@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel, Field
@@ -33,6 +33,9 @@ from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+#: What an operator can make of a run that has not finished.
+RunState = Literal["running", "paused", "cancelled"]
 
 # The end of a run. Once the fan-out is done and every candidate has reported, a run
 # that asked for a finishing step (the run's 'finish' field: the fleet's runs, whose
@@ -133,6 +136,28 @@ return 1 + complete(KEYS[1], ARGV[6])
 """
 )
 
+# KEYS: hash. ARGV: new state (running, paused, cancelled), now.
+# Returns -1 (no such run), 0 (finished, or cancelled already: the state stays), 1.
+_SET_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated_at', ARGV[2])
+return 1
+"""
+
+# KEYS: hash, page list. ARGV: now. The fan-out of a cancelled run stops: nothing more
+# is enqueued, the run completes when the tasks already sent have reported.
+# Returns 2 if the run is now complete and needs its finishing step, else 1.
+_STOP_FANOUT = (
+    _COMPLETE
+    + """
+redis.call('HSET', KEYS[1], 'fanout_done', '1', 'updated_at', ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1 + complete(KEYS[1], ARGV[1])
+"""
+)
+
 # KEYS: hash. ARGV: now. 2 if the run is complete and needs its finishing step.
 _CHECK_COMPLETE = (
     _COMPLETE
@@ -174,8 +199,11 @@ class RunProgress(BaseModel):
     #: When the run ended: every candidate reported and, if the run reclaims the space
     #: of what it deleted (ESKIT_RECLAIM=auto), that step done.
     finished_at: float | None = None
-    #: What the finishing step measured and did (see eskit_tasks.core.reclaim).
+    #: What the finishing step measured and did (see eskit_tasks.fleet.finish).
     reclaim: dict[str, Any] | None = None
+    #: ``running``, ``paused`` (nothing is enqueued, queued tasks wait) or ``cancelled``
+    #: (nothing more is enqueued, queued tasks end ``cancelled``).
+    state: str = "running"
 
     @property
     def complete(self) -> bool:
@@ -265,6 +293,8 @@ class RunProgressStore:
         self._store_page = client.register_script(_STORE_PAGE)
         self._max_depth = client.register_script(_MAX_DEPTH)
         self._check_complete = client.register_script(_CHECK_COMPLETE)
+        self._set_state = client.register_script(_SET_STATE)
+        self._stop_fanout = client.register_script(_STOP_FANOUT)
 
     @staticmethod
     def _keys(run_id: str) -> tuple[str, str, str]:
@@ -384,6 +414,26 @@ class RunProgressStore:
             return None
         return int(now_at), None if sources is None else json.loads(sources)
 
+    def set_state(self, run_id: str, state: RunState) -> bool | None:
+        """Pause, resume or cancel a run; False if it has finished or was cancelled (a
+        cancelled run stays cancelled), None if there is no such run."""
+        status = int(self._set_state(keys=[self._keys(run_id)[0]], args=[state, time.time()]))
+        return None if status == -1 else status == 1
+
+    def state(self, run_id: str) -> RunState:
+        """``running``, ``paused`` or ``cancelled`` (a run without progress: running)."""
+        value = self.client.hget(self._keys(run_id)[0], "state")
+        found = "running" if value is None else _text(value)
+        return found if found in ("paused", "cancelled") else "running"  # type: ignore[return-value]
+
+    def stop_fanout(self, run_id: str) -> bool:
+        """End the fan-out of a cancelled run; True if the run is now complete and needs
+        its finishing step."""
+        status = self._stop_fanout(
+            keys=[self._keys(run_id)[0], self._page_key(run_id)], args=[time.time()]
+        )
+        return int(status) == 2
+
     def needs_finish(self, run_id: str) -> bool:
         """True if the run is complete and its finishing step has not ended: send it
         (again; it is idempotent)."""
@@ -477,6 +527,7 @@ class RunProgressStore:
             },
             finished_at=float(data["finished_at"]) if "finished_at" in data else None,
             reclaim=json.loads(data["reclaim"]) if "reclaim" in data else None,
+            state=data.get("state", "running"),
         )
 
     def failed_streams(self, run_id: str) -> list[FailedStream]:

@@ -19,7 +19,13 @@ from pydantic import BaseModel
 from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
-from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
+from eskit_tasks.fleet.progress import (
+    FailedStream,
+    RunProgress,
+    RunState,
+    check_run_id,
+    new_run_id,
+)
 from eskit_tasks.fleet.resources import Resources, resources_of
 
 
@@ -43,6 +49,8 @@ class RunSummary(BaseModel):
     #: What the run's finishing step reclaimed, measured (None: nothing to reclaim,
     #: ESKIT_RECLAIM=off, a dry run, or not finished yet). See eskit_tasks.fleet.finish.
     reclaim: dict[str, Any] | None = None
+    #: running, paused or cancelled.
+    state: str = "running"
 
 
 class CompactionRun:
@@ -110,6 +118,33 @@ class CompactionRun:
                 )
             time.sleep(poll)
 
+    def pause(self) -> bool:
+        """Pause the run: its fan-out enqueues nothing and its queued tasks wait (a
+        compaction already running finishes). False if it has ended or was cancelled.
+
+        Raises:
+            RunNotFoundError: nothing is stored for this run.
+        """
+        return self._set("paused")
+
+    def resume(self) -> bool:
+        """Resume a paused run. False if it has ended or was cancelled."""
+        return self._set("running")
+
+    def cancel(self) -> bool:
+        """Cancel the run: its fan-out enqueues nothing more, and its queued tasks end
+        ``cancelled`` without touching the database (a compaction already running
+        finishes). The run then finishes as usual. False if it has ended already."""
+        return self._set("cancelled")
+
+    def _set(self, state: RunState) -> bool:
+        done = self._resources().progress.set_state(self.run_id, state)
+        if done is None:
+            raise RunNotFoundError(
+                f"no progress stored for run {self.run_id}: unknown id, or older than ESKIT_RUN_TTL"
+            )
+        return done
+
     def summary(self) -> RunSummary:
         """Totals plus the failed streams and their errors."""
         p = self.progress()
@@ -128,6 +163,7 @@ class CompactionRun:
             error=p.error,
             deleted_by_type=p.deleted_by_type,
             reclaim=p.reclaim,
+            state=p.state,
         )
 
 
