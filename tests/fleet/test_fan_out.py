@@ -180,7 +180,7 @@ def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet, res
     run = progress.get(run_id)
     assert run is not None and (run.candidates, run.fanout_done) == (2, True)
     # The first copy wakes up, sends its (same) page again and cannot advance.
-    assert progress.advance(run_id, first, depth=0) is False
+    assert progress.advance(run_id, first, depth=0).claimed is False
     assert fan_out_page(app.tasks[FAN_OUT_TASK], res, args, 0) == {
         "run_id": run_id,
         "duplicate_page": 0,
