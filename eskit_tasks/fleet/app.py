@@ -22,7 +22,12 @@ from typing import Any
 from celery import Celery, signals
 
 from eskit_tasks.core.registry import import_decider_modules
-from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, TableLayoutError
+from eskit_tasks.errors import (
+    CompactionNeedsAttention,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    TableLayoutError,
+)
 from eskit_tasks.fleet import celeryconfig as packaged
 from eskit_tasks.fleet import failures, metrics, observability
 from eskit_tasks.fleet.compact_task import compact_stream
@@ -91,7 +96,15 @@ def create_app(
         app.eskit_resources = PerProcess.given(resources)
     else:
         app.eskit_resources = PerProcess(resources or (lambda: Resources(settings)))
-    app.task(bind=True, shared=False, name=COMPACT_STREAM_TASK, max_retries=None)(compact_stream)
+    # throws: an outcome that needs attention is logged as an expected failure (one
+    # INFO line, no traceback); its JSON log line already says what happened.
+    app.task(
+        bind=True,
+        shared=False,
+        name=COMPACT_STREAM_TASK,
+        max_retries=None,
+        throws=(CompactionNeedsAttention,),
+    )(compact_stream)
     app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
     app.task(bind=True, shared=False, name=FINISH_RUN_TASK)(finish_run)
     return app

@@ -16,12 +16,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from eskit_tasks import Outcome, compact_all
+from eskit_tasks import CompactionNeedsAttention, Outcome, compact_all, compaction_result
 from eskit_tasks.fleet.app import app
 from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.runs import compaction_result_of
 from eskit_tasks.tasks import compact_stream
 from eskit_tasks.testing.services import Worker, free_port
-from tests.fleet.conftest import Fleet, wait_until
+from tests.fleet.conftest import Fleet, results_in_backend, wait_until
 
 LOG_FIELDS = {
     "ts",
@@ -136,7 +137,7 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
         compact_stream.delay("ledger", "c", dry_run=True),
         compact_stream.delay("ghost", "g"),
     ]
-    results = [r.get(timeout=60) for r in sent]
+    results = [compaction_result(r.id, timeout=60) or {} for r in sent]
     again = compact_stream.delay("ledger", "a")
     results.append(again.get(timeout=60))
     assert [r["outcome"] for r in results] == [
@@ -207,11 +208,11 @@ def test_lock_waits_and_locked_outcome(fleet: Fleet):
     holder = StreamLock(client, "ledger", "held", ttl=30, owner="someone-else")
     assert holder.acquire()
     try:
-        result = compact_stream.delay("ledger", "held").get(timeout=60)
+        result = compaction_result(compact_stream.delay("ledger", "held").id, timeout=60)
     finally:
         holder.release()
         client.close()
-    assert result["outcome"] == "locked", result
+    assert result is not None and result["outcome"] == "locked", result
     _, samples = scrape(port)
     assert samples[("eskit_lock_waits_total", ())] == 3  # the first try and two retries
     assert samples[("eskit_compactions_total", (("outcome", "locked"),))] == 1
@@ -368,3 +369,117 @@ def test_task_events_are_off_until_a_monitor_enables_them_as_flower_does(fleet: 
     received = next(e for e in events if e.get("uuid") == task_id and e["type"] == "task-received")
     assert received["name"] == "eskit_tasks.compact_stream"
     assert time.time() - succeeded["timestamp"] < 120
+
+
+class TaskEvents:
+    """Celery's task events as a monitor (Flower) receives them, captured in a thread."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self._conn: Any = None
+        self._receiver: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> TaskEvents:
+        self._conn = app.connection_for_read()
+        self._receiver = app.events.Receiver(self._conn, handlers={"*": self.events.append})
+
+        def capture() -> None:
+            try:
+                self._receiver.capture(limit=None, timeout=None, wakeup=False)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                self.errors.append(exc)
+
+        self._thread = threading.Thread(target=capture, daemon=True)
+        self._thread.start()
+
+        def probe_heard() -> bool:  # the receiver subscribes asynchronously
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("eskit-probe")
+            return any(e["type"] == "eskit-probe" for e in list(self.events))
+
+        wait_until(probe_heard, 30, "the event receiver to listen", poll=0.3)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._receiver.should_stop = True
+        assert self._thread is not None
+        self._thread.join(10)
+        self._conn.release()
+
+    def final(self, task_id: str) -> dict[str, Any] | None:
+        """The task's last event that Flower turns into a final state, if any yet."""
+        ends = {"task-succeeded", "task-failed"}
+        found = [e for e in list(self.events) if e.get("uuid") == task_id and e["type"] in ends]
+        return found[-1] if found else None
+
+
+def test_flower_shows_a_compaction_that_needs_attention_as_failed(fleet: Fleet):
+    """A compaction whose outcome needs attention ends as FAILURE — in the task events
+    Flower builds its view from, and in the result backend — with its whole result still
+    readable (compaction_result); a compaction is SUCCESS and .get() returns it. The
+    failure is deliberate: logged as expected (no traceback) and counted once."""
+    fleet.seed("ledger", "fine", 20)
+    fleet.seed("ghost", "g", 5)  # no decider: failed
+    fleet.seed("ledger", "held", 5)
+    worker = fleet.worker(
+        "flower",
+        concurrency=1,
+        options=("--without-gossip", "--without-mingle", "-E"),  # task events on
+        ESKIT_LOCKED_MAX_RETRIES="0",
+    )
+    client = redis.Redis(port=fleet.state.port)
+    holder = StreamLock(client, "ledger", "held", ttl=60, owner="someone-else")
+    assert holder.acquire()
+    try:
+        with TaskEvents() as monitor:
+            good = compact_stream.delay("ledger", "fine", retain_last=5)
+            ghost = compact_stream.delay("ghost", "g")
+            locked = compact_stream.delay("ledger", "held")
+            assert good.get(timeout=60)["outcome"] == "compacted", fleet.worker_logs()
+            with pytest.raises(CompactionNeedsAttention, match=r"^failed ghost/g: "):
+                ghost.get(timeout=60)
+            with pytest.raises(CompactionNeedsAttention, match="locked by task someone-else"):
+                locked.get(timeout=60)
+            ids = (good.id, ghost.id, locked.id)
+            finals = wait_until(
+                lambda: all(monitor.final(i) for i in ids) and [monitor.final(i) for i in ids],
+                30,
+                "the three tasks' final events",
+            )
+    finally:
+        holder.release()
+        client.close()
+    assert not monitor.errors, monitor.errors
+    assert [e["type"] for e in finals] == ["task-succeeded", "task-failed", "task-failed"]
+    assert finals[1]["exception"].startswith("CompactionNeedsAttention(")
+    assert "failed ghost/g: no decider" in finals[1]["exception"]
+    assert "'outcome': 'locked'" in finals[2]["exception"]
+
+    stored = results_in_backend(fleet.broker)
+    assert [stored[i]["status"] for i in ids] == ["SUCCESS", "FAILURE", "FAILURE"]
+    assert stored[ghost.id]["result"]["exc_type"] == "CompactionNeedsAttention"
+    got = {i: compaction_result(i) for i in ids}
+    assert got[good.id] == good.get() == compaction_result_of(stored[good.id])
+    ghost_result, locked_result = got[ghost.id], got[locked.id]
+    assert ghost_result is not None and locked_result is not None
+    assert (ghost_result["outcome"], ghost_result["error_type"]) == (
+        "failed",
+        "UnknownStreamTypeError",
+    )
+    assert (locked_result["outcome"], locked_result["events_deleted"]) == ("locked", 0)
+    assert compaction_result_of(stored[locked.id]) == locked_result
+    assert fleet.live_versions("ledger", "held") == [1, 2, 3, 4, 5]
+
+    # Deliberate: Celery logs it as expected, without a traceback, and the task_failure
+    # handler does not account for it again (one log line per attempt).
+    text = worker.text()
+    assert text.count("raised expected: CompactionNeedsAttention") == 2, text[-3000:]
+    assert "raised unexpected" not in text and "Traceback" not in text, text[-3000:]
+    lines = compaction_lines(worker)
+    assert sorted((x["stream_id"], x["outcome"]) for x in lines) == [
+        ("fine", "compacted"),
+        ("g", "failed"),
+        ("held", "locked"),
+    ]
