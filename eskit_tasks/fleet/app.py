@@ -204,6 +204,20 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
         metrics.start_worker_metrics(settings)
 
 
+@signals.beat_init.connect
+def _start_beat_metrics(sender: Any = None, **_: Any) -> None:
+    """With ESKIT_METRICS_PORT, `celery beat` serves its schedule's health (when each
+    entry last ran and is next due; see metrics.py), read from its scheduler; a port
+    it cannot bind stops it at start."""
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    try:
+        metrics.start_beat_metrics(settings, sender)
+    except ConfigurationError as exc:
+        raise SystemExit(f"eskit-tasks: beat cannot start: {exc}") from exc
+
+
 @signals.worker_ready.connect
 def _announce_metrics(**_: Any) -> None:
     """Log where metrics are served (worker_init runs before the worker's logging)."""

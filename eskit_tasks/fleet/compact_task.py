@@ -137,7 +137,7 @@ def _compact_locked(
             type(exc).__name__,
         )
     if not acquired:
-        metrics.record_lock_wait()
+        metrics.record_lock_wait(stream_type)
         if holder == copy.task_id:
             # A redelivered copy of this very task: the first copy is still running, or
             # died and its lock has not expired yet. Look again once it has.

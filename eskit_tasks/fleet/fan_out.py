@@ -24,10 +24,11 @@ from eskit_tasks.core.candidates import run_page
 from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.observability import send_finish
-from eskit_tasks.fleet.progress import Page, check_run_id
+from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
 from eskit_tasks.fleet.settings import EskitSettings
@@ -94,7 +95,7 @@ def fan_out(
         # Out of retries, retry(exc=...) raises exc itself, not MaxRetriesExceededError.
         except (MaxRetriesExceededError, *FANOUT_RETRIED_ERRORS):
             with contextlib.suppress(RedisError):
-                res.progress.fail(run_id, mask_url(f"fan-out gave up: {exc}"))
+                fail_run(res, run_id, mask_url(f"fan-out gave up: {exc}"))
             raise
 
 
@@ -110,7 +111,7 @@ def fan_out_page(
         check_run_args(args["min_events"], args["stream_types"], args["max_streams"])
     except EskitError as exc:
         res.progress.create(run_id, args)
-        res.progress.fail(run_id, str(exc))
+        fail_run(res, run_id, str(exc))
         return {"run_id": run_id, "error": str(exc)}
     if cursor != 0 and not res.progress.exists(run_id):
         return _progress_lost(res, args)
@@ -151,7 +152,7 @@ def fan_out_page(
         raise
     except EskitError as exc:  # an application that cannot be paged: say so, stop
         error = mask_url(f"fan-out stopped: {exc}")
-        res.progress.fail(run_id, error)
+        fail_run(res, run_id, error)
         return {"run_id": run_id, "error": error}
     finished = exhausted or (budget is not None and len(page) >= budget)
     # Fix the page before sending anything: a copy of this page (a retry, the same
@@ -168,8 +169,7 @@ def fan_out_page(
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
     )
-    if advanced.complete:  # every stream reported before the last page was counted
-        send_finish(app, run_id)
+    _after_advance(app, run_id, stored, advanced)
     if advanced.claimed and not stored.last:
         task.apply_async(kwargs={**args, "cursor": stored.next_cursor})
     return {
@@ -178,6 +178,17 @@ def fan_out_page(
         "cursor": stored.next_cursor,
         "done": stored.last,
     }
+
+
+def _after_advance(app: Celery, run_id: str, page: Page, advanced: Advanced) -> None:
+    """Count the run's start (its first page) and end, once each; send its finishing
+    step if every stream reported before its last page was counted."""
+    if advanced.claimed and page.cursor == 0:
+        metrics.record_run_started()
+    if advanced.finished:  # nothing to reclaim: the last page ended the run
+        metrics.record_run_finished(error=False)
+    if advanced.complete:
+        send_finish(app, run_id)
 
 
 def _page_seen_again(
@@ -197,6 +208,12 @@ def _page_seen_again(
     if res.progress.needs_finish(run_id):
         send_finish(task.app, run_id)
     return {"run_id": run_id, "duplicate_page": cursor}
+
+
+def fail_run(res: Resources, run_id: str, error: str) -> None:
+    """Stop a run with ``error`` (counted once in eskit_runs_finished_total)."""
+    if res.progress.fail(run_id, error):
+        metrics.record_run_finished(error=True)
 
 
 def finishes(settings: EskitSettings, dry_run: bool) -> bool:
@@ -222,7 +239,7 @@ def _progress_lost(res: Resources, args: dict[str, Any]) -> dict[str, Any]:
         "already done are unaffected."
     )
     res.progress.create(run_id, args)
-    res.progress.fail(run_id, error)
+    fail_run(res, run_id, error)
     return {"run_id": run_id, "error": error}
 
 

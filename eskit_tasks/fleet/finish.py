@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from eskit_tasks.core.registry import get_source, import_decider_modules
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.space import ReclaimReport
+from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.progress import check_run_id
 from eskit_tasks.fleet.resources import resources_of
 from eskit_tasks.stores.reclaim import reclaim, store_tables
@@ -91,5 +92,6 @@ def finish_run(self: Task[Any, Any], /, run_id: str) -> dict[str, Any] | None:
     except Exception as exc:  # the run still ends, saying what went wrong
         answer = {"error": mask_url(f"the run's finishing step failed: {exc}")}
         log.warning("run %s: %s", run_id, answer["error"])
-    res.progress.finish(run_id, answer)
+    if res.progress.finish(run_id, answer):  # the first copy to end it counts it
+        metrics.record_run_finished(error=False)
     return answer

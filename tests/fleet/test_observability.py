@@ -127,9 +127,13 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     fleet.seed("ghost", "g", 5)  # no decider: failed before compacting
 
     _, before = scrape(port)
-    for outcome in Outcome:  # every outcome is exported from the start, at 0
-        assert before[("eskit_compactions_total", (("outcome", outcome.value),))] == 0
-    assert before[("eskit_lock_waits_total", ())] == 0
+    # Every outcome of every registered stream type (and "other") from the start, at 0.
+    for stream_type in ("ledger", "slow", "lossy", "other"):
+        for outcome in Outcome:
+            labels = (("outcome", outcome.value), ("stream_type", stream_type))
+            assert before[("eskit_compactions_total", labels)] == 0
+        assert before[("eskit_lock_waits_total", (("stream_type", stream_type),))] == 0
+        assert before[("eskit_events_deleted_total", (("stream_type", stream_type),))] == 0
 
     sent = [
         compact_stream.delay("ledger", "a"),
@@ -149,26 +153,35 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     ], fleet.worker_logs()
 
     page, after = scrape(port)
-    count = {o.value: after[("eskit_compactions_total", (("outcome", o.value),))] for o in Outcome}
-    assert count == {
+
+    def count(outcome: str, stream_type: str = "ledger") -> float:
+        labels = (("outcome", outcome), ("stream_type", stream_type))
+        return after[("eskit_compactions_total", labels)]
+
+    assert {o.value: count(o.value) for o in Outcome} == {
         "compacted": 2,
         "dry_run": 1,
         "nothing_to_compact": 1,
-        "failed": 1,
+        "failed": 0,
         "verification_failed": 0,
         "fenced": 0,
         "locked": 0,
     }
+    assert count("failed", "other") == 1  # ghost: not registered, so "other"
+    assert ("eskit_compactions_total", (("outcome", "failed"), ("stream_type", "ghost"))) not in (
+        after
+    )
     compacted = [r for r in results if r["outcome"] == "compacted"]
-    assert after[("eskit_events_deleted_total", ())] == 300 + 180  # not the dry run's 50
-    assert after[("eskit_bytes_reclaimed_total", ())] == sum(
+    ledger = (("stream_type", "ledger"),)
+    assert after[("eskit_events_deleted_total", ledger)] == 300 + 180  # not the dry run's 50
+    assert after[("eskit_bytes_reclaimed_total", ledger)] == sum(
         r["bytes_reclaimed"] for r in compacted
     )
-    assert after[("eskit_bytes_reclaimed_total", ())] > 0
+    assert after[("eskit_bytes_reclaimed_total", ledger)] > 0
 
     # The histogram observes every attempt the compactor ran, by outcome.
     def hist(suffix: str, outcome: str, le: str | None = None) -> float:
-        labels = [("outcome", outcome)] + ([("le", le)] if le else [])
+        labels = [("outcome", outcome), ("stream_type", "ledger")] + ([("le", le)] if le else [])
         return after.get(("eskit_compaction_duration_seconds" + suffix, tuple(sorted(labels))), 0)
 
     assert hist("_count", "compacted") == 2
@@ -180,7 +193,7 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     assert hist("_sum", "compacted") == pytest.approx(
         sum(r["duration_ms"] for r in compacted) / 1000, rel=1e-6, abs=1e-6
     )
-    assert '_bucket{le="0.001",outcome="compacted"}' in page
+    assert '_bucket{le="0.001",outcome="compacted",stream_type="ledger"}' in page
     assert "://" not in page  # no URL (and so no password) reaches the page
 
     # Only the main process listens; the children write files the server adds up.
@@ -214,9 +227,48 @@ def test_lock_waits_and_locked_outcome(fleet: Fleet):
         client.close()
     assert result is not None and result["outcome"] == "locked", result
     _, samples = scrape(port)
-    assert samples[("eskit_lock_waits_total", ())] == 3  # the first try and two retries
-    assert samples[("eskit_compactions_total", (("outcome", "locked"),))] == 1
-    assert samples[("eskit_events_deleted_total", ())] == 0
+    ledger = (("stream_type", "ledger"),)
+    assert samples[("eskit_lock_waits_total", ledger)] == 3  # the first try and two retries
+    assert samples[("eskit_compactions_total", (("outcome", "locked"), *ledger))] == 1
+    assert samples[("eskit_events_deleted_total", ledger)] == 0
+
+
+def test_runs_started_and_finished_are_counted_once_each(fleet: Fleet):
+    """A run counts as started when its fan-out sent its first page and as finished
+    when it ended: after its finishing step (it deleted events), on the spot (a dry
+    run), or stopped by an error — once each, over several pages."""
+    from eskit_tasks.fleet.progress import new_run_id
+    from eskit_tasks.tasks import fan_out
+
+    port = free_port()
+    fleet.worker(
+        "runs",
+        concurrency=2,
+        ESKIT_METRICS_PORT=str(port),
+        ESKIT_METRICS_ADDRESS="127.0.0.1",
+        ESKIT_FANOUT_PAGE_SIZE="2",  # three pages for five streams
+    )
+    for n in range(5):
+        fleet.seed("ledger", f"run-{n}", 10)
+    _, before = scrape(port)
+    assert before[("eskit_runs_started_total", ())] == 0
+    assert before[("eskit_runs_finished_total", (("result", "complete"),))] == 0
+
+    deleting = compact_all(min_events=1, retain_last=2).wait(timeout=90)
+    dry = compact_all(min_events=1, dry_run=True).wait(timeout=90)
+    assert deleting.reclaim is not None and dry.reclaim is None, (deleting, dry)
+    assert deleting.done == 5 and dry.finished and dry.error is None
+    bad = new_run_id()
+    fan_out.apply_async(kwargs={"run_id": bad, "min_events": 0}).get(timeout=60)
+    fan_out.apply_async(kwargs={"run_id": bad, "min_events": 0}).get(timeout=60)  # again
+
+    _, after = scrape(port)
+    assert after[("eskit_runs_started_total", ())] == 2
+    assert after[("eskit_runs_finished_total", (("result", "complete"),))] == 2
+    assert after[("eskit_runs_finished_total", (("result", "error"),))] == 1
+    ledger = (("outcome", "compacted"), ("stream_type", "ledger"))
+    assert after[("eskit_compactions_total", ledger)] == 5
+    assert after[("eskit_events_deleted_total", (("stream_type", "ledger"),))] == 5 * 8
 
 
 def test_without_a_metrics_port_a_worker_listens_on_nothing(fleet: Fleet):
@@ -483,3 +535,68 @@ def test_flower_shows_a_compaction_that_needs_attention_as_failed(fleet: Fleet):
         ("g", "failed"),
         ("held", "locked"),
     ]
+
+
+# -- celery beat ----------------------------------------------------------------------
+
+BEAT_CONFIG = """\
+from eskit_tasks.fleet.celeryconfig import *  # noqa: F403
+
+beat_schedule = {
+    **beat_schedule,  # noqa: F405 -- the nightly entry, never due during the test
+    "every-second": {"task": "eskit_tasks.fan_out", "schedule": 1.0, "kwargs": {"dry_run": True}},
+}
+"""
+
+
+def test_beat_serves_when_each_entry_last_ran_and_is_next_due(fleet: Fleet, tmp_path: Path):
+    """`celery beat` with ESKIT_METRICS_PORT serves its schedule's health: an entry that
+    ran has its last run, every entry its next due time (the nightly one: tonight)."""
+    import subprocess
+
+    from eskit_tasks.testing.services import CELERY, worker_env
+    from tests import REPO
+
+    (tmp_path / "beat_config_for_test.py").write_text(BEAT_CONFIG)
+    port = free_port()
+    env = worker_env(
+        REPO,
+        ESKIT_METRICS_PORT=str(port),
+        ESKIT_METRICS_ADDRESS="127.0.0.1",
+        ESKIT_CELERY_CONFIG="beat_config_for_test",
+    )
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    log = tmp_path / "beat.log"
+    with log.open("wb") as out:
+        beat = subprocess.Popen(
+            [CELERY, "-A", "eskit_tasks", "beat", "-l", "INFO", "-s", str(tmp_path / "sched")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def ran_twice() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            if beat.poll() is not None:
+                raise AssertionError(log.read_text()[-3000:])
+            try:
+                samples = scrape(port)[1]
+            except OSError:
+                return None
+            return samples if log.read_text().count("Sending due task every-second") >= 2 else None
+
+        samples = wait_until(ran_twice, 60, "beat to send the entry twice", poll=0.3)
+    finally:
+        beat.terminate()
+        beat.wait(15)
+    now = time.time()
+    every = (("entry", "every-second"),)
+    nightly = (("entry", "eskit-nightly-compaction"),)
+    last = samples[("eskit_beat_last_run_timestamp_seconds", every)]
+    assert now - 30 < last <= now
+    assert last - 2 < samples[("eskit_beat_next_run_timestamp_seconds", every)] < now + 5
+    assert ("eskit_beat_last_run_timestamp_seconds", nightly) not in samples  # never ran
+    tonight = samples[("eskit_beat_next_run_timestamp_seconds", nightly)]
+    assert now < tonight <= now + 24 * 3600 + 60
+    assert "beat metrics on http://127.0.0.1:" in log.read_text()
