@@ -272,6 +272,24 @@ def _create_metrics() -> _Metrics:
     return metrics
 
 
+def exported_series() -> dict[str, frozenset[str]]:
+    """Every series name a worker or beat serves, with its label names: what a
+    dashboard or an alert can query (tests check docs/grafana-dashboard.json with it)."""
+    from dataclasses import fields
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    found: dict[str, frozenset[str]] = {}
+    made = _create_metrics()
+    for field in fields(made):
+        metric = getattr(made, field.name)
+        labels = frozenset(metric._labelnames)
+        for suffix in suffixes[metric._type]:
+            found[metric._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    for family in BeatCollector(None).collect():  # no scheduler: the families, no samples
+        found[family.name] = frozenset({"entry"})
+    return found
+
+
 def child_started() -> None:
     """In a prefork child: close its inherited copy of the listening socket, so only the
     main process holds the port."""
