@@ -24,6 +24,7 @@ from eskit_tasks.errors import (
     ArchiveError,
     CommitOutcomeUnknownError,
     CompactionError,
+    CompactionNeedsAttention,
     ConcurrencyError,
     ConfigurationError,
     DatabaseNotReadyError,
@@ -78,6 +79,7 @@ _LAZY = {
     "compact_all": "eskit_tasks.fleet.runs",
     "CompactionRun": "eskit_tasks.fleet.runs",
     "RunSummary": "eskit_tasks.fleet.runs",
+    "compaction_result": "eskit_tasks.fleet.runs",
     "RunProgress": "eskit_tasks.fleet.progress",
     "app": "eskit_tasks.fleet.app",
 }
@@ -126,6 +128,7 @@ __all__ = [
     "RunTimeoutError",
     "UnknownStreamTypeError",
     "compact_all",
+    "compaction_result",
     "register_decider",
     # events and deciders
     "Decider",
@@ -146,6 +149,7 @@ __all__ = [
     "ArchiveError",
     "CommitOutcomeUnknownError",
     "CompactionError",
+    "CompactionNeedsAttention",
     "ConcurrencyError",
     "ConfigurationError",
     "DatabaseNotReadyError",

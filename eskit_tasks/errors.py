@@ -30,12 +30,15 @@ the stores translate them at the boundary and chain the original with ``from``.
     ├── ArchiveError                    the trash bin cannot be written or read back
     ├── RestoreError                    archived events cannot be put back; nothing changed
     ├── RunNotFoundError                no progress is stored for a fleet run id
-    └── RunTimeoutError                 a fleet run did not finish in time (also a TimeoutError)
+    ├── RunTimeoutError                 a fleet run did not finish in time (also a TimeoutError)
+    └── CompactionNeedsAttention        a fleet task's outcome needs attention (FAILURE state)
 
 Every exception class of the package is defined here, and only here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class EskitError(Exception):
@@ -161,3 +164,21 @@ class RunNotFoundError(EskitError):
 
 class RunTimeoutError(EskitError, TimeoutError):
     """Raised when a run did not finish within the time given to ``wait``."""
+
+
+class CompactionNeedsAttention(EskitError):
+    """Raised by the fleet's ``compact_stream`` task, after its result is claimed,
+    counted and logged, when the outcome needs attention (``failed``,
+    ``verification_failed``, ``fenced``, ``locked``), so that Celery stores the task as
+    FAILURE and Flower shows it failed. ``result`` is the task's ``CompactionResult`` as
+    JSON; ``eskit_tasks.fleet.runs.compaction_result(task_id)`` reads it back."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        # Both are the exception's args: a JSON result backend stores the args and
+        # rebuilds the exception from them (AsyncResult.result).
+        super().__init__(message, result)
+        self.message = message
+        self.result = result
+
+    def __str__(self) -> str:
+        return self.message

@@ -20,11 +20,16 @@ import fakeredis
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from eskit_tasks import CompactionResult, NewEvent, Outcome, load_state
+from eskit_tasks import CompactionNeedsAttention, CompactionResult, NewEvent, Outcome, load_state
 from eskit_tasks.fleet.app import FleetApp, create_app
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
 from eskit_tasks.fleet.resources import Resources
-from eskit_tasks.fleet.runs import CompactionRun, compact_all
+from eskit_tasks.fleet.runs import (
+    CompactionRun,
+    compact_all,
+    compaction_result,
+    compaction_result_of,
+)
 from eskit_tasks.fleet.settings import EskitSettings
 from eskit_tasks.stores.schema import metadata
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
@@ -93,11 +98,18 @@ def fleet(_running: InProcessFleet) -> InProcessFleet:
     return _running
 
 
-def _compact(fleet: InProcessFleet, stream_id: str, stream_type: str = "ledger", **policy):
-    sent = fleet.app.tasks[COMPACT_STREAM_TASK].apply_async(
+def _send(fleet: InProcessFleet, stream_id: str, stream_type: str = "ledger", **policy):
+    return fleet.app.tasks[COMPACT_STREAM_TASK].apply_async(
         args=(stream_type, stream_id), kwargs=policy
     )
-    return sent.get(timeout=30)
+
+
+def _compact(fleet: InProcessFleet, stream_id: str, stream_type: str = "ledger", **policy):
+    """The task's result, whatever its outcome (one that needs attention is FAILURE)."""
+    sent = _send(fleet, stream_id, stream_type, **policy)
+    found = compaction_result(sent.id, app=fleet.app, timeout=30)
+    assert found is not None, sent.state
+    return found
 
 
 def test_a_stream_is_compacted_and_its_state_kept(fleet: InProcessFleet):
@@ -161,6 +173,56 @@ def test_a_stream_locked_by_another_task_is_reported_locked(fleet: InProcessFlee
     held.release()
 
 
+def test_a_result_that_needs_attention_is_stored_as_failure_and_read_back(
+    fleet: InProcessFleet,
+):
+    """Flower shows a task's state from the backend: an outcome that needs attention is
+    FAILURE, carrying the whole result; a compaction is SUCCESS and .get() its result."""
+    fleet.seed("a", 6)
+    fleet.seed("g", 6, stream_type="ghost")
+
+    good = _send(fleet, "a", retain_last=1)
+    bad = _send(fleet, "g", stream_type="ghost")
+
+    assert good.get(timeout=30)["outcome"] == "compacted"
+    with pytest.raises(CompactionNeedsAttention) as raised:
+        bad.get(timeout=30)
+    assert (good.state, bad.state) == ("SUCCESS", "FAILURE")
+    stored = compaction_result(bad.id, app=fleet.app)
+    assert stored is not None and raised.value.result == stored
+    assert (stored["outcome"], stored["stream_id"]) == ("failed", "g")
+    assert str(raised.value).startswith("failed ghost/g: no decider registered")
+    assert compaction_result(good.id, app=fleet.app) == good.get()
+    assert compaction_result("no-such-task", app=fleet.app) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "result", "found"),
+    [
+        ("SUCCESS", {"outcome": "compacted", "stream_id": "s"}, True),
+        ("SUCCESS", {"run_id": "r", "enqueued": 3}, False),  # a fan-out's result
+        ("FAILURE", {"exc_type": "TimeLimitExceeded", "exc_module": "x", "exc_message": []}, False),
+        ("PENDING", None, False),
+    ],
+)
+def test_compaction_result_of_a_raw_backend_entry(status: str, result: Any, found: bool):
+    assert (compaction_result_of({"status": status, "result": result}) is not None) is bool(found)
+
+
+def test_compaction_result_of_a_raw_failure_carrying_one():
+    carried = {"outcome": "fenced", "stream_id": "s", "stream_type": "t"}
+    raw = {
+        "status": "FAILURE",
+        "result": {
+            "exc_type": "CompactionNeedsAttention",
+            "exc_module": "eskit_tasks.errors",
+            "exc_message": ["fenced t/s", carried],
+        },
+    }
+    assert compaction_result_of(raw) == carried
+    assert compaction_result_of({**raw, "result": {**raw["result"], "exc_module": "other"}}) is None
+
+
 def test_a_run_compacts_every_candidate_and_counts_them(fleet: InProcessFleet):
     for n in range(9):  # three pages of four: the fan-out pages through all of them
         fleet.seed(f"s-{n}", 6)
@@ -210,6 +272,8 @@ def test_failed_streams_are_listed_with_their_error(fleet: InProcessFleet):
     run.wait(timeout=60, poll=0.05)
     summary = run.summary()
 
+    # Counted once: the task's deliberate failure is not counted again as a death.
+    assert (summary.candidates, summary.done) == (2, 2)
     assert summary.outcomes == {"compacted": 1, "failed": 1}
     [failed] = summary.failed_streams
     assert (failed.stream_type, failed.stream_id, failed.outcome) == ("ghost", "bad", "failed")

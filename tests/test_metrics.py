@@ -164,7 +164,9 @@ def test_without_a_port_recording_costs_nothing():
         result = CompactionResult(stream_type="t", stream_id="s", outcome=Outcome.COMPACTED,
                                   events_deleted=3, compaction_id="c")
         metrics.record_compaction(result, timed=True)
-        metrics.record_lock_wait()
+        metrics.record_lock_wait("t")
+        metrics.record_run_started()
+        metrics.record_run_finished(error=False)
         assert not metrics.enabled() and metrics.describe() is None
         assert "prometheus_client" not in sys.modules, "imported without a port"
         print("ok")
@@ -176,7 +178,8 @@ def test_without_a_port_recording_costs_nothing():
 
 def test_forked_children_are_added_up_and_a_configured_dir_is_emptied(tmp_path: Path):
     """The main process serves what forked children recorded; a configured directory is
-    emptied at start (stale counts) and kept at stop."""
+    emptied at start (stale counts) and kept at stop. The stream_type label is the
+    registered type, or ``other`` for anything else."""
     directory = tmp_path / "metrics"
     directory.mkdir()
     (directory / "counter_999999.db").write_bytes(b"stale")
@@ -187,6 +190,9 @@ def test_forked_children_are_added_up_and_a_configured_dir_is_emptied(tmp_path: 
         from eskit_tasks.fleet import metrics
         from eskit_tasks.domain.result import CompactionResult, Outcome
         from eskit_tasks.fleet.settings import get_settings
+        from eskit_tasks import register_decider
+        from eskit_tasks.testing.deciders import Ledger
+        register_decider("ledger", Ledger(), dict)
         port = metrics.start_worker_metrics(get_settings())
         for n in range(2):
             pid = os.fork()
@@ -196,7 +202,11 @@ def test_forked_children_are_added_up_and_a_configured_dir_is_emptied(tmp_path: 
                                      events_deleted=10, bytes_reclaimed=100, duration_ms=5,
                                      compaction_id="c")
                 metrics.record_compaction(r, timed=True)
-                metrics.record_lock_wait()
+                metrics.record_compaction(r.model_copy(update={"stream_type": "ledger"}),
+                                          timed=False)
+                metrics.record_lock_wait("t")
+                metrics.record_run_started()
+                metrics.record_run_finished(error=n == 1)
                 metrics.child_exited(os.getpid())
                 os._exit(0)
             os.waitpid(pid, 0)
@@ -210,12 +220,100 @@ def test_forked_children_are_added_up_and_a_configured_dir_is_emptied(tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     page = done.stdout
-    assert 'eskit_compactions_total{outcome="compacted"} 2.0' in page
-    assert 'eskit_compactions_total{outcome="failed"} 0.0' in page
-    assert "eskit_events_deleted_total 20.0" in page
-    assert "eskit_bytes_reclaimed_total 200.0" in page
-    assert "eskit_lock_waits_total 2.0" in page
-    assert 'eskit_compaction_duration_seconds_bucket{le="0.005",outcome="compacted"} 2.0' in page
-    assert 'eskit_compaction_duration_seconds_bucket{le="0.0025",outcome="compacted"} 0.0' in page
+    assert 'eskit_compactions_total{outcome="compacted",stream_type="other"} 2.0' in page
+    assert 'eskit_compactions_total{outcome="compacted",stream_type="ledger"} 2.0' in page
+    assert 'eskit_compactions_total{outcome="failed",stream_type="ledger"} 0.0' in page
+    assert 'eskit_compactions_total{outcome="failed",stream_type="other"} 0.0' in page
+    assert 'eskit_events_deleted_total{stream_type="other"} 20.0' in page
+    assert 'eskit_events_deleted_total{stream_type="ledger"} 20.0' in page
+    assert 'eskit_bytes_reclaimed_total{stream_type="other"} 200.0' in page
+    assert 'eskit_lock_waits_total{stream_type="other"} 2.0' in page
+    assert 'eskit_lock_waits_total{stream_type="ledger"} 0.0' in page
+    assert "eskit_runs_started_total 2.0" in page
+    assert 'eskit_runs_finished_total{result="complete"} 1.0' in page
+    assert 'eskit_runs_finished_total{result="error"} 1.0' in page
+    bucket = "eskit_compaction_duration_seconds_bucket"
+    assert f'{bucket}{{le="0.005",outcome="compacted",stream_type="other"}} 2.0' in page
+    assert f'{bucket}{{le="0.0025",outcome="compacted",stream_type="other"}} 0.0' in page
+    assert 'stream_type="t"' not in page  # not registered: "other"
     assert directory.is_dir()  # configured: kept
     assert not (directory / "counter_999999.db").exists()  # but emptied at start
+
+
+# -- the stream_type label, the runs counters, beat -----------------------------------
+
+
+def test_only_registered_stream_types_become_label_values():
+    from eskit_tasks import register_decider
+    from eskit_tasks.core.registry import unregister_decider
+    from eskit_tasks.fleet.metrics import stream_type_label, stream_type_labels
+    from eskit_tasks.testing.deciders import Ledger
+
+    register_decider("metered", Ledger(), dict)
+    try:
+        assert stream_type_label("metered") == "metered"
+        assert stream_type_label("made-up-by-a-message") == "other"
+        assert stream_type_label("") == "other"
+        assert {"metered", "other"} <= set(stream_type_labels())
+    finally:
+        unregister_decider("metered")
+    assert stream_type_label("metered") == "other"
+
+
+class _Beat:
+    """A stand-in for beat's Service: what BeatCollector reads of it."""
+
+    def __init__(self, schedule: dict[str, object]) -> None:
+        self.scheduler = type("Scheduler", (), {"schedule": schedule})()
+
+
+def test_beat_collector_reports_each_entrys_last_and_next_run():
+    from datetime import UTC, datetime, timedelta
+
+    from celery import Celery
+    from celery.beat import ScheduleEntry
+    from celery.schedules import schedule
+
+    from eskit_tasks.fleet.metrics import BeatCollector
+
+    app = Celery("beat-metrics", set_as_current=False)
+    ran = datetime.now(UTC) - timedelta(seconds=30)
+    every_minute = ScheduleEntry(
+        name="every-minute",
+        task="eskit_tasks.fan_out",
+        schedule=schedule(timedelta(minutes=1), app=app),
+        last_run_at=ran,
+        total_run_count=3,
+        app=app,
+    )
+    never_ran = ScheduleEntry(
+        name="hourly",
+        task="eskit_tasks.fan_out",
+        schedule=schedule(timedelta(hours=1), app=app),
+        app=app,
+    )
+    families = {
+        f.name: {s.labels["entry"]: s.value for s in f.samples}
+        for f in BeatCollector(_Beat({"every-minute": every_minute, "hourly": never_ran})).collect()
+    }
+    last = families["eskit_beat_last_run_timestamp_seconds"]
+    upcoming = families["eskit_beat_next_run_timestamp_seconds"]
+    assert last == {"every-minute": pytest.approx(ran.timestamp())}  # hourly: never ran
+    assert upcoming["every-minute"] == pytest.approx(ran.timestamp() + 60, abs=2)
+    assert upcoming["hourly"] == pytest.approx(datetime.now(UTC).timestamp() + 3600, abs=5)
+
+
+def test_beat_collector_answers_when_the_schedule_cannot_be_read(monkeypatch: pytest.MonkeyPatch):
+    from eskit_tasks.fleet import metrics
+
+    warned: list[str] = []
+    monkeypatch.setattr(metrics.log, "warning", lambda msg, *args: warned.append(msg % args))
+
+    class Broken:
+        @property
+        def scheduler(self) -> object:
+            raise OSError("schedule file locked")
+
+    families = list(metrics.BeatCollector(Broken()).collect())
+    assert [f.samples for f in families] == [[], []]
+    assert warned == ["eskit-tasks: could not read beat's schedule: schedule file locked"]

@@ -22,7 +22,12 @@ from typing import Any
 from celery import Celery, signals
 
 from eskit_tasks.core.registry import import_decider_modules
-from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, TableLayoutError
+from eskit_tasks.errors import (
+    CompactionNeedsAttention,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    TableLayoutError,
+)
 from eskit_tasks.fleet import celeryconfig as packaged
 from eskit_tasks.fleet import failures, metrics, observability
 from eskit_tasks.fleet.compact_task import compact_stream
@@ -91,7 +96,15 @@ def create_app(
         app.eskit_resources = PerProcess.given(resources)
     else:
         app.eskit_resources = PerProcess(resources or (lambda: Resources(settings)))
-    app.task(bind=True, shared=False, name=COMPACT_STREAM_TASK, max_retries=None)(compact_stream)
+    # throws: an outcome that needs attention is logged as an expected failure (one
+    # INFO line, no traceback); its JSON log line already says what happened.
+    app.task(
+        bind=True,
+        shared=False,
+        name=COMPACT_STREAM_TASK,
+        max_retries=None,
+        throws=(CompactionNeedsAttention,),
+    )(compact_stream)
     app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
     app.task(bind=True, shared=False, name=FINISH_RUN_TASK)(finish_run)
     return app
@@ -189,6 +202,20 @@ def _start_metrics(sender: Any = None, **_: Any) -> None:
     settings = _settings_of(sender)
     if settings is not None:
         metrics.start_worker_metrics(settings)
+
+
+@signals.beat_init.connect
+def _start_beat_metrics(sender: Any = None, **_: Any) -> None:
+    """With ESKIT_METRICS_PORT, `celery beat` serves its schedule's health (when each
+    entry last ran and is next due; see metrics.py), read from its scheduler; a port
+    it cannot bind stops it at start."""
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    try:
+        metrics.start_beat_metrics(settings, sender)
+    except ConfigurationError as exc:
+        raise SystemExit(f"eskit-tasks: beat cannot start: {exc}") from exc
 
 
 @signals.worker_ready.connect

@@ -11,6 +11,13 @@ delivery is harmless (see :mod:`eskit_tasks.fleet.redelivery`):
   never stores a result over the copy that worked;
 * a copy that finishes after another copy of the same task id stores nothing: the first
   to finish claims the result in Redis.
+
+A task whose outcome needs attention (``failed``, ``verification_failed``, ``fenced``,
+``locked``) ends in Celery's FAILURE state, so Flower shows it failed: once its result
+is claimed, counted in its run and logged, it raises
+:class:`~eskit_tasks.errors.CompactionNeedsAttention`, which carries the result
+(``eskit_tasks.fleet.runs.compaction_result`` reads it back). The other outcomes are
+the task's return value (SUCCESS).
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ from eskit_tasks.core.registry import get_registration, get_source, import_decid
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
-from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError
+from eskit_tasks.errors import (
+    CompactionNeedsAttention,
+    ConfigurationError,
+    DatabaseUnavailableError,
+)
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.constants import PAUSE_POLL_MIN_S
 from eskit_tasks.fleet.locks import StreamLock
@@ -51,6 +62,10 @@ def compact_stream(
         stream_id: The stream's id.
         run_id: The fleet run this task belongs to, for progress.
         **policy: ``retain_last``, ``retain_younger_than`` (seconds or "30d"), ``dry_run``.
+
+    Raises:
+        CompactionNeedsAttention: the outcome needs attention; the exception carries
+            the result (the task is stored as FAILURE).
     """
     if not isinstance(stream_type, str) or not isinstance(stream_id, str):
         raise TypeError(  # a hand-made message: no result can name such a stream
@@ -90,7 +105,17 @@ def compact_stream(
 def _claimed(copy: TaskCopy, result: CompactionResult) -> dict[str, Any]:
     if not copy.claim_result(result):
         raise Ignore()  # another copy of this very task finished first and owns the result
-    return result.model_dump(mode="json")
+    answer = result.model_dump(mode="json")
+    if result.outcome.needs_attention:
+        # Claimed, counted and logged already: failures.py leaves this exception alone.
+        raise CompactionNeedsAttention(attention_message(result), answer)
+    return answer
+
+
+def attention_message(result: CompactionResult) -> str:
+    """What Flower shows as the exception of a task whose outcome needs attention."""
+    said = f": {result.error}" if result.error else ""
+    return f"{result.outcome.value} {result.stream_type}/{result.stream_id}{said}"
 
 
 def _run_state(res: Resources, run_id: str | None) -> str:
@@ -146,7 +171,7 @@ def _compact_locked(
             type(exc).__name__,
         )
     if not acquired:
-        metrics.record_lock_wait()
+        metrics.record_lock_wait(stream_type)
         if holder == copy.task_id:
             # A redelivered copy of this very task: the first copy is still running, or
             # died and its lock has not expired yet. Look again once it has.

@@ -1,7 +1,11 @@
 """Accounting for a ``compact_stream`` task that died with an exception (a hard time
 limit, a bug): it still counts in its run, so ``run.wait()`` finishes — as the deletion
 it committed, if the audit log holds its compaction id (killed right after COMMIT), else
-as failed — and the result backend tells the same."""
+as failed — and the result backend tells the same.
+
+:class:`~eskit_tasks.errors.CompactionNeedsAttention` is no death: the task raises it on
+purpose, after its result was claimed, counted and logged, to be stored as FAILURE; it
+is left alone here (counting it again would count the stream twice)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from celery.utils.log import get_task_logger
 
 from eskit_tasks.core.settlement import committed_under, recovered_result
 from eskit_tasks.domain.result import CompactionResult
-from eskit_tasks.errors import EskitError
+from eskit_tasks.errors import CompactionNeedsAttention, EskitError
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK
 from eskit_tasks.fleet.observability import record, report_to_run
 from eskit_tasks.fleet.redelivery import compaction_id_for
@@ -39,6 +43,8 @@ def _report_task_failure(
 ) -> None:
     if getattr(sender, "name", None) != COMPACT_STREAM_TASK:
         return
+    if isinstance(exception, CompactionNeedsAttention):
+        return  # a result, accounted for by the task itself
     kwargs = kwargs if isinstance(kwargs, dict) else {}  # a hand-made message may be
     args = list(args) if isinstance(args, list | tuple) else []  # any JSON at all
     run_id = kwargs.get("run_id")

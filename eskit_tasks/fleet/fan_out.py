@@ -24,12 +24,13 @@ from eskit_tasks.core.candidates import run_page
 from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.compact_task import pause_poll
 from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
 from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.observability import send_finish
-from eskit_tasks.fleet.progress import Page, check_run_id
+from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
 
@@ -169,8 +170,7 @@ def fan_out_page(
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
     )
-    if advanced.complete:  # every stream reported before the last page was counted
-        send_finish(app, run_id)
+    _after_advance(app, run_id, stored, advanced)
     if advanced.claimed and not stored.last:
         task.apply_async(kwargs={**args, "cursor": stored.next_cursor})
     return {
@@ -216,6 +216,17 @@ def _held_by_operator(
             send_finish(task.app, run_id)
         return {"run_id": run_id, "cancelled": cursor}
     return None
+
+
+def _after_advance(app: Celery, run_id: str, page: Page, advanced: Advanced) -> None:
+    """Count the run's start (its first page) and end, once each; send its finishing
+    step if every stream reported before its last page was counted."""
+    if advanced.claimed and page.cursor == 0:
+        metrics.record_run_started()
+    if advanced.finished:  # nothing to reclaim: the last page ended the run
+        metrics.record_run_finished(error=False)
+    if advanced.complete:
+        send_finish(app, run_id)
 
 
 def _page_seen_again(

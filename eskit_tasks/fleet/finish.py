@@ -23,6 +23,7 @@ from eskit_tasks.core.registry import get_source, import_decider_modules
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.space import ReclaimReport
 from eskit_tasks.errors import EskitError
+from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.progress import RunProgress, check_run_id
 from eskit_tasks.fleet.resources import Resources, resources_of
 from eskit_tasks.stores import sql_runs
@@ -103,7 +104,8 @@ def finish_run(self: Task[Any, Any], /, run_id: str) -> dict[str, Any] | None:
             log.warning("run %s: %s", run_id, answer["error"])
     if engine is not None:
         _record_end(engine, progress, answer)
-    res.progress.finish(run_id, answer)
+    if res.progress.finish(run_id, answer):  # the first copy to end it counts it
+        metrics.record_run_finished(error=False)
     return answer
 
 
@@ -118,7 +120,8 @@ def record_run_start(res: Resources, run_id: str, args: Mapping[str, Any]) -> No
 def fail_run(res: Resources, run_id: str, error: str) -> None:
     """Stop a run with an error: in its progress (``run.wait()`` returns) and in its
     record in the database (best effort: the progress says it either way)."""
-    res.progress.fail(run_id, error)
+    if res.progress.fail(run_id, error):  # counted once in eskit_runs_finished_total
+        metrics.record_run_finished(error=True)
     engine = getattr(res.store, "engine", None)
     progress = res.progress.get(run_id)
     if engine is not None and progress is not None:

@@ -95,6 +95,8 @@ def report_to_run(res: Resources, run_id: str, result: CompactionResult, app: Ce
     be written."""
     try:
         reported = res.progress.report(check_run_id(run_id), result)
+        if reported is not None and reported.finished:  # ended: nothing to reclaim
+            metrics.record_run_finished(error=False)
         if reported is not None and reported.complete:
             send_finish(app, run_id)
         if reported is None:

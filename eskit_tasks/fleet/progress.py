@@ -44,6 +44,9 @@ RunState = Literal["running", "paused", "cancelled"]
 # 'finished_at'. Any other run is finished on the spot.
 # A report or page seen again still answers COMPLETE while 'finished_at' is unset, so a
 # worker killed before it sent finish_run is made good by its redelivered copy.
+# complete() answers 0 (not complete, or finished already), 2 (needs its finishing step)
+# or 4 (finished on the spot by this call: once per run, for eskit_runs_finished_total).
+# Only a report or a page can complete a run, so _CHECK_COMPLETE never answers 4.
 _COMPLETE = """
 local function complete(hash, now)
   if redis.call('HGET', hash, 'fanout_done') ~= '1' then return 0 end
@@ -52,7 +55,7 @@ local function complete(hash, now)
   if redis.call('HEXISTS', hash, 'finished_at') == 1 then return 0 end
   if redis.call('HGET', hash, 'finish') == '1' then return 2 end
   redis.call('HSET', hash, 'finished_at', now)
-  return 0
+  return 4
 end
 """
 
@@ -60,7 +63,8 @@ end
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
 #       ttl, failed entry ('' if none), failed cap, now, stream type.
 # Returns -1 (no such run), else 1 if this report was counted (0: the stream had
-# reported already) plus 2 if the run is complete and needs its finishing step.
+# reported already) plus 2 if the run is complete and needs its finishing step, or 4 if
+# this report finished it.
 # A stream no page named (a task sent by hand with a run id) becomes a candidate as it
 # reports, so done never exceeds candidates.
 _REPORT = (
@@ -117,8 +121,8 @@ return {1, redis.call('HGET', KEYS[1], 'page_next'), redis.call('HGET', KEYS[1],
 # The message id is kept so that a copy of that very message (redelivered after its
 # worker died between moving the cursor and sending the next page, or retrying after
 # that send failed) knows to send the next page (see unsent_next_page).
-# Returns 0 (another copy moved the cursor), else 1 plus 2 if the run is complete and
-# needs its finishing step (see _COMPLETE).
+# Returns 0 (another copy moved the cursor), else 1; plus 2 if the run is complete and
+# needs its finishing step, or 4 if this call finished it (see _COMPLETE).
 _ADVANCE = (
     _COMPLETE
     + """
@@ -230,19 +234,23 @@ class RunProgress(BaseModel):
 @dataclass(frozen=True)
 class Reported:
     """What counting a stream's result did: ``counted`` (False: the stream had reported
-    already) and ``complete`` (the run now needs its finishing step)."""
+    already), ``complete`` (the run now needs its finishing step) and ``finished`` (this
+    report ended the run, which needs no finishing step: true for one call per run)."""
 
     counted: bool
     complete: bool
+    finished: bool = False
 
 
 @dataclass(frozen=True)
 class Advanced:
     """What moving the fan-out cursor did: ``claimed`` (False: another copy of the page
-    moved it) and ``complete`` (the run now needs its finishing step)."""
+    moved it), ``complete`` (the run now needs its finishing step) and ``finished``
+    (this call ended the run, which needs no finishing step: one call per run)."""
 
     claimed: bool
     complete: bool
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -393,7 +401,9 @@ class RunProgressStore:
                 ],
             )
         )
-        return Advanced(claimed=bool(status & 1), complete=bool(status & 2))
+        return Advanced(
+            claimed=bool(status & 1), complete=bool(status & 2), finished=bool(status & 4)
+        )
 
     def unsent_next_page(
         self, run_id: str, task_id: str | None, cursor: int
@@ -443,11 +453,17 @@ class RunProgressStore:
         """Record a queue depth seen while waiting (the high-water check)."""
         self._max_depth(keys=[self._keys(run_id)[0]], args=[depth])
 
-    def fail(self, run_id: str, error: str) -> None:
-        """Mark the run as stopped by an error (e.g. an invalid policy)."""
+    def fail(self, run_id: str, error: str) -> bool:
+        """Mark the run as stopped by an error (e.g. an invalid policy); True if it was
+        not stopped before (the first call for a run: it counts as ended once)."""
         key = self._keys(run_id)[0]
-        self.client.hset(key, mapping={"error": error, "updated_at": time.time()})
-        self.client.expire(key, self.ttl)
+        now = time.time()
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "stopped_at", now)
+        pipe.hset(key, mapping={"error": error, "updated_at": now})
+        pipe.expire(key, self.ttl)
+        first, *_ = pipe.execute()
+        return bool(first)
 
     def report(self, run_id: str, result: CompactionResult) -> Reported | None:
         """Count one stream's result (``counted`` is False if that stream already
@@ -485,7 +501,10 @@ class RunProgressStore:
         )
         if int(status) == -1:
             return None
-        return Reported(counted=bool(int(status) & 1), complete=bool(int(status) & 2))
+        status = int(status)
+        return Reported(
+            counted=bool(status & 1), complete=bool(status & 2), finished=bool(status & 4)
+        )
 
     def finish(self, run_id: str, reclaim: dict[str, Any] | None) -> bool:
         """Record the end of a run's finishing step (what it reclaimed); False if

@@ -4,19 +4,24 @@
 >>> run = compact_all(min_events=1000, dry_run=True)
 >>> run.wait(timeout=600).done
 >>> run.summary()
+
+A ``compact_stream`` task whose outcome needs attention is stored as FAILURE (Flower
+shows it failed); :func:`compaction_result` reads the result of any finished task:
+
+>>> compaction_result(task_id, timeout=60)["outcome"]
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, states
 from pydantic import BaseModel
 
-from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
+from eskit_tasks.errors import CompactionNeedsAttention, RunNotFoundError, RunTimeoutError
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import (
@@ -211,6 +216,59 @@ def compact_all(
     res.progress.create(run_id, kwargs, finish=True)
     app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
     return CompactionRun(run_id, app=app)
+
+
+def compaction_result(
+    task_id: str, *, app: Celery | None = None, timeout: float | None = None
+) -> dict[str, Any] | None:
+    """The ``CompactionResult`` (as JSON) of a ``compact_stream`` task, from the result
+    backend, whatever its outcome: a task that compacted (or had nothing to do, or ran
+    dry) returns it (SUCCESS, also what ``.get()`` gives); one whose outcome needs
+    attention carries it in its :class:`~eskit_tasks.errors.CompactionNeedsAttention`
+    (FAILURE, so Flower shows it failed).
+
+    Args:
+        task_id: The task's id (``compact_stream.delay(...).id``, Flower's UUID).
+        app: The fleet app whose backend holds it (default: the process's app).
+        timeout: Wait this many seconds for the task to finish (default: do not wait).
+
+    Returns:
+        The result as a dict; None if the task has not finished (or its result expired,
+        ``result_expires``), or it died without one (a hard time limit: its run counts it
+        as ``failed``; ``AsyncResult(task_id).result`` holds the exception).
+
+    Raises:
+        celery.exceptions.TimeoutError: not finished after ``timeout`` seconds.
+    """
+    app = app or _default_app()
+    if timeout is not None:
+        app.AsyncResult(task_id).get(timeout=timeout, propagate=False)
+    return compaction_result_of(app.backend.get_task_meta(task_id))
+
+
+def compaction_result_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``CompactionResult`` JSON that one stored task state holds: the backend's meta
+    (``status`` and ``result``), decoded by Celery or read raw from the backend (a
+    ``celery-task-meta-<id>`` key's JSON). None for any other state or result."""
+    status, value = meta.get("status"), meta.get("result")
+    if status == states.SUCCESS:
+        return value if _is_result(value) else None
+    if status != states.FAILURE:
+        return None
+    if isinstance(value, CompactionNeedsAttention):
+        return value.result if _is_result(value.result) else None
+    if (  # serialised by a JSON backend: {"exc_type", "exc_module", "exc_message": args}
+        isinstance(value, Mapping)
+        and value.get("exc_type") == CompactionNeedsAttention.__qualname__
+        and value.get("exc_module") == CompactionNeedsAttention.__module__
+        and isinstance(value.get("exc_message"), list | tuple)
+    ):
+        return next((a for a in value["exc_message"] if _is_result(a)), None)
+    return None
+
+
+def _is_result(value: Any) -> bool:
+    return isinstance(value, dict) and "outcome" in value and "stream_id" in value
 
 
 def _default_app() -> Celery:

@@ -509,7 +509,7 @@ def test_worker_service_compacts_a_demo_account(
     port = env["ESKIT_METRICS_PORT"]
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
         metrics = page.read().decode()
-    assert 'eskit_compactions_total{outcome="compacted"} 1.0' in metrics
+    assert 'eskit_compactions_total{outcome="compacted",stream_type="account"} 1.0' in metrics
     # `docker stop` sends SIGTERM: a warm shutdown, exit status 0.
     assert worker.terminate() == 0, worker.text()[-3000:]
 

@@ -10,12 +10,20 @@ import time
 from celery.result import AsyncResult
 
 from eskit_tasks import Outcome
+from eskit_tasks.fleet.runs import compaction_result, compaction_result_of
 from eskit_tasks.tasks import compact_stream
 from tests.fleet.conftest import Fleet, results_in_backend, wait_until
 
 
 def _results(ids: list[str], timeout: float) -> list[dict]:
-    return [AsyncResult(i).get(timeout=timeout) for i in ids]
+    """Each task's result, whatever its outcome (one that needs attention is FAILURE)."""
+    return [_result(i, timeout) for i in ids]
+
+
+def _result(task_id: str, timeout: float) -> dict:
+    found = compaction_result(task_id, timeout=timeout)
+    assert found is not None, AsyncResult(task_id).state
+    return found
 
 
 def test_same_stream_five_times_at_once_deletes_once_and_overwrites_no_result(fleet: Fleet):
@@ -37,8 +45,9 @@ def test_same_stream_five_times_at_once_deletes_once_and_overwrites_no_result(fl
     time.sleep(2)
     stored = results_in_backend(fleet.broker)
     for r, result in zip(sent, results, strict=True):
-        assert stored[r.id]["status"] == "SUCCESS"
-        assert stored[r.id]["result"] == result
+        failed = Outcome(result["outcome"]).needs_attention  # locked: Flower shows it failed
+        assert stored[r.id]["status"] == ("FAILURE" if failed else "SUCCESS")
+        assert compaction_result_of(stored[r.id]) == result
     fleet.assert_nothing_lost()
 
 
@@ -78,7 +87,7 @@ def test_worker_paused_past_its_lock_expiry_ends_fenced(fleet: Fleet):
         assert second.get(timeout=60)["outcome"] == Outcome.COMPACTED, fleet.worker_logs()
     finally:
         os.kill(pid, signal.SIGCONT)
-    stale = first.get(timeout=60)
+    stale = _result(first.id, timeout=60)
     # The paused compaction ends fenced; when it noticed its lost lock itself (rather
     # than being refused by the database) the task retries and finds nothing left.
     lines = [json.loads(x) for x in fleet.workers[0].text().splitlines() if x.startswith("{")]
@@ -163,7 +172,9 @@ def test_a_stream_locked_through_every_retry_ends_locked(fleet: Fleet):
     state = redis_client.Redis(port=fleet.state.port)
     state.set(lock_key("ledger", "held"), "someone-else|x", px=60_000)
     fleet.worker("w1", concurrency=1, ESKIT_LOCKED_MAX_RETRIES="2", ESKIT_LOCKED_RETRY_BASE="0.2")
-    result = compact_stream.delay("ledger", "held").get(timeout=60)
+    sent = compact_stream.delay("ledger", "held")
+    result = _result(sent.id, timeout=60)
+    assert sent.state == "FAILURE"
     assert result["outcome"] == Outcome.LOCKED
     assert "locked by task someone-else" in result["error"]
     assert fleet.live_versions("ledger", "held") == [1, 2, 3, 4, 5]

@@ -16,12 +16,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from eskit_tasks import Outcome, compact_all
+from eskit_tasks import CompactionNeedsAttention, Outcome, compact_all, compaction_result
 from eskit_tasks.fleet.app import app
 from eskit_tasks.fleet.locks import StreamLock
+from eskit_tasks.fleet.runs import compaction_result_of
 from eskit_tasks.tasks import compact_stream
 from eskit_tasks.testing.services import Worker, free_port
-from tests.fleet.conftest import Fleet, wait_until
+from tests.fleet.conftest import Fleet, results_in_backend, wait_until
 
 LOG_FIELDS = {
     "ts",
@@ -126,9 +127,13 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     fleet.seed("ghost", "g", 5)  # no decider: failed before compacting
 
     _, before = scrape(port)
-    for outcome in Outcome:  # every outcome is exported from the start, at 0
-        assert before[("eskit_compactions_total", (("outcome", outcome.value),))] == 0
-    assert before[("eskit_lock_waits_total", ())] == 0
+    # Every outcome of every registered stream type (and "other") from the start, at 0.
+    for stream_type in ("ledger", "slow", "lossy", "other"):
+        for outcome in Outcome:
+            labels = (("outcome", outcome.value), ("stream_type", stream_type))
+            assert before[("eskit_compactions_total", labels)] == 0
+        assert before[("eskit_lock_waits_total", (("stream_type", stream_type),))] == 0
+        assert before[("eskit_events_deleted_total", (("stream_type", stream_type),))] == 0
 
     sent = [
         compact_stream.delay("ledger", "a"),
@@ -136,7 +141,7 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
         compact_stream.delay("ledger", "c", dry_run=True),
         compact_stream.delay("ghost", "g"),
     ]
-    results = [r.get(timeout=60) for r in sent]
+    results = [compaction_result(r.id, timeout=60) or {} for r in sent]
     again = compact_stream.delay("ledger", "a")
     results.append(again.get(timeout=60))
     assert [r["outcome"] for r in results] == [
@@ -148,26 +153,36 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     ], fleet.worker_logs()
 
     page, after = scrape(port)
-    count = {o.value: after[("eskit_compactions_total", (("outcome", o.value),))] for o in Outcome}
-    assert count == {
+
+    def count(outcome: str, stream_type: str = "ledger") -> float:
+        labels = (("outcome", outcome), ("stream_type", stream_type))
+        return after[("eskit_compactions_total", labels)]
+
+    assert {o.value: count(o.value) for o in Outcome} == {
         "compacted": 2,
         "dry_run": 1,
         "nothing_to_compact": 1,
-        "failed": 1,
+        "failed": 0,
         "verification_failed": 0,
         "fenced": 0,
         "locked": 0,
+        "cancelled": 0,
     }
+    assert count("failed", "other") == 1  # ghost: not registered, so "other"
+    assert ("eskit_compactions_total", (("outcome", "failed"), ("stream_type", "ghost"))) not in (
+        after
+    )
     compacted = [r for r in results if r["outcome"] == "compacted"]
-    assert after[("eskit_events_deleted_total", ())] == 300 + 180  # not the dry run's 50
-    assert after[("eskit_bytes_reclaimed_total", ())] == sum(
+    ledger = (("stream_type", "ledger"),)
+    assert after[("eskit_events_deleted_total", ledger)] == 300 + 180  # not the dry run's 50
+    assert after[("eskit_bytes_reclaimed_total", ledger)] == sum(
         r["bytes_reclaimed"] for r in compacted
     )
-    assert after[("eskit_bytes_reclaimed_total", ())] > 0
+    assert after[("eskit_bytes_reclaimed_total", ledger)] > 0
 
     # The histogram observes every attempt the compactor ran, by outcome.
     def hist(suffix: str, outcome: str, le: str | None = None) -> float:
-        labels = [("outcome", outcome)] + ([("le", le)] if le else [])
+        labels = [("outcome", outcome), ("stream_type", "ledger")] + ([("le", le)] if le else [])
         return after.get(("eskit_compaction_duration_seconds" + suffix, tuple(sorted(labels))), 0)
 
     assert hist("_count", "compacted") == 2
@@ -179,7 +194,7 @@ def test_metrics_count_compactions_by_outcome_across_prefork_children(fleet: Fle
     assert hist("_sum", "compacted") == pytest.approx(
         sum(r["duration_ms"] for r in compacted) / 1000, rel=1e-6, abs=1e-6
     )
-    assert '_bucket{le="0.001",outcome="compacted"}' in page
+    assert '_bucket{le="0.001",outcome="compacted",stream_type="ledger"}' in page
     assert "://" not in page  # no URL (and so no password) reaches the page
 
     # Only the main process listens; the children write files the server adds up.
@@ -207,15 +222,54 @@ def test_lock_waits_and_locked_outcome(fleet: Fleet):
     holder = StreamLock(client, "ledger", "held", ttl=30, owner="someone-else")
     assert holder.acquire()
     try:
-        result = compact_stream.delay("ledger", "held").get(timeout=60)
+        result = compaction_result(compact_stream.delay("ledger", "held").id, timeout=60)
     finally:
         holder.release()
         client.close()
-    assert result["outcome"] == "locked", result
+    assert result is not None and result["outcome"] == "locked", result
     _, samples = scrape(port)
-    assert samples[("eskit_lock_waits_total", ())] == 3  # the first try and two retries
-    assert samples[("eskit_compactions_total", (("outcome", "locked"),))] == 1
-    assert samples[("eskit_events_deleted_total", ())] == 0
+    ledger = (("stream_type", "ledger"),)
+    assert samples[("eskit_lock_waits_total", ledger)] == 3  # the first try and two retries
+    assert samples[("eskit_compactions_total", (("outcome", "locked"), *ledger))] == 1
+    assert samples[("eskit_events_deleted_total", ledger)] == 0
+
+
+def test_runs_started_and_finished_are_counted_once_each(fleet: Fleet):
+    """A run counts as started when its fan-out sent its first page and as finished
+    when it ended: after its finishing step (it deleted events), on the spot (a dry
+    run), or stopped by an error — once each, over several pages."""
+    from eskit_tasks.fleet.progress import new_run_id
+    from eskit_tasks.tasks import fan_out
+
+    port = free_port()
+    fleet.worker(
+        "runs",
+        concurrency=2,
+        ESKIT_METRICS_PORT=str(port),
+        ESKIT_METRICS_ADDRESS="127.0.0.1",
+        ESKIT_FANOUT_PAGE_SIZE="2",  # three pages for five streams
+    )
+    for n in range(5):
+        fleet.seed("ledger", f"run-{n}", 10)
+    _, before = scrape(port)
+    assert before[("eskit_runs_started_total", ())] == 0
+    assert before[("eskit_runs_finished_total", (("result", "complete"),))] == 0
+
+    deleting = compact_all(min_events=1, retain_last=2).wait(timeout=90)
+    dry = compact_all(min_events=1, dry_run=True).wait(timeout=90)
+    assert deleting.reclaim is not None and dry.reclaim is None, (deleting, dry)
+    assert deleting.done == 5 and dry.finished and dry.error is None
+    bad = new_run_id()
+    fan_out.apply_async(kwargs={"run_id": bad, "min_events": 0}).get(timeout=60)
+    fan_out.apply_async(kwargs={"run_id": bad, "min_events": 0}).get(timeout=60)  # again
+
+    _, after = scrape(port)
+    assert after[("eskit_runs_started_total", ())] == 2
+    assert after[("eskit_runs_finished_total", (("result", "complete"),))] == 2
+    assert after[("eskit_runs_finished_total", (("result", "error"),))] == 1
+    ledger = (("outcome", "compacted"), ("stream_type", "ledger"))
+    assert after[("eskit_compactions_total", ledger)] == 5
+    assert after[("eskit_events_deleted_total", (("stream_type", "ledger"),))] == 5 * 8
 
 
 def test_without_a_metrics_port_a_worker_listens_on_nothing(fleet: Fleet):
@@ -368,3 +422,182 @@ def test_task_events_are_off_until_a_monitor_enables_them_as_flower_does(fleet: 
     received = next(e for e in events if e.get("uuid") == task_id and e["type"] == "task-received")
     assert received["name"] == "eskit_tasks.compact_stream"
     assert time.time() - succeeded["timestamp"] < 120
+
+
+class TaskEvents:
+    """Celery's task events as a monitor (Flower) receives them, captured in a thread."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self._conn: Any = None
+        self._receiver: Any = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> TaskEvents:
+        self._conn = app.connection_for_read()
+        self._receiver = app.events.Receiver(self._conn, handlers={"*": self.events.append})
+
+        def capture() -> None:
+            try:
+                self._receiver.capture(limit=None, timeout=None, wakeup=False)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                self.errors.append(exc)
+
+        self._thread = threading.Thread(target=capture, daemon=True)
+        self._thread.start()
+
+        def probe_heard() -> bool:  # the receiver subscribes asynchronously
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("eskit-probe")
+            return any(e["type"] == "eskit-probe" for e in list(self.events))
+
+        wait_until(probe_heard, 30, "the event receiver to listen", poll=0.3)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._receiver.should_stop = True
+        assert self._thread is not None
+        self._thread.join(10)
+        self._conn.release()
+
+    def final(self, task_id: str) -> dict[str, Any] | None:
+        """The task's last event that Flower turns into a final state, if any yet."""
+        ends = {"task-succeeded", "task-failed"}
+        found = [e for e in list(self.events) if e.get("uuid") == task_id and e["type"] in ends]
+        return found[-1] if found else None
+
+
+def test_flower_shows_a_compaction_that_needs_attention_as_failed(fleet: Fleet):
+    """A compaction whose outcome needs attention ends as FAILURE — in the task events
+    Flower builds its view from, and in the result backend — with its whole result still
+    readable (compaction_result); a compaction is SUCCESS and .get() returns it. The
+    failure is deliberate: logged as expected (no traceback) and counted once."""
+    fleet.seed("ledger", "fine", 20)
+    fleet.seed("ghost", "g", 5)  # no decider: failed
+    fleet.seed("ledger", "held", 5)
+    worker = fleet.worker(
+        "flower",
+        concurrency=1,
+        options=("--without-gossip", "--without-mingle", "-E"),  # task events on
+        ESKIT_LOCKED_MAX_RETRIES="0",
+    )
+    client = redis.Redis(port=fleet.state.port)
+    holder = StreamLock(client, "ledger", "held", ttl=60, owner="someone-else")
+    assert holder.acquire()
+    try:
+        with TaskEvents() as monitor:
+            good = compact_stream.delay("ledger", "fine", retain_last=5)
+            ghost = compact_stream.delay("ghost", "g")
+            locked = compact_stream.delay("ledger", "held")
+            assert good.get(timeout=60)["outcome"] == "compacted", fleet.worker_logs()
+            with pytest.raises(CompactionNeedsAttention, match=r"^failed ghost/g: "):
+                ghost.get(timeout=60)
+            with pytest.raises(CompactionNeedsAttention, match="locked by task someone-else"):
+                locked.get(timeout=60)
+            ids = (good.id, ghost.id, locked.id)
+            finals = wait_until(
+                lambda: all(monitor.final(i) for i in ids) and [monitor.final(i) for i in ids],
+                30,
+                "the three tasks' final events",
+            )
+    finally:
+        holder.release()
+        client.close()
+    assert not monitor.errors, monitor.errors
+    assert [e["type"] for e in finals] == ["task-succeeded", "task-failed", "task-failed"]
+    assert finals[1]["exception"].startswith("CompactionNeedsAttention(")
+    assert "failed ghost/g: no decider" in finals[1]["exception"]
+    assert "'outcome': 'locked'" in finals[2]["exception"]
+
+    stored = results_in_backend(fleet.broker)
+    assert [stored[i]["status"] for i in ids] == ["SUCCESS", "FAILURE", "FAILURE"]
+    assert stored[ghost.id]["result"]["exc_type"] == "CompactionNeedsAttention"
+    got = {i: compaction_result(i) for i in ids}
+    assert got[good.id] == good.get() == compaction_result_of(stored[good.id])
+    ghost_result, locked_result = got[ghost.id], got[locked.id]
+    assert ghost_result is not None and locked_result is not None
+    assert (ghost_result["outcome"], ghost_result["error_type"]) == (
+        "failed",
+        "UnknownStreamTypeError",
+    )
+    assert (locked_result["outcome"], locked_result["events_deleted"]) == ("locked", 0)
+    assert compaction_result_of(stored[locked.id]) == locked_result
+    assert fleet.live_versions("ledger", "held") == [1, 2, 3, 4, 5]
+
+    # Deliberate: Celery logs it as expected, without a traceback, and the task_failure
+    # handler does not account for it again (one log line per attempt).
+    text = worker.text()
+    assert text.count("raised expected: CompactionNeedsAttention") == 2, text[-3000:]
+    assert "raised unexpected" not in text and "Traceback" not in text, text[-3000:]
+    lines = compaction_lines(worker)
+    assert sorted((x["stream_id"], x["outcome"]) for x in lines) == [
+        ("fine", "compacted"),
+        ("g", "failed"),
+        ("held", "locked"),
+    ]
+
+
+# -- celery beat ----------------------------------------------------------------------
+
+BEAT_CONFIG = """\
+from eskit_tasks.fleet.celeryconfig import *  # noqa: F403
+
+beat_schedule = {
+    **beat_schedule,  # noqa: F405 -- the nightly entry, never due during the test
+    "every-second": {"task": "eskit_tasks.fan_out", "schedule": 1.0, "kwargs": {"dry_run": True}},
+}
+"""
+
+
+def test_beat_serves_when_each_entry_last_ran_and_is_next_due(fleet: Fleet, tmp_path: Path):
+    """`celery beat` with ESKIT_METRICS_PORT serves its schedule's health: an entry that
+    ran has its last run, every entry its next due time (the nightly one: tonight)."""
+    import subprocess
+
+    from eskit_tasks.testing.services import CELERY, worker_env
+    from tests import REPO
+
+    (tmp_path / "beat_config_for_test.py").write_text(BEAT_CONFIG)
+    port = free_port()
+    env = worker_env(
+        REPO,
+        ESKIT_METRICS_PORT=str(port),
+        ESKIT_METRICS_ADDRESS="127.0.0.1",
+        ESKIT_CELERY_CONFIG="beat_config_for_test",
+    )
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    log = tmp_path / "beat.log"
+    with log.open("wb") as out:
+        beat = subprocess.Popen(
+            [CELERY, "-A", "eskit_tasks", "beat", "-l", "INFO", "-s", str(tmp_path / "sched")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def ran_twice() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            if beat.poll() is not None:
+                raise AssertionError(log.read_text()[-3000:])
+            try:
+                samples = scrape(port)[1]
+            except OSError:
+                return None
+            return samples if log.read_text().count("Sending due task every-second") >= 2 else None
+
+        samples = wait_until(ran_twice, 60, "beat to send the entry twice", poll=0.3)
+    finally:
+        beat.terminate()
+        beat.wait(15)
+    now = time.time()
+    every = (("entry", "every-second"),)
+    nightly = (("entry", "eskit-nightly-compaction"),)
+    last = samples[("eskit_beat_last_run_timestamp_seconds", every)]
+    assert now - 30 < last <= now
+    assert last - 2 < samples[("eskit_beat_next_run_timestamp_seconds", every)] < now + 5
+    assert ("eskit_beat_last_run_timestamp_seconds", nightly) not in samples  # never ran
+    tonight = samples[("eskit_beat_next_run_timestamp_seconds", nightly)]
+    assert now < tonight <= now + 24 * 3600 + 60
+    assert "beat metrics on http://127.0.0.1:" in log.read_text()

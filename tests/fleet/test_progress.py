@@ -427,6 +427,46 @@ def test_an_error_finishes_the_run_at_once(store):
     assert got.finished
 
 
+def test_the_call_that_ends_a_run_is_told_so_once(store):
+    """What eskit_runs_finished_total counts: of every report, page and check, exactly
+    one says it ended a run that needs no finishing step (a report after the last page,
+    or the last page after every report), none says so for a run that needs one, and
+    the first fail() of a run says it stopped it."""
+    by_report = new_run_id()
+    store.create(by_report, {})
+    last = store.store_page(by_report, page(0, 2, "a", "b", last=True))
+    assert last is not None
+    assert not store.advance(by_report, last, depth=0).finished
+    assert not store.report(by_report, result("a", Outcome.COMPACTED, deleted=1)).finished
+    ended = store.report(by_report, result("b", Outcome.FAILED, error="boom"))
+    assert ended is not None and ended.finished and not ended.complete
+    again = store.report(by_report, result("b", Outcome.FAILED, error="boom"))
+    assert again is not None and not again.finished  # a report seen again
+    assert not store.advance(by_report, last, depth=0).finished  # a page seen again
+    assert not store.needs_finish(by_report)
+
+    by_page = new_run_id()
+    store.create(by_page, {})
+    first = store.store_page(by_page, page(0, 1, "a", last=True))
+    assert first is not None
+    assert not store.report(by_page, result("a", Outcome.DRY_RUN)).finished
+    assert store.advance(by_page, first, depth=0).finished
+
+    reclaiming = new_run_id()
+    store.create(reclaiming, {}, finish=True)
+    only = store.store_page(reclaiming, page(0, 1, "a", last=True))
+    assert only is not None and not store.advance(reclaiming, only, depth=0).finished
+    done = store.report(reclaiming, result("a", Outcome.COMPACTED, deleted=5))
+    assert done is not None and done.complete and not done.finished  # finish_run ends it
+    assert store.finish(reclaiming, None) and not store.finish(reclaiming, None)
+
+    stopped = new_run_id()
+    store.create(stopped, {})
+    assert store.fail(stopped, "first") and not store.fail(stopped, "second")
+    got = store.get(stopped)
+    assert got is not None and got.error == "second"
+
+
 # --- expiry -------------------------------------------------------------------------------
 
 

@@ -717,17 +717,15 @@ class Soak:
 
     def task_results(self) -> list[dict[str, Any]]:
         """Every compact_stream result stored in the result backend."""
+        from eskit_tasks.fleet.runs import compaction_result_of  # imported by now (see run)
+
         client = redis.Redis(port=self.services.broker.port, db=1)
         found = []
         try:
             for key in client.scan_iter("celery-task-meta-*", count=1000):
-                meta = json.loads(client.get(key) or b"{}")
-                result = meta.get("result")
-                if (
-                    meta.get("status") == "SUCCESS"
-                    and isinstance(result, dict)
-                    and "outcome" in result
-                ):
+                # A result that needs attention is stored as FAILURE, carrying it.
+                result = compaction_result_of(json.loads(client.get(key) or b"{}"))
+                if result is not None:
                     found.append(result)
         finally:
             client.close()
