@@ -188,3 +188,30 @@ def test_the_fleet_skips_a_quarantined_stream_and_retries_it_after_its_backoff(
     healed = compact_all(min_events=5, app=fleet.app).wait(timeout=60, poll=0.05)
     assert healed.outcomes == {"compacted": 1}, healed
     assert res.quarantine is not None and res.quarantine.entries(quarantined_only=False) == []
+
+
+def test_the_quarantine_gauge_counts_per_registered_type_and_other(tmp_path: Path):
+    import tests.fleet_deciders  # noqa: F401 -- registers ledger and brittle
+    from eskit_tasks.fleet.metrics import QuarantineCollector
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    store = SqlEventStore.from_url(url)
+    q = SqlQuarantine(store.engine, QuarantineRules(after=1))
+    for stream_type, stream_id in [("brittle", "a"), ("brittle", "b"), ("ghost", "g")]:
+        q.record(
+            CompactionResult(
+                stream_type=stream_type,
+                stream_id=stream_id,
+                outcome=Outcome.FAILED,
+                compaction_id="c",
+                error="boom",
+            ),
+            now=T0,
+        )
+    [family] = list(QuarantineCollector(url).collect())
+    got = {s.labels["stream_type"]: s.value for s in family.samples}
+    assert got["brittle"] == 2 and got["other"] == 1 and got["ledger"] == 0
+    assert "ghost" not in got  # not registered: counted as other
+    # A database that cannot answer leaves the gauge out of that scrape, never fails it.
+    assert list(QuarantineCollector(f"sqlite:///{tmp_path / 'missing' / 'x.db'}").collect()) == []
+    store.engine.dispose()

@@ -163,6 +163,7 @@ def start_worker_metrics(settings: EskitSettings) -> int | None:
     values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    registry.register(QuarantineCollector(settings.database_url))
     try:
         httpd, thread = start_http_server(port, settings.metrics_address, registry=registry)
     except OSError as exc:
@@ -287,6 +288,8 @@ def exported_series() -> dict[str, frozenset[str]]:
             found[metric._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     for family in BeatCollector(None).collect():  # no scheduler: the families, no samples
         found[family.name] = frozenset({"entry"})
+    for family in QuarantineCollector(None).collect():
+        found[family.name] = frozenset({"stream_type"})
     return found
 
 
@@ -424,6 +427,52 @@ def stop_beat_metrics() -> None:
         server.httpd.shutdown()
         server.httpd.server_close()
         server.thread.join(timeout=5)
+
+
+class QuarantineCollector:
+    """Quarantined streams per stream type, read from the database at each scrape (one
+    small GROUP BY in the worker's main process; every worker reports the same fleet-wide
+    figure, so take ``max`` across workers, not ``sum``). Types not registered in the
+    worker are counted under ``other``. A database that cannot answer leaves the gauge
+    out of that scrape (and is logged)."""
+
+    def __init__(self, database_url: str | None) -> None:
+        self._url = database_url
+        self._quarantine: Any = None
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "eskit_quarantined_streams",
+            "Streams quarantined after failing compactions in a row, by stream type.",
+            labels=["stream_type"],
+        )
+        if self._url is None:
+            yield family
+            return
+        try:
+            counts = self._counts()
+        except Exception as exc:  # a scrape must answer even if the database cannot
+            log.warning("eskit-tasks: could not read the quarantine for metrics: %s", exc)
+            return
+        by_label = dict.fromkeys(stream_type_labels(), 0)
+        for stream_type, n in counts.items():
+            label = stream_type_label(stream_type)
+            by_label[label] = by_label.get(label, 0) + n
+        for label, n in sorted(by_label.items()):
+            family.add_metric([label], n)
+        yield family
+
+    def _counts(self) -> dict[str, int]:
+        if self._quarantine is None:
+            from eskit_tasks.stores.engine import create_engine
+            from eskit_tasks.stores.sql_quarantine import SqlQuarantine
+
+            assert self._url is not None
+            self._quarantine = SqlQuarantine(create_engine(self._url))
+        counts: dict[str, int] = self._quarantine.counts_by_type()
+        return counts
 
 
 class BeatCollector:
