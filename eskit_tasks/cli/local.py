@@ -347,10 +347,17 @@ class LocalCompactors:
         )
         self._by_type: dict[str, Compactor[Any] | SourceCompactor | ConfigurationError] = {}
 
-    def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
+    def compactor_for(
+        self, stream_type: str
+    ) -> Compactor[Any] | SourceCompactor | ConfigurationError:
+        """The compactor of ``stream_type`` (made once), or why there is none."""
         found = self._by_type.get(stream_type)
         if found is None:
             found = self._by_type[stream_type] = self._make(stream_type)
+        return found
+
+    def compact(self, stream_type: str, stream_id: str) -> CompactionResult:
+        found = self.compactor_for(stream_type)
         if isinstance(found, ConfigurationError):
             return CompactionResult.failed(
                 stream_type,

@@ -12,13 +12,20 @@ from typer.exceptions import TyperException
 from eskit_tasks.cli import consumers as _consumer_commands
 from eskit_tasks.cli import fleet as _fleet_commands
 from eskit_tasks.cli import local as _local_commands
+from eskit_tasks.cli import plans as _plan_commands
 from eskit_tasks.cli import quarantine as _quarantine_commands
 from eskit_tasks.cli.options import Exit, app
 from eskit_tasks.cli.render import err
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 
-COMMAND_MODULES = (_local_commands, _fleet_commands, _consumer_commands, _quarantine_commands)
+COMMAND_MODULES = (
+    _local_commands,
+    _fleet_commands,
+    _consumer_commands,
+    _quarantine_commands,
+    _plan_commands,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,6 +104,17 @@ class _RunState:
     run_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Preview:
+    """Where a stream stands and the cut a compaction would make now (see
+    :meth:`Compactor.preview`)."""
+
+    head_version: int
+    compacted_through: int
+    through_version: int
+    held_back_by: HeldBack | None
+
+
 class Compactor(Generic[S]):
     """Compacts streams of one type under one policy.
 
@@ -277,6 +288,18 @@ class Compactor(Generic[S]):
             fields.update(outcome=Outcome.NOTHING_TO_COMPACT)
             return None
         return _Plan(info.head_version, info.compacted_through, cut, token)
+
+    def preview(self, stream_type: str, stream_id: str) -> Preview | None:
+        """The cut a compaction under the policy would make now (the consumers' hold
+        included), read-only and without replaying anything; None when there is nothing
+        to compact. What ``eskit-tasks plan`` stores without ``--verify``."""
+        info = self.store.stream_info(stream_type, stream_id)
+        if info is None:
+            return None
+        cut, held = self._cut(stream_type, stream_id, info)
+        if cut is None:
+            return None
+        return Preview(info.head_version, info.compacted_through, cut, held)
 
     def _check_committed(self, stream_type: str, stream_id: str, compaction_id: str) -> None:
         record = self.store.find_compaction(compaction_id)

@@ -10,7 +10,7 @@ fan-out sent twice) sends the stored streams or finds the cursor moved and stops
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery import Celery, Task
@@ -33,6 +33,7 @@ from eskit_tasks.fleet.observability import send_finish
 from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.stores.sql_plans import plan_page
 
 #: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
 BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
@@ -58,6 +59,7 @@ def fan_out(
     dry_run: bool = False,
     sources: list[str] | None = None,
     trigger: str | None = None,
+    plan_id: str | None = None,
 ) -> dict[str, Any]:
     """Enqueue one compact_stream per candidate stream, a page at a time.
 
@@ -74,6 +76,9 @@ def fan_out(
     next pages page exactly those, so a registration that changes mid-run neither shifts
     the cursor nor adds a source; one no longer registered fails the run, as does one
     that cannot be paged.
+
+    With ``plan_id`` (``eskit-tasks apply``) the run pages the plan's streams instead,
+    in plan order, each compacted at most through its planned version.
     """
     if run_id is None:  # started by beat: derive the id from the task, so a redelivered
         run_id = run_id_for(self.request.id)  # first page continues the same run
@@ -88,6 +93,7 @@ def fan_out(
         "dry_run": dry_run,
         "sources": sources,
         "trigger": trigger or "beat",
+        "plan_id": plan_id,
     }
     res = resources_of(self.app)
     try:
@@ -134,21 +140,8 @@ def fan_out_page(
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
-    # The event store's streams, then those of the applications the run started with.
-    if args.get("sources") is None:
-        args["sources"] = [name for name, _ in sources_for(args["stream_types"])]
     try:
-        sources = [_source(name) for name in args["sources"]]
-        page, new_cursor, exhausted = run_page(
-            res.store,
-            sources,
-            cursor=cursor,
-            limit=limit,
-            page_size=settings.fanout_page_size,
-            min_live_events=max(args["min_events"], args["retain_last"] + 1),
-            stream_types=args["stream_types"],
-            skip=None if res.quarantine is None else res.quarantine.held,
-        )
+        page, new_cursor, exhausted, caps = _read_page(res, args, cursor, limit)
     except FANOUT_RETRIED_ERRORS:
         raise
     except EskitError as exc:  # an application that cannot be paged: say so, stop
@@ -158,15 +151,12 @@ def fan_out_page(
     finished = exhausted or (budget is not None and len(page) >= budget)
     # Fix the page before sending anything: a copy of this page (a retry, the same
     # fan-out sent twice) sends the stored streams, not its own reading.
-    stored = res.progress.store_page(
-        run_id,
-        Page(cursor, new_cursor, finished, tuple((c.stream_type, c.stream_id) for c in page)),
-    )
+    stored = res.progress.store_page(run_id, Page(cursor, new_cursor, finished, tuple(page)))
     if stored is None:
         if not res.progress.exists(run_id):
             return _progress_lost(res, args)
         return {"run_id": run_id, "duplicate_page": cursor}
-    enqueue(app, stored.streams, {"run_id": run_id, **policy})
+    enqueue(app, stored.streams, {"run_id": run_id, **policy}, caps)
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
     )
@@ -179,6 +169,40 @@ def fan_out_page(
         "cursor": stored.next_cursor,
         "done": stored.last,
     }
+
+
+def _read_page(
+    res: Resources, args: dict[str, Any], cursor: int, limit: int
+) -> tuple[list[tuple[str, str]], int, bool, dict[tuple[str, str], int]]:
+    """The streams of the page after ``cursor``, the next cursor, whether the run has
+    examined everything, and each planned stream's cap (a plan's ``through_version``).
+
+    A run pages the event store's streams, then those of the applications it started
+    with; a plan's run pages the plan (its cursor: the position in the plan)."""
+    settings = res.settings
+    plan_id = args.get("plan_id")
+    if plan_id is not None:
+        engine = getattr(res.store, "engine", None)
+        if engine is None:
+            raise ConfigurationError("plans need the SQL event store (ESKIT_DATABASE_URL)")
+        rows = plan_page(engine, plan_id, after=cursor, limit=limit)
+        caps = {(p.stream_type, p.stream_id): p.through_version for _, p in rows}
+        next_cursor = rows[-1][0] if rows else cursor
+        return list(caps), next_cursor, len(rows) < limit, caps
+    if args.get("sources") is None:
+        args["sources"] = [name for name, _ in sources_for(args["stream_types"])]
+    sources = [_source(name) for name in args["sources"]]
+    page, new_cursor, exhausted = run_page(
+        res.store,
+        sources,
+        cursor=cursor,
+        limit=limit,
+        page_size=settings.fanout_page_size,
+        min_live_events=max(args["min_events"], args["retain_last"] + 1),
+        stream_types=args["stream_types"],
+        skip=None if res.quarantine is None else res.quarantine.held,
+    )
+    return [(c.stream_type, c.stream_id) for c in page], new_cursor, exhausted, {}
 
 
 def _start_page(res: Resources, args: dict[str, Any], cursor: int) -> dict[str, Any] | None:
@@ -270,8 +294,14 @@ def _progress_lost(res: Resources, args: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": run_id, "error": error}
 
 
-def enqueue(app: Celery, streams: Iterable[tuple[str, str]], kwargs: dict[str, Any]) -> None:
-    """Send one compact_stream message per candidate, as fast as the broker allows.
+def enqueue(
+    app: Celery,
+    streams: Iterable[tuple[str, str]],
+    kwargs: dict[str, Any],
+    caps: Mapping[tuple[str, str], int] | None = None,
+) -> None:
+    """Send one compact_stream message per candidate, as fast as the broker allows;
+    a stream in ``caps`` is compacted at most through that version (a plan's cut).
 
     On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
     pipeline raises, and the page is sent again by the fan-out's retry (a stream
@@ -285,13 +315,15 @@ def enqueue(app: Celery, streams: Iterable[tuple[str, str]], kwargs: dict[str, A
     send: Any = app.tasks[COMPACT_STREAM_TASK].apply_async  # stubs predate these options
     with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
         for args in streams:
+            cap = None if caps is None else caps.get((args[0], args[1]))
+            these = kwargs if cap is None else {**kwargs, "through_version": cap}
             send(
                 args=args,
-                kwargs=kwargs,
+                kwargs=these,
                 producer=producer,
                 declare=declare,
                 argsrepr=short_repr(args),
-                kwargsrepr=kwargsrepr,
+                kwargsrepr=kwargsrepr if cap is None else short_repr(these),
             )
             declare = []
 

@@ -113,8 +113,15 @@ def record_run_start(res: Resources, run_id: str, args: Mapping[str, Any]) -> No
     """Record a fleet run's start in the database (idempotent), when the store has one."""
     engine = getattr(res.store, "engine", None)
     if engine is not None:
-        policy = {k: v for k, v in args.items() if k not in ("run_id", "trigger", "sources")}
-        sql_runs.record_start(engine, run_id, str(args.get("trigger") or "beat"), policy)
+        skip = ("run_id", "trigger", "sources", "plan_id")
+        policy = {k: v for k, v in args.items() if k not in skip}
+        sql_runs.record_start(
+            engine,
+            run_id,
+            str(args.get("trigger") or "beat"),
+            policy,
+            plan_id=args.get("plan_id"),
+        )
 
 
 def fail_run(res: Resources, run_id: str, error: str) -> None:

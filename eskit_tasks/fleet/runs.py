@@ -21,7 +21,12 @@ from typing import Any
 from celery import Celery, states
 from pydantic import BaseModel
 
-from eskit_tasks.errors import CompactionNeedsAttention, RunNotFoundError, RunTimeoutError
+from eskit_tasks.errors import (
+    CompactionNeedsAttention,
+    ConfigurationError,
+    RunNotFoundError,
+    RunTimeoutError,
+)
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import (
@@ -32,6 +37,7 @@ from eskit_tasks.fleet.progress import (
     new_run_id,
 )
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.stores.sql_plans import applicable_plan
 
 
 class RunSummary(BaseModel):
@@ -269,6 +275,33 @@ def compaction_result_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _is_result(value: Any) -> bool:
     return isinstance(value, dict) and "outcome" in value and "stream_id" in value
+
+
+def apply_plan(plan_id: str, *, app: Celery | None = None) -> CompactionRun:
+    """Start a fleet run that compacts exactly the streams of a stored plan, each at most
+    through its planned version (``eskit-tasks plan`` made it; see
+    :mod:`eskit_tasks.core.planning`). A stream whose compaction point moved past the
+    plan meanwhile ends ``nothing_to_compact``.
+
+    Raises:
+        ConfigurationError: no such plan in the database, or it has expired.
+    """
+    app = app or _default_app()
+    res = resources_of(app)
+    engine = getattr(res.store, "engine", None)
+    if engine is None:
+        raise ConfigurationError("plans need the SQL event store (ESKIT_DATABASE_URL)")
+    plan = applicable_plan(engine, plan_id)
+    run_id = new_run_id()
+    kwargs: dict[str, Any] = {
+        "run_id": run_id,
+        **policy_kwargs(plan.policy.get("retain_last", 0), plan.policy.get("retain_younger_than")),
+        "trigger": "plan",
+        "plan_id": plan.plan_id,
+    }
+    res.progress.create(run_id, kwargs, finish=True)
+    app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    return CompactionRun(run_id, app=app)
 
 
 def _default_app() -> Celery:

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from eskit_tasks.domain.plan import PlannedStream
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.stores.engine import reading, writing
 from eskit_tasks.stores.schema import plan_streams, plans
@@ -24,21 +25,6 @@ from eskit_tasks.stores.schema import plan_streams, plans
 DEFAULT_LIFETIME = timedelta(days=7)
 #: Rows inserted per statement.
 BATCH = 1000
-
-
-@dataclass(frozen=True)
-class PlannedStream:
-    """One stream of a plan: where it stood and the cut the plan allows."""
-
-    stream_type: str
-    stream_id: str
-    head_version: int
-    compacted_through: int
-    through_version: int
-    events: int
-    bytes: int
-    outcome: str | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,20 +57,28 @@ def save_plan(
     lifetime: timedelta = DEFAULT_LIFETIME,
     plan_id: str | None = None,
 ) -> Plan:
-    """Store a plan in one transaction (its streams in the order given)."""
+    """Store a plan: its streams in the order given, ``BATCH`` per transaction (planning
+    a large store holds no write lock for long), then its header, which makes it
+    visible to ``apply``. A plan whose planning stopped half-way has no header, and
+    apply refuses its id."""
     plan_id = plan_id or new_plan_id()
-    now = datetime.now(UTC)
     count = events = size = 0
-    with writing(engine, f"store plan {plan_id}") as conn:
-        batch: list[dict[str, Any]] = []
-        for seq, s in enumerate(streams, start=1):
-            batch.append({"plan_id": plan_id, "seq": seq, **s.__dict__})
-            count, events, size = count + 1, events + s.events, size + s.bytes
-            if len(batch) >= BATCH:
-                conn.execute(plan_streams.insert(), batch)
-                batch = []
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
         if batch:
-            conn.execute(plan_streams.insert(), batch)
+            with writing(engine, f"store plan {plan_id}") as conn:
+                conn.execute(plan_streams.insert(), batch)
+            batch.clear()
+
+    for seq, s in enumerate(streams, start=1):
+        batch.append({"plan_id": plan_id, "seq": seq, **s.__dict__})
+        count, events, size = count + 1, events + s.events, size + s.bytes
+        if len(batch) >= BATCH:
+            flush()
+    flush()
+    now = datetime.now(UTC)
+    with writing(engine, f"store plan {plan_id}") as conn:
         conn.execute(
             plans.insert().values(
                 plan_id=plan_id,
