@@ -12,8 +12,10 @@ from eskit_tasks.cli.options import (
     Database,
     DeciderModules,
     DryRun,
+    EventsPerSecond,
     Exit,
     JsonOut,
+    MaxConcurrent,
     MaxStreams,
     MinEvents,
     RetainLast,
@@ -44,6 +46,8 @@ def compact_all_cmd(
     ] = None,
     decider_module: DeciderModules = None,
     archive: ArchiveDir = None,
+    max_events_per_second: EventsPerSecond = None,
+    max_concurrent: MaxConcurrent = None,
     json_: JsonOut = False,
 ) -> None:
     """Compact every candidate stream: on the fleet (default) or in this process (--local)."""
@@ -75,6 +79,8 @@ def compact_all_cmd(
         retain_younger_than=retain_younger_than,
         dry_run=dry_run,
         trigger="cli",
+        max_events_per_second=max_events_per_second,
+        max_concurrent=max_concurrent,
     )
     if not wait:
         if json_:
@@ -102,6 +108,44 @@ def status(
     print_summary(summary, json_)
     if summary.failed_streams or summary.error:
         raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+@app.command()
+def throttle(
+    events_per_second: EventsPerSecond = None,
+    max_concurrent: MaxConcurrent = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="The caps of this run instead of the fleet's.")
+    ] = None,
+    json_: JsonOut = False,
+) -> None:
+    """Show the fleet-wide caps on compactions, or set them live (0 removes a cap): events
+    deleted per second and compactions at once, for every run or for one (--run)."""
+    from eskit_tasks.fleet.app import resources
+    from eskit_tasks.fleet.progress import check_run_id
+    from eskit_tasks.fleet.throttle import caps_of, global_scope, run_scope, set_caps
+
+    res = resources()
+    settings = res.settings
+    if run is not None:
+        if not res.progress.exists(check_run_id(run)):
+            raise ConfigurationError(f"no run {run} in Redis (unknown id, or it expired)")
+        scope = run_scope(run)
+    else:
+        scope = global_scope(settings.max_events_per_second, settings.max_concurrent_compactions)
+    set_caps(res.redis, scope, events_per_second=events_per_second, max_concurrent=max_concurrent)
+    caps = caps_of(res.redis, scope)
+    where = f"run {run}" if run is not None else "the fleet"
+    if json_:
+        emit_json({"scope": "run" if run else "global", "run_id": run, **caps})
+        return
+    rate, slots = caps["events_per_second"], int(caps["max_concurrent"])
+    out.print(
+        f"{where}: {f'{rate:,.0f} events deleted per second' if rate else 'no cap on events'}, "
+        f"{f'{slots} compactions at once' if slots else 'no cap on compactions at once'} "
+        f"({int(caps['running'])} running)",
+        highlight=False,
+    )
 
 
 def _control(run_id: str, action: str, json_: bool) -> None:

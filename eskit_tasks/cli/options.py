@@ -72,6 +72,16 @@ ArchiveDir = Annotated[
         "(default: ESKIT_ARCHIVE_URL; unset: none).",
     ),
 ]
+EventsPerSecond = Annotated[
+    float | None,
+    typer.Option(
+        "--max-events-per-second", min=0, help="Cap on events deleted per second, fleet-wide."
+    ),
+]
+MaxConcurrent = Annotated[
+    int | None,
+    typer.Option("--max-concurrent", min=0, help="Cap on compactions at once, fleet-wide."),
+]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Verify in memory; delete nothing.")]
 DeciderModules = Annotated[
     list[str] | None,

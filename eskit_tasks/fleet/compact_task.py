@@ -22,6 +22,7 @@ the task's return value (SUCCESS).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery import Task
@@ -45,6 +46,7 @@ from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
 from eskit_tasks.fleet.resources import Resources, resources_of
 from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.fleet.throttle import Throttle, global_scope, run_scope
 
 
 def compact_stream(
@@ -89,7 +91,7 @@ def compact_stream(
             record(result, run_id, copy.task_id)
             return _claimed(copy, result)
         import_decider_modules(res.settings.decider_module_list)
-        result = _compact_locked(copy, stream_type, stream_id, policy)
+        result = _compact_throttled(copy, stream_type, stream_id, policy)
     except (Ignore, Retry):
         raise
     except Exception as exc:  # anything else still ends in a reported result
@@ -132,6 +134,34 @@ def _run_state(res: Resources, run_id: str | None) -> str:
 def pause_poll(settings: EskitSettings) -> float:
     """Seconds before the work of a paused run looks again."""
     return max(settings.fanout_backoff, PAUSE_POLL_MIN_S)
+
+
+def _compact_throttled(
+    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+) -> CompactionResult:
+    """Compact once the fleet-wide caps let this compaction start (see
+    :mod:`eskit_tasks.fleet.throttle`); charge what it deleted. A task still waiting
+    after ``WAIT_IN_TASK_S`` gives its worker back and is re-sent."""
+    settings = copy.settings
+    scopes = [global_scope(settings.max_events_per_second, settings.max_concurrent_compactions)]
+    if copy.run_id is not None:
+        scopes.append(run_scope(copy.run_id))
+    throttle = Throttle(copy.res.redis, scopes, lease=settings.lock_ttl)
+    try:
+        admitted = throttle.admit()
+    except RedisError:  # load control only: the lock step says Redis is down
+        admitted = True
+    if not admitted:
+        copy.retry_later(pause_poll(settings), unlimited=True)
+    try:
+        result = _compact_locked(copy, stream_type, stream_id, policy)
+    finally:
+        with contextlib.suppress(RedisError):
+            throttle.release()
+    if result.outcome is Outcome.COMPACTED and not result.recovered:
+        with contextlib.suppress(RedisError):
+            throttle.charge(result.events_deleted)
+    return result
 
 
 def _compact_locked(

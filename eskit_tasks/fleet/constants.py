@@ -57,6 +57,8 @@ FANOUT_HIGH_WATER = 2000
 FANOUT_BACKOFF_S = 5.0
 #: The fewest seconds between two looks of a paused run's fan-out or queued tasks.
 PAUSE_POLL_MIN_S = 1.0
+#: The longest a scheduled run's fan-out waits before it looks at the window again.
+WINDOW_POLL_MAX_S = 600.0
 
 #: Address the worker's metrics port binds to (ESKIT_METRICS_ADDRESS): every interface,
 #: so Prometheus can scrape a worker in a container. The page holds counts only.

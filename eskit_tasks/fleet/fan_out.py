@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task
@@ -23,10 +24,15 @@ from redis.exceptions import RedisError
 from eskit_tasks.core.candidates import run_page
 from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.window import parse_window
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.compact_task import pause_poll
-from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FANOUT_PUBLISH_BATCH
+from eskit_tasks.fleet.constants import (
+    COMPACT_STREAM_TASK,
+    FANOUT_PUBLISH_BATCH,
+    WINDOW_POLL_MAX_S,
+)
 from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.observability import send_finish
@@ -229,8 +235,18 @@ def _held_by_operator(
     task: Task[Any, Any], res: Resources, args: dict[str, Any], cursor: int
 ) -> dict[str, Any] | None:
     """A paused run's page enqueues nothing and looks again later; a cancelled run's
-    fan-out ends here (the run completes once the tasks already sent report)."""
+    fan-out ends here (the run completes once the tasks already sent report); a
+    scheduled run outside the maintenance window (ESKIT_WINDOW) waits for it."""
     run_id = args["run_id"]
+    window = parse_window(res.settings.window)
+    if window is not None and args.get("trigger") == "beat":
+        wait = window.opens_in(datetime.now(UTC))
+        if wait > 0:
+            # Looks again at most every WINDOW_POLL_MAX_S: a countdown longer than the
+            # Redis broker's visibility timeout would be delivered twice.
+            countdown = min(wait, WINDOW_POLL_MAX_S, res.settings.visibility_timeout / 4)
+            task.apply_async(kwargs={**args, "cursor": cursor}, countdown=countdown)
+            return {"run_id": run_id, "waiting_for_window": str(window), "seconds": wait}
     state = res.progress.state(run_id)
     if state == "paused":
         task.apply_async(kwargs={**args, "cursor": cursor}, countdown=pause_poll(res.settings))

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from eskit_tasks.errors import (
     CompactionNeedsAttention,
     ConfigurationError,
+    InvalidPolicyError,
     RunNotFoundError,
     RunTimeoutError,
 )
@@ -37,6 +38,7 @@ from eskit_tasks.fleet.progress import (
     new_run_id,
 )
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.fleet.throttle import run_scope, set_caps
 from eskit_tasks.stores.sql_plans import applicable_plan
 
 
@@ -188,6 +190,8 @@ def compact_all(
     dry_run: bool = False,
     app: Celery | None = None,
     trigger: str = "shell",
+    max_events_per_second: float | None = None,
+    max_concurrent: int | None = None,
 ) -> CompactionRun:
     """Start a fleet run: a fan-out over every candidate stream, compacted by the workers.
 
@@ -202,12 +206,23 @@ def compact_all(
         app: The fleet app to send the run to (default: the process's app, configured
             from the environment).
         trigger: Who started the run, as ``eskit-tasks runs`` shows it.
+        max_events_per_second: Cap the events this run deletes per second, fleet-wide
+            (the global cap holds too; see eskit_tasks.fleet.throttle).
+        max_concurrent: Cap this run's compactions at once, fleet-wide.
 
     Raises:
         InvalidPolicyError: a bad value; nothing was sent.
     """
     policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
     check_run_args(min_events, stream_types, max_streams)
+    for name, cap in (
+        ("max_events_per_second", max_events_per_second),
+        ("max_concurrent", max_concurrent),
+    ):
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
+        ):
+            raise InvalidPolicyError(f"{name} must be a number, 0 or more (0: no cap), got {cap!r}")
     run_id = new_run_id()
     kwargs: dict[str, Any] = {
         "run_id": run_id,
@@ -220,6 +235,13 @@ def compact_all(
     app = app or _default_app()
     res = resources_of(app)
     res.progress.create(run_id, kwargs, finish=True)
+    if max_events_per_second is not None or max_concurrent is not None:
+        set_caps(
+            res.redis,
+            run_scope(run_id),
+            events_per_second=max_events_per_second,
+            max_concurrent=max_concurrent,
+        )
     app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
     return CompactionRun(run_id, app=app)
 
@@ -275,6 +297,13 @@ def compaction_result_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _is_result(value: Any) -> bool:
     return isinstance(value, dict) and "outcome" in value and "stream_id" in value
+
+
+def _check_caps(**caps: Any) -> None:
+    for name, cap in caps.items():
+        number = isinstance(cap, int | float) and not isinstance(cap, bool)
+        if cap is not None and (not number or cap < 0):
+            raise InvalidPolicyError(f"{name} must be a number, 0 or more (0: no cap), got {cap!r}")
 
 
 def apply_plan(plan_id: str, *, app: Celery | None = None) -> CompactionRun:

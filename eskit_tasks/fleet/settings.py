@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eskit_tasks.domain.quarantine import QuarantineRules
 from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.window import parse_window
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet import constants as c
 
@@ -71,6 +72,14 @@ class EskitSettings(BaseSettings):
     #: checkpoint and incremental vacuum) and reports the measured sizes; ``off``: never
     #: (run ``eskit-tasks reclaim`` yourself). See eskit_tasks.stores.reclaim.
     reclaim: Literal["auto", "off"] = "auto"
+    #: ESKIT_MAX_EVENTS_PER_SECOND / ESKIT_MAX_CONCURRENT_COMPACTIONS: fleet-wide caps on
+    #: events deleted per second and compactions at once (0: none); `eskit-tasks
+    #: throttle` overrides them live. See eskit_tasks.fleet.throttle.
+    max_events_per_second: float = Field(0.0, ge=0)
+    max_concurrent_compactions: int = Field(0, ge=0)
+    #: ESKIT_WINDOW: the maintenance window of scheduled (beat) runs, "HH:MM-HH:MM TZ";
+    #: outside it their fan-out waits for the next window. Empty: any time.
+    window: str = ""
     #: ESKIT_QUARANTINE_AFTER: compactions of a stream ending failed or
     #: verification_failed in a row that quarantine it (0: never); ESKIT_QUARANTINE_BACKOFF
     #: / ESKIT_QUARANTINE_MAX_BACKOFF: seconds of its first / longest quarantine (it
@@ -112,6 +121,10 @@ class EskitSettings(BaseSettings):
             )
         if self.lock_ttl >= self.visibility_timeout:
             raise ValueError("ESKIT_LOCK_TTL must be below ESKIT_VISIBILITY_TIMEOUT")
+        try:
+            parse_window(self.window)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
         if len(self.nightly_cron.split()) != 5:
             raise ValueError(f"ESKIT_NIGHTLY_CRON needs five fields, got {self.nightly_cron!r}")
         try:
