@@ -42,6 +42,7 @@ from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.constants import PAUSE_POLL_MIN_S
 from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import record
+from eskit_tasks.fleet.progress import RUN_ID_PATTERN as _RUN_ID
 from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
 from eskit_tasks.fleet.resources import Resources, resources_of
@@ -127,7 +128,7 @@ def _run_state(res: Resources, run_id: str | None) -> str:
         return "running"
     try:
         return res.progress.state(run_id)
-    except RedisError:
+    except (RedisError, ConfigurationError):  # Redis down; not a run id (never counted)
         return "running"
 
 
@@ -144,8 +145,8 @@ def _compact_throttled(
     after ``WAIT_IN_TASK_S`` gives its worker back and is re-sent."""
     settings = copy.settings
     scopes = [global_scope(settings.max_events_per_second, settings.max_concurrent_compactions)]
-    if copy.run_id is not None:
-        scopes.append(run_scope(copy.run_id))
+    if copy.run_id is not None and _RUN_ID.fullmatch(copy.run_id):
+        scopes.append(run_scope(copy.run_id))  # a malformed id never becomes a key
     throttle = Throttle(copy.res.redis, scopes, lease=settings.lock_ttl)
     try:
         admitted = throttle.admit()

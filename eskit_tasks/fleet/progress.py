@@ -33,6 +33,8 @@ from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+#: What a run id looks like (new_run_id); anything else is refused as a key.
+RUN_ID_PATTERN = _RUN_ID
 
 #: What an operator can make of a run that has not finished.
 RunState = Literal["running", "paused", "cancelled"]

@@ -375,6 +375,18 @@ class RunTracker:
             run.ended = round(self.clock(), 3)
             self._check_finished(run)
 
+    def _quarantined(self, stream_type: str, stream_id: str) -> bool:
+        """The stream is quarantined after failing compactions, with a bad outcome."""
+        from eskit_tasks.errors import EskitError
+        from eskit_tasks.fleet.app import resources
+
+        quarantine = resources().quarantine
+        try:
+            entry = None if quarantine is None else quarantine.entry(stream_type, stream_id)
+        except EskitError:
+            return False
+        return entry is not None and entry.quarantined and entry.last_outcome in BAD_OUTCOMES
+
     def _check_finished(self, run: TrackedRun) -> None:
         """A run that finished undisturbed reported every bad-input stream as failed."""
         for failed in run.failed_streams:
@@ -399,7 +411,10 @@ class RunTracker:
                 continue
             self.stats.add("bad_input_checks")
             entry = reported.get((stream.stream_type, stream.stream_id))
-            if entry is None:
+            if entry is None and self._quarantined(stream.stream_type, stream.stream_id):
+                # Failed three runs in a row: quarantined, so runs skip it (issue 14).
+                self.stats.add("bad_input_quarantined")
+            elif entry is None:
                 self.violations.add(
                     "bad_input", f"run {run.run_id} ({run.kind}) did not report {stream.label}"
                 )
