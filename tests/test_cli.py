@@ -167,6 +167,35 @@ def test_usage_errors_exit_2_with_one_line(capsys, db, ledgers, args, message):
     assert "Traceback" not in err + out
 
 
+@pytest.mark.parametrize("age", ["90", "1d12h", "2 weeks", "1w 2d"])
+def test_retain_younger_than_takes_seconds_and_compound_forms(capsys, db, ledgers, age):
+    """Issue 14, case 2: the forms the README promises are accepted by the flag."""
+    code, out, err = run(
+        capsys,
+        "compact-all",
+        "--local",
+        "--database",
+        db,
+        "--retain-younger-than",
+        age,
+        "--dry-run",
+        "--decider-module",
+        "tests.fleet_deciders",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["outcomes"] == {"nothing_to_compact": 3}
+
+
+def test_an_unreadable_duration_says_which_forms_work(capsys, db, ledgers):
+    code, _, err = run(
+        capsys, "compact-all", "--local", "--database", db, "--retain-younger-than", "abc"
+    )
+    assert code == Exit.USAGE
+    assert err.count("\n") == 1, err
+    assert "'abc'" in err and '"1d12h"' in err and '"2 weeks"' in err and '"90"' in err
+
+
 def test_unreachable_database_exits_3_with_masked_password(capsys):
     url = f"postgresql://bob:{SECRET}@127.0.0.1:1/x"
     code, out, err = run(capsys, "candidates", "--database", url)

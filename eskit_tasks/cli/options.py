@@ -49,7 +49,10 @@ RetainLast = Annotated[
 ]
 RetainYounger = Annotated[
     str | None,
-    typer.Option("--retain-younger-than", help='Keep events younger than this: "30d", "12h".'),
+    typer.Option(
+        "--retain-younger-than",
+        help='Keep events younger than this: seconds ("90"), "30d", "1d12h", "2 weeks".',
+    ),
 ]
 MinEvents = Annotated[
     int,
