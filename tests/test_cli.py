@@ -196,6 +196,22 @@ def test_an_unreadable_duration_says_which_forms_work(capsys, db, ledgers):
     assert "'abc'" in err and '"1d12h"' in err and '"2 weeks"' in err and '"90"' in err
 
 
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["no-such-command"], "(see: eskit-tasks --help)"),
+        (["compact", "ledger"], "(see: eskit-tasks compact --help)"),
+        (["log", "--no-such-flag"], "(see: eskit-tasks log --help)"),
+    ],
+)
+def test_a_usage_error_points_at_the_help_of_its_command(capsys, args, hint):
+    """Issue 14, case 9: the program's name appears once in the hint."""
+    code, _, err = run(capsys, *args)
+    assert code == Exit.USAGE
+    assert err.rstrip().endswith(hint), err
+    assert "eskit-tasks eskit-tasks" not in err
+
+
 def test_unreachable_database_exits_3_with_masked_password(capsys):
     url = f"postgresql://bob:{SECRET}@127.0.0.1:1/x"
     code, out, err = run(capsys, "candidates", "--database", url)
