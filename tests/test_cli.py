@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from eskit_tasks import NewEvent, SqlEventStore
 from eskit_tasks.cli import Exit, main
+from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.testing.deciders import deposits
 
 SECRET = "Sup3rSecret"  # noqa: S105 -- a fake password the tests look for in output
@@ -210,6 +212,37 @@ def test_a_usage_error_points_at_the_help_of_its_command(capsys, args, hint):
     assert code == Exit.USAGE
     assert err.rstrip().endswith(hint), err
     assert "eskit-tasks eskit-tasks" not in err
+
+
+@pytest.fixture
+def setenv(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str], None]]:
+    """Set an environment variable for this test, read again by get_settings()."""
+
+    def setter(name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield setter
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_a_missing_decider_module_names_the_flag_it_came_from(capsys, db, setenv):
+    """Issue 14, case 7: --decider-module, not ESKIT_DECIDER_MODULES, named the module."""
+    setenv("ESKIT_DECIDER_MODULES", "")
+    code, _, err = run(
+        capsys, "compact-all", "--local", "--database", db, "--decider-module", "no.such.mod"
+    )
+    assert code == Exit.USAGE
+    assert "'no.such.mod' (given by --decider-module)" in err
+    assert "ESKIT_DECIDER_MODULES" not in err
+
+
+def test_a_missing_module_of_the_setting_names_the_setting(capsys, db, ledgers, setenv):
+    setenv("ESKIT_DECIDER_MODULES", "tests.fleet_deciders,no.such.mod")
+    code, _, err = run(capsys, "candidates", "--database", db)
+    assert code == Exit.USAGE
+    assert "'no.such.mod' (given by ESKIT_DECIDER_MODULES)" in err
 
 
 def test_unreachable_database_exits_3_with_masked_password(capsys):

@@ -134,4 +134,5 @@ def open_archive(archive: str | None) -> Archive | None:
 
 def import_deciders(extra: Sequence[str] | None) -> None:
     """Import ESKIT_DECIDER_MODULES and the ``--decider-module`` flags."""
-    import_decider_modules([*get_settings().decider_module_list, *(extra or [])])
+    import_decider_modules(get_settings().decider_module_list)
+    import_decider_modules(extra or [], source="--decider-module")

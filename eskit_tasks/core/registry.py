@@ -229,8 +229,14 @@ def unregister_decider(stream_type: str) -> None:
         _registry.pop(stream_type, None)
 
 
-def import_decider_modules(modules: Iterable[str]) -> None:
+def import_decider_modules(
+    modules: Iterable[str], *, source: str = "ESKIT_DECIDER_MODULES"
+) -> None:
     """Import each module so that its register_decider calls run.
+
+    Args:
+        modules: Module names.
+        source: Where the names came from (a setting or a flag), for the error message.
 
     Raises:
         ConfigurationError: a module cannot be imported.
@@ -240,5 +246,5 @@ def import_decider_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:  # a syntax error or a crash at import: same advice
             raise ConfigurationError(
-                f"cannot import decider module {name!r} from ESKIT_DECIDER_MODULES: {exc}"
+                f"cannot import decider module {name!r} (given by {source}): {exc}"
             ) from exc
