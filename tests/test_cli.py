@@ -95,6 +95,26 @@ def test_compact_one_stream_then_log_shows_it(capsys, db, ledgers):
     assert code == 0 and "1 compactions" in out
 
 
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_compact_of_a_stream_that_does_not_exist_exits_4(capsys, db, ledgers, json_flag):
+    """Issue 14, case 4: a mistyped stream id is reported, not compacted silently."""
+    code, out, err = run(
+        capsys,
+        "compact",
+        "ledger",
+        "bgi",
+        "--database",
+        db,
+        "--decider-module",
+        "tests.fleet_deciders",
+        *json_flag,
+    )
+    assert code == Exit.FAILED_STREAMS == 4
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert "no stream ledger/bgi" in err and "candidates" in err
+
+
 def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
     code, out, _ = run(
         capsys,

@@ -250,6 +250,14 @@ def compact(
     result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash).compact(
         stream_type, stream_id
     )
+    if result.outcome == Outcome.NOTHING_TO_COMPACT and result.head_version == 0:
+        where = store.engine.url.render_as_string(hide_password=True)
+        err.print(
+            f"error: no stream {stream_type}/{stream_id} in {mask_url(where)}: check the "
+            "type and id (eskit-tasks candidates lists the streams)",
+            markup=False,
+        )
+        raise typer.Exit(Exit.FAILED_STREAMS)
     print_result(result, json_)
     if not result.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
