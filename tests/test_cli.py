@@ -63,8 +63,59 @@ def test_candidates_respect_the_policy_flags(capsys, db, ledgers):
     }
     code, out, _ = run(capsys, "candidates", "--database", db, "--retain-last", "10", "--json")
     assert [c["stream_id"] for c in json.loads(out)] == ["big"]
-    code, out, _ = run(capsys, "candidates", "--database", db, "--stream-type", "other")
+    code, out, _ = run(capsys, "candidates", "--database", db, "--min-events", "50")
     assert code == 0 and "0 candidates" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["candidates"],
+        ["compact-all", "--local", "--decider-module", "tests.fleet_deciders"],
+        ["compact-all"],  # a fleet run: refused before anything is sent
+        ["compact-all", "--wait"],
+    ],
+)
+def test_an_unknown_stream_type_is_a_usage_error(capsys, db, ledgers, args):
+    """Issue 14, case 3: a mistyped --stream-type selects nothing: say so, exit 2."""
+    code, out, err = run(capsys, *args, "--database", db, "--stream-type", "nosuchtype")
+    assert code == Exit.USAGE
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert "unknown stream type 'nosuchtype'" in err and "check the spelling" in err
+
+
+def test_a_stored_type_without_a_decider_is_listed_but_not_compacted_here(capsys, db, ledgers):
+    ledgers.append("ghost", "g-1", deposits(1, 2), expected_version=0)
+    code, out, _ = run(capsys, "candidates", "--database", db, "--stream-type", "ghost", "--json")
+    assert code == 0
+    assert [c["stream_id"] for c in json.loads(out)] == ["g-1"]
+    code, out, err = run(
+        capsys, "compact-all", "--local", "--database", db, "--stream-type", "ghost"
+    )
+    assert code == Exit.USAGE
+    assert "no decider registered for stream type 'ghost', which has streams" in err
+    assert ledgers.head_version("ghost", "g-1") == 2
+
+
+def test_a_fleet_run_of_a_stored_type_starts_without_its_decider_here(
+    capsys, db, ledgers, monkeypatch
+):
+    """The shell that starts a fleet run need not import the workers' deciders."""
+    import eskit_tasks.fleet.runs as runs
+
+    ledgers.append("ghost", "g-1", deposits(1, 2), expected_version=0)
+    started = {}
+
+    def fake_compact_all(**kwargs):
+        started.update(kwargs)
+        return runs.CompactionRun("a" * 32)
+
+    monkeypatch.setattr(runs, "compact_all", fake_compact_all)
+    code, out, err = run(capsys, "compact-all", "--database", db, "--stream-type", "ghost")
+    assert code == 0, err
+    assert started["stream_types"] == ["ghost"]
+    assert "a" * 32 in out
 
 
 def test_compact_one_stream_then_log_shows_it(capsys, db, ledgers):

@@ -20,10 +20,13 @@ from eskit_tasks.cli.options import (
     RetainYounger,
     StreamTypes,
     app,
+    import_deciders,
+    open_store,
     policy_of,
 )
 from eskit_tasks.cli.render import emit_json, out, print_summary, progress_bar
-from eskit_tasks.errors import ConfigurationError, RunTimeoutError
+from eskit_tasks.core.registry import check_stream_types
+from eskit_tasks.errors import ConfigurationError, RunTimeoutError, UnknownStreamTypeError
 
 
 @app.command("compact-all")
@@ -67,6 +70,8 @@ def compact_all_cmd(
         )
     from eskit_tasks.fleet.runs import compact_all
 
+    if stream_type:
+        check_fleet_stream_types(database, stream_type, decider_module)
     run = compact_all(
         min_events=min_events,
         stream_types=stream_type,
@@ -101,6 +106,24 @@ def status(
     print_summary(summary, json_)
     if summary.failed_streams or summary.error:
         raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+def check_fleet_stream_types(
+    database: str | None, stream_types: list[str], decider_modules: list[str] | None
+) -> None:
+    """Refuse a ``--stream-type`` of a fleet run that nobody knows. This shell need not
+    import the workers' deciders: a type with streams in the store is known; the decider
+    modules (ESKIT_DECIDER_MODULES, ``--decider-module``) are imported only to look for
+    a type the store has no stream of (a pyeventsourcing application's, or a typo)."""
+    store = open_store(database, read_only=True)
+    try:
+        try:
+            check_stream_types(stream_types, store, compacted_here=False)
+        except UnknownStreamTypeError:
+            import_deciders(decider_modules)
+            check_stream_types(stream_types, store, compacted_here=False)
+    finally:
+        store.engine.dispose()
 
 
 def follow(run_id: str, timeout: float | None, json_: bool) -> None:

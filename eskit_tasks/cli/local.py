@@ -44,6 +44,7 @@ from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import (
     SourceCompactor,
+    check_stream_types,
     get_registration,
     get_source,
     registered_sources,
@@ -210,8 +211,10 @@ def candidates(
     """List the streams a policy would pick, with their live event counts (those of the
     registered pyeventsourcing applications after the store's)."""
     import_deciders(decider_module)
+    store = open_store(database, read_only=True)
+    check_stream_types(stream_type, store, compacted_here=False)
     found = iter_candidates(
-        open_store(database, read_only=True),
+        store,
         min_events=min_events,
         retain_last=retain_last,
         stream_types=stream_type,
@@ -420,6 +423,7 @@ def compact_all_here(
     trash = open_archive(archive)
     _warn_unarchived(trash, stream_types)
     store = open_store(database)
+    check_stream_types(stream_types, store, compacted_here=True)
     compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash)
     results: list[CompactionResult] = []
     started = time.perf_counter()
