@@ -320,20 +320,39 @@ def test_unreachable_database_exits_3_with_masked_password(capsys):
     url = f"postgresql://bob:{SECRET}@127.0.0.1:1/x"
     code, out, err = run(capsys, "candidates", "--database", url)
     assert code == Exit.UNAVAILABLE == 3
-    assert "127.0.0.1" in err and "bob:***@" in err
+    assert (
+        "cannot reach the database (--database postgresql+psycopg://bob:***@127.0.0.1:1/x)" in err
+    )
     assert SECRET not in err + out
     assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", [["candidates"], ["compact-all", "--local"], ["log"]])
+def test_unreachable_database_of_the_setting_is_named_with_it(capsys, setenv, command):
+    """Issue 14, case 1: the line names the service and the setting its URL came from."""
+    setenv("ESKIT_DATABASE_URL", f"postgresql://bob:{SECRET}@127.0.0.1:1/x")
+    code, out, err = run(capsys, *command)
+    assert code == Exit.UNAVAILABLE
+    assert (
+        "cannot reach the database (ESKIT_DATABASE_URL postgresql+psycopg://bob:***@127.0.0.1:1/x)"
+        in err
+    )
+    assert SECRET not in err + out
+    assert err.count("\n") == 1, err
 
 
 def test_unreachable_redis_exits_3(capsys, monkeypatch):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from eskit_tasks.fleet.runs import service_unreachable as _is_unreachable
+    from eskit_tasks.fleet.services import unreachable
 
-    assert _is_unreachable(RedisConnectionError("Error 111 connecting"))
+    assert unreachable(RedisConnectionError("Error 111 connecting"))
     code, _, err = run(capsys, "status", "0" * 32)
     assert code in (Exit.UNAVAILABLE, Exit.ERROR)  # Redis of the test run may be down here
     assert "Traceback" not in err
+    if code == Exit.UNAVAILABLE:
+        assert "the Redis for locks and run progress (ESKIT_REDIS_URL redis://" in err
 
 
 @pytest.mark.slow  # a console-script process: not in make test-fast

@@ -21,6 +21,7 @@ from eskit_tasks.cli.options import (
     RetainYounger,
     StreamTypes,
     app,
+    database_origin,
     import_deciders,
     open_archive,
     open_store,
@@ -68,7 +69,7 @@ def init_db(database: Database = None, json_: JsonOut = False) -> None:
     """Create eskit-tasks' tables, or upgrade them to this version's revision (safe to
     run again; workers must be stopped for an upgrade)."""
     url = database or get_settings().database_url
-    engine = create_engine(url)
+    engine = create_engine(url, origin=database_origin(database))
     try:
         before, after = migrate.upgrade(engine)
         where = mask_url(str(engine.url.render_as_string(hide_password=True)))
@@ -92,7 +93,9 @@ def init_db(database: Database = None, json_: JsonOut = False) -> None:
 def db_status(database: Database = None, json_: JsonOut = False) -> None:
     """Show the revision of the eskit tables and whether init-db must upgrade them
     (exit 2 if so). Read-only."""
-    engine = create_engine(database or get_settings().database_url)
+    engine = create_engine(
+        database or get_settings().database_url, origin=database_origin(database)
+    )
     try:
         path = sqlite_file(engine.url)
         if path is not None and not path.exists():

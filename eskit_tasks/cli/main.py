@@ -16,7 +16,7 @@ from eskit_tasks.cli import local as _local_commands
 from eskit_tasks.cli.options import Exit, app
 from eskit_tasks.cli.render import err
 from eskit_tasks.domain.redact import mask_url
-from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+from eskit_tasks.errors import ConfigurationError, EskitError, ServiceUnavailableError
 
 COMMAND_MODULES = (_local_commands, _fleet_commands, _consumer_commands)
 
@@ -38,17 +38,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:  # includes InvalidPolicyError: a bad value given
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.USAGE
-    except DatabaseUnavailableError as exc:
+    except ServiceUnavailableError as exc:  # the database, the broker, a Redis: named
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.UNAVAILABLE
     except EskitError as exc:
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.ERROR
     except Exception as exc:
-        from eskit_tasks.fleet.runs import service_unreachable  # the fleet's clients failed
+        from eskit_tasks.fleet import services  # a client failed outside services.reaching
 
-        if service_unreachable(exc):
-            err.print(f"error: service unreachable: {mask_url(str(exc))}")
+        if services.unreachable(exc):
+            err.print(
+                f"error: cannot reach a service of the fleet: {services.reason(exc)}. Check "
+                "CELERY_BROKER_URL, ESKIT_REDIS_URL and CELERY_RESULT_BACKEND."
+            )
             return Exit.UNAVAILABLE
         raise
 

@@ -99,8 +99,8 @@ def open_store(database: str | None, *, read_only: bool = False) -> SqlEventStor
     """
     url = database or get_settings().database_url
     if not read_only:
-        return SqlEventStore.from_url(url)
-    store = SqlEventStore(create_engine(url), create_tables=False)
+        return SqlEventStore.from_url(url, origin=database_origin(database))
+    store = SqlEventStore(create_engine(url, origin=database_origin(database)), create_tables=False)
     try:
         path = sqlite_file(store.engine.url)
         if path is not None and not path.exists():
@@ -113,6 +113,11 @@ def open_store(database: str | None, *, read_only: bool = False) -> SqlEventStor
         store.engine.dispose()
         raise
     return store
+
+
+def database_origin(database: str | None) -> str:
+    """Where the database URL of a command comes from, for its error messages."""
+    return "--database" if database else "ESKIT_DATABASE_URL"
 
 
 def sqlite_file(url: URL) -> Path | None:

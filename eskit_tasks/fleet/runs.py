@@ -22,6 +22,15 @@ from eskit_tasks.fleet.fan_out import finishes
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
 from eskit_tasks.fleet.progress import FailedStream, RunProgress, check_run_id, new_run_id
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.fleet.services import (
+    BROKER,
+    RESULT_BACKEND,
+    STATE_REDIS,
+    raised_by_result_backend,
+    reaching,
+    unavailable,
+    unreachable,
+)
 
 
 class RunSummary(BaseModel):
@@ -70,7 +79,9 @@ class CompactionRun:
         Raises:
             RunNotFoundError: nothing is stored for this run (wrong id, or expired).
         """
-        found = self._resources().progress.get(self.run_id)
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            found = res.progress.get(self.run_id)
         if found is None:
             raise RunNotFoundError(
                 f"no progress stored for run {self.run_id}: unknown id, or older than ESKIT_RUN_TTL"
@@ -114,6 +125,9 @@ class CompactionRun:
     def summary(self) -> RunSummary:
         """Totals plus the failed streams and their errors."""
         p = self.progress()
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            failed = res.progress.failed_streams(self.run_id)
         return RunSummary(
             run_id=self.run_id,
             finished=p.finished,
@@ -125,7 +139,7 @@ class CompactionRun:
             dry_run_events=p.dry_run_events,
             dry_run_bytes=p.dry_run_bytes,
             elapsed_s=round(p.updated_at - p.started_at, 3),
-            failed_streams=self._resources().progress.failed_streams(self.run_id),
+            failed_streams=failed,
             error=p.error,
             deleted_by_type=p.deleted_by_type,
             reclaim=p.reclaim,
@@ -157,6 +171,8 @@ def compact_all(
 
     Raises:
         InvalidPolicyError: a bad value; nothing was sent.
+        ServiceUnavailableError: the Redis for run progress, the result backend or the
+            broker cannot be reached (the message says which); the run did not start.
     """
     policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
     check_run_args(min_events, stream_types, max_streams)
@@ -170,8 +186,16 @@ def compact_all(
     }
     app = app or _default_app()
     res = resources_of(app)
-    res.progress.create(run_id, kwargs, finish=finishes(res.settings, dry_run))
-    app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    with reaching(STATE_REDIS, res.settings.redis_url):
+        res.progress.create(run_id, kwargs, finish=finishes(res.settings, dry_run))
+    try:
+        app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        if raised_by_result_backend(exc):
+            raise unavailable(RESULT_BACKEND, app.conf.result_backend, exc) from exc
+        raise unavailable(BROKER, app.conf.broker_url, exc) from exc
     return CompactionRun(run_id, app=app)
 
 
@@ -179,13 +203,3 @@ def _default_app() -> Celery:
     from eskit_tasks.fleet.app import app  # the environment's app, built on first use
 
     return app
-
-
-def service_unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` says the fleet's Redis or broker could not be reached (the
-    clients' own error classes, which only the fleet layer knows)."""
-    from kombu.exceptions import OperationalError as BrokerUnreachable
-    from redis.exceptions import ConnectionError as RedisUnreachable
-    from redis.exceptions import TimeoutError as RedisTimeout
-
-    return isinstance(exc, RedisUnreachable | RedisTimeout | BrokerUnreachable)
