@@ -67,6 +67,32 @@ def test_candidates_respect_the_policy_flags(capsys, db, ledgers):
     assert code == 0 and "0 candidates" in out
 
 
+def test_candidates_print_their_total_beyond_the_limit(capsys, db, ledgers):
+    """Issue 14, case 5: the total of what compact-all would compact, not just a page."""
+    code, out, _ = run(capsys, "candidates", "--database", db, "--limit", "1")
+    assert code == 0
+    assert "3 candidates" in out
+    assert "total: 3 streams, 31 live events (showing 1: --limit)" in out
+    code, out, _ = run(capsys, "candidates", "--database", db)
+    assert "total: 3 streams, 31 live events\n" in out
+
+
+def test_candidates_take_max_streams_and_retain_younger_than(capsys, db, ledgers):
+    """Issue 14, case 5: the flags compact-all takes, with the same meaning."""
+    code, out, _ = run(capsys, "candidates", "--database", db, "--max-streams", "2", "--json")
+    assert code == 0
+    assert len(json.loads(out)) == 2
+    code, out, _ = run(
+        capsys, "candidates", "--database", db, "--retain-younger-than", "1h", "--json"
+    )
+    assert code == 0
+    assert json.loads(out) == []  # every event was appended just now: none is old enough
+    code, out, _ = run(capsys, "candidates", "--database", db, "--retain-younger-than", "0")
+    assert code == 0 and "total: 3 streams" in out
+    code, _, err = run(capsys, "candidates", "--database", db, "--retain-younger-than", "soon")
+    assert code == Exit.USAGE and '"1d12h"' in err
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -16,6 +16,7 @@ from eskit_tasks.cli.options import (
     DryRun,
     Exit,
     JsonOut,
+    MaxStreams,
     MinEvents,
     RetainLast,
     RetainYounger,
@@ -29,6 +30,7 @@ from eskit_tasks.cli.options import (
     sqlite_file,
 )
 from eskit_tasks.cli.render import (
+    CandidateTally,
     emit_json,
     err,
     out,
@@ -40,7 +42,7 @@ from eskit_tasks.cli.render import (
     progress_bar,
     report_results,
 )
-from eskit_tasks.core.candidates import iter_candidates
+from eskit_tasks.core.candidates import iter_candidates, with_old_events
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import (
@@ -206,31 +208,43 @@ def candidates(
     database: Database = None,
     min_events: MinEvents = 1,
     stream_type: StreamTypes = None,
+    max_streams: MaxStreams = None,
     retain_last: RetainLast = 0,
+    retain_younger_than: RetainYounger = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most N.")] = 50,
     decider_module: DeciderModules = None,
     json_: JsonOut = False,
 ) -> None:
-    """List the streams a policy would pick, with their live event counts (those of the
-    registered pyeventsourcing applications after the store's)."""
+    """List the streams compact-all would compact with these flags, with their live event
+    counts (those of the registered pyeventsourcing applications after the store's), and
+    their total. --retain-younger-than leaves out the streams with no event old enough."""
+    policy = policy_of(retain_last, retain_younger_than, dry_run=False)
     import_deciders(decider_module)
     store = open_store(database, read_only=True)
     check_stream_types(stream_type, store, compacted_here=False)
-    found = iter_candidates(
+    found = with_old_events(
         store,
-        min_events=min_events,
-        retain_last=retain_last,
-        stream_types=stream_type,
-        limit=limit,
+        iter_candidates(
+            store,
+            min_events=min_events,
+            retain_last=retain_last,
+            stream_types=stream_type,
+            limit=max_streams,
+        ),
+        policy,
     )
     listed: list[Candidate] = []
+    tally = CandidateTally()
     try:
-        listed.extend(found)
+        for c in found:
+            tally.add(c)
+            if len(listed) < limit:
+                listed.append(c)
     except EskitError as exc:  # a source that cannot be paged: show what was found
-        print_candidates(listed, json_)
-        err.print(f"error: listing stopped after {len(listed)} streams: {mask_url(str(exc))}")
+        print_candidates(listed, json_, tally)
+        err.print(f"error: listing stopped after {tally.streams} streams: {mask_url(str(exc))}")
         raise typer.Exit(Exit.ERROR) from exc
-    print_candidates(listed, json_)
+    print_candidates(listed, json_, tally)
 
 
 @app.command()

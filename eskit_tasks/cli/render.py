@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -53,7 +54,21 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover -- the loop returns at GiB
 
 
-def print_candidates(found: Sequence[Candidate], json_: bool) -> None:
+@dataclass
+class CandidateTally:
+    """How many candidates a listing found, and their live events, beyond those shown."""
+
+    streams: int = 0
+    live_events: int = 0
+
+    def add(self, c: Candidate) -> None:
+        self.streams += 1
+        self.live_events += c.live_events
+
+
+def print_candidates(found: Sequence[Candidate], json_: bool, tally: CandidateTally) -> None:
+    """The candidates shown (``--limit``), and a total line of all found. ``--json``
+    prints the shown ones as a list, as it always has (scripts index it)."""
     if json_:
         emit_json(
             [
@@ -66,10 +81,15 @@ def print_candidates(found: Sequence[Candidate], json_: bool) -> None:
             ]
         )
         return
-    table = Table("stream type", "stream id", "live events", title=f"{len(found)} candidates")
+    table = Table("stream type", "stream id", "live events", title=f"{tally.streams:,} candidates")
     for c in found:
         table.add_row(c.stream_type, c.stream_id, f"{c.live_events:,}")
     out.print(table)
+    shown = f" (showing {len(found):,}: --limit)" if len(found) < tally.streams else ""
+    out.print(
+        f"total: {tally.streams:,} streams, {tally.live_events:,} live events{shown}",
+        markup=False,
+    )
 
 
 def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
