@@ -23,6 +23,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -155,7 +156,12 @@ return 1
 
 
 class RunProgress(BaseModel):
-    """A run's counters, as read from Redis."""
+    """A run's counters, as read from Redis.
+
+    The times are epoch seconds (floats) for code; ``repr`` and ``str`` show them as ISO
+    8601 UTC with the elapsed time, and :attr:`started`, :attr:`updated` and
+    :attr:`elapsed_s` give them as datetimes and seconds.
+    """
 
     run_id: str
     started_at: float
@@ -178,6 +184,39 @@ class RunProgress(BaseModel):
     finished_at: float | None = None
     #: What the finishing step measured and did (see eskit_tasks.core.reclaim).
     reclaim: dict[str, Any] | None = None
+
+    @property
+    def started(self) -> datetime:
+        """When the run started (aware, UTC)."""
+        return datetime.fromtimestamp(self.started_at, UTC)
+
+    @property
+    def updated(self) -> datetime:
+        """When the run last reported anything (aware, UTC)."""
+        return datetime.fromtimestamp(self.updated_at, UTC)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds from the start to the end of the run, or to its last update."""
+        return (self.finished_at or self.updated_at) - self.started_at
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in _TIMES and isinstance(value, float):
+                yield name, _Shown(_iso(value))
+            else:
+                yield name, value
+        yield "elapsed", _Shown(_duration(self.elapsed_s))
+
+    def __str__(self) -> str:
+        state = "finished" if self.finished else "running"
+        if self.error is not None:
+            state = f"stopped: {self.error}"
+        return (
+            f"run {self.run_id}: {state}, {self.done:,} of {self.candidates:,} streams "
+            f"done, started {_iso(self.started_at)}, elapsed {_duration(self.elapsed_s)}, "
+            f"updated {_iso(self.updated_at)}"
+        )
 
     @property
     def complete(self) -> bool:
@@ -490,6 +529,33 @@ def _digest(stream_type: str, stream_id: str) -> str:
     """A fixed-size name for a stream in the run's streams hash (type and id are
     length-prefixed, so no two streams share one)."""
     return hashlib.sha256(f"{len(stream_type)}:{stream_type}|{stream_id}".encode()).hexdigest()[:32]
+
+
+#: RunProgress's epoch-second fields, shown as ISO 8601 UTC.
+_TIMES = ("started_at", "updated_at", "finished_at")
+
+
+class _Shown(str):
+    """Text a repr shows as it is, without quotes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _iso(epoch: float) -> str:
+    """``2026-12-03T07:00:05Z``: an epoch second in UTC."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m05s``, ``3m07s``, ``4.2s``."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _text(value: Any) -> str:
