@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -10,9 +11,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from eskit_tasks import NewEvent, SqlEventStore
 from eskit_tasks.cli import Exit, main
+from eskit_tasks.cli.render import COMPACTING, DRY_RUN, progress_bar
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.testing.deciders import deposits
 
@@ -225,6 +228,58 @@ def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
     assert code == 0
     assert "streams compacted" in out and "31" in out  # 3 + 8 + 20 events deleted
     assert list(ledgers.read("ledger", "big")) == []
+
+
+def terminal() -> tuple[Console, io.StringIO]:
+    screen = io.StringIO()
+    return Console(file=screen, force_terminal=True, width=120, color_system=None), screen
+
+
+def test_the_progress_bar_shows_rate_and_eta_when_the_total_is_known():
+    """Issue 14, case 6."""
+    console, screen = terminal()
+    now = [0.0]
+    with progress_bar(False, console=console, clock=lambda: now[0]) as bar:
+        known = bar.add_task(DRY_RUN, total=100)
+        unknown = bar.add_task(COMPACTING, total=None)
+        now[0] = 10.0
+        bar.update(known, completed=25)
+        bar.update(unknown, completed=50)
+        bar.refresh()
+    shown = screen.getvalue()
+    assert "planning (dry run)" in shown and "2.5 streams/s, ETA 0:00:30" in shown
+    assert "5.0 streams/s" in shown and "5.0 streams/s, ETA" not in shown
+
+
+def test_a_local_dry_run_says_so_on_its_progress_bar(capsys, db, ledgers, monkeypatch):
+    """Issue 14, case 6: not "compacting" while nothing is deleted."""
+    from eskit_tasks.cli import render
+
+    console, screen = terminal()
+    monkeypatch.setattr(render, "err", console)
+    args = ["compact-all", "--local", "--database", db, "--decider-module", "tests.fleet_deciders"]
+    assert run(capsys, *args, "--dry-run")[0] == 0
+    assert "planning (dry run)" in screen.getvalue()
+    assert "compacting" not in screen.getvalue()
+    screen.truncate(0)
+    assert run(capsys, *args)[0] == 0
+    assert "compacting" in screen.getvalue()
+
+
+def test_a_fleet_run_names_its_phase():
+    from eskit_tasks.cli.fleet import run_phase
+    from eskit_tasks.fleet.progress import RunProgress
+
+    def progress(**fields):
+        return RunProgress(run_id="a" * 32, started_at=0, updated_at=1, **fields)
+
+    assert run_phase(progress(policy={"dry_run": True})) == "planning (dry run), listing candidates"
+    assert run_phase(progress(policy={"dry_run": True}, fanout_done=True, candidates=2)) == (
+        "planning (dry run)"
+    )
+    assert run_phase(progress(policy={}, fanout_done=True, candidates=2)) == "compacting"
+    reclaiming = progress(policy={}, fanout_done=True, candidates=1, done=1)
+    assert run_phase(reclaiming) == "reclaiming space"
 
 
 def test_failed_streams_exit_4_with_their_errors(capsys, db, ledgers):

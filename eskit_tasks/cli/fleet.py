@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,9 +24,19 @@ from eskit_tasks.cli.options import (
     open_store,
     policy_of,
 )
-from eskit_tasks.cli.render import emit_json, out, print_summary, progress_bar
+from eskit_tasks.cli.render import (
+    COMPACTING,
+    emit_json,
+    out,
+    print_summary,
+    progress_bar,
+    work_label,
+)
 from eskit_tasks.core.registry import check_stream_types
 from eskit_tasks.errors import ConfigurationError, RunTimeoutError, UnknownStreamTypeError
+
+if TYPE_CHECKING:
+    from eskit_tasks.fleet.progress import RunProgress
 
 
 @app.command("compact-all")
@@ -126,18 +136,29 @@ def check_fleet_stream_types(
         store.engine.dispose()
 
 
+def run_phase(p: RunProgress) -> str:
+    """What a fleet run is doing, for its progress bar."""
+    if p.reclaiming:
+        return "reclaiming space"
+    label = work_label(bool(p.policy.get("dry_run")))
+    return label if p.fanout_done else f"{label}, listing candidates"
+
+
 def follow(run_id: str, timeout: float | None, json_: bool) -> None:
     """Wait for a run with a progress bar, then print its summary."""
     from eskit_tasks.fleet.runs import CompactionRun
 
     run = CompactionRun(run_id)
     with progress_bar(json_) as progress:
-        task = progress.add_task("compacting", total=None)
+        task = progress.add_task(COMPACTING, total=None)
         try:
             run.wait(
                 timeout,
                 on_progress=lambda p: progress.update(
-                    task, total=p.candidates if p.fanout_done else None, completed=p.done
+                    task,
+                    description=run_phase(p),
+                    total=p.candidates if p.fanout_done else None,
+                    completed=p.done,
                 ),
             )
         except RunTimeoutError as exc:

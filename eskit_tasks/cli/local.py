@@ -41,6 +41,7 @@ from eskit_tasks.cli.render import (
     print_snapshot_report,
     progress_bar,
     report_results,
+    work_label,
 )
 from eskit_tasks.core.candidates import iter_candidates, with_old_events
 from eskit_tasks.core.compactor import Compactor
@@ -453,7 +454,7 @@ def compact_all_here(
     )
     stopped: EskitError | None = None
     with progress_bar(json_) as progress:
-        task = progress.add_task("compacting", total=None)
+        task = progress.add_task(work_label(policy.dry_run), total=None)
         try:
             for c in todo:
                 results.append(compactors.compact(c.stream_type, c.stream_id))

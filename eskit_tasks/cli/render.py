@@ -7,13 +7,23 @@ document instead. Progress bars go to standard error, only on a terminal.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport
 from eskit_tasks.domain.result import CompactionResult, Outcome
@@ -33,16 +43,53 @@ def emit_json(value: Any) -> None:
     out.print_json(json.dumps(value, default=str))
 
 
-def progress_bar(quiet: bool) -> Progress:
-    """A progress bar on standard error; silent with ``--json`` or off a terminal."""
+#: What a progress bar says a run is doing.
+COMPACTING = "compacting"
+DRY_RUN = "planning (dry run)"
+
+
+def work_label(dry_run: bool) -> str:
+    """A progress bar's description: a dry run plans and deletes nothing."""
+    return DRY_RUN if dry_run else COMPACTING
+
+
+class RateColumn(ProgressColumn):
+    """Streams a second since the bar started, and the time left when the total is
+    known: ``12.5 streams/s, ETA 0:01:20``."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0 or not task.completed:
+            return Text("")
+        rate = task.completed / elapsed
+        shown = f"{rate:,.1f} streams/s"
+        if task.total is not None and task.total >= task.completed:
+            left = timedelta(seconds=round((task.total - task.completed) / rate))
+            shown += f", ETA {left}"
+        return Text(shown)
+
+
+def progress_bar(
+    quiet: bool, *, console: Console | None = None, clock: Callable[[], float] | None = None
+) -> Progress:
+    """A progress bar on standard error; silent with ``--json`` or off a terminal.
+
+    Args:
+        quiet: Show nothing.
+        console: Where to draw (default: standard error).
+        clock: Seconds, for the rate (default: rich's monotonic clock).
+    """
+    console = console or err
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
+        RateColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
         transient=True,
+        get_time=clock,
     )
 
 
