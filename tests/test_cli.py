@@ -172,7 +172,7 @@ def test_compact_one_stream_then_log_shows_it(capsys, db, ledgers):
     [row] = json.loads(out)
     assert (row["compaction_id"], row["through_version"]) == (result["compaction_id"], 15)
     code, out, _ = run(capsys, "log", "--database", db)
-    assert code == 0 and "1 compactions" in out
+    assert code == 0 and len(out.splitlines()) == 2  # piped: a header and the compaction
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]])
@@ -193,6 +193,65 @@ def test_compact_of_a_stream_that_does_not_exist_exits_4(capsys, db, ledgers, js
     assert out == ""
     assert err.count("\n") == 1, err
     assert "no stream ledger/bgi" in err and "candidates" in err
+
+
+LONG_ID = "a-rather-long-stream-identifier-of-a-customer-0001"
+
+
+@pytest.fixture
+def compacted(capsys, db, ledgers) -> list[dict]:
+    """Two compactions in the audit log, one of a stream with a long id (as --json has them)."""
+    ledgers.append("ledger", LONG_ID, deposits(*range(1, 21)), expected_version=0)
+    for stream_id in ("big", LONG_ID):
+        args = ["compact", "ledger", stream_id, "--database", db, "--retain-last", "5"]
+        assert run(capsys, *args, "--decider-module", "tests.fleet_deciders")[0] == 0
+    return json.loads(run(capsys, "log", "--database", db, "--json")[1])
+
+
+def test_log_piped_is_one_tab_separated_line_a_compaction_with_full_values(capsys, db, compacted):
+    """Issue 14, case 10: off a terminal nothing is cut: every value whole."""
+    code, out, _ = run(capsys, "log", "--database", db)
+    assert code == 0
+    header, *lines = out.splitlines()
+    assert header.split("\t") == ["when", "stream", "versions", "deleted", "bytes", "head",
+                                   "state hash", "compaction id", "trash bin"]  # fmt: skip
+    rows = [line.split("\t") for line in lines]
+    assert [(r[1], r[6], r[7]) for r in rows] == [
+        (f"ledger/{c['stream_id']}", c["state_hash"], c["compaction_id"]) for c in compacted
+    ]
+    assert all(len(r) == 9 for r in rows)
+
+
+def test_log_on_an_80_column_terminal_shows_fewer_columns_and_cuts_nothing(
+    capsys, db, compacted, monkeypatch
+):
+    """Issue 14, case 10: COLUMNS=80: the columns that fit, the stream wrapped, not cut."""
+    from eskit_tasks.cli import render
+
+    console, screen = terminal(width=80)
+    monkeypatch.setattr(render, "out", console)
+    assert run(capsys, "log", "--database", db)[0] == 0
+    shown = screen.getvalue()
+    assert all(len(line) <= 80 for line in shown.splitlines()), shown
+    assert "…" not in shown
+    for name in ("when", "stream", "versions", "deleted", "trash bin", "ledger/big", "1..15"):
+        assert name in shown
+    assert LONG_ID[-10:] in shown and "more columns: a wider terminal, --json, or piped" in shown
+    console, screen = terminal(width=200)
+    monkeypatch.setattr(render, "out", console)
+    assert run(capsys, "log", "--database", db)[0] == 0
+    assert compacted[0]["compaction_id"] in screen.getvalue() and LONG_ID in screen.getvalue()
+
+
+@pytest.mark.slow  # a console-script process: not in make test-fast
+def test_log_piped_from_the_console_script_at_80_columns(db, compacted):
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run(
+        [CLI, "log", "--database", db], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert compacted[0]["compaction_id"] in done.stdout and LONG_ID in done.stdout
+    assert "…" not in done.stdout
 
 
 def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
@@ -230,9 +289,10 @@ def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
     assert list(ledgers.read("ledger", "big")) == []
 
 
-def terminal() -> tuple[Console, io.StringIO]:
+def terminal(width: int = 120) -> tuple[Console, io.StringIO]:
+    """A terminal of ``width`` columns whose screen is a string."""
     screen = io.StringIO()
-    return Console(file=screen, force_terminal=True, width=120, color_system=None), screen
+    return Console(file=screen, force_terminal=True, width=width, color_system=None), screen
 
 
 def test_the_progress_bar_shows_rate_and_eta_when_the_total_is_known():

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from rich.box import HEAVY_HEAD, SIMPLE_HEAD, Box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -139,35 +141,73 @@ def print_candidates(found: Sequence[Candidate], json_: bool, tally: CandidateTa
     )
 
 
+#: The audit log's columns, in order, as the full table and the piped lines show them.
+LOG_COLUMNS = (
+    "when",
+    "stream",
+    "versions",
+    "deleted",
+    "bytes",
+    "head",
+    "state hash",
+    "compaction id",
+    "trash bin",
+)
+#: The columns a terminal too narrow for all of them shows (--json, a wider terminal or
+#: a pipe give the rest).
+NARROW_LOG_COLUMNS = ("when", "stream", "versions", "deleted", "trash bin")
+
+
 def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
+    """The audit log: a table on a terminal (fewer columns, none cut, when it is
+    narrow); piped, one tab-separated line per compaction with full values."""
     if json_:
         emit_json([{name: getattr(r, name) for name in r.__slots__} for r in rows])
         return
-    table = Table(
-        "when",
-        "stream",
-        "versions",
-        "deleted",
-        "bytes",
-        "head",
-        "state hash",
-        "compaction id",
-        "trash bin",
-        title=f"{len(rows)} compactions",
-    )
-    for r in rows:
-        table.add_row(
-            r.compacted_at.strftime("%Y-%m-%d %H:%M:%S"),
-            f"{r.stream_type}/{r.stream_id}",
-            f"{r.from_version}..{r.through_version}",
-            f"{r.events_deleted:,}",
-            f"{r.bytes_reclaimed:,}",
-            str(r.head_version),
-            r.state_hash[:12],
-            r.compaction_id,
-            _trash_bin(r),
-        )
+    if not out.is_terminal:  # written as they are: rich would expand the tabs
+        lines = ["\t".join(LOG_COLUMNS)]
+        lines += ["\t".join(_escaped(v) for v in _log_values(r, full=True)) for r in rows]
+        out.file.write("".join(f"{line}\n" for line in lines))
+        return
+    table = _log_table(rows, LOG_COLUMNS)
+    unbounded = out.options.update_width(1_000_000)
+    if Measurement.get(out, unbounded, table).maximum > out.width:
+        table = _log_table(rows, NARROW_LOG_COLUMNS, box=SIMPLE_HEAD)
+        table.caption = "more columns: a wider terminal, --json, or piped"
     out.print(table)
+
+
+def _escaped(value: str) -> str:
+    """A value on one tab-separated line: its backslashes, tabs and newlines escaped."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _log_table(
+    rows: Sequence[CompactionRecord], columns: Sequence[str], box: Box = HEAVY_HEAD
+) -> Table:
+    table = Table(title=f"{len(rows)} compactions", box=box)
+    for name in columns:  # only the stream (type and id are data: any length) wraps
+        wraps = name == "stream"
+        table.add_column(name, overflow="fold", no_wrap=not wraps, min_width=16 if wraps else None)
+    for r in rows:
+        values = dict(zip(LOG_COLUMNS, _log_values(r, full=False), strict=True))
+        table.add_row(*(Text(values[name]) for name in columns))  # ids are data, not markup
+    return table
+
+
+def _log_values(r: CompactionRecord, *, full: bool) -> list[str]:
+    """A compaction's cells; ``full``: exact time, whole hash, plain numbers (for a pipe)."""
+    return [
+        r.compacted_at.isoformat() if full else r.compacted_at.strftime("%Y-%m-%d %H:%M:%S"),
+        f"{r.stream_type}/{r.stream_id}",
+        f"{r.from_version}..{r.through_version}",
+        str(r.events_deleted) if full else f"{r.events_deleted:,}",
+        str(r.bytes_reclaimed) if full else f"{r.bytes_reclaimed:,}",
+        str(r.head_version),
+        r.state_hash if full else r.state_hash[:12],
+        r.compaction_id,
+        _trash_bin(r),
+    ]
 
 
 def _trash_bin(r: CompactionRecord) -> str:
