@@ -37,6 +37,13 @@ def ledgers(db: str) -> SqlEventStore:
     return store
 
 
+def summary_of(out: str) -> dict:
+    """The totals of compact-all --json: its last line (those before are streams)."""
+    summary = json.loads(out.splitlines()[-1])
+    assert summary.pop("summary") is True
+    return summary
+
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()
@@ -269,7 +276,7 @@ def test_compact_all_local_dry_run_then_real(capsys, db, ledgers):
         "--json",
     )
     assert code == 0
-    totals = json.loads(out)
+    totals = summary_of(out)
     assert totals["outcomes"] == {"dry_run": 2}
     assert (totals["dry_run_events"], totals["events_deleted"]) == (28, 0)
     assert ledgers.head_version("ledger", "big") == 20
@@ -342,6 +349,28 @@ def test_a_fleet_run_names_its_phase():
     assert run_phase(reclaiming) == "reclaiming space"
 
 
+def test_compact_all_json_is_a_line_per_stream_then_a_summary_line(capsys, db, ledgers):
+    """Issue 14, case 11: a script reads each stream's result as it finishes (JSON lines),
+    then the run's totals, the last line, marked "summary": true."""
+    ledgers.append("ghost", "g-1", deposits(1, 2, 3), expected_version=0)
+    args = ["compact-all", "--local", "--database", db, "--retain-last", "2", "--json"]
+    code, out, _ = run(capsys, *args, "--decider-module", "tests.fleet_deciders")
+    assert code == Exit.FAILED_STREAMS
+    *streams, last = [json.loads(line) for line in out.splitlines()]
+    assert {(s["stream_id"], s["outcome"], s["events_deleted"]) for s in streams} == {
+        ("small", "compacted", 1),
+        ("mid", "compacted", 6),
+        ("big", "compacted", 18),
+        ("g-1", "failed", 0),
+    }
+    assert all("summary" not in s and s["compaction_id"] for s in streams)
+    assert last["summary"] is True and last["streams"] == 4
+    assert (last["outcomes"], last["events_deleted"]) == ({"compacted": 3, "failed": 1}, 25)
+    assert [f["stream_id"] for f in last["failed_streams"]] == ["g-1"]
+    for key in ("bytes_reclaimed", "dry_run_events", "elapsed_s", "deleted_by_type", "reclaim"):
+        assert key in last
+
+
 def test_failed_streams_exit_4_with_their_errors(capsys, db, ledgers):
     ledgers.append("ghost", "g-1", deposits(1, 2), expected_version=0)
     code, out, _ = run(
@@ -355,7 +384,7 @@ def test_failed_streams_exit_4_with_their_errors(capsys, db, ledgers):
         "--json",
     )
     assert code == Exit.FAILED_STREAMS == 4
-    totals = json.loads(out)
+    totals = summary_of(out)
     assert totals["outcomes"] == {"compacted": 3, "failed": 1}
     [failed] = totals["failed_streams"]
     assert failed["stream_id"] == "g-1"
@@ -398,7 +427,7 @@ def test_retain_younger_than_takes_seconds_and_compound_forms(capsys, db, ledger
         "--json",
     )
     assert code == 0, err
-    assert json.loads(out)["outcomes"] == {"nothing_to_compact": 3}
+    assert summary_of(out)["outcomes"] == {"nothing_to_compact": 3}
 
 
 def test_an_unreadable_duration_says_which_forms_work(capsys, db, ledgers):
@@ -562,4 +591,4 @@ def test_compact_all_local_end_to_end_as_a_console_script(tmp_path, db, ledgers)
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["outcomes"] == {"compacted": 3}
+    assert summary_of(done.stdout)["outcomes"] == {"compacted": 3}

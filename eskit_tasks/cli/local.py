@@ -32,6 +32,7 @@ from eskit_tasks.cli.options import (
 from eskit_tasks.cli.render import (
     CandidateTally,
     emit_json,
+    emit_result_line,
     err,
     out,
     print_candidates,
@@ -457,7 +458,10 @@ def compact_all_here(
         task = progress.add_task(work_label(policy.dry_run), total=None)
         try:
             for c in todo:
-                results.append(compactors.compact(c.stream_type, c.stream_id))
+                result = compactors.compact(c.stream_type, c.stream_id)
+                results.append(result)
+                if json_:
+                    emit_result_line(result)
                 progress.advance(task)
         except EskitError as exc:  # a source that cannot be paged: report what was done
             stopped = exc
@@ -472,6 +476,7 @@ def compact_all_here(
         time.perf_counter() - started,
         json_,
         extra={"deleted_by_type": deleted, "reclaim": reclaimed},
+        json_lines=True,
     )
     if stopped is not None:
         err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")

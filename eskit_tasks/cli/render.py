@@ -45,6 +45,23 @@ def emit_json(value: Any) -> None:
     out.print_json(json.dumps(value, default=str))
 
 
+def emit_json_line(value: Any) -> None:
+    """One JSON document on one line, flushed: a line of a JSON-lines stream (compact-all
+    --json), readable while the run goes on."""
+    out.file.write(json.dumps(value, default=str, separators=(",", ":")) + "\n")
+    out.file.flush()
+
+
+def emit_result_line(r: CompactionResult) -> None:
+    """One stream's result, as a line of compact-all --json."""
+    emit_json_line(r.model_dump(mode="json"))
+
+
+def emit_summary_line(totals: dict[str, Any]) -> None:
+    """The last line of compact-all --json: the run's totals, marked ``"summary": true``."""
+    emit_json_line({"summary": True, **totals})
+
+
 #: What a progress bar says a run is doing.
 COMPACTING = "compacting"
 DRY_RUN = "planning (dry run)"
@@ -246,8 +263,11 @@ def report_results(
     elapsed: float,
     json_: bool,
     extra: dict[str, Any] | None = None,
+    *,
+    json_lines: bool = False,
 ) -> None:
-    """The totals of compactions run in this process, as a table or JSON."""
+    """The totals of compactions run in this process, as a table or JSON (``json_lines``:
+    as the summary line that ends compact-all --json)."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
@@ -273,10 +293,12 @@ def report_results(
         ],
         **(extra or {}),
     }
-    if json_:
+    if json_ and json_lines:
+        emit_summary_line(totals)
+    elif json_:
         emit_json(totals)
-        return
-    summary_table(totals)
+    else:
+        summary_table(totals)
 
 
 def summary_table(t: dict[str, Any]) -> None:
