@@ -27,6 +27,8 @@ from eskit_tasks.cli.options import (
 from eskit_tasks.cli.render import (
     COMPACTING,
     emit_json,
+    emit_result_line,
+    emit_summary_line,
     out,
     print_summary,
     progress_bar,
@@ -37,6 +39,7 @@ from eskit_tasks.errors import ConfigurationError, RunTimeoutError, UnknownStrea
 
 if TYPE_CHECKING:
     from eskit_tasks.fleet.progress import RunProgress
+    from eskit_tasks.fleet.runs import CompactionRun
 
 
 @app.command("compact-all")
@@ -145,25 +148,50 @@ def run_phase(p: RunProgress) -> str:
 
 
 def follow(run_id: str, timeout: float | None, json_: bool) -> None:
-    """Wait for a run with a progress bar, then print its summary."""
+    """Wait for a run with a progress bar, then print its summary. ``--json``: a line per
+    stream result as it is reported, then the summary line (compact-all --json)."""
     from eskit_tasks.fleet.runs import CompactionRun
 
     run = CompactionRun(run_id)
+    lines = ResultLines(run) if json_ else None
+
+    def show(p: RunProgress) -> None:
+        progress.update(
+            task,
+            description=run_phase(p),
+            total=p.candidates if p.fanout_done else None,
+            completed=p.done,
+        )
+        if lines is not None:
+            lines.emit()
+
     with progress_bar(json_) as progress:
         task = progress.add_task(COMPACTING, total=None)
         try:
-            run.wait(
-                timeout,
-                on_progress=lambda p: progress.update(
-                    task,
-                    description=run_phase(p),
-                    total=p.candidates if p.fanout_done else None,
-                    completed=p.done,
-                ),
-            )
+            run.wait(timeout, on_progress=show)
         except RunTimeoutError as exc:
             raise RunTimeoutError(f"{exc}; it keeps running: eskit-tasks status {run_id}") from exc
     summary = run.summary()
-    print_summary(summary, json_)
+    if lines is not None:
+        lines.emit()
+        emit_summary_line({**summary.model_dump(mode="json"), "results_listed": lines.listed})
+    else:
+        print_summary(summary, json_)
     if summary.failed_streams or summary.error:
         raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+class ResultLines:
+    """Prints a fleet run's stream results as JSON lines, each once, as they come."""
+
+    def __init__(self, run: CompactionRun) -> None:
+        self.run, self.after, self.listed = run, "0-0", 0
+
+    def emit(self) -> None:
+        while True:
+            results, self.after = self.run.results(self.after)
+            for r in results:
+                emit_result_line(r)
+            self.listed += len(results)
+            if not results:
+                return

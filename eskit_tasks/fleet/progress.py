@@ -3,7 +3,8 @@
 One hash per run (``eskit:run:{<run id>}``) holds counters; a second hash knows each
 candidate stream of the run and whether it has reported, so a redelivered task or a
 fan-out page enqueued twice is counted once; a list holds the fan-out page being
-published; a capped list keeps the failed streams with their errors. All keys of a run
+published; a capped list keeps the failed streams with their errors, and a trimmed Redis
+stream the results of the newest streams, for a follower to print as they come. All keys of a run
 share a Redis Cluster hash tag and expire ``run_ttl`` seconds after the last update.
 Updates are Lua scripts, so counters never tear.
 
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
+from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX, RUN_RESULTS_KEEP
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -56,9 +57,11 @@ local function complete(hash, now)
 end
 """
 
-# KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list.
+# KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list, results
+#       stream.
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
-#       ttl, failed entry ('' if none), failed cap, now, stream type.
+#       ttl, failed entry ('' if none), failed cap, now, stream type, the result (JSON),
+#       results cap.
 # Returns -1 (no such run), else 1 if this report was counted (0: the stream had
 # reported already) plus 2 if the run is complete and needs its finishing step.
 # A stream no page named (a task sent by hand with a run id) becomes a candidate as it
@@ -82,7 +85,8 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[10])
 if ARGV[8] ~= '' and redis.call('LLEN', KEYS[3]) < tonumber(ARGV[9]) then
   redis.call('RPUSH', KEYS[3], ARGV[8])
 end
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[13], '*', 'r', ARGV[12])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 return 1 + complete(KEYS[1], ARGV[10])
 """
 )
@@ -314,6 +318,10 @@ class RunProgressStore:
         return base, f"{base}:streams", f"{base}:failed"
 
     @staticmethod
+    def _results_key(run_id: str) -> str:
+        return f"{RUN_PREFIX}{{{check_run_id(run_id)}}}:results"
+
+    @staticmethod
     def _page_key(run_id: str) -> str:
         return f"{RUN_PREFIX}{{{check_run_id(run_id)}}}:page"
 
@@ -459,7 +467,7 @@ class RunProgressStore:
             else ""
         )
         status = self._report(
-            keys=list(self._keys(run_id)),
+            keys=[*self._keys(run_id), self._results_key(run_id)],
             args=[
                 digest,
                 result.outcome.value,
@@ -472,6 +480,8 @@ class RunProgressStore:
                 RUN_FAILED_KEEP,
                 time.time(),
                 result.stream_type,
+                result.model_dump_json(),
+                RUN_RESULTS_KEEP,
             ],
         )
         if int(status) == -1:
@@ -519,6 +529,20 @@ class RunProgressStore:
             finished_at=float(data["finished_at"]) if "finished_at" in data else None,
             reclaim=json.loads(data["reclaim"]) if "reclaim" in data else None,
         )
+
+    def results(
+        self, run_id: str, after: str = "0-0", count: int = 1000
+    ) -> tuple[list[CompactionResult], str]:
+        """Up to ``count`` stream results the run counted after the position ``after``
+        (``"0-0"``: from the oldest kept, see RUN_RESULTS_KEEP), oldest first, and the
+        position to read on from."""
+        found: Any = self.client.xread({self._results_key(run_id): after}, count=count)
+        entries: list[tuple[Any, dict[Any, Any]]] = found[0][1] if found else []
+        results = [
+            CompactionResult.model_validate_json(fields.get(b"r") or fields["r"])
+            for _, fields in entries
+        ]
+        return results, _text(entries[-1][0]) if entries else after
 
     def failed_streams(self, run_id: str) -> list[FailedStream]:
         raw = self.client.lrange(self._keys(run_id)[2], 0, -1)

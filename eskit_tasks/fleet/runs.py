@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 from pydantic import BaseModel
 
+from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import RunNotFoundError, RunTimeoutError
 from eskit_tasks.fleet.constants import FAN_OUT_TASK
 from eskit_tasks.fleet.fan_out import finishes
@@ -121,6 +122,18 @@ class CompactionRun:
                     f"{', reclaiming space' if current.reclaiming else ''}"
                 )
             time.sleep(poll)
+
+    def results(self, after: str = "0-0") -> tuple[list[CompactionResult], str]:
+        """The stream results reported after the position ``after`` (``"0-0"``: from the
+        oldest the run keeps, about the newest RUN_RESULTS_KEEP), oldest first, and the
+        position to ask after next time: a follower prints each result once::
+
+            seen, after = run.results()
+            more, after = run.results(after)
+        """
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            return res.progress.results(self.run_id, after)
 
     def summary(self) -> RunSummary:
         """Totals plus the failed streams and their errors."""
