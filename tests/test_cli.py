@@ -15,7 +15,6 @@ from rich.console import Console
 
 from eskit_tasks import NewEvent, SqlEventStore
 from eskit_tasks.cli import Exit, main
-from eskit_tasks.cli.render import COMPACTING, DRY_RUN, progress_bar
 from eskit_tasks.fleet.settings import get_settings
 from eskit_tasks.testing.deciders import deposits
 
@@ -304,6 +303,8 @@ def terminal(width: int = 120) -> tuple[Console, io.StringIO]:
 
 def test_the_progress_bar_shows_rate_and_eta_when_the_total_is_known():
     """Issue 14, case 6."""
+    from eskit_tasks.cli.render import COMPACTING, DRY_RUN, progress_bar
+
     console, screen = terminal()
     now = [0.0]
     with progress_bar(False, console=console, clock=lambda: now[0]) as bar:
