@@ -31,6 +31,7 @@ from eskit_tasks.cli.options import (
 )
 from eskit_tasks.cli.render import (
     CandidateTally,
+    RunTotals,
     emit_json,
     emit_result_line,
     err,
@@ -183,25 +184,25 @@ def demo(
         policy=CompactionPolicy(retain_last=retain_last),
     )
     started = time.perf_counter()
-    results = []
+    totals = RunTotals()
     with progress_bar(json_) as progress:
         task = progress.add_task("compacting", total=len(ids))
         for stream_id in ids:
-            results.append(compactor.compact("account", stream_id))
+            totals.add(compactor.compact("account", stream_id))
             progress.advance(task)
     elapsed = time.perf_counter() - started
     after = {
         i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
     }
     unchanged = before == after
-    deleted = deleted_by_type(results)
+    deleted = totals.deleted_by_type
     reclaimed = reclaim_after_run(store.engine, deleted) if deleted else None
     report_results(
-        results, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
+        totals, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
     )
     if not json_:
         out.print(f"state after compaction equals state before: {'yes' if unchanged else 'NO'}")
-    if not unchanged or any(not r.ok for r in results):
+    if not unchanged or not totals.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
 
 
@@ -371,15 +372,6 @@ class LocalCompactors:
         return reg.compactor(self.store, self.snapshots, self.policy, archive=self.archive)
 
 
-def deleted_by_type(results: Sequence[CompactionResult]) -> dict[str, int]:
-    """Events deleted per stream type by the compactions that committed."""
-    deleted: dict[str, int] = {}
-    for r in results:
-        if r.outcome == Outcome.COMPACTED and r.events_deleted and not r.recovered:
-            deleted[r.stream_type] = deleted.get(r.stream_type, 0) + r.events_deleted
-    return deleted
-
-
 @app.command("reclaim")
 def reclaim_cmd(
     database: Database = None,
@@ -444,7 +436,7 @@ def compact_all_here(
     store = open_store(database)
     check_stream_types(stream_types, store, compacted_here=True)
     compactors = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash)
-    results: list[CompactionResult] = []
+    totals = RunTotals()
     started = time.perf_counter()
     todo = iter_candidates(
         store,
@@ -459,26 +451,28 @@ def compact_all_here(
         try:
             for c in todo:
                 result = compactors.compact(c.stream_type, c.stream_id)
-                results.append(result)
+                totals.add(result)
                 if json_:
                     emit_result_line(result)
                 progress.advance(task)
         except EskitError as exc:  # a source that cannot be paged: report what was done
             stopped = exc
         reclaimed = None
-        deleted = deleted_by_type(results)
+        deleted = totals.deleted_by_type
         if get_settings().reclaim == "auto" and deleted:
             progress.update(task, description="reclaiming space")
             reclaimed = reclaim_after_run(store.engine, deleted)
     store.engine.dispose()
     report_results(
-        results,
+        totals,
         time.perf_counter() - started,
         json_,
         extra={"deleted_by_type": deleted, "reclaim": reclaimed},
         json_lines=True,
     )
     if stopped is not None:
-        err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")
-    if stopped is not None or any(not r.ok for r in results):
+        err.print(
+            f"error: the run stopped after {totals.streams} streams: {mask_url(str(stopped))}"
+        )
+    if stopped is not None or not totals.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)

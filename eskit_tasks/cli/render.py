@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -258,8 +258,51 @@ def print_result(r: CompactionResult, json_: bool) -> None:
         out.print(f"error: {r.error}")
 
 
+@dataclass
+class RunTotals:
+    """The totals of compactions run in this process, added a result at a time: a long
+    ``compact-all --local`` keeps no list of its results."""
+
+    streams: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    events_deleted: int = 0
+    bytes_reclaimed: int = 0
+    dry_run_events: int = 0
+    dry_run_bytes: int = 0
+    failed_streams: list[dict[str, Any]] = field(default_factory=list)
+    #: Events deleted per stream type by the compactions that committed (not recovered).
+    deleted_by_type: dict[str, int] = field(default_factory=dict)
+
+    def add(self, r: CompactionResult) -> None:
+        self.streams += 1
+        self.outcomes[r.outcome.value] = self.outcomes.get(r.outcome.value, 0) + 1
+        if r.outcome == Outcome.COMPACTED:
+            self.events_deleted += r.events_deleted
+            self.bytes_reclaimed += r.bytes_reclaimed
+            if r.events_deleted and not r.recovered:
+                by_type = self.deleted_by_type
+                by_type[r.stream_type] = by_type.get(r.stream_type, 0) + r.events_deleted
+        elif r.outcome == Outcome.DRY_RUN:
+            self.dry_run_events += r.events_deleted
+            self.dry_run_bytes += r.bytes_reclaimed
+        if not r.ok:
+            self.failed_streams.append(
+                {
+                    "stream_type": r.stream_type,
+                    "stream_id": r.stream_id,
+                    "outcome": r.outcome.value,
+                    "error": r.error,
+                }
+            )
+
+    @property
+    def ok(self) -> bool:
+        """No stream needs attention."""
+        return not self.failed_streams
+
+
 def report_results(
-    results: Sequence[CompactionResult],
+    totals: RunTotals,
     elapsed: float,
     json_: bool,
     extra: dict[str, Any] | None = None,
@@ -268,37 +311,23 @@ def report_results(
 ) -> None:
     """The totals of compactions run in this process, as a table or JSON (``json_lines``:
     as the summary line that ends compact-all --json)."""
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-    done = [r for r in results if r.outcome == Outcome.COMPACTED]
-    dry = [r for r in results if r.outcome == Outcome.DRY_RUN]
-    totals = {
-        "streams": len(results),
-        "outcomes": counts,
-        "events_deleted": sum(r.events_deleted for r in done),
-        "bytes_reclaimed": sum(r.bytes_reclaimed for r in done),
-        "dry_run_events": sum(r.events_deleted for r in dry),
-        "dry_run_bytes": sum(r.bytes_reclaimed for r in dry),
+    shown = {
+        "streams": totals.streams,
+        "outcomes": totals.outcomes,
+        "events_deleted": totals.events_deleted,
+        "bytes_reclaimed": totals.bytes_reclaimed,
+        "dry_run_events": totals.dry_run_events,
+        "dry_run_bytes": totals.dry_run_bytes,
         "elapsed_s": round(elapsed, 3),
-        "failed_streams": [
-            {
-                "stream_type": r.stream_type,
-                "stream_id": r.stream_id,
-                "outcome": r.outcome.value,
-                "error": r.error,
-            }
-            for r in results
-            if not r.ok
-        ],
+        "failed_streams": totals.failed_streams,
         **(extra or {}),
     }
     if json_ and json_lines:
-        emit_summary_line(totals)
+        emit_summary_line(shown)
     elif json_:
-        emit_json(totals)
+        emit_json(shown)
     else:
-        summary_table(totals)
+        summary_table(shown)
 
 
 def summary_table(t: dict[str, Any]) -> None:
