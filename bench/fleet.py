@@ -270,7 +270,7 @@ def _local(
     cores = busy_cores(cpu)
     if done.returncode != 0:
         raise RuntimeError(f"compact-all --local failed ({done.returncode}):\n{done.stderr}")
-    report = json.loads(done.stdout)
+    report = json.loads(done.stdout.splitlines()[-1])  # the summary, after a line a stream
     if report["outcomes"] != {"compacted": streams}:
         raise RuntimeError(f"compact-all --local did not compact every stream: {report}")
     return {

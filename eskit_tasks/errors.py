@@ -9,8 +9,10 @@ the stores translate them at the boundary and chain the original with ``from``.
     │   ├── InvalidPolicyError          (also a ValueError)
     │   ├── UnknownStreamTypeError      no decider is registered for a stream type
     │   └── DatabaseNotReadyError       the eskit tables are missing or need an upgrade
+    ├── ServiceUnavailableError         a service cannot be reached; names it and its URL
     ├── StoreError                      the event database
-    │   ├── DatabaseUnavailableError    cannot connect / connection lost
+    │   ├── DatabaseUnavailableError    cannot connect / connection lost (also a
+    │   │   │                           ServiceUnavailableError)
     │   │   └── CommitOutcomeUnknownError  a delete's COMMIT reply was lost, not settled yet
     │   ├── ConcurrencyError            expected_version does not match the head
     │   └── TableLayoutError            the eskit tables differ from what this version expects
@@ -62,11 +64,17 @@ class DatabaseNotReadyError(ConfigurationError):
     changed: run ``eskit-tasks init-db``."""
 
 
+class ServiceUnavailableError(EskitError):
+    """Raised when a service cannot be reached: the broker, the Redis for locks and run
+    progress, the result backend or the database; the message names which, with its
+    setting and URL (password masked), and what to check."""
+
+
 class StoreError(EskitError):
     """Raised when the event database fails or refuses an operation."""
 
 
-class DatabaseUnavailableError(StoreError):
+class DatabaseUnavailableError(StoreError, ServiceUnavailableError):
     """Raised when the database cannot be reached; the message names the host, never a password."""
 
 

@@ -393,6 +393,12 @@ class EventStore(Protocol):
         """The largest stream key (0 when there are no streams): where paging ends."""
         ...
 
+    def stream_types_in_use(self, stream_types: Iterable[str]) -> set[str]:
+        """Those of ``stream_types`` that have at least one stream here, with live events
+        or compacted to none (a mistyped ``--stream-type`` has none). One indexed lookup
+        per type, however many streams there are."""
+        ...
+
     # -- the whole store, in commit order ----------------------------------------------
 
     def read_all(

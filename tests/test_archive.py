@@ -702,13 +702,15 @@ def test_archive_from_url_refuses_a_read_only_directory(tmp_path):
         ("3600", timedelta(seconds=3600)),
         (" 0 ", timedelta(0)),
         ("1.5h", timedelta(minutes=90)),
+        ("30 days", timedelta(days=30)),
+        ("P30D", timedelta(days=30)),
     ],
 )
 def test_parse_keep(text, expected):
     assert parse_keep(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "d", "-1d", "30x", "1d-2h", "P30D", "30 days", "1e3s", "30D"])
+@pytest.mark.parametrize("text", ["", "d", "-1d", "30x", "1d-2h", "P30", "30 dayz", "1e3s", "30D"])
 def test_parse_keep_refuses_other_forms(text):
     with pytest.raises(ConfigurationError, match='"30d"'):
         parse_keep(text)

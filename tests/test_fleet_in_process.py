@@ -550,3 +550,46 @@ def test_a_run_keeps_its_sources_when_another_is_registered_meanwhile(
         final = compact_all(min_events=1, app=fleet.app).wait(timeout=60, poll=0.05)
     assert (final.candidates, final.outcomes) == (10, {"compacted": 10}), final
     assert sorted(b.compacted) == sorted(f"AppB-{k}" for k in range(1, 11))
+
+
+def test_run_progress_reads_as_utc_times_and_elapsed_but_keeps_its_floats():
+    """Issue 14, case 8: run.progress() in a shell shows times a person can read."""
+    from eskit_tasks.fleet.progress import RunProgress
+
+    p = RunProgress(
+        run_id="a" * 32,
+        started_at=1796281200.25,  # 2026-12-03T07:00:00Z
+        updated_at=1796281265.5,
+        policy={"retain_last": 1},
+        candidates=10,
+        done=4,
+    )
+    shown = repr(p)
+    assert "started_at=2026-12-03T07:00:00Z" in shown
+    assert "updated_at=2026-12-03T07:01:05Z" in shown and "elapsed=1m05s" in shown
+    assert "1796281200" not in shown
+    assert str(p) == (
+        f"run {'a' * 32}: running, 4 of 10 streams done, started 2026-12-03T07:00:00Z, "
+        "elapsed 1m05s, updated 2026-12-03T07:01:05Z"
+    )
+    assert (p.started_at, p.model_dump()["updated_at"]) == (1796281200.25, 1796281265.5)
+    assert p.started.isoformat() == "2026-12-03T07:00:00.250000+00:00"
+    assert p.elapsed_s == pytest.approx(65.25)
+
+
+def test_a_run_keeps_each_stream_result_for_its_followers(fleet: InProcessFleet):
+    """Issue 14, case 11: what compact-all --wait --json prints a line for, each once."""
+    for n in range(6):
+        fleet.seed(f"r-{n}", 3 + n)
+    fleet.seed("g-1", 3, stream_type="ghost")
+    run = compact_all(retain_last=1, app=fleet.app)
+    run.wait(timeout=60, poll=0.05)
+
+    first, after = run.results()
+    assert sorted((r.stream_type, r.stream_id, r.outcome.value) for r in first) == [
+        ("ghost", "g-1", "failed"),
+        *(("ledger", f"r-{n}", "compacted") for n in range(6)),
+    ]
+    assert {r.stream_id: r.events_deleted for r in first}["r-5"] == 7
+    assert run.results(after) == ([], after)  # nothing twice
+    assert run.results()[0] == first  # a new follower reads them from the start

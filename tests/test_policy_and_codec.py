@@ -88,6 +88,37 @@ def test_retain_younger_than_accepts_operator_forms(given, expected):
     assert CompactionPolicy(retain_younger_than=given).retain_younger_than == expected
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("90", timedelta(seconds=90)),
+        ("2.5", timedelta(seconds=2.5)),
+        (90.0, timedelta(seconds=90)),
+        ("1d12h", timedelta(days=1, hours=12)),
+        ("1w 2d", timedelta(weeks=1, days=2)),
+        ("2 weeks", timedelta(weeks=2)),
+        ("1 week", timedelta(weeks=1)),
+        ("3days", timedelta(days=3)),
+        ("1 hour 30 minutes", timedelta(hours=1, minutes=30)),
+        ("45 seconds", timedelta(seconds=45)),
+        ("10 min", timedelta(minutes=10)),
+        (" 1h, 30m ", timedelta(hours=1, minutes=30)),
+    ],
+)
+def test_retain_younger_than_reads_seconds_words_and_compounds(given, expected):
+    assert CompactionPolicy(retain_younger_than=given).retain_younger_than == expected
+
+
+@pytest.mark.parametrize("given", ["abc", "", "30x", "-1d", "1d-2h", "2 fortnights", "1e3s", "d"])
+def test_an_unreadable_duration_lists_the_accepted_forms(given):
+    with pytest.raises(InvalidPolicyError) as info:
+        CompactionPolicy(retain_younger_than=given)
+    message = str(info.value)
+    assert "retain_younger_than" in message and repr(given) in message
+    for form in ('"90"', '"30d"', '"1d12h"', '"2 weeks"', '"P30D"'):
+        assert form in message
+
+
 def test_policy_error_names_every_bad_field():
     with pytest.raises(InvalidPolicyError) as info:
         CompactionPolicy(retain_last=-2, retain_younger_than=timedelta(seconds=-5))

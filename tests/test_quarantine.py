@@ -122,6 +122,11 @@ def test_failures_of_the_database_or_redis_do_not_count(tmp_path: Path):
     store.engine.dispose()
 
 
+def _summary(out: str) -> dict:
+    """The summary line that ends compact-all --json (after one line a stream)."""
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _cli(capsys, *args: str) -> tuple[int, str]:
     code = main(list(args))
     captured = capsys.readouterr()
@@ -140,7 +145,7 @@ def test_local_runs_quarantine_a_failing_stream_skip_it_and_heal_it(
     for n in range(3):
         code, said = _cli(capsys, *run, "--json")
         assert code == Exit.FAILED_STREAMS, said
-        assert json.loads(said)["outcomes"].get("failed") == 1
+        assert _summary(said)["outcomes"].get("failed") == 1
         store.append("ledger", "ok", deposits(1), expected_version=10 + n)
     code, said = _cli(capsys, "quarantine", "list", "--database", url, "--json")
     [entry] = json.loads(said)
@@ -150,7 +155,7 @@ def test_local_runs_quarantine_a_failing_stream_skip_it_and_heal_it(
     code, said = _cli(capsys, "candidates", "--database", url, "--json")
     assert "b-1" not in said
     code, said = _cli(capsys, *run, "--json")
-    assert code == Exit.OK and json.loads(said)["outcomes"] == {"compacted": 1}, said
+    assert code == Exit.OK and _summary(said)["outcomes"] == {"compacted": 1}, said
     # The decider is fixed; released by hand (or at the end of its backoff), it heals.
     monkeypatch.setenv("ESKIT_TEST_BROKEN", "0")
     code, said = _cli(capsys, "quarantine", "release", "brittle", "b-1", "--database", url)
@@ -158,7 +163,7 @@ def test_local_runs_quarantine_a_failing_stream_skip_it_and_heal_it(
     code, said = _cli(capsys, "quarantine", "release", "brittle", "b-1", "--database", url)
     assert code == Exit.ERROR and "not in quarantine" in said
     code, said = _cli(capsys, *run, "--json")
-    assert code == Exit.OK and json.loads(said)["outcomes"] == {"compacted": 1}, said
+    assert code == Exit.OK and _summary(said)["outcomes"] == {"compacted": 1}, said
     code, said = _cli(capsys, "quarantine", "list", "--database", url, "--failing", "--json")
     assert json.loads(said) == []
     store.engine.dispose()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from eskit_tasks import register_decider
+from eskit_tasks import SqlEventStore, register_decider
 from eskit_tasks.core.registry import (
     get_registration,
     get_source,
@@ -266,6 +266,20 @@ def test_readme_example_runs(example: Example, scratch: Path):
     run_example(example, scratch)
     if example.lang == "python":
         assert os.path.exists(scratch / "bank.db")
+
+
+def test_readme_library_example_runs_again_in_the_same_directory(scratch: Path):
+    """Issue 14, case 12: a reader who runs "Using the library" twice gets no
+    ConcurrencyError; the second run appends to bank.db and compacts again."""
+    [example] = [e for e in _local(lambda p: p == README) if "Compactor(" in e.source]
+    run_example(example, scratch)
+    run_example(example, scratch)
+    store = SqlEventStore.from_url(f"sqlite:///{scratch / 'bank.db'}")
+    try:
+        assert store.head_version("account", "a-1") == 200
+        assert [e.version for e in store.read("account", "a-1")] == list(range(191, 201))
+    finally:
+        store.engine.dispose()
 
 
 @pytest.mark.parametrize("example", _local(lambda p: p != README), ids=lambda e: e.id)

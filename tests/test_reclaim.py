@@ -46,7 +46,7 @@ def _compact_all(capsys: pytest.CaptureFixture[str], url: str, *extra: str) -> d
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    return json.loads(out)
+    return json.loads(out.splitlines()[-1])  # the summary line, after one line a stream
 
 
 def _reclaim_cli(capsys: pytest.CaptureFixture[str], url: str, *extra: str) -> dict:

@@ -19,11 +19,22 @@ from eskit_tasks.stores.sql_runs import find_run
 from tests.test_fleet_in_process import InProcessFleet, _running, fleet  # noqa: F401
 
 
-def _paused_run(fleet: InProcessFleet, *queued: str) -> CompactionRun:  # noqa: F811
-    """A run paused before its fan-out ran, with tasks for ``queued`` already sent."""
+def _paused_run(
+    fleet: InProcessFleet,  # noqa: F811
+    *queued: str,
+    counted: bool = False,
+) -> CompactionRun:
+    """A run paused before its fan-out ran, with tasks for ``queued`` already sent
+    (``counted``: as candidates of the run, as a fan-out page counts the tasks it sends
+    before sending them; otherwise each becomes one as it reports)."""
     run_id = new_run_id()
     kwargs: dict[str, Any] = {"run_id": run_id, "min_events": 5, "retain_last": 1}
-    resources_of(fleet.app).progress.create(run_id, kwargs, finish=True)
+    progress = resources_of(fleet.app).progress
+    progress.create(run_id, kwargs, finish=True)
+    if counted:
+        from eskit_tasks.fleet.progress import Page
+
+        progress.store_page(run_id, Page(0, 1, False, tuple(("ledger", s) for s in queued)))
     run = CompactionRun(run_id, app=fleet.app)
     assert run.pause() is True
     fleet.app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
@@ -56,7 +67,7 @@ def test_a_cancelled_run_ends_its_queued_tasks_cancelled_without_touching_the_da
 ):
     for n in range(4):
         fleet.seed(f"s-{n}", 8)
-    run = _paused_run(fleet, "s-0", "s-1")
+    run = _paused_run(fleet, "s-0", "s-1", counted=True)
     time.sleep(1.2)
     assert run.cancel() is True
     final = run.wait(timeout=60, poll=0.05)

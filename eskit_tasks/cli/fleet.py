@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -22,10 +22,27 @@ from eskit_tasks.cli.options import (
     RetainYounger,
     StreamTypes,
     app,
+    import_deciders,
+    open_store,
     policy_of,
 )
-from eskit_tasks.cli.render import emit_json, err, out, print_summary, progress_bar
-from eskit_tasks.errors import ConfigurationError, RunTimeoutError
+from eskit_tasks.cli.render import (
+    COMPACTING,
+    emit_json,
+    emit_result_line,
+    emit_summary_line,
+    err,
+    out,
+    print_summary,
+    progress_bar,
+    work_label,
+)
+from eskit_tasks.core.registry import check_stream_types
+from eskit_tasks.errors import ConfigurationError, RunTimeoutError, UnknownStreamTypeError
+
+if TYPE_CHECKING:
+    from eskit_tasks.fleet.progress import RunProgress
+    from eskit_tasks.fleet.runs import CompactionRun
 
 
 @app.command("compact-all")
@@ -71,6 +88,8 @@ def compact_all_cmd(
         )
     from eskit_tasks.fleet.runs import compact_all
 
+    if stream_type:
+        check_fleet_stream_types(database, stream_type, decider_module)
     run = compact_all(
         min_events=min_events,
         stream_types=stream_type,
@@ -193,20 +212,54 @@ def cancel(
     _control(run_id, "cancel", json_)
 
 
+def check_fleet_stream_types(
+    database: str | None, stream_types: list[str], decider_modules: list[str] | None
+) -> None:
+    """Refuse a ``--stream-type`` of a fleet run that nobody knows. This shell need not
+    import the workers' deciders: a type with streams in the store is known; the decider
+    modules (ESKIT_DECIDER_MODULES, ``--decider-module``) are imported only to look for
+    a type the store has no stream of (a pyeventsourcing application's, or a typo)."""
+    store = open_store(database, read_only=True)
+    try:
+        try:
+            check_stream_types(stream_types, store, compacted_here=False)
+        except UnknownStreamTypeError:
+            import_deciders(decider_modules)
+            check_stream_types(stream_types, store, compacted_here=False)
+    finally:
+        store.engine.dispose()
+
+
+def run_phase(p: RunProgress) -> str:
+    """What a fleet run is doing, for its progress bar."""
+    if p.reclaiming:
+        return "reclaiming space"
+    label = work_label(bool(p.policy.get("dry_run")))
+    return label if p.fanout_done else f"{label}, listing candidates"
+
+
 def follow(run_id: str, timeout: float | None, json_: bool) -> None:
-    """Wait for a run with a progress bar, then print its summary."""
+    """Wait for a run with a progress bar, then print its summary. ``--json``: a line per
+    stream result as it is reported, then the summary line (compact-all --json)."""
     from eskit_tasks.fleet.runs import CompactionRun
 
     run = CompactionRun(run_id)
+    lines = ResultLines(run) if json_ else None
+
+    def show(p: RunProgress) -> None:
+        progress.update(
+            task,
+            description=run_phase(p),
+            total=p.candidates if p.fanout_done else None,
+            completed=p.done,
+        )
+        if lines is not None:
+            lines.emit()
+
     with progress_bar(json_) as progress:
-        task = progress.add_task("compacting", total=None)
+        task = progress.add_task(COMPACTING, total=None)
         try:
-            run.wait(
-                timeout,
-                on_progress=lambda p: progress.update(
-                    task, total=p.candidates if p.fanout_done else None, completed=p.done
-                ),
-            )
+            run.wait(timeout, on_progress=show)
         except RunTimeoutError as exc:
             raise RunTimeoutError(f"{exc}; it keeps running: eskit-tasks status {run_id}") from exc
         except KeyboardInterrupt:
@@ -216,6 +269,26 @@ def follow(run_id: str, timeout: float | None, json_: bool) -> None:
             )
             raise typer.Exit(Exit.INTERRUPTED) from None
     summary = run.summary()
-    print_summary(summary, json_)
+    if lines is not None:
+        lines.emit()
+        emit_summary_line({**summary.model_dump(mode="json"), "results_listed": lines.listed})
+    else:
+        print_summary(summary, json_)
     if summary.failed_streams or summary.error:
         raise typer.Exit(Exit.FAILED_STREAMS)
+
+
+class ResultLines:
+    """Prints a fleet run's stream results as JSON lines, each once, as they come."""
+
+    def __init__(self, run: CompactionRun) -> None:
+        self.run, self.after, self.listed = run, "0-0", 0
+
+    def emit(self) -> None:
+        while True:
+            results, self.after = self.run.results(self.after)
+            for r in results:
+                emit_result_line(r)
+            self.listed += len(results)
+            if not results:
+                return

@@ -16,11 +16,13 @@ from eskit_tasks.cli.options import (
     DryRun,
     Exit,
     JsonOut,
+    MaxStreams,
     MinEvents,
     RetainLast,
     RetainYounger,
     StreamTypes,
     app,
+    database_origin,
     import_deciders,
     open_archive,
     open_store,
@@ -28,7 +30,10 @@ from eskit_tasks.cli.options import (
     sqlite_file,
 )
 from eskit_tasks.cli.render import (
+    CandidateTally,
+    RunTotals,
     emit_json,
+    emit_result_line,
     err,
     out,
     print_candidates,
@@ -39,12 +44,14 @@ from eskit_tasks.cli.render import (
     print_snapshot_report,
     progress_bar,
     report_results,
+    work_label,
 )
-from eskit_tasks.core.candidates import iter_candidates
+from eskit_tasks.core.candidates import iter_candidates, with_old_events
 from eskit_tasks.core.compactor import Compactor
 from eskit_tasks.core.loading import load_state
 from eskit_tasks.core.registry import (
     SourceCompactor,
+    check_stream_types,
     get_registration,
     get_source,
     registered_sources,
@@ -72,7 +79,7 @@ def init_db(database: Database = None, json_: JsonOut = False) -> None:
     """Create eskit-tasks' tables, or upgrade them to this version's revision (safe to
     run again; workers must be stopped for an upgrade)."""
     url = database or get_settings().database_url
-    engine = create_engine(url)
+    engine = create_engine(url, origin=database_origin(database))
     try:
         before, after = migrate.upgrade(engine)
         where = mask_url(str(engine.url.render_as_string(hide_password=True)))
@@ -96,7 +103,9 @@ def init_db(database: Database = None, json_: JsonOut = False) -> None:
 def db_status(database: Database = None, json_: JsonOut = False) -> None:
     """Show the revision of the eskit tables and whether init-db must upgrade them
     (exit 2 if so). Read-only."""
-    engine = create_engine(database or get_settings().database_url)
+    engine = create_engine(
+        database or get_settings().database_url, origin=database_origin(database)
+    )
     try:
         path = sqlite_file(engine.url)
         if path is not None and not path.exists():
@@ -180,25 +189,25 @@ def demo(
         policy=CompactionPolicy(retain_last=retain_last),
     )
     started = time.perf_counter()
-    results = []
+    totals = RunTotals()
     with progress_bar(json_) as progress:
         task = progress.add_task("compacting", total=len(ids))
         for stream_id in ids:
-            results.append(compactor.compact("account", stream_id))
+            totals.add(compactor.compact("account", stream_id))
             progress.advance(task)
     elapsed = time.perf_counter() - started
     after = {
         i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
     }
     unchanged = before == after
-    deleted = deleted_by_type(results)
+    deleted = totals.deleted_by_type
     reclaimed = reclaim_after_run(store.engine, deleted) if deleted else None
     report_results(
-        results, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
+        totals, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
     )
     if not json_:
         out.print(f"state after compaction equals state before: {'yes' if unchanged else 'NO'}")
-    if not unchanged or any(not r.ok for r in results):
+    if not unchanged or not totals.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
 
 
@@ -207,31 +216,44 @@ def candidates(
     database: Database = None,
     min_events: MinEvents = 1,
     stream_type: StreamTypes = None,
+    max_streams: MaxStreams = None,
     retain_last: RetainLast = 0,
+    retain_younger_than: RetainYounger = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Show at most N.")] = 50,
     decider_module: DeciderModules = None,
     json_: JsonOut = False,
 ) -> None:
-    """List the streams a policy would pick, with their live event counts (those of the
-    registered pyeventsourcing applications after the store's)."""
+    """List the streams compact-all would compact with these flags, with their live event
+    counts (those of the registered pyeventsourcing applications after the store's), and
+    their total. --retain-younger-than leaves out the streams with no event old enough."""
+    policy = policy_of(retain_last, retain_younger_than, dry_run=False)
     import_deciders(decider_module)
     store = open_store(database, read_only=True)
-    found = iter_candidates(
+    check_stream_types(stream_type, store, compacted_here=False)
+    found = with_old_events(
         store,
-        min_events=min_events,
-        retain_last=retain_last,
-        stream_types=stream_type,
-        limit=limit,
-        skip=SqlQuarantine(store.engine).held,
+        iter_candidates(
+            store,
+            min_events=min_events,
+            retain_last=retain_last,
+            stream_types=stream_type,
+            limit=max_streams,
+            skip=SqlQuarantine(store.engine).held,
+        ),
+        policy,
     )
     listed: list[Candidate] = []
+    tally = CandidateTally()
     try:
-        listed.extend(found)
+        for c in found:
+            tally.add(c)
+            if len(listed) < limit:
+                listed.append(c)
     except EskitError as exc:  # a source that cannot be paged: show what was found
-        print_candidates(listed, json_)
-        err.print(f"error: listing stopped after {len(listed)} streams: {mask_url(str(exc))}")
+        print_candidates(listed, json_, tally)
+        err.print(f"error: listing stopped after {tally.streams} streams: {mask_url(str(exc))}")
         raise typer.Exit(Exit.ERROR) from exc
-    print_candidates(listed, json_)
+    print_candidates(listed, json_, tally)
 
 
 @app.command()
@@ -257,6 +279,14 @@ def compact(
     result = LocalCompactors(store, SqlSnapshotStore(store.engine), policy, trash).compact(
         stream_type, stream_id
     )
+    if result.outcome == Outcome.NOTHING_TO_COMPACT and result.head_version == 0:
+        where = store.engine.url.render_as_string(hide_password=True)
+        err.print(
+            f"error: no stream {stream_type}/{stream_id} in {mask_url(where)}: check the "
+            "type and id (eskit-tasks candidates lists the streams)",
+            markup=False,
+        )
+        raise typer.Exit(Exit.FAILED_STREAMS)
     print_result(result, json_)
     if not result.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
@@ -384,15 +414,6 @@ class LocalCompactors:
         return reg.compactor(self.store, self.snapshots, self.policy, archive=self.archive)
 
 
-def deleted_by_type(results: Sequence[CompactionResult]) -> dict[str, int]:
-    """Events deleted per stream type by the compactions that committed."""
-    deleted: dict[str, int] = {}
-    for r in results:
-        if r.outcome == Outcome.COMPACTED and r.events_deleted and not r.recovered:
-            deleted[r.stream_type] = deleted.get(r.stream_type, 0) + r.events_deleted
-    return deleted
-
-
 @app.command("reclaim")
 def reclaim_cmd(
     database: Database = None,
@@ -455,6 +476,7 @@ def compact_all_here(
     trash = open_archive(archive)
     _warn_unarchived(trash, stream_types)
     store = open_store(database)
+    check_stream_types(stream_types, store, compacted_here=True)
     run_id = new_run_id()
     arguments = {
         **policy.model_dump(mode="json", exclude_defaults=True),
@@ -466,7 +488,7 @@ def compact_all_here(
     compactors = LocalCompactors(
         store, SqlSnapshotStore(store.engine), policy, trash, run_id=run_id
     )
-    results: list[CompactionResult] = []
+    totals = RunTotals()
     started = time.perf_counter()
     todo = iter_candidates(
         store,
@@ -478,39 +500,42 @@ def compact_all_here(
     )
     stopped: EskitError | None = None
     with progress_bar(json_) as progress:
-        task = progress.add_task("compacting", total=None)
+        task = progress.add_task(work_label(policy.dry_run), total=None)
         try:
             for c in todo:
-                results.append(compactors.compact(c.stream_type, c.stream_id))
+                result = compactors.compact(c.stream_type, c.stream_id)
+                totals.add(result)
+                if json_:
+                    emit_result_line(result)
                 progress.advance(task)
         except EskitError as exc:  # a source that cannot be paged: report what was done
             stopped = exc
         reclaimed = None
-        deleted = deleted_by_type(results)
+        deleted = totals.deleted_by_type
         if get_settings().reclaim == "auto" and deleted:
             progress.update(task, description="reclaiming space")
             reclaimed = reclaim_after_run(store.engine, deleted)
-    outcomes: dict[str, int] = {}
-    for r in results:
-        outcomes[r.outcome.value] = outcomes.get(r.outcome.value, 0) + 1
     sql_runs.record_end(
         store.engine,
         run_id,
-        candidates=len(results),
-        done=len(results),
-        outcomes=outcomes,
+        candidates=totals.streams,
+        done=totals.streams,
+        outcomes=totals.outcomes,
         events_deleted=sum(deleted.values()),
         reclaim=reclaimed,
         error=None if stopped is None else mask_url(str(stopped)),
     )
     store.engine.dispose()
     report_results(
-        results,
+        totals,
         time.perf_counter() - started,
         json_,
         extra={"run_id": run_id, "deleted_by_type": deleted, "reclaim": reclaimed},
+        json_lines=True,
     )
     if stopped is not None:
-        err.print(f"error: the run stopped after {len(results)} streams: {mask_url(str(stopped))}")
-    if stopped is not None or any(not r.ok for r in results):
+        err.print(
+            f"error: the run stopped after {totals.streams} streams: {mask_url(str(stopped))}"
+        )
+    if stopped is not None or not totals.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)

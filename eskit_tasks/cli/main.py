@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import typer
 from typer.exceptions import TyperException
@@ -17,7 +18,7 @@ from eskit_tasks.cli import quarantine as _quarantine_commands
 from eskit_tasks.cli.options import Exit, app
 from eskit_tasks.cli.render import err
 from eskit_tasks.domain.redact import mask_url
-from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
+from eskit_tasks.errors import ConfigurationError, EskitError, ServiceUnavailableError
 
 COMMAND_MODULES = (
     _local_commands,
@@ -39,27 +40,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print("aborted")
         return Exit.ERROR
     except TyperException as exc:  # a usage error found by the argument parser
-        ctx = getattr(exc, "ctx", None)
-        command = ctx.command_path.split(" ", 1)[-1] if ctx is not None else ""
-        hint = f" (see: eskit-tasks {command} --help)".replace("  ", " ")
-        err.print(f"error: {exc.format_message()}{hint}")
+        hint = " ".join(["eskit-tasks", *subcommands(getattr(exc, "ctx", None)), "--help"])
+        err.print(f"error: {exc.format_message()} (see: {hint})")
         return Exit.USAGE
     except ConfigurationError as exc:  # includes InvalidPolicyError: a bad value given
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.USAGE
-    except DatabaseUnavailableError as exc:
+    except ServiceUnavailableError as exc:  # the database, the broker, a Redis: named
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.UNAVAILABLE
     except EskitError as exc:
         err.print(f"error: {mask_url(str(exc))}")
         return Exit.ERROR
     except Exception as exc:
-        from eskit_tasks.fleet.runs import service_unreachable  # the fleet's clients failed
+        from eskit_tasks.fleet import services  # a client failed outside services.reaching
 
-        if service_unreachable(exc):
-            err.print(f"error: service unreachable: {mask_url(str(exc))}")
+        if services.unreachable(exc):
+            err.print(
+                f"error: cannot reach a service of the fleet: {services.reason(exc)}. Check "
+                "CELERY_BROKER_URL, ESKIT_REDIS_URL and CELERY_RESULT_BACKEND."
+            )
             return Exit.UNAVAILABLE
         raise
+
+
+def subcommands(ctx: Any) -> list[str]:
+    """The command names a usage error was found under (``ctx``: the parser's context,
+    of typer's vendored click), without the program's own name: that is ``__main__.py``
+    or ``-c`` when the CLI does not run as the console script."""
+    names: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        names.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return [n for n in names if n]
 
 
 def run() -> None:

@@ -51,7 +51,10 @@ RetainLast = Annotated[
 ]
 RetainYounger = Annotated[
     str | None,
-    typer.Option("--retain-younger-than", help='Keep events younger than this: "30d", "12h".'),
+    typer.Option(
+        "--retain-younger-than",
+        help='Keep events younger than this: seconds ("90"), "30d", "1d12h", "2 weeks".',
+    ),
 ]
 MinEvents = Annotated[
     int,
@@ -108,8 +111,8 @@ def open_store(database: str | None, *, read_only: bool = False) -> SqlEventStor
     """
     url = database or get_settings().database_url
     if not read_only:
-        return SqlEventStore.from_url(url)
-    store = SqlEventStore(create_engine(url), create_tables=False)
+        return SqlEventStore.from_url(url, origin=database_origin(database))
+    store = SqlEventStore(create_engine(url, origin=database_origin(database)), create_tables=False)
     try:
         path = sqlite_file(store.engine.url)
         if path is not None and not path.exists():
@@ -122,6 +125,11 @@ def open_store(database: str | None, *, read_only: bool = False) -> SqlEventStor
         store.engine.dispose()
         raise
     return store
+
+
+def database_origin(database: str | None) -> str:
+    """Where the database URL of a command comes from, for its error messages."""
+    return "--database" if database else "ESKIT_DATABASE_URL"
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -143,4 +151,5 @@ def open_archive(archive: str | None) -> Archive | None:
 
 def import_deciders(extra: Sequence[str] | None) -> None:
     """Import ESKIT_DECIDER_MODULES and the ``--decider-module`` flags."""
-    import_decider_modules([*get_settings().decider_module_list, *(extra or [])])
+    import_decider_modules(get_settings().decider_module_list)
+    import_decider_modules(extra or [], source="--decider-module")

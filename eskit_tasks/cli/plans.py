@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from eskit_tasks.cli.local import LocalCompactors, deleted_by_type
+from eskit_tasks.cli.local import LocalCompactors
 from eskit_tasks.cli.options import (
     Database,
     DeciderModules,
@@ -27,6 +27,7 @@ from eskit_tasks.cli.options import (
     policy_of,
 )
 from eskit_tasks.cli.render import (
+    RunTotals,
     emit_json,
     err,
     human_bytes,
@@ -305,7 +306,7 @@ def _apply_here(
     quarantine = SqlQuarantine(store.engine, get_settings().quarantine_rules)
     run_id = new_run_id()
     sql_runs.record_start(store.engine, run_id, "plan", plan.policy, plan_id=plan_id)
-    results: list[CompactionResult] = []
+    totals = RunTotals()
     moved: list[PlannedStream] = []
     started = time.perf_counter()
     with progress_bar(json_) as progress:
@@ -313,32 +314,29 @@ def _apply_here(
         for planned in plan_streams_of(store.engine, plan_id):
             result = _compact_planned(store, snapshots, plan, planned, run_id)
             note_outcome(quarantine, result)
-            results.append(result)
+            totals.add(result)
             if moved_past(planned, result):
                 moved.append(planned)
             progress.advance(task)
-    deleted = deleted_by_type(results)
+    deleted = totals.deleted_by_type
     reclaimed = (
         reclaim_after_run(store.engine, deleted)
         if deleted and get_settings().reclaim == "auto"
         else None
     )
-    outcomes: dict[str, int] = {}
-    for r in results:
-        outcomes[r.outcome.value] = outcomes.get(r.outcome.value, 0) + 1
     sql_runs.record_end(
         store.engine,
         run_id,
-        candidates=len(results),
-        done=len(results),
-        outcomes=outcomes,
+        candidates=totals.streams,
+        done=totals.streams,
+        outcomes=totals.outcomes,
         events_deleted=sum(deleted.values()),
         reclaim=reclaimed,
         trigger="plan",
     )
     store.engine.dispose()
     report_results(
-        results,
+        totals,
         time.perf_counter() - started,
         json_,
         extra={
@@ -357,7 +355,7 @@ def _apply_here(
                 f"plan's version {p.through_version:,}",
                 highlight=False,
             )
-    if any(not r.ok for r in results):
+    if not totals.ok:
         raise typer.Exit(Exit.FAILED_STREAMS)
 
 

@@ -7,12 +7,25 @@ document instead. Progress bars go to standard error, only on a terminal.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+from rich.box import HEAVY_HEAD, SIMPLE_HEAD, Box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.measure import Measurement
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from eskit_tasks.core.verify import MAX_PROBLEMS, SnapshotReport
 from eskit_tasks.domain.result import CompactionResult, Outcome
@@ -33,16 +46,70 @@ def emit_json(value: Any) -> None:
     out.print_json(json.dumps(value, default=str))
 
 
-def progress_bar(quiet: bool) -> Progress:
-    """A progress bar on standard error; silent with ``--json`` or off a terminal."""
+def emit_json_line(value: Any) -> None:
+    """One JSON document on one line, flushed: a line of a JSON-lines stream (compact-all
+    --json), readable while the run goes on."""
+    out.file.write(json.dumps(value, default=str, separators=(",", ":")) + "\n")
+    out.file.flush()
+
+
+def emit_result_line(r: CompactionResult) -> None:
+    """One stream's result, as a line of compact-all --json."""
+    emit_json_line(r.model_dump(mode="json"))
+
+
+def emit_summary_line(totals: dict[str, Any]) -> None:
+    """The last line of compact-all --json: the run's totals, marked ``"summary": true``."""
+    emit_json_line({"summary": True, **totals})
+
+
+#: What a progress bar says a run is doing.
+COMPACTING = "compacting"
+DRY_RUN = "planning (dry run)"
+
+
+def work_label(dry_run: bool) -> str:
+    """A progress bar's description: a dry run plans and deletes nothing."""
+    return DRY_RUN if dry_run else COMPACTING
+
+
+class RateColumn(ProgressColumn):
+    """Streams a second since the bar started, and the time left when the total is
+    known: ``12.5 streams/s, ETA 0:01:20``."""
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0 or not task.completed:
+            return Text("")
+        rate = task.completed / elapsed
+        shown = f"{rate:,.1f} streams/s"
+        if task.total is not None and task.total >= task.completed:
+            left = timedelta(seconds=round((task.total - task.completed) / rate))
+            shown += f", ETA {left}"
+        return Text(shown)
+
+
+def progress_bar(
+    quiet: bool, *, console: Console | None = None, clock: Callable[[], float] | None = None
+) -> Progress:
+    """A progress bar on standard error; silent with ``--json`` or off a terminal.
+
+    Args:
+        quiet: Show nothing.
+        console: Where to draw (default: standard error).
+        clock: Seconds, for the rate (default: rich's monotonic clock).
+    """
+    console = console or err
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
+        RateColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
         transient=True,
+        get_time=clock,
     )
 
 
@@ -54,7 +121,21 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover -- the loop returns at GiB
 
 
-def print_candidates(found: Sequence[Candidate], json_: bool) -> None:
+@dataclass
+class CandidateTally:
+    """How many candidates a listing found, and their live events, beyond those shown."""
+
+    streams: int = 0
+    live_events: int = 0
+
+    def add(self, c: Candidate) -> None:
+        self.streams += 1
+        self.live_events += c.live_events
+
+
+def print_candidates(found: Sequence[Candidate], json_: bool, tally: CandidateTally) -> None:
+    """The candidates shown (``--limit``), and a total line of all found. ``--json``
+    prints the shown ones as a list, as it always has (scripts index it)."""
     if json_:
         emit_json(
             [
@@ -67,41 +148,84 @@ def print_candidates(found: Sequence[Candidate], json_: bool) -> None:
             ]
         )
         return
-    table = Table("stream type", "stream id", "live events", title=f"{len(found)} candidates")
+    table = Table("stream type", "stream id", "live events", title=f"{tally.streams:,} candidates")
     for c in found:
         table.add_row(c.stream_type, c.stream_id, f"{c.live_events:,}")
     out.print(table)
+    shown = f" (showing {len(found):,}: --limit)" if len(found) < tally.streams else ""
+    out.print(
+        f"total: {tally.streams:,} streams, {tally.live_events:,} live events{shown}",
+        markup=False,
+    )
+
+
+#: The audit log's columns, in order, as the full table and the piped lines show them.
+LOG_COLUMNS = (
+    "when",
+    "stream",
+    "versions",
+    "deleted",
+    "bytes",
+    "head",
+    "state hash",
+    "compaction id",
+    "trash bin",
+)
+#: The columns a terminal too narrow for all of them shows (--json, a wider terminal or
+#: a pipe give the rest).
+NARROW_LOG_COLUMNS = ("when", "stream", "versions", "deleted", "trash bin")
 
 
 def print_log(rows: Sequence[CompactionRecord], json_: bool) -> None:
+    """The audit log: a table on a terminal (fewer columns, none cut, when it is
+    narrow); piped, one tab-separated line per compaction with full values."""
     if json_:
         emit_json([{name: getattr(r, name) for name in r.__slots__} for r in rows])
         return
-    table = Table(
-        "when",
-        "stream",
-        "versions",
-        "deleted",
-        "bytes",
-        "head",
-        "state hash",
-        "compaction id",
-        "trash bin",
-        title=f"{len(rows)} compactions",
-    )
-    for r in rows:
-        table.add_row(
-            r.compacted_at.strftime("%Y-%m-%d %H:%M:%S"),
-            f"{r.stream_type}/{r.stream_id}",
-            f"{r.from_version}..{r.through_version}",
-            f"{r.events_deleted:,}",
-            f"{r.bytes_reclaimed:,}",
-            str(r.head_version),
-            r.state_hash[:12],
-            r.compaction_id,
-            _trash_bin(r),
-        )
+    if not out.is_terminal:  # written as they are: rich would expand the tabs
+        lines = ["\t".join(LOG_COLUMNS)]
+        lines += ["\t".join(_escaped(v) for v in _log_values(r, full=True)) for r in rows]
+        out.file.write("".join(f"{line}\n" for line in lines))
+        return
+    table = _log_table(rows, LOG_COLUMNS)
+    unbounded = out.options.update_width(1_000_000)
+    if Measurement.get(out, unbounded, table).maximum > out.width:
+        table = _log_table(rows, NARROW_LOG_COLUMNS, box=SIMPLE_HEAD)
+        table.caption = "more columns: a wider terminal, --json, or piped"
     out.print(table)
+
+
+def _escaped(value: str) -> str:
+    """A value on one tab-separated line: its backslashes, tabs and newlines escaped."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _log_table(
+    rows: Sequence[CompactionRecord], columns: Sequence[str], box: Box = HEAVY_HEAD
+) -> Table:
+    table = Table(title=f"{len(rows)} compactions", box=box)
+    for name in columns:  # only the stream (type and id are data: any length) wraps
+        wraps = name == "stream"
+        table.add_column(name, overflow="fold", no_wrap=not wraps, min_width=16 if wraps else None)
+    for r in rows:
+        values = dict(zip(LOG_COLUMNS, _log_values(r, full=False), strict=True))
+        table.add_row(*(Text(values[name]) for name in columns))  # ids are data, not markup
+    return table
+
+
+def _log_values(r: CompactionRecord, *, full: bool) -> list[str]:
+    """A compaction's cells; ``full``: exact time, whole hash, plain numbers (for a pipe)."""
+    return [
+        r.compacted_at.isoformat() if full else r.compacted_at.strftime("%Y-%m-%d %H:%M:%S"),
+        f"{r.stream_type}/{r.stream_id}",
+        f"{r.from_version}..{r.through_version}",
+        str(r.events_deleted) if full else f"{r.events_deleted:,}",
+        str(r.bytes_reclaimed) if full else f"{r.bytes_reclaimed:,}",
+        str(r.head_version),
+        r.state_hash if full else r.state_hash[:12],
+        r.compaction_id,
+        _trash_bin(r),
+    ]
 
 
 def _trash_bin(r: CompactionRecord) -> str:
@@ -135,42 +259,76 @@ def print_result(r: CompactionResult, json_: bool) -> None:
         out.print(f"error: {r.error}")
 
 
+@dataclass
+class RunTotals:
+    """The totals of compactions run in this process, added a result at a time: a long
+    ``compact-all --local`` keeps no list of its results."""
+
+    streams: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    events_deleted: int = 0
+    bytes_reclaimed: int = 0
+    dry_run_events: int = 0
+    dry_run_bytes: int = 0
+    failed_streams: list[dict[str, Any]] = field(default_factory=list)
+    #: Events deleted per stream type by the compactions that committed (not recovered).
+    deleted_by_type: dict[str, int] = field(default_factory=dict)
+
+    def add(self, r: CompactionResult) -> None:
+        self.streams += 1
+        self.outcomes[r.outcome.value] = self.outcomes.get(r.outcome.value, 0) + 1
+        if r.outcome == Outcome.COMPACTED:
+            self.events_deleted += r.events_deleted
+            self.bytes_reclaimed += r.bytes_reclaimed
+            if r.events_deleted and not r.recovered:
+                by_type = self.deleted_by_type
+                by_type[r.stream_type] = by_type.get(r.stream_type, 0) + r.events_deleted
+        elif r.outcome == Outcome.DRY_RUN:
+            self.dry_run_events += r.events_deleted
+            self.dry_run_bytes += r.bytes_reclaimed
+        if not r.ok:
+            self.failed_streams.append(
+                {
+                    "stream_type": r.stream_type,
+                    "stream_id": r.stream_id,
+                    "outcome": r.outcome.value,
+                    "error": r.error,
+                }
+            )
+
+    @property
+    def ok(self) -> bool:
+        """No stream needs attention."""
+        return not self.failed_streams
+
+
 def report_results(
-    results: Sequence[CompactionResult],
+    totals: RunTotals,
     elapsed: float,
     json_: bool,
     extra: dict[str, Any] | None = None,
+    *,
+    json_lines: bool = False,
 ) -> None:
-    """The totals of compactions run in this process, as a table or JSON."""
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-    done = [r for r in results if r.outcome == Outcome.COMPACTED]
-    dry = [r for r in results if r.outcome == Outcome.DRY_RUN]
-    totals = {
-        "streams": len(results),
-        "outcomes": counts,
-        "events_deleted": sum(r.events_deleted for r in done),
-        "bytes_reclaimed": sum(r.bytes_reclaimed for r in done),
-        "dry_run_events": sum(r.events_deleted for r in dry),
-        "dry_run_bytes": sum(r.bytes_reclaimed for r in dry),
+    """The totals of compactions run in this process, as a table or JSON (``json_lines``:
+    as the summary line that ends compact-all --json)."""
+    shown = {
+        "streams": totals.streams,
+        "outcomes": totals.outcomes,
+        "events_deleted": totals.events_deleted,
+        "bytes_reclaimed": totals.bytes_reclaimed,
+        "dry_run_events": totals.dry_run_events,
+        "dry_run_bytes": totals.dry_run_bytes,
         "elapsed_s": round(elapsed, 3),
-        "failed_streams": [
-            {
-                "stream_type": r.stream_type,
-                "stream_id": r.stream_id,
-                "outcome": r.outcome.value,
-                "error": r.error,
-            }
-            for r in results
-            if not r.ok
-        ],
+        "failed_streams": totals.failed_streams,
         **(extra or {}),
     }
-    if json_:
-        emit_json(totals)
-        return
-    summary_table(totals)
+    if json_ and json_lines:
+        emit_summary_line(shown)
+    elif json_:
+        emit_json(shown)
+    else:
+        summary_table(shown)
 
 
 def summary_table(t: dict[str, Any]) -> None:

@@ -5,9 +5,10 @@ one cursor (:func:`run_page`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from eskit_tasks.core.registry import StreamSource, registered_sources, sources_for
+from eskit_tasks.domain.policy import CompactionPolicy, plan_cut
 from eskit_tasks.ports import Candidate, EventStore
 
 #: A page of candidates examines at most page_size x this many stream keys, so a sparse
@@ -148,3 +149,32 @@ def iter_candidates(
         )
         yield from page
         seen += len(page)
+
+
+def with_old_events(
+    store: EventStore, candidates: Iterable[Candidate], policy: CompactionPolicy
+) -> Iterator[Candidate]:
+    """Those of ``candidates`` whose events the policy's age rule lets a compaction
+    delete now (the cut a compaction would plan, before the consumers' gate). Two indexed
+    reads a stream; the streams of a registered source pass unchecked."""
+    if policy.retain_younger_than is None:
+        yield from candidates
+        return
+    cutoff = store.now() - policy.retain_younger_than
+    sources = set(registered_sources())
+    for c in candidates:
+        if c.stream_type in sources:
+            yield c
+            continue
+        info = store.stream_info(c.stream_type, c.stream_id)
+        if info is None:  # removed since it was listed
+            continue
+        young = store.oldest_version_after(c.stream_type, c.stream_id, cutoff)
+        cut = plan_cut(
+            head=info.head_version,
+            compacted_through=info.compacted_through,
+            retain_last=policy.retain_last,
+            newest_old_enough=info.head_version if young is None else young - 1,
+        )
+        if cut is not None:
+            yield c

@@ -221,6 +221,43 @@ def get_registration(stream_type: str) -> Registration:
     return found
 
 
+def check_stream_types(
+    stream_types: Iterable[str] | None, store: EventStore, *, compacted_here: bool
+) -> None:
+    """Refuse a selection of stream types that names a type nobody knows, rather than
+    select no stream and report success.
+
+    A type is known when a decider or an application is registered for it, or when the
+    store has a stream of it (a fleet's shell need not import the workers' deciders).
+    When the streams are ``compacted_here`` (in this process), a type must also have a
+    registration: its streams could only fail.
+
+    Raises:
+        UnknownStreamTypeError: a type is unknown; the message says what to check.
+    """
+    with _lock:
+        known = {*_registry, *_sources}
+    missing = sorted({*(stream_types or ())} - known)
+    if not missing:
+        return
+    in_store = store.stream_types_in_use(missing)
+    registered = ", ".join(map(repr, sorted(known))) or "none"
+    for stream_type in missing:
+        if stream_type not in in_store:
+            raise UnknownStreamTypeError(
+                f"unknown stream type {stream_type!r}: the store has no stream of that "
+                f"type and no decider or application is registered for it (registered: "
+                f"{registered}); check the spelling, or add the module that registers it "
+                "(--decider-module or ESKIT_DECIDER_MODULES)"
+            )
+        if compacted_here:
+            raise UnknownStreamTypeError(
+                f"no decider registered for stream type {stream_type!r}, which has streams "
+                f"in the store (registered: {registered}); add the module that calls "
+                "register_decider (--decider-module or ESKIT_DECIDER_MODULES)"
+            )
+
+
 def registered_types() -> list[str]:
     with _lock:
         return sorted(_registry)
@@ -232,8 +269,14 @@ def unregister_decider(stream_type: str) -> None:
         _registry.pop(stream_type, None)
 
 
-def import_decider_modules(modules: Iterable[str]) -> None:
+def import_decider_modules(
+    modules: Iterable[str], *, source: str = "ESKIT_DECIDER_MODULES"
+) -> None:
     """Import each module so that its register_decider calls run.
+
+    Args:
+        modules: Module names.
+        source: Where the names came from (a setting or a flag), for the error message.
 
     Raises:
         ConfigurationError: a module cannot be imported.
@@ -243,5 +286,5 @@ def import_decider_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:  # a syntax error or a crash at import: same advice
             raise ConfigurationError(
-                f"cannot import decider module {name!r} from ESKIT_DECIDER_MODULES: {exc}"
+                f"cannot import decider module {name!r} (given by {source}): {exc}"
             ) from exc

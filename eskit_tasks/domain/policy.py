@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError, field_validator
 
+from eskit_tasks.domain.duration import parse_duration
 from eskit_tasks.errors import InvalidPolicyError
-
-# "30d", "12h", "90m", "45s", "2w": the short form operators write in configs and flags.
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class CompactionPolicy(BaseModel):
@@ -22,7 +18,9 @@ class CompactionPolicy(BaseModel):
     Args:
         retain_last: Keep at least this many of the newest events as an audit trail.
         retain_younger_than: Keep every event recorded less than this long ago. A
-            ``timedelta``, seconds, an ISO 8601 duration (``P30D``) or ``"30d"``/``"12h"``.
+            ``timedelta``, seconds (a number or ``"90"``), or a text such as ``"30d"``,
+            ``"1d12h"``, ``"2 weeks"`` or ``"P30D"`` (see :func:`~eskit_tasks.domain.
+            duration.parse_duration`).
         dry_run: Plan, replay and verify in memory; write and delete nothing.
         through_version: Never compact past this version, whatever the rules above
             allow (what a stored plan decided for one stream: ``eskit-tasks apply``).
@@ -62,11 +60,7 @@ class CompactionPolicy(BaseModel):
     @field_validator("retain_younger_than", mode="before")
     @classmethod
     def _parse_age(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            match = _AGE.fullmatch(value.strip())
-            if match:
-                return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
-        return value
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("retain_younger_than")
     @classmethod

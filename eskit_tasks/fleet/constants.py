@@ -25,6 +25,9 @@ LOCK_RENEW_FRACTION = 1 / 3
 RUN_TTL_S = 7 * 24 * 3600
 #: Failed streams remembered per run (with their errors) for the summary.
 RUN_FAILED_KEEP = 1000
+#: Stream results a run keeps for its followers (compact-all --wait --json): a Redis
+#: stream trimmed to about this many, the newest (some 5 MB at most).
+RUN_RESULTS_KEEP = 10_000
 
 #: Soft time limit of one compaction (raises inside the task so it can stop cleanly).
 TASK_SOFT_TIME_LIMIT_S = 50 * 60

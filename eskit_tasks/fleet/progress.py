@@ -3,7 +3,8 @@
 One hash per run (``eskit:run:{<run id>}``) holds counters; a second hash knows each
 candidate stream of the run and whether it has reported, so a redelivered task or a
 fan-out page enqueued twice is counted once; a list holds the fan-out page being
-published; a capped list keeps the failed streams with their errors. All keys of a run
+published; a capped list keeps the failed streams with their errors, and a trimmed Redis
+stream the results of the newest streams, for a follower to print as they come. All keys of a run
 share a Redis Cluster hash tag and expire ``run_ttl`` seconds after the last update.
 Updates are Lua scripts, so counters never tear.
 
@@ -23,6 +24,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
@@ -30,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from eskit_tasks.domain.result import CompactionResult, Outcome
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX
+from eskit_tasks.fleet.constants import RUN_FAILED_KEEP, RUN_PREFIX, RUN_RESULTS_KEEP
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 #: What a run id looks like (new_run_id); anything else is refused as a key.
@@ -61,9 +63,11 @@ local function complete(hash, now)
 end
 """
 
-# KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list.
+# KEYS: hash, streams hash (digest -> '0' candidate, '1' reported), failed list, results
+#       stream.
 # ARGV: stream digest, outcome, events deleted, bytes, dry-run events, dry-run bytes,
-#       ttl, failed entry ('' if none), failed cap, now, stream type.
+#       ttl, failed entry ('' if none), failed cap, now, stream type, the result (JSON),
+#       results cap.
 # Returns -1 (no such run), else 1 if this report was counted (0: the stream had
 # reported already) plus 2 if the run is complete and needs its finishing step, or 4 if
 # this report finished it.
@@ -88,7 +92,8 @@ redis.call('HSET', KEYS[1], 'updated_at', ARGV[10])
 if ARGV[8] ~= '' and redis.call('LLEN', KEYS[3]) < tonumber(ARGV[9]) then
   redis.call('RPUSH', KEYS[3], ARGV[8])
 end
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[13], '*', 'r', ARGV[12])
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 return 1 + complete(KEYS[1], ARGV[10])
 """
 )
@@ -184,7 +189,12 @@ return 1
 
 
 class RunProgress(BaseModel):
-    """A run's counters, as read from Redis."""
+    """A run's counters, as read from Redis.
+
+    The times are epoch seconds (floats) for code; ``repr`` and ``str`` show them as ISO
+    8601 UTC with the elapsed time, and :attr:`started`, :attr:`updated` and
+    :attr:`elapsed_s` give them as datetimes and seconds.
+    """
 
     run_id: str
     started_at: float
@@ -210,6 +220,39 @@ class RunProgress(BaseModel):
     #: ``running``, ``paused`` (nothing is enqueued, queued tasks wait) or ``cancelled``
     #: (nothing more is enqueued, queued tasks end ``cancelled``).
     state: str = "running"
+
+    @property
+    def started(self) -> datetime:
+        """When the run started (aware, UTC)."""
+        return datetime.fromtimestamp(self.started_at, UTC)
+
+    @property
+    def updated(self) -> datetime:
+        """When the run last reported anything (aware, UTC)."""
+        return datetime.fromtimestamp(self.updated_at, UTC)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds from the start to the end of the run, or to its last update."""
+        return (self.finished_at or self.updated_at) - self.started_at
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in _TIMES and isinstance(value, float):
+                yield name, _Shown(_iso(value))
+            else:
+                yield name, value
+        yield "elapsed", _Shown(_duration(self.elapsed_s))
+
+    def __str__(self) -> str:
+        state = "finished" if self.finished else "running"
+        if self.error is not None:
+            state = f"stopped: {self.error}"
+        return (
+            f"run {self.run_id}: {state}, {self.done:,} of {self.candidates:,} streams "
+            f"done, started {_iso(self.started_at)}, elapsed {_duration(self.elapsed_s)}, "
+            f"updated {_iso(self.updated_at)}"
+        )
 
     @property
     def complete(self) -> bool:
@@ -311,6 +354,10 @@ class RunProgressStore:
         """The run's hash, its streams hash and its failed list."""
         base = f"{RUN_PREFIX}{{{check_run_id(run_id)}}}"
         return base, f"{base}:streams", f"{base}:failed"
+
+    @staticmethod
+    def _results_key(run_id: str) -> str:
+        return f"{RUN_PREFIX}{{{check_run_id(run_id)}}}:results"
 
     @staticmethod
     def _page_key(run_id: str) -> str:
@@ -486,7 +533,7 @@ class RunProgressStore:
             else ""
         )
         status = self._report(
-            keys=list(self._keys(run_id)),
+            keys=[*self._keys(run_id), self._results_key(run_id)],
             args=[
                 digest,
                 result.outcome.value,
@@ -499,6 +546,8 @@ class RunProgressStore:
                 RUN_FAILED_KEEP,
                 time.time(),
                 result.stream_type,
+                result.model_dump_json(),
+                RUN_RESULTS_KEEP,
             ],
         )
         if int(status) == -1:
@@ -551,6 +600,20 @@ class RunProgressStore:
             state=data.get("state", "running"),
         )
 
+    def results(
+        self, run_id: str, after: str = "0-0", count: int = 1000
+    ) -> tuple[list[CompactionResult], str]:
+        """Up to ``count`` stream results the run counted after the position ``after``
+        (``"0-0"``: from the oldest kept, see RUN_RESULTS_KEEP), oldest first, and the
+        position to read on from."""
+        found: Any = self.client.xread({self._results_key(run_id): after}, count=count)
+        entries: list[tuple[Any, dict[Any, Any]]] = found[0][1] if found else []
+        results = [
+            CompactionResult.model_validate_json(fields.get(b"r") or fields["r"])
+            for _, fields in entries
+        ]
+        return results, _text(entries[-1][0]) if entries else after
+
     def failed_streams(self, run_id: str) -> list[FailedStream]:
         raw = self.client.lrange(self._keys(run_id)[2], 0, -1)
         return [FailedStream.model_validate_json(item) for item in raw]
@@ -560,6 +623,33 @@ def _digest(stream_type: str, stream_id: str) -> str:
     """A fixed-size name for a stream in the run's streams hash (type and id are
     length-prefixed, so no two streams share one)."""
     return hashlib.sha256(f"{len(stream_type)}:{stream_type}|{stream_id}".encode()).hexdigest()[:32]
+
+
+#: RunProgress's epoch-second fields, shown as ISO 8601 UTC.
+_TIMES = ("started_at", "updated_at", "finished_at")
+
+
+class _Shown(str):
+    """Text a repr shows as it is, without quotes."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _iso(epoch: float) -> str:
+    """``2026-12-03T07:00:05Z``: an epoch second in UTC."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m05s``, ``3m07s``, ``4.2s``."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _text(value: Any) -> str:

@@ -61,7 +61,9 @@ class Resources:
     @property
     def store(self) -> EventStore:
         if self._store is None:
-            self._store = SqlEventStore.from_url(self.settings.database_url)
+            self._store = SqlEventStore.from_url(
+                self.settings.database_url, origin="ESKIT_DATABASE_URL"
+            )
         return self._store
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery, states
 from pydantic import BaseModel
 
+from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import (
     CompactionNeedsAttention,
     ConfigurationError,
@@ -38,6 +39,15 @@ from eskit_tasks.fleet.progress import (
     new_run_id,
 )
 from eskit_tasks.fleet.resources import Resources, resources_of
+from eskit_tasks.fleet.services import (
+    BROKER,
+    RESULT_BACKEND,
+    STATE_REDIS,
+    raised_by_result_backend,
+    reaching,
+    unavailable,
+    unreachable,
+)
 from eskit_tasks.fleet.throttle import run_scope, set_caps
 from eskit_tasks.stores.sql_plans import applicable_plan
 
@@ -90,7 +100,9 @@ class CompactionRun:
         Raises:
             RunNotFoundError: nothing is stored for this run (wrong id, or expired).
         """
-        found = self._resources().progress.get(self.run_id)
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            found = res.progress.get(self.run_id)
         if found is None:
             raise RunNotFoundError(
                 f"no progress stored for run {self.run_id}: unknown id, or older than ESKIT_RUN_TTL"
@@ -158,9 +170,24 @@ class CompactionRun:
             )
         return done
 
+    def results(self, after: str = "0-0") -> tuple[list[CompactionResult], str]:
+        """The stream results reported after the position ``after`` (``"0-0"``: from the
+        oldest the run keeps, about the newest RUN_RESULTS_KEEP), oldest first, and the
+        position to ask after next time: a follower prints each result once::
+
+            seen, after = run.results()
+            more, after = run.results(after)
+        """
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            return res.progress.results(self.run_id, after)
+
     def summary(self) -> RunSummary:
         """Totals plus the failed streams and their errors."""
         p = self.progress()
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            failed = res.progress.failed_streams(self.run_id)
         return RunSummary(
             run_id=self.run_id,
             finished=p.finished,
@@ -172,7 +199,7 @@ class CompactionRun:
             dry_run_events=p.dry_run_events,
             dry_run_bytes=p.dry_run_bytes,
             elapsed_s=round(p.updated_at - p.started_at, 3),
-            failed_streams=self._resources().progress.failed_streams(self.run_id),
+            failed_streams=failed,
             error=p.error,
             deleted_by_type=p.deleted_by_type,
             reclaim=p.reclaim,
@@ -212,6 +239,8 @@ def compact_all(
 
     Raises:
         InvalidPolicyError: a bad value; nothing was sent.
+        ServiceUnavailableError: the Redis for run progress, the result backend or the
+            broker cannot be reached (the message says which); the run did not start.
     """
     policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
     check_run_args(min_events, stream_types, max_streams)
@@ -234,16 +263,30 @@ def compact_all(
     }
     app = app or _default_app()
     res = resources_of(app)
-    res.progress.create(run_id, kwargs, finish=True)
-    if max_events_per_second is not None or max_concurrent is not None:
-        set_caps(
-            res.redis,
-            run_scope(run_id),
-            events_per_second=max_events_per_second,
-            max_concurrent=max_concurrent,
-        )
-    app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    with reaching(STATE_REDIS, res.settings.redis_url):
+        res.progress.create(run_id, kwargs, finish=True)
+        if max_events_per_second is not None or max_concurrent is not None:
+            set_caps(
+                res.redis,
+                run_scope(run_id),
+                events_per_second=max_events_per_second,
+                max_concurrent=max_concurrent,
+            )
+    _send_fan_out(app, kwargs)
     return CompactionRun(run_id, app=app)
+
+
+def _send_fan_out(app: Celery, kwargs: dict[str, Any]) -> None:
+    """Send a run's first fan-out page; an unreachable broker or result backend is said
+    by name."""
+    try:
+        app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        if raised_by_result_backend(exc):
+            raise unavailable(RESULT_BACKEND, app.conf.result_backend, exc) from exc
+        raise unavailable(BROKER, app.conf.broker_url, exc) from exc
 
 
 def compaction_result(
@@ -328,8 +371,9 @@ def apply_plan(plan_id: str, *, app: Celery | None = None) -> CompactionRun:
         "trigger": "plan",
         "plan_id": plan.plan_id,
     }
-    res.progress.create(run_id, kwargs, finish=True)
-    app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    with reaching(STATE_REDIS, res.settings.redis_url):
+        res.progress.create(run_id, kwargs, finish=True)
+    _send_fan_out(app, kwargs)
     return CompactionRun(run_id, app=app)
 
 
@@ -337,13 +381,3 @@ def _default_app() -> Celery:
     from eskit_tasks.fleet.app import app  # the environment's app, built on first use
 
     return app
-
-
-def service_unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` says the fleet's Redis or broker could not be reached (the
-    clients' own error classes, which only the fleet layer knows)."""
-    from kombu.exceptions import OperationalError as BrokerUnreachable
-    from redis.exceptions import ConnectionError as RedisUnreachable
-    from redis.exceptions import TimeoutError as RedisTimeout
-
-    return isinstance(exc, RedisUnreachable | RedisTimeout | BrokerUnreachable)

@@ -41,7 +41,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from eskit_tasks.domain.policy import _AGE, _UNITS  # the policy's "30d" grammar: one unit table
+from eskit_tasks.domain.duration import parse_duration
 from eskit_tasks.errors import ArchiveError, ConfigurationError
 from eskit_tasks.ports import ArchivedEvent, ArchiveRef
 
@@ -63,10 +63,8 @@ _BATCH = 1 << 16  # characters of JSON lines handed to gzip at once
 _GZIP_LEVEL = 6  # zlib's default: level 9 costs twice the time for ~1% smaller entries
 _SAFE = frozenset(string.ascii_letters + string.digits + "._-")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_KEEP = re.compile(rf"\s*(?:{_AGE.pattern}\s*)+")
 _quote = json.encoder.encode_basestring_ascii  # json.dumps(str) without the set-up
 _decode = json.JSONDecoder().decode
-_KEEP_FORMS = '"30d", "12h", "2w", "90m", "3600s", combinations such as "1d12h", or seconds'
 
 log = logging.getLogger("eskit_tasks")
 T = TypeVar("T")
@@ -454,24 +452,17 @@ def archive_from_url(url: str) -> LocalArchive:
 
 
 def parse_keep(text: str) -> timedelta:
-    """Parse a retention such as ``"30d"``, ``"12h"``, ``"2w"``, ``"90m"``, ``"3600s"``,
-    ``"1d12h"`` or plain seconds (``"3600"``); the units are those of
-    :class:`~eskit_tasks.domain.policy.CompactionPolicy`'s ``retain_younger_than``.
+    """Parse a retention such as ``"30d"``, ``"1d12h"``, ``"2 weeks"`` or plain seconds
+    (``"3600"``): the grammar of :func:`~eskit_tasks.domain.duration.parse_duration`,
+    the one ``retain_younger_than`` reads too.
 
     Raises:
         ConfigurationError: anything else; the message lists the accepted forms.
     """
-    seconds: float
-    if text.strip().isdecimal():
-        seconds = int(text)
-    elif _KEEP.fullmatch(text):
-        seconds = sum(float(m[1]) * _UNITS[m[2]] for m in _AGE.finditer(text))
-    else:
-        raise ConfigurationError(f"cannot read {text!r} as a retention: use {_KEEP_FORMS}")
     try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise ConfigurationError(f"retention {text!r} is too long") from None
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"retention: {exc}") from None
 
 
 class _HashingSink:

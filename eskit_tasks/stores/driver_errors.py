@@ -11,6 +11,7 @@ failed statement, its SQL and parameters (the payloads).
 from __future__ import annotations
 
 import sqlite3
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,6 +37,24 @@ _PG_PROGRAM_LIMIT_EXCEEDED = "54000"
 # SQLSTATE classes that mean the connection is gone, not that the statement was wrong:
 # 08 connection exception, 57P01..57P03 admin shutdown / crash shutdown / cannot connect now.
 _PG_CONNECTION_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+#: Where an engine's URL came from (``ESKIT_DATABASE_URL``, ``--database``), for messages.
+_ORIGINS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def note_origin(engine: Engine, origin: str | None) -> None:
+    """Remember that ``engine``'s URL came from ``origin`` (a setting or a flag)."""
+    if origin:
+        _ORIGINS[engine] = origin
+
+
+def describe_database(engine: Engine) -> str:
+    """``the database (ESKIT_DATABASE_URL postgresql://bob:***@db/x)``: which service,
+    from which setting, where, password masked."""
+    origin = _ORIGINS.get(engine)
+    where = mask_url(engine.url)
+    return f"the database ({origin} {where})" if origin else f"the database ({where})"
 
 
 def mask_url(url: str | URL) -> str:
@@ -98,7 +117,7 @@ def _driver_error(
         )
     if unavailable:
         return DatabaseUnavailableError(
-            f"{action}: cannot reach the database at {where}: {reason}. "
+            f"{action}: cannot reach {describe_database(engine)}: {reason}. "
             "Check that it is running and that the URL is right."
         )
     return StoreError(f"{action} failed on {where}: {reason}")

@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from eskit_tasks.domain import redact
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.stores.driver_errors import mask_url, secrets_of, translate_errors
+from eskit_tasks.stores.driver_errors import mask_url, note_origin, secrets_of, translate_errors
 
 #: Seconds SQLite waits for another connection's write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -68,13 +68,24 @@ def normalise_url(url: str | URL) -> URL:
     return parsed
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+def create_engine(url: str | URL, *, origin: str | None = None, **kwargs: Any) -> Engine:
     """Create an engine configured for eskit-tasks' transaction discipline.
+
+    Args:
+        url: The database URL.
+        origin: Where the URL came from (``ESKIT_DATABASE_URL``, ``--database``): an
+            unreachable database is reported with it.
+        kwargs: SQLAlchemy engine options.
 
     Raises:
         ConfigurationError: the URL or an engine option is invalid (message masked).
     """
-    parsed = normalise_url(url)
+    engine = _create_engine(normalise_url(url), **kwargs)
+    note_origin(engine, origin)
+    return engine
+
+
+def _create_engine(parsed: URL, **kwargs: Any) -> Engine:
     try:
         if parsed.get_backend_name() == "sqlite":
             return _sqlite_engine(parsed, **kwargs)

@@ -240,6 +240,11 @@ class InMemoryEventStore:
         with self.engine.lock:
             return self.engine.next_key
 
+    def stream_types_in_use(self, stream_types: Iterable[str]) -> set[str]:
+        wanted = set(stream_types)
+        with self.engine.lock:
+            return {t for t, _ in self.engine.streams if t in wanted}
+
     def compaction_log(
         self,
         stream_type: str | None = None,

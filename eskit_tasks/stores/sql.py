@@ -293,6 +293,15 @@ class SqlEventStore:
         with reading(self.engine, "list candidate streams") as conn:
             return int(conn.execute(sa.select(sa.func.max(streams.c.pk))).scalar_one() or 0)
 
+    def stream_types_in_use(self, stream_types: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        with reading(self.engine, "look up stream types") as conn:
+            for stream_type in set(stream_types):
+                one = sa.select(streams.c.pk).where(streams.c.stream_type == stream_type).limit(1)
+                if conn.execute(one).first() is not None:
+                    found.add(stream_type)
+        return found
+
     def compaction_log(
         self,
         stream_type: str | None = None,

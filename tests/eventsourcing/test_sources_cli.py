@@ -50,7 +50,9 @@ def test_compact_all_local_reports_what_it_did_before_a_source_fails(
     code = main(["compact-all", "--local", "--retain-last", "1", *args])
     captured = capsys.readouterr()
     assert code == Exit.FAILED_STREAMS, captured
-    assert json.loads(captured.out)["outcomes"] == {"compacted": 3}
+    *streams, summary = [json.loads(line) for line in captured.out.splitlines()]
+    assert summary["summary"] is True and summary["outcomes"] == {"compacted": 3}
+    assert len(streams) == 3
     assert "the run stopped after 3 streams" in captured.err
     assert "text aggregate ids" in captured.err
 

@@ -31,7 +31,13 @@ def test_compact_all_wait_and_status_drive_a_real_fleet(fleet: Fleet):
 
     done = _cli("compact-all", "--min-events", "10", "--retain-last", "2", "--wait", "--json")
     assert done.returncode == 4, done.stderr + fleet.worker_logs()  # the ghost stream failed
-    summary = json.loads(done.stdout)
+    *streams, summary = [json.loads(line) for line in done.stdout.splitlines()]
+    # Issue 14, case 11: a line per stream as it was reported, then the summary line.
+    assert sorted((s["stream_id"], s["outcome"]) for s in streams) == sorted(
+        [*((f"c-{n:02d}", "compacted") for n in range(30)), ("unknown-type", "failed")]
+    )
+    assert all(s["events_deleted"] == 10 for s in streams if s["outcome"] == "compacted")
+    assert summary["summary"] is True and summary["results_listed"] == 31
     assert summary["outcomes"] == {"compacted": 30, "failed": 1}
     assert summary["events_deleted"] == 30 * 10
     [failed] = summary["failed_streams"]
@@ -58,4 +64,6 @@ def test_compact_all_without_wait_prints_the_run_id(fleet: Fleet):
     run_id = json.loads(started.stdout)["run_id"]
     followed = _cli("status", run_id, "--wait", "--timeout", "60", "--json")
     assert followed.returncode == 0, followed.stderr
-    assert json.loads(followed.stdout)["outcomes"] == {"compacted": 1}
+    [stream, summary] = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert (stream["stream_id"], stream["outcome"]) == ("one", "compacted")
+    assert summary["outcomes"] == {"compacted": 1} and summary["summary"] is True

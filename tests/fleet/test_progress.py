@@ -472,8 +472,8 @@ def test_the_call_that_ends_a_run_is_told_so_once(store):
 
 def test_every_key_of_a_run_has_a_ttl(store, client):
     """After create, store_page, report (incl. a failure), advance, note_depth and fail,
-    every key of the run (hash, streams hash, page list, failed list) expires within the
-    store's ttl; advance drops the page it moved past."""
+    every key of the run (hash, streams hash, page list, failed list, results stream)
+    expires within the store's ttl; advance drops the page it moved past."""
     run = new_run_id()
     store.create(run, {})
     first = store.store_page(run, page(0, 2, "ok", "bad"))
@@ -481,17 +481,17 @@ def test_every_key_of_a_run_has_a_ttl(store, client):
     store.report(run, result("ok", Outcome.COMPACTED, deleted=1))
     store.report(run, result("bad", Outcome.FAILED, error="boom"))
     keys = run_keys(client)
-    assert len(keys) == 4  # hash, :streams, :page, :failed
+    assert len(keys) == 5  # hash, :streams, :page, :failed, :results
     for key in keys:
         assert 0 < client.ttl(key) <= TTL, key
     store.advance(run, first, depth=3)
     store.note_depth(run, 5000)
     store.fail(run, "stopped")
     keys = run_keys(client)
-    assert len(keys) == 3  # the page is gone
+    assert len(keys) == 4  # the page is gone
     for key in keys:
         assert 0 < client.ttl(key) <= TTL, key
-    assert client.dbsize() == 3  # nothing outside the run's prefix
+    assert client.dbsize() == 4  # nothing outside the run's prefix
 
 
 def test_keys_of_a_run_share_one_cluster_hash_tag(store, client):
@@ -501,7 +501,7 @@ def test_keys_of_a_run_share_one_cluster_hash_tag(store, client):
     store.store_page(run, page(0, 1, "bad"))
     store.report(run, result("bad", Outcome.FAILED, error="boom"))
     keys = [k.decode() for k in run_keys(client)]
-    assert len(keys) == 4
+    assert len(keys) == 5
     assert all(f"{{{run}}}" in k for k in keys)
 
 

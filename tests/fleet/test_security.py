@@ -759,7 +759,7 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
         base,
         {4},  # the Boom stream and the stream without a decider fail
     )
-    failed = {f["stream_id"]: f for f in json.loads(good_run.strip())["failed_streams"]}
+    failed = {f["stream_id"]: f for f in _summary_line(good_run)["failed_streams"]}
     assert set(failed) == {"boom", "no-decider"}
     dead_run = cli(
         "compact-all-dead-fleet",
@@ -767,7 +767,7 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
         dead_base,
         {4},  # the fan-out gives up: the run ends with an error
     )
-    run_error = json.loads(dead_run.strip())["error"]
+    run_error = _summary_line(dead_run)["error"]
     assert run_error.startswith("fan-out gave up: open the event store: cannot reach"), run_error
     assert f"postgres:***@127.0.0.1:{dead_port}" in run_error
 
@@ -795,3 +795,10 @@ def test_passwords_never_appear_in_logs_results_progress_metrics_or_cli_output(
     assert "eskit_compactions_total" in texts["metrics good"]
     assert "redis://:**@127.0.0.1" in texts["worker log good"]  # Celery's own masking
     assert "ready." in texts["worker log dead"]
+
+
+def _summary_line(output: str) -> dict[str, Any]:
+    """The summary of compact-all --wait --json: its line marked "summary": true (the
+    lines before it are the streams' results)."""
+    [line] = [x for x in output.splitlines() if x.startswith('{"summary":true')]
+    return json.loads(line)

@@ -413,3 +413,12 @@ class EventStoreContract:
             stores.events.append("account", "a-1", deposits(1), expected_version=2)
         assert stores.events.append("account", "a-1", deposits(1), expected_version=3) == 4
         assert versions(stores, "account", "a-1") == [4]
+
+    def test_stream_types_in_use_are_those_with_a_stream_compacted_or_not(
+        self, stores: Stores
+    ) -> None:
+        stores.events.append("ledger", "l-1", deposits(1), expected_version=0)
+        stores.events.commit_compaction(self._prepare(stores, n=3, c=3))  # account: no live events
+        asked = ["account", "ledger", "ledgre", "acc"]
+        assert stores.events.stream_types_in_use(asked) == {"account", "ledger"}
+        assert stores.events.stream_types_in_use([]) == set()
