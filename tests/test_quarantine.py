@@ -213,8 +213,13 @@ def test_the_quarantine_gauge_counts_per_registered_type_and_other(tmp_path: Pat
             ),
             now=T0,
         )
-    [family] = list(QuarantineCollector(url).collect())
+    family, runs = QuarantineCollector(url).collect()
     got = {s.labels["stream_type"]: s.value for s in family.samples}
+    assert {s.labels["state"]: s.value for s in runs.samples} == {
+        "running": 0,
+        "finished": 0,
+        "failed": 0,
+    }
     assert got["brittle"] == 2 and got["other"] == 1 and got["ledger"] == 0
     assert "ghost" not in got  # not registered: counted as other
     # A database that cannot answer leaves the gauge out of that scrape, never fails it.

@@ -143,3 +143,22 @@ def test_a_run_stopped_by_an_error_is_recorded_as_failed_with_it(
     record = find_run(fleet.store.engine, run_id)
     assert record is not None and record.state == "failed"
     assert record.trigger == "cli" and "min_events" in (record.error or "")
+
+
+def test_the_runs_gauge_counts_runs_by_state_from_the_database(tmp_path: Path):
+    from datetime import UTC, datetime, timedelta
+
+    from eskit_tasks.stores import sql_runs
+
+    store = SqlEventStore.from_url(f"sqlite:///{tmp_path / 'events.db'}")
+    engine, now = store.engine, datetime.now(UTC)
+    ids = [new_run_id() for _ in range(5)]
+    for run_id in ids:
+        sql_runs.record_start(engine, run_id, "shell", {}, started_at=now - timedelta(hours=1))
+    totals = {"candidates": 1, "done": 1, "outcomes": {"compacted": 1}, "events_deleted": 3}
+    sql_runs.record_end(engine, ids[0], **totals)
+    sql_runs.record_end(engine, ids[1], **totals, error="fan-out gave up")
+    sql_runs.record_end(engine, ids[2], **totals, finished_at=now - timedelta(days=2))
+    sql_runs.record_start(engine, new_run_id(), "beat", {}, started_at=now - timedelta(days=9))
+    assert sql_runs.run_counts(engine, now=now) == {"running": 2, "finished": 1, "failed": 1}
+    store.engine.dispose()

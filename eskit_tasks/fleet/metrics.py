@@ -104,6 +104,8 @@ log = logging.getLogger("eskit_tasks")
 OTHER_STREAM_TYPE = "other"
 #: The values of ``eskit_runs_finished_total``'s ``result`` label.
 RUN_RESULTS = ("complete", "error")
+#: The values of ``eskit_runs``' ``state`` label.
+RUN_STATES = ("running", "finished", "failed")
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,9 @@ def exported_series() -> dict[str, frozenset[str]]:
     for family in BeatCollector(None).collect():  # no scheduler: the families, no samples
         found[family.name] = frozenset({"entry"})
     for family in QuarantineCollector(None).collect():
-        found[family.name] = frozenset({"stream_type"})
+        found[family.name] = frozenset(
+            {"state"} if family.name == "eskit_runs" else {"stream_type"}
+        )
     return found
 
 
@@ -430,11 +434,12 @@ def stop_beat_metrics() -> None:
 
 
 class QuarantineCollector:
-    """Quarantined streams per stream type, read from the database at each scrape (one
-    small GROUP BY in the worker's main process; every worker reports the same fleet-wide
-    figure, so take ``max`` across workers, not ``sum``). Types not registered in the
-    worker are counted under ``other``. A database that cannot answer leaves the gauge
-    out of that scrape (and is logged)."""
+    """Gauges read from the database at each scrape (two small queries in the worker's
+    main process; every worker reports the same fleet-wide figures, so take ``max``
+    across workers, not ``sum``): quarantined streams per stream type (types not
+    registered in the worker counted under ``other``), and runs per state from the
+    record of runs (``running``: started and not ended in the last week). A database that
+    cannot answer leaves them out of that scrape (and is logged)."""
 
     def __init__(self, database_url: str | None) -> None:
         self._url = database_url
@@ -448,14 +453,24 @@ class QuarantineCollector:
             "Streams quarantined after failing compactions in a row, by stream type.",
             labels=["stream_type"],
         )
+        runs = GaugeMetricFamily(
+            "eskit_runs",
+            "Runs recorded in the database by state: running (started in the last week, "
+            "not ended), finished and failed in the last day.",
+            labels=["state"],
+        )
         if self._url is None:
             yield family
+            yield runs
             return
         try:
             counts = self._counts()
+            states = self._run_states()
         except Exception as exc:  # a scrape must answer even if the database cannot
-            log.warning("eskit-tasks: could not read the quarantine for metrics: %s", exc)
+            log.warning("eskit-tasks: could not read the database for metrics: %s", exc)
             return
+        for state in RUN_STATES:
+            runs.add_metric([state], states.get(state, 0))
         by_label = dict.fromkeys(stream_type_labels(), 0)
         for stream_type, n in counts.items():
             label = stream_type_label(stream_type)
@@ -463,6 +478,14 @@ class QuarantineCollector:
         for label, n in sorted(by_label.items()):
             family.add_metric([label], n)
         yield family
+        yield runs
+
+    def _run_states(self) -> dict[str, int]:
+        from eskit_tasks.stores.sql_runs import run_counts
+
+        self._counts()  # makes the engine on first use
+        counts: dict[str, int] = run_counts(self._quarantine.engine)
+        return counts
 
     def _counts(self) -> dict[str, int]:
         if self._quarantine is None:

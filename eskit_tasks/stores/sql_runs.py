@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -110,6 +110,22 @@ def recent_runs(engine: Engine, limit: int = 20) -> list[RunRecord]:
     with reading(engine, "read the runs") as conn:
         rows = conn.execute(sa.select(runs).order_by(runs.c.started_at.desc()).limit(limit))
         return [_record(row._mapping) for row in rows]
+
+
+def run_counts(engine: Engine, *, now: datetime | None = None) -> dict[str, int]:
+    """Runs by state: ``running`` (started in the last week and not ended: an older one
+    lost its progress), ``finished`` and ``failed`` (ended in the last day)."""
+    now = now or datetime.now(UTC)
+    week, day = now - timedelta(days=7), now - timedelta(days=1)
+    c = runs.c
+    query = sa.select(
+        sa.func.count().filter(c.finished_at.is_(None), c.started_at >= week),
+        sa.func.count().filter(c.finished_at >= day, c.error.is_(None)),
+        sa.func.count().filter(c.finished_at >= day, c.error.is_not(None)),
+    )
+    with reading(engine, "count the runs") as conn:
+        running, finished, failed = conn.execute(query).one()
+    return {"running": int(running), "finished": int(finished), "failed": int(failed)}
 
 
 def find_run(engine: Engine, run_id: str) -> RunRecord | None:
