@@ -134,3 +134,44 @@ def test_the_fleet_applies_a_plan_through_the_planned_versions(
     assert fleet.live("q") == [11, 12]
     record = find_run(fleet.store.engine, run.run_id)
     assert record is not None and (record.trigger, record.plan_id) == ("plan", plan["plan_id"])
+
+
+def test_a_copy_of_a_plan_page_that_read_fewer_streams_still_caps_every_stream_it_sends(
+    fleet: InProcessFleet,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """From review: the caps came from this copy's own read of the plan, the streams from
+    the page the first copy stored; a copy that read fewer (a fuller queue, a smaller
+    page) sent the others uncapped, and they were compacted past the plan."""
+    from eskit_tasks.fleet import fan_out as fan_out_module
+    from eskit_tasks.fleet.constants import FAN_OUT_TASK
+    from eskit_tasks.fleet.progress import Page, new_run_id
+    from eskit_tasks.fleet.resources import resources_of
+    from eskit_tasks.fleet.runs import CompactionRun
+
+    names = [f"g-{n}" for n in range(4)]
+    for name in names:
+        fleet.seed(name, 12)
+    url = str(fleet.store.engine.url)
+    code, plan, said = _run(
+        capsys, "plan", "--database", url, "--retain-last", "2", "--json", *DECIDERS
+    )
+    assert code == Exit.OK, said
+    for name in names:
+        fleet.seed(name, 8)  # each grows to 20 after planning
+    run_id = new_run_id()
+    kwargs = {"run_id": run_id, "retain_last": 2, "trigger": "plan", "plan_id": plan["plan_id"]}
+    progress = resources_of(fleet.app).progress
+    progress.create(run_id, kwargs, finish=True)
+    # The first copy stored the whole page, then died before sending it.
+    assert progress.store_page(run_id, Page(0, 4, True, tuple(("ledger", n) for n in names)))
+    real = fan_out_module.plan_page
+    monkeypatch.setattr(  # this copy reads only two rows of the plan
+        fan_out_module, "plan_page", lambda *a, **k: real(*a, **{**k, "limit": 2})
+    )
+    fleet.app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)
+    final = CompactionRun(run_id, app=fleet.app).wait(timeout=60, poll=0.05)
+    assert final.outcomes == {"compacted": 4}, final
+    for name in names:
+        assert fleet.live(name) == list(range(11, 21)), name  # through 10, as planned

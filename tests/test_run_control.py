@@ -100,6 +100,7 @@ def test_a_finished_run_cannot_be_paused_and_the_commands_say_so(
     assert "running" in capsys.readouterr().out
     assert main(["cancel", live.run_id, "--json"]) == Exit.OK
     assert '"state": "cancelled"' in capsys.readouterr().out
+    live.wait(timeout=30, poll=0.05)  # its fan-out has stopped before the next test
     assert main(["pause", new_run_id()]) != Exit.OK  # unknown run
 
 
@@ -122,3 +123,56 @@ def test_ctrl_c_while_waiting_leaves_the_run_going_and_says_how_to_stop_it(
     assert f"eskit-tasks cancel {run.run_id}" in said and "goes on" in said
     assert run.progress().state == "paused"  # untouched
     run.cancel()
+    monkeypatch.undo()
+    run.wait(timeout=30, poll=0.05)  # its fan-out has stopped before the next test
+
+
+def test_a_task_cancelled_while_it_waited_for_the_throttle_touches_nothing(
+    fleet: InProcessFleet,  # noqa: F811
+):
+    """From review: the run's state was read once, before the throttle's wait; a run
+    cancelled meanwhile still compacted once admitted."""
+    from eskit_tasks.fleet.throttle import Throttle, global_scope, set_caps
+
+    fleet.seed("s-0", 8)
+    res = resources_of(fleet.app)
+    scope = global_scope(0, 0)
+    set_caps(res.redis, scope, max_concurrent=1)
+    holder = Throttle(res.redis, [scope], lease=30)
+    assert holder.try_admit() == 0.0  # the one slot is taken
+    run = _paused_run(fleet, counted=False)
+    assert run.resume() is True
+    fleet.app.tasks[COMPACT_STREAM_TASK].apply_async(
+        args=("ledger", "s-0"), kwargs={"run_id": run.run_id, "retain_last": 1}
+    )
+    time.sleep(1.5)  # the task waits for the slot
+    assert run.cancel() is True
+    holder.release()
+    final = run.wait(timeout=60, poll=0.05)
+    assert final.outcomes == {"cancelled": 1}, final
+    assert fleet.live("s-0") == list(range(1, 9)) and fleet.store.compaction_log() == []
+    set_caps(res.redis, scope, max_concurrent=0)
+
+
+def test_a_cancelled_run_sends_the_page_it_stored_but_never_sent_so_it_can_finish(
+    fleet: InProcessFleet,  # noqa: F811
+):
+    """From review: a page stored (its streams counted) whose publish failed or whose
+    worker died, then the run cancelled: the next copy stopped the fan-out and the run
+    waited for ever for those streams."""
+    from eskit_tasks.fleet.progress import Page
+
+    for n in range(3):
+        fleet.seed(f"s-{n}", 8)
+    run_id = new_run_id()
+    kwargs: dict[str, Any] = {"run_id": run_id, "min_events": 5, "retain_last": 1}
+    progress = resources_of(fleet.app).progress
+    progress.create(run_id, kwargs, finish=True)
+    streams = tuple(("ledger", f"s-{n}") for n in range(3))
+    assert progress.store_page(run_id, Page(0, 3, True, streams)) is not None  # never sent
+    run = CompactionRun(run_id, app=fleet.app)
+    assert run.cancel() is True
+    fleet.app.tasks[FAN_OUT_TASK].apply_async(kwargs=kwargs)  # the page's next copy
+    final = run.wait(timeout=30, poll=0.05)
+    assert (final.candidates, final.done, final.outcomes) == (3, 3, {"cancelled": 3})
+    assert all(fleet.live(f"s-{n}") == list(range(1, 9)) for n in range(3))

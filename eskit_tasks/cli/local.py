@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -69,7 +70,7 @@ from eskit_tasks.ports import Archive, Candidate, EventStore, SnapshotStore
 from eskit_tasks.stores import migrate, sql_runs
 from eskit_tasks.stores.engine import create_engine
 from eskit_tasks.stores.reclaim import FULL_LOCK_WARNING, reclaim, store_tables
-from eskit_tasks.stores.sql import SqlSnapshotStore
+from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 from eskit_tasks.stores.sql_quarantine import SqlQuarantine
 from eskit_tasks.stores.sql_runs import recent_runs
 
@@ -201,7 +202,11 @@ def demo(
     }
     unchanged = before == after
     deleted = totals.deleted_by_type
-    reclaimed = reclaim_after_run(store.engine, deleted) if deleted else None
+    reclaimed = (
+        reclaim_after_run(store.engine, deleted)
+        if deleted and get_settings().reclaim == "auto"
+        else None
+    )
     report_results(
         totals, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
     )
@@ -461,6 +466,23 @@ def reclaim_cmd(
             print_reclaim(name, r)
 
 
+def record_stopped(
+    store: SqlEventStore, run_id: str, totals: RunTotals, exc: BaseException
+) -> None:
+    """Record a local run that an exception stopped, so it is not shown running."""
+    with contextlib.suppress(EskitError):
+        sql_runs.record_end(
+            store.engine,
+            run_id,
+            candidates=totals.streams,
+            done=totals.streams,
+            outcomes=totals.outcomes,
+            events_deleted=sum(totals.deleted_by_type.values()),
+            error=mask_url(f"stopped: {type(exc).__name__}: {exc}"),
+            trigger="local",
+        )
+
+
 def compact_all_here(
     database: str | None,
     policy: CompactionPolicy,
@@ -510,6 +532,9 @@ def compact_all_here(
                 progress.advance(task)
         except EskitError as exc:  # a source that cannot be paged: report what was done
             stopped = exc
+        except BaseException as exc:  # Ctrl-C, a bug: the run's record says it stopped
+            record_stopped(store, run_id, totals, exc)
+            raise
         reclaimed = None
         deleted = totals.deleted_by_type
         if get_settings().reclaim == "auto" and deleted:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from eskit_tasks.cli.local import LocalCompactors
+from eskit_tasks.cli.local import LocalCompactors, record_stopped
 from eskit_tasks.cli.options import (
     Database,
     DeciderModules,
@@ -278,7 +278,8 @@ def _report_moved(plan_id: str, run_id: str, database: str | None) -> None:
     compact because their compaction point had moved past the plan."""
     store = open_store(database, read_only=True)
     try:
-        compacted = {(r.stream_type, r.stream_id) for r in store.compaction_log(run_id=run_id)}
+        rows = store.compaction_log(run_id=run_id, limit=2**62)  # every row of the run
+        compacted = {(r.stream_type, r.stream_id) for r in rows}
         moved = []
         for p in plan_streams_of(store.engine, plan_id):
             if (p.stream_type, p.stream_id) in compacted or get_source(p.stream_type):
@@ -311,13 +312,17 @@ def _apply_here(
     started = time.perf_counter()
     with progress_bar(json_) as progress:
         task = progress.add_task("applying plan", total=plan.streams)
-        for planned in plan_streams_of(store.engine, plan_id):
-            result = _compact_planned(store, snapshots, plan, planned, run_id)
-            note_outcome(quarantine, result)
-            totals.add(result)
-            if moved_past(planned, result):
-                moved.append(planned)
-            progress.advance(task)
+        try:
+            for planned in plan_streams_of(store.engine, plan_id):
+                result = _compact_planned(store, snapshots, plan, planned, run_id)
+                note_outcome(quarantine, result)
+                totals.add(result)
+                if moved_past(planned, result):
+                    moved.append(planned)
+                progress.advance(task)
+        except BaseException as exc:  # Ctrl-C, a bug: the run's record says it stopped
+            record_stopped(store, run_id, totals, exc)
+            raise
     deleted = totals.deleted_by_type
     reclaimed = (
         reclaim_after_run(store.engine, deleted)

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from celery import Celery, signals
+from redis.exceptions import RedisError
 
 from eskit_tasks.core.registry import import_decider_modules
 from eskit_tasks.errors import (
@@ -35,6 +36,7 @@ from eskit_tasks.fleet.constants import (
     COMPACT_STREAM_TASK,
     FAN_OUT_TASK,
     FANOUT_MAX_RETRIES,
+    FINISH_MAX_RETRIES,
     FINISH_RUN_TASK,
 )
 from eskit_tasks.fleet.fan_out import fan_out
@@ -106,7 +108,15 @@ def create_app(
         throws=(CompactionNeedsAttention,),
     )(compact_stream)
     app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
-    app.task(bind=True, shared=False, name=FINISH_RUN_TASK)(finish_run)
+    app.task(
+        bind=True,
+        shared=False,
+        name=FINISH_RUN_TASK,
+        autoretry_for=(RedisError, DatabaseUnavailableError),
+        retry_backoff=True,
+        retry_backoff_max=300,
+        max_retries=FINISH_MAX_RETRIES,
+    )(finish_run)
     return app
 
 

@@ -80,17 +80,9 @@ def compact_stream(
         raise Ignore()
     copy = TaskCopy(self, res, run_id)
     try:
-        if _run_state(res, run_id) == "paused":  # wait, without reading anything
-            copy.retry_later(pause_poll(res.settings), unlimited=True)
-        if _run_state(res, run_id) == "cancelled":
-            result = CompactionResult(
-                stream_type=stream_type,
-                stream_id=stream_id,
-                outcome=Outcome.CANCELLED,
-                compaction_id=copy.compaction_id,
-            )
-            record(result, run_id, copy.task_id)
-            return _claimed(copy, result)
+        held = _held_by_run(copy, stream_type, stream_id)
+        if held is not None:
+            return _claimed(copy, held)
         import_decider_modules(res.settings.decider_module_list)
         result = _compact_throttled(copy, stream_type, stream_id, policy)
     except (Ignore, Retry):
@@ -119,6 +111,24 @@ def attention_message(result: CompactionResult) -> str:
     """What Flower shows as the exception of a task whose outcome needs attention."""
     said = f": {result.error}" if result.error else ""
     return f"{result.outcome.value} {result.stream_type}/{result.stream_id}{said}"
+
+
+def _held_by_run(copy: TaskCopy, stream_type: str, stream_id: str) -> CompactionResult | None:
+    """A paused run's task waits (re-sent later, reading nothing); a cancelled run's
+    ends ``cancelled`` (its result, to claim) without touching the database."""
+    state = _run_state(copy.res, copy.run_id)
+    if state == "paused":
+        copy.wait_later(pause_poll(copy.settings))
+    if state != "cancelled":
+        return None
+    result = CompactionResult(
+        stream_type=stream_type,
+        stream_id=stream_id,
+        outcome=Outcome.CANCELLED,
+        compaction_id=copy.compaction_id,
+    )
+    record(result, copy.run_id, copy.task_id)
+    return result
 
 
 def _run_state(res: Resources, run_id: str | None) -> str:
@@ -153,9 +163,12 @@ def _compact_throttled(
     except RedisError:  # load control only: the lock step says Redis is down
         admitted = True
     if not admitted:
-        copy.retry_later(pause_poll(settings), unlimited=True)
+        copy.wait_later(pause_poll(settings))
     try:
-        result = _compact_locked(copy, stream_type, stream_id, policy)
+        # Paused or cancelled while this task waited for its turn.
+        result = _held_by_run(copy, stream_type, stream_id) or _compact_locked(
+            copy, stream_type, stream_id, policy
+        )
     finally:
         with contextlib.suppress(RedisError):
             throttle.release()

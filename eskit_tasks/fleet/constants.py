@@ -101,3 +101,8 @@ COMPACTION_LOGGER = "eskit_tasks.compaction"
 COMPACT_STREAM_TASK = "eskit_tasks.compact_stream"
 FAN_OUT_TASK = "eskit_tasks.fan_out"
 FINISH_RUN_TASK = "eskit_tasks.finish_run"
+#: Retries of a run's finishing step whose Redis or database is unreachable.
+FINISH_MAX_RETRIES = 20
+#: Seconds a run may stay complete-but-not-finished before run.wait() sends its
+#: finishing step again (it is idempotent; the first one may have been lost).
+FINISH_RESEND_S = 60.0

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from eskit_tasks.core.candidates import run_page
 from eskit_tasks.core.registry import StreamSource, get_source, sources_for
 from eskit_tasks.domain.redact import mask_url
+from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.domain.window import parse_window
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet import metrics
@@ -35,11 +36,11 @@ from eskit_tasks.fleet.constants import (
 )
 from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
-from eskit_tasks.fleet.observability import send_finish
+from eskit_tasks.fleet.observability import report_to_run, send_finish
 from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
-from eskit_tasks.stores.sql_plans import plan_page
+from eskit_tasks.stores.sql_plans import plan_caps, plan_page
 
 #: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
 BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
@@ -162,6 +163,9 @@ def fan_out_page(
         if not res.progress.exists(run_id):
             return _progress_lost(res, args)
         return {"run_id": run_id, "duplicate_page": cursor}
+    if args.get("plan_id") is not None:  # the caps of the streams stored, not just read
+        caps = plan_caps(res.store.engine, args["plan_id"], stored.streams)  # type: ignore[attr-defined]
+        stored = _only_planned(task, res, run_id, stored, caps)
     enqueue(app, stored.streams, {"run_id": run_id, **policy}, caps)
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
@@ -211,6 +215,33 @@ def _read_page(
     return [(c.stream_type, c.stream_id) for c in page], new_cursor, exhausted, {}
 
 
+def _only_planned(
+    task: Task[Any, Any],
+    res: Resources,
+    run_id: str,
+    page: Page,
+    caps: Mapping[tuple[str, str], int],
+) -> Page:
+    """A plan's run sends no stream without its planned cut (it would be compacted as
+    far as the policy allows): one the plan does not hold is not sent, and reported
+    failed to the run, which can then finish."""
+    for stream_type, stream_id in page.streams:
+        if (stream_type, stream_id) not in caps:
+            report_to_run(
+                res,
+                run_id,
+                CompactionResult.failed(
+                    stream_type,
+                    stream_id,
+                    f"{stream_type}/{stream_id} is not in the run's plan; not compacted",
+                    compaction_id="-",
+                ),
+                task.app,
+            )
+    kept = tuple(s for s in page.streams if s in caps)
+    return Page(page.cursor, page.next_cursor, page.last, kept)
+
+
 def _start_page(res: Resources, args: dict[str, Any], cursor: int) -> dict[str, Any] | None:
     """Check the run's arguments and make sure its progress exists (and, on the first
     page, its record in the database); what the page returns if it must stop here."""
@@ -238,6 +269,25 @@ def _held_by_operator(
     fan-out ends here (the run completes once the tasks already sent report); a
     scheduled run outside the maintenance window (ESKIT_WINDOW) waits for it."""
     run_id = args["run_id"]
+    state = res.progress.state(run_id)
+    if state == "paused":
+        task.apply_async(kwargs={**args, "cursor": cursor}, countdown=pause_poll(res.settings))
+        return {"run_id": run_id, "paused": cursor}
+    if state == "cancelled":
+        # A page stored (its streams counted as candidates) but not sent — its publish
+        # failed, or its worker died — is sent now: its tasks end cancelled at once and
+        # report, so the run can complete.
+        stored = res.progress.store_page(run_id, Page(cursor, cursor, True, ()))
+        if stored is not None and stored.streams:
+            policy = policy_kwargs(args["retain_last"], args["retain_younger_than"], False)
+            caps = None
+            if args.get("plan_id") is not None:  # never uncapped, even to be cancelled
+                engine = res.store.engine  # type: ignore[attr-defined]
+                caps = plan_caps(engine, args["plan_id"], stored.streams)
+            enqueue(task.app, stored.streams, {"run_id": run_id, **policy}, caps)
+        if res.progress.stop_fanout(run_id):
+            send_finish(task.app, run_id)
+        return {"run_id": run_id, "cancelled": cursor}
     window = parse_window(res.settings.window)
     if window is not None and args.get("trigger") == "beat":
         wait = window.opens_in(datetime.now(UTC))
@@ -247,14 +297,6 @@ def _held_by_operator(
             countdown = min(wait, WINDOW_POLL_MAX_S, res.settings.visibility_timeout / 4)
             task.apply_async(kwargs={**args, "cursor": cursor}, countdown=countdown)
             return {"run_id": run_id, "waiting_for_window": str(window), "seconds": wait}
-    state = res.progress.state(run_id)
-    if state == "paused":
-        task.apply_async(kwargs={**args, "cursor": cursor}, countdown=pause_poll(res.settings))
-        return {"run_id": run_id, "paused": cursor}
-    if state == "cancelled":
-        if res.progress.stop_fanout(run_id):
-            send_finish(task.app, run_id)
-        return {"run_id": run_id, "cancelled": cursor}
     return None
 
 

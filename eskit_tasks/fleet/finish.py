@@ -83,12 +83,18 @@ def finish_run(self: Task[Any, Any], /, run_id: str) -> dict[str, Any] | None:
     """The finishing step of a fleet run whose candidates have all reported: reclaim
     the space of what it deleted (ESKIT_RECLAIM=auto, not a dry run), record the run's
     end in the database, then mark it finished. Idempotent: a copy that finds the run
-    finished does nothing; two copies at once both vacuum, harmlessly."""
+    finished does nothing, and one copy at a time does the step (it claims it in Redis
+    for ESKIT_TASK_TIME_LIMIT; its own retries go on), so one reclaim is measured and
+    recorded. Redis or the database unreachable: retried with backoff."""
     res = resources_of(self.app)
     run_id = check_run_id(run_id)
     progress = res.progress.get(run_id)
     if progress is None or progress.finished_at is not None:
         return None
+    if not res.progress.claim_finish(
+        run_id, self.request.id or "", ttl=int(res.settings.task_time_limit)
+    ):
+        return None  # another copy is finishing it
     engine = getattr(res.store, "engine", None)
     answer: dict[str, Any] | None = None
     if (

@@ -245,7 +245,9 @@ class RunProgress(BaseModel):
         yield "elapsed", _Shown(_duration(self.elapsed_s))
 
     def __str__(self) -> str:
-        state = "finished" if self.finished else "running"
+        state = "finished" if self.finished else self.state
+        if self.reclaiming:
+            state = "finishing (reclaiming space)"
         if self.error is not None:
             state = f"stopped: {self.error}"
         return (
@@ -491,7 +493,16 @@ class RunProgressStore:
         status = self._stop_fanout(
             keys=[self._keys(run_id)[0], self._page_key(run_id)], args=[time.time()]
         )
-        return int(status) == 2
+        return bool(int(status) & 2)
+
+    def claim_finish(self, run_id: str, owner: str, *, ttl: int) -> bool:
+        """Claim a run's finishing step for ``owner`` (a task id) for ``ttl`` seconds;
+        True if it is this owner's (claimed now, or before by the same task)."""
+        key = f"{self._keys(run_id)[0]}:finishing"
+        if self.client.set(key, owner, nx=True, ex=ttl):
+            return True
+        held = self.client.get(key)
+        return held is not None and _text(held) == owner
 
     def needs_finish(self, run_id: str) -> bool:
         """True if the run is complete and its finishing step has not ended: send it

@@ -134,6 +134,16 @@ class TaskCopy:
             return
         raise Ignore()
 
+    def wait_later(self, countdown: float) -> None:
+        """Re-send this task after ``countdown`` without spending one of its retries (a
+        paused run, the throttle: waits that say nothing about the stream), and end this
+        delivery without storing a state."""
+        request = self.task.request
+        self.task.signature_from_request(
+            request, countdown=countdown, retries=request.retries
+        ).apply_async()
+        raise Ignore()
+
     def claim_result(self, result: CompactionResult) -> bool:
         """Claim the task's result with ``result`` (the first copy to finish owns it), then
         count the owner's result in the run; True if this copy owns it and may store it.

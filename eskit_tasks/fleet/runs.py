@@ -29,8 +29,9 @@ from eskit_tasks.errors import (
     RunNotFoundError,
     RunTimeoutError,
 )
-from eskit_tasks.fleet.constants import FAN_OUT_TASK
+from eskit_tasks.fleet.constants import FAN_OUT_TASK, FINISH_RESEND_S
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs
+from eskit_tasks.fleet.observability import send_finish
 from eskit_tasks.fleet.progress import (
     FailedStream,
     RunProgress,
@@ -128,12 +129,14 @@ class CompactionRun:
             RunTimeoutError: still running after ``timeout`` seconds (it keeps running).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        resent = time.time()
         while True:
             current = self.progress()
             if on_progress is not None:
                 on_progress(current)
             if current.finished:
                 return current
+            resent = self._resend_finish(current, resent)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RunTimeoutError(
                     f"run {self.run_id} not finished after {timeout}s: {current.done} of "
@@ -142,6 +145,18 @@ class CompactionRun:
                     f"{', reclaiming space' if current.reclaiming else ''}"
                 )
             time.sleep(poll)
+
+    def _resend_finish(self, current: RunProgress, last: float) -> float:
+        """Send the finishing step again when a complete run has waited for it longer
+        than FINISH_RESEND_S (its message may have been lost); when it was last sent."""
+        now = time.time()
+        if not current.reclaiming or now - max(current.updated_at, last) < FINISH_RESEND_S:
+            return last
+        try:
+            send_finish(self._app or _default_app(), self.run_id)
+        except Exception:  # the next look tries again
+            return last
+        return now
 
     def pause(self) -> bool:
         """Pause the run: its fan-out enqueues nothing and its queued tasks wait (a
@@ -244,14 +259,7 @@ def compact_all(
     """
     policy = policy_kwargs(retain_last, retain_younger_than, dry_run)
     check_run_args(min_events, stream_types, max_streams)
-    for name, cap in (
-        ("max_events_per_second", max_events_per_second),
-        ("max_concurrent", max_concurrent),
-    ):
-        if cap is not None and (
-            isinstance(cap, bool) or not isinstance(cap, int | float) or cap < 0
-        ):
-            raise InvalidPolicyError(f"{name} must be a number, 0 or more (0: no cap), got {cap!r}")
+    _check_caps(max_events_per_second=max_events_per_second, max_concurrent=max_concurrent)
     run_id = new_run_id()
     kwargs: dict[str, Any] = {
         "run_id": run_id,

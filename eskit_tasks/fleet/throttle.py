@@ -24,6 +24,7 @@ global keys and the run's keys are apart, so Redis Cluster can hash them apart).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -140,6 +141,21 @@ class Throttle:
         wait before trying again."""
         now = time.time()
         taken: list[Scope] = []
+        try:
+            answer = self._admit_all(now, taken)
+        except redis.RedisError:
+            with contextlib.suppress(redis.RedisError):
+                self._release(taken)  # no slot held by a gate that then failed
+            raise
+        if answer != 0.0:
+            return answer
+        self._held = taken
+        if taken:
+            self._renewer = threading.Thread(target=self._renew, daemon=True)
+            self._renewer.start()
+        return 0.0
+
+    def _admit_all(self, now: float, taken: list[Scope]) -> float:
         for scope in self.scopes:
             answer = float(
                 self._admit(
@@ -157,12 +173,9 @@ class Throttle:
             )
             if answer != 0.0:
                 self._release(taken)
+                taken.clear()
                 return SLOT_POLL_S if answer < 0 else answer
             taken.append(scope)
-        self._held = taken
-        if taken:
-            self._renewer = threading.Thread(target=self._renew, daemon=True)
-            self._renewer.start()
         return 0.0
 
     def admit(self, budget: float = WAIT_IN_TASK_S) -> bool:

@@ -238,6 +238,8 @@ plan_streams = sa.Table(
     # With --verify: the dry run's outcome and error.
     sa.Column("outcome", sa.Text, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
+    # A stream's cut, looked up by the fan-out for the streams of a stored page.
+    sa.Index("eskit_plan_streams_stream_key", "plan_id", "stream_type", "stream_id", unique=True),
     sqlite_with_rowid=False,
 )
 

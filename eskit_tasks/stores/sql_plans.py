@@ -146,6 +146,21 @@ def plan_page(
         return [(int(row.seq), _stream(row._mapping)) for row in conn.execute(query)]
 
 
+def plan_caps(
+    engine: Engine, plan_id: str, streams: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """The planned cut of each of ``streams`` that the plan holds (indexed lookups)."""
+    wanted = list(streams)
+    if not wanted:
+        return {}
+    c = plan_streams.c
+    query = sa.select(c.stream_type, c.stream_id, c.through_version).where(
+        c.plan_id == plan_id, sa.tuple_(c.stream_type, c.stream_id).in_(wanted)
+    )
+    with reading(engine, f"read plan {plan_id}") as conn:
+        return {(str(t), str(i)): int(v) for t, i, v in conn.execute(query)}
+
+
 def plan_streams_of(engine: Engine, plan_id: str) -> Iterable[PlannedStream]:
     """Every stream of a plan, in order, a page at a time."""
     after = 0

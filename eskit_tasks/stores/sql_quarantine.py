@@ -126,7 +126,8 @@ class SqlQuarantine:
             return {str(t): int(n) for t, n in conn.execute(query)}
 
     def release(self, stream_type: str, stream_id: str) -> bool:
-        """Forget a stream's failures: candidates take it again. False if it had none."""
+        """Forget a stream's failures (quarantined, or counted below the threshold):
+        candidates take it again. False if none were counted."""
         with writing(self.engine, f"release {stream_type}/{stream_id}") as conn:
             gone = conn.execute(
                 sa.delete(quarantine).where(
@@ -136,7 +137,8 @@ class SqlQuarantine:
         return bool(gone)
 
     def release_all(self) -> int:
-        """Forget every stream's failures; how many streams were quarantined."""
+        """Release every quarantined stream (failures below the threshold stay counted);
+        how many were released."""
         with writing(self.engine, "release every quarantined stream") as conn:
             return int(
                 conn.execute(

@@ -83,6 +83,12 @@ def upgrade() -> None:
         sa.Column("error", sa.Text, nullable=True),
         sqlite_with_rowid=False,
     )
+    op.create_index(
+        "eskit_plan_streams_stream_key",
+        "eskit_plan_streams",
+        ["plan_id", "stream_type", "stream_id"],
+        unique=True,
+    )
 
 
 def downgrade() -> None:
