@@ -510,7 +510,7 @@ def test_run_progress_counts_every_colliding_stream_once(fake_redis):
     # Only the run's own keys exist, named by the run id, never by a stream id.
     keys = {k.decode() for k in fake_redis.keys("*")}
     base = f"{RUN_PREFIX}{{{run_id}}}"
-    assert keys == {base, f"{base}:streams", f"{base}:page"}
+    assert keys == {base, f"{base}:streams", f"{base}:page", f"{base}:results"}
     assert fake_redis.hlen(f"{base}:streams") == len(pairs)
 
 

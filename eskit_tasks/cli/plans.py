@@ -255,7 +255,7 @@ def apply(
     from eskit_tasks.cli.fleet import follow
     from eskit_tasks.fleet.runs import apply_plan
 
-    run = apply_plan(plan_id)
+    run = apply_plan(plan_id, database=database)
     if not wait:
         if json_:
             emit_json({"run_id": run.run_id, "plan_id": plan_id})

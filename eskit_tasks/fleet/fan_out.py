@@ -40,7 +40,7 @@ from eskit_tasks.fleet.observability import report_to_run, send_finish
 from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
-from eskit_tasks.stores.sql_plans import plan_caps, plan_page
+from eskit_tasks.stores.sql_plans import applicable_plan, plan_caps, plan_page
 
 #: A failed pipeline of a page's messages (kombu>=5.7; its stubs do not know it yet).
 BatchPublishError: type[Exception] = kombu_errors.BatchPublishError  # type: ignore[attr-defined]
@@ -259,6 +259,12 @@ def _start_page(res: Resources, args: dict[str, Any], cursor: int) -> dict[str, 
     res.progress.create(run_id, args, finish=True)
     if cursor == 0:
         record_run_start(res, run_id, args)
+        if args.get("plan_id") is not None:
+            try:  # the workers' database holds the plan, unexpired
+                applicable_plan(res.store.engine, args["plan_id"])  # type: ignore[attr-defined]
+            except ConfigurationError as exc:
+                fail_run(res, run_id, str(exc))
+                return {"run_id": run_id, "error": str(exc)}
     return None
 
 

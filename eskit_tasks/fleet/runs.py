@@ -50,7 +50,8 @@ from eskit_tasks.fleet.services import (
     unreachable,
 )
 from eskit_tasks.fleet.throttle import run_scope, set_caps
-from eskit_tasks.stores.sql_plans import applicable_plan
+from eskit_tasks.stores.engine import create_engine
+from eskit_tasks.stores.sql_plans import Plan, applicable_plan
 
 
 class RunSummary(BaseModel):
@@ -357,21 +358,25 @@ def _check_caps(**caps: Any) -> None:
             raise InvalidPolicyError(f"{name} must be a number, 0 or more (0: no cap), got {cap!r}")
 
 
-def apply_plan(plan_id: str, *, app: Celery | None = None) -> CompactionRun:
+def apply_plan(
+    plan_id: str, *, app: Celery | None = None, database: str | None = None
+) -> CompactionRun:
     """Start a fleet run that compacts exactly the streams of a stored plan, each at most
     through its planned version (``eskit-tasks plan`` made it; see
     :mod:`eskit_tasks.core.planning`). A stream whose compaction point moved past the
     plan meanwhile ends ``nothing_to_compact``.
+
+    Args:
+        plan_id: The id ``eskit-tasks plan`` printed.
+        app: The fleet app to send the run to (default: the process's app).
+        database: The database holding the plan (default: the app's, ESKIT_DATABASE_URL).
 
     Raises:
         ConfigurationError: no such plan in the database, or it has expired.
     """
     app = app or _default_app()
     res = resources_of(app)
-    engine = getattr(res.store, "engine", None)
-    if engine is None:
-        raise ConfigurationError("plans need the SQL event store (ESKIT_DATABASE_URL)")
-    plan = applicable_plan(engine, plan_id)
+    plan = _plan_to_apply(res, plan_id, database)
     run_id = new_run_id()
     kwargs: dict[str, Any] = {
         "run_id": run_id,
@@ -383,6 +388,19 @@ def apply_plan(plan_id: str, *, app: Celery | None = None) -> CompactionRun:
         res.progress.create(run_id, kwargs, finish=True)
     _send_fan_out(app, kwargs)
     return CompactionRun(run_id, app=app)
+
+
+def _plan_to_apply(res: Resources, plan_id: str, database: str | None) -> Plan:
+    if database is not None:
+        engine = create_engine(database)
+        try:
+            return applicable_plan(engine, plan_id)
+        finally:
+            engine.dispose()
+    found = getattr(res.store, "engine", None)
+    if found is None:
+        raise ConfigurationError("plans need the SQL event store (ESKIT_DATABASE_URL)")
+    return applicable_plan(found, plan_id)
 
 
 def _default_app() -> Celery:

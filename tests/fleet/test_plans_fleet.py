@@ -15,9 +15,10 @@ def test_apply_through_the_fleet_never_goes_past_the_plan(fleet: Fleet, capsys):
     for n in range(4):
         fleet.seed("ledger", f"p-{n}", 30)
     fleet.worker("w1", ESKIT_DECIDER_MODULES="tests.fleet_deciders")
+    url = fleet.store.engine.url.render_as_string(hide_password=False)
     code = main(
         [
-            "plan", "--database", str(fleet.store.engine.url.render_as_string(False)),
+            "plan", "--database", url,
             "--retain-last", "10", "--decider-module", "tests.fleet_deciders", "--json",
         ]
     )  # fmt: skip
@@ -27,7 +28,7 @@ def test_apply_through_the_fleet_never_goes_past_the_plan(fleet: Fleet, capsys):
         fleet.seed("ledger", f"p-{n}", 15)  # each grows to 45 after planning
     fleet.seed("ledger", "unplanned", 30)
 
-    run = apply_plan(plan["plan_id"])
+    run = apply_plan(plan["plan_id"], database=url)
     final = run.wait(timeout=120)
     assert final.outcomes == {"compacted": 4}, fleet.worker_logs()
     for n in range(4):

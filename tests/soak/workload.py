@@ -35,6 +35,7 @@ from eskit_tasks import (
     VersionGapError,
     load_state,
 )
+from eskit_tasks.errors import ServiceUnavailableError
 from tests.soak.kinds import FOLD_KINDS, FOLDERS, STRICT_KINDS, events_for
 from tests.soak.model import (
     BAD_KINDS,
@@ -303,7 +304,7 @@ class RunTracker:
         try:
             with self._send:
                 run = compact_all(**policy)
-        except (RedisError, KombuOperationalError) as exc:
+        except (RedisError, KombuOperationalError, ServiceUnavailableError) as exc:
             self.stats.add(f"fanout_not_started:{type(exc).__name__}")
             return None
         return self._track(run.run_id, kind, policy)
@@ -328,7 +329,7 @@ class RunTracker:
                 resources().progress.create(run_id, kwargs)
                 fan_out.apply_async(kwargs=kwargs)
                 fan_out.apply_async(kwargs=kwargs)
-        except (RedisError, KombuOperationalError) as exc:
+        except (RedisError, KombuOperationalError, ServiceUnavailableError) as exc:
             self.stats.add(f"fanout_not_started:{type(exc).__name__}")
             return None
         return self._track(run_id, "duplicate", policy)
@@ -364,7 +365,7 @@ class RunTracker:
             except RunNotFoundError:
                 run.status, run.ended = "lost", round(self.clock(), 3)
                 continue
-            except RedisError:
+            except (RedisError, ServiceUnavailableError):
                 return  # Redis is down: look again later
             if not progress.finished:
                 continue
