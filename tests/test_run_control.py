@@ -176,3 +176,36 @@ def test_a_cancelled_run_sends_the_page_it_stored_but_never_sent_so_it_can_finis
     final = run.wait(timeout=30, poll=0.05)
     assert (final.candidates, final.done, final.outcomes) == (3, 3, {"cancelled": 3})
     assert all(fleet.live(f"s-{n}") == list(range(1, 9)) for n in range(3))
+
+
+def test_a_cancelled_copy_of_a_task_whose_first_attempt_committed_reports_the_deletion(
+    fleet: InProcessFleet,  # noqa: F811
+):
+    """From review: a copy committed and died before claiming its result, the run was
+    then cancelled, and the redelivered copy said ``cancelled``: the deletion went
+    unreported. A copy that follows an attempt reads the audit log first."""
+    from eskit_tasks.fleet.redelivery import done_key
+
+    fleet.seed("s-0", 8)
+    run_id = new_run_id()
+    res = resources_of(fleet.app)
+    res.progress.create(run_id, {"run_id": run_id}, finish=True)
+    task = fleet.app.tasks[COMPACT_STREAM_TASK]
+    first = task.apply_async(
+        args=("ledger", "s-0"), kwargs={"run_id": run_id, "retain_last": 1}, task_id="t-commit"
+    ).get(timeout=30)
+    assert first["outcome"] == "compacted"
+    fleet.redis.delete(done_key("t-commit"))  # as if it died before claiming...
+    fleet.app.backend.forget("t-commit")  # ...and before storing a result
+    assert CompactionRun(run_id, app=fleet.app).cancel() is True
+    again = task.apply_async(
+        args=("ledger", "s-0"),
+        kwargs={"run_id": run_id, "retain_last": 1},
+        task_id="t-commit",
+        retries=1,
+    ).get(timeout=30)
+    assert (again["outcome"], again["recovered"], again["events_deleted"]) == (
+        "compacted",
+        True,
+        7,
+    )

@@ -30,6 +30,7 @@ from celery.exceptions import Ignore, Retry
 from redis.exceptions import RedisError
 
 from eskit_tasks.core.registry import get_registration, get_source, import_decider_modules
+from eskit_tasks.core.settlement import committed_fields
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
 from eskit_tasks.domain.result import CompactionResult, Outcome
@@ -37,6 +38,7 @@ from eskit_tasks.errors import (
     CompactionNeedsAttention,
     ConfigurationError,
     DatabaseUnavailableError,
+    EskitError,
 )
 from eskit_tasks.fleet import metrics
 from eskit_tasks.fleet.constants import PAUSE_POLL_MIN_S
@@ -121,7 +123,7 @@ def _held_by_run(copy: TaskCopy, stream_type: str, stream_id: str) -> Compaction
         copy.wait_later(pause_poll(copy.settings))
     if state != "cancelled":
         return None
-    result = CompactionResult(
+    result = _committed_before(copy, stream_type, stream_id) or CompactionResult(
         stream_type=stream_type,
         stream_id=stream_id,
         outcome=Outcome.CANCELLED,
@@ -129,6 +131,23 @@ def _held_by_run(copy: TaskCopy, stream_type: str, stream_id: str) -> Compaction
     )
     record(result, copy.run_id, copy.task_id)
     return result
+
+
+def _committed_before(copy: TaskCopy, stream_type: str, stream_id: str) -> CompactionResult | None:
+    """For a copy that follows an earlier attempt of its task (a retry, a redelivery):
+    the deletion that attempt committed, if it did — reported, not hidden behind
+    ``cancelled``. One read of the audit log; a first delivery reads nothing."""
+    request = copy.task.request
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    if not (request.retries or redelivered):
+        return None
+    try:
+        found = copy.res.store.find_compaction(copy.compaction_id)
+    except EskitError:
+        return None
+    if found is None:
+        return None
+    return CompactionResult(stream_type=stream_type, stream_id=stream_id, **committed_fields(found))
 
 
 def _run_state(res: Resources, run_id: str | None) -> str:
