@@ -201,12 +201,7 @@ def demo(
         i: load_state(store, snapshots, decider, demo_mod.AccountState, "account", i) for i in ids
     }
     unchanged = before == after
-    deleted = totals.deleted_by_type
-    reclaimed = (
-        reclaim_after_run(store.engine, deleted)
-        if deleted and get_settings().reclaim == "auto"
-        else None
-    )
+    reclaimed = reclaim_here(store, totals.deleted_by_type)
     report_results(
         totals, elapsed, json_, extra={"state_unchanged": unchanged, "reclaim": reclaimed}
     )
@@ -466,21 +461,41 @@ def reclaim_cmd(
             print_reclaim(name, r)
 
 
+def record_local_end(
+    store: SqlEventStore,
+    run_id: str,
+    totals: RunTotals,
+    *,
+    reclaim: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    """Record the end of a run made in this process (its start is recorded already)."""
+    sql_runs.record_end(
+        store.engine,
+        run_id,
+        candidates=totals.streams,
+        done=totals.streams,
+        outcomes=totals.outcomes,
+        events_deleted=sum(totals.deleted_by_type.values()),
+        reclaim=reclaim,
+        error=None if error is None else mask_url(error),
+    )
+
+
 def record_stopped(
     store: SqlEventStore, run_id: str, totals: RunTotals, exc: BaseException
 ) -> None:
     """Record a local run that an exception stopped, so it is not shown running."""
     with contextlib.suppress(EskitError):
-        sql_runs.record_end(
-            store.engine,
-            run_id,
-            candidates=totals.streams,
-            done=totals.streams,
-            outcomes=totals.outcomes,
-            events_deleted=sum(totals.deleted_by_type.values()),
-            error=mask_url(f"stopped: {type(exc).__name__}: {exc}"),
-            trigger="local",
-        )
+        record_local_end(store, run_id, totals, error=f"stopped: {type(exc).__name__}: {exc}")
+
+
+def reclaim_here(store: SqlEventStore, deleted_by_type: dict[str, int]) -> dict[str, Any] | None:
+    """The end of a run made in this process: reclaim what it deleted, unless nothing
+    was deleted or ESKIT_RECLAIM=off."""
+    if not deleted_by_type or get_settings().reclaim != "auto":
+        return None
+    return reclaim_after_run(store.engine, deleted_by_type)
 
 
 def compact_all_here(
@@ -535,20 +550,12 @@ def compact_all_here(
         except BaseException as exc:  # Ctrl-C, a bug: the run's record says it stopped
             record_stopped(store, run_id, totals, exc)
             raise
-        reclaimed = None
         deleted = totals.deleted_by_type
-        if get_settings().reclaim == "auto" and deleted:
+        if deleted:
             progress.update(task, description="reclaiming space")
-            reclaimed = reclaim_after_run(store.engine, deleted)
-    sql_runs.record_end(
-        store.engine,
-        run_id,
-        candidates=totals.streams,
-        done=totals.streams,
-        outcomes=totals.outcomes,
-        events_deleted=sum(deleted.values()),
-        reclaim=reclaimed,
-        error=None if stopped is None else mask_url(str(stopped)),
+        reclaimed = reclaim_here(store, deleted)
+    record_local_end(
+        store, run_id, totals, reclaim=reclaimed, error=None if stopped is None else str(stopped)
     )
     store.engine.dispose()
     report_results(

@@ -10,7 +10,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from eskit_tasks.cli.local import LocalCompactors, record_stopped
+from eskit_tasks.cli.local import (
+    LocalCompactors,
+    reclaim_here,
+    record_local_end,
+    record_stopped,
+)
 from eskit_tasks.cli.options import (
     Database,
     DeciderModules,
@@ -42,7 +47,6 @@ from eskit_tasks.domain.plan import PlannedStream
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.errors import ConfigurationError
-from eskit_tasks.fleet.finish import reclaim_after_run
 from eskit_tasks.fleet.progress import new_run_id
 from eskit_tasks.fleet.quarantine import note_outcome
 from eskit_tasks.fleet.settings import get_settings
@@ -323,22 +327,8 @@ def _apply_here(
         except BaseException as exc:  # Ctrl-C, a bug: the run's record says it stopped
             record_stopped(store, run_id, totals, exc)
             raise
-    deleted = totals.deleted_by_type
-    reclaimed = (
-        reclaim_after_run(store.engine, deleted)
-        if deleted and get_settings().reclaim == "auto"
-        else None
-    )
-    sql_runs.record_end(
-        store.engine,
-        run_id,
-        candidates=totals.streams,
-        done=totals.streams,
-        outcomes=totals.outcomes,
-        events_deleted=sum(deleted.values()),
-        reclaim=reclaimed,
-        trigger="plan",
-    )
+    reclaimed = reclaim_here(store, totals.deleted_by_type)
+    record_local_end(store, run_id, totals, reclaim=reclaimed)
     store.engine.dispose()
     report_results(
         totals,

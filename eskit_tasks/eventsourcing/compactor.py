@@ -194,11 +194,12 @@ class ApplicationCompactor:
             "stream_type": self.stream_type,
             "stream_id": stream_id,
             "compaction_id": compaction_id or str(uuid.uuid4()),
-            "_run_id": run_id,  # for the audit row; not part of the result
         }
         token: list[int] = []  # the fencing token taken, once taken
         try:
-            self._compact(aggregate_id, fields, token, settle=compaction_id is not None)
+            self._compact(
+                aggregate_id, fields, token, settle=compaction_id is not None, run_id=run_id
+            )
         except FencedError as exc:
             self._failed(fields, Outcome.FENCED, exc)
         except HeldBackError as exc:  # a follower went back while this compaction ran
@@ -222,7 +223,6 @@ class ApplicationCompactor:
             self._since_vacuum[0] += fields["events_deleted"]
             if self.vacuum_after and self._since_vacuum[0] >= self.vacuum_after:
                 self._vacuum_quietly()
-        fields.pop("_run_id", None)
         return CompactionResult(**fields)
 
     def _check_guard(self) -> None:
@@ -251,7 +251,13 @@ class ApplicationCompactor:
         fields.update(events_deleted=0, bytes_reclaimed=0)
 
     def _compact(
-        self, aggregate_id: Any, fields: dict[str, Any], token: list[int], *, settle: bool
+        self,
+        aggregate_id: Any,
+        fields: dict[str, Any],
+        token: list[int],
+        *,
+        settle: bool,
+        run_id: str | None,
     ) -> None:
         dry_run = self.policy.dry_run
         if settle and not dry_run:
@@ -293,9 +299,7 @@ class ApplicationCompactor:
             )
             return
         self._check_guard()
-        deleted, reclaimed = self._commit(
-            plan, snapshot, digest, fields["compaction_id"], fields.get("_run_id")
-        )
+        deleted, reclaimed = self._commit(plan, snapshot, digest, fields["compaction_id"], run_id)
         fields.update(outcome=Outcome.COMPACTED, events_deleted=deleted, bytes_reclaimed=reclaimed)
 
     # -- plan ---------------------------------------------------------------------------

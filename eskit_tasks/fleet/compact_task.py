@@ -178,16 +178,16 @@ def _compact_throttled(
         scopes.append(run_scope(copy.run_id))  # a malformed id never becomes a key
     throttle = Throttle(copy.res.redis, scopes, lease=settings.lock_ttl)
     try:
-        admitted = throttle.admit()
+        waited = throttle.try_admit() != 0.0
+        admitted = not waited or throttle.admit()
     except RedisError:  # load control only: the lock step says Redis is down
-        admitted = True
+        waited, admitted = False, True
     if not admitted:
         copy.wait_later(pause_poll(settings))
     try:
-        # Paused or cancelled while this task waited for its turn.
-        result = _held_by_run(copy, stream_type, stream_id) or _compact_locked(
-            copy, stream_type, stream_id, policy
-        )
+        # Paused or cancelled while this task waited for its turn (read again only then).
+        held = _held_by_run(copy, stream_type, stream_id) if waited else None
+        result = held or _compact_locked(copy, stream_type, stream_id, policy)
     finally:
         with contextlib.suppress(RedisError):
             throttle.release()

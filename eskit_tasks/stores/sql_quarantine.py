@@ -39,8 +39,13 @@ class SqlQuarantine:
         )
         label = f"{result.stream_type}/{result.stream_id}"
         if result.outcome in HEALED:
-            with writing(self.engine, f"release {label} from quarantine") as conn:
-                conn.execute(sa.delete(quarantine).where(key))
+            # Almost every compaction heals nothing: read first, so that it costs no
+            # write transaction (on SQLite, no write lock) on the way of every stream.
+            with reading(self.engine, "read the quarantine") as conn:
+                counted = conn.execute(sa.select(quarantine.c.failures).where(key)).first()
+            if counted is not None:
+                with writing(self.engine, f"release {label} from quarantine") as conn:
+                    conn.execute(sa.delete(quarantine).where(key))
             return None
         if result.outcome not in FAILURES:
             return self.entry(result.stream_type, result.stream_id)
