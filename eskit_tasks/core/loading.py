@@ -8,8 +8,9 @@ from typing import Any, TypeVar
 from eskit_tasks.domain.codec import StateCodec, state_hash
 from eskit_tasks.domain.decider import Decider
 from eskit_tasks.domain.events import RecordedEvent, label_of
+from eskit_tasks.domain.fold import FoldsItself, fold_events
 from eskit_tasks.domain.schema import Upcaster
-from eskit_tasks.errors import EskitError, EvolveError, SnapshotIntegrityError, VersionGapError
+from eskit_tasks.errors import EskitError, SnapshotIntegrityError, VersionGapError
 from eskit_tasks.ports import EventStore, Snapshot, SnapshotStore
 
 S = TypeVar("S")
@@ -60,33 +61,15 @@ def fold_measured(
 ) -> tuple[S, int, int]:
     """:func:`fold`, also returning the summed ``stored_bytes`` of the events folded.
 
-    This loop runs once per event of a compaction: keep it lean.
+    A store's read that folds itself (:class:`~eskit_tasks.domain.fold.FoldsItself`, the
+    SQL store's) runs the fold a page at a time; anything else is folded event by event.
     """
-    version = after
-    stored = 0
-    evolve = decider.evolve
-    for event in events:
-        if event[0] != version + 1:
-            raise VersionGapError(
-                f"{label_of(stream_type, stream_id)}: expected version {version + 1}, "
-                f"found {event.version}; the stream has a gap",
-                stream_type=stream_type,
-                stream_id=stream_id,
-                version=version + 1,
-            )
-        try:
-            state = evolve(state, event)
-        except Exception as exc:
-            raise EvolveError(
-                f"{label_of(stream_type, stream_id)} version {event.version} "
-                f"({event.type}): evolve raised {type(exc).__name__}: {exc}",
-                stream_type=stream_type,
-                stream_id=stream_id,
-                version=event.version,
-            ) from exc
-        version += 1
-        stored += event[5]
-    return state, version, stored
+    if isinstance(events, FoldsItself):
+        folded: tuple[S, int, int] = events.fold(decider.evolve, state, after)
+        return folded
+    return fold_events(
+        decider.evolve, state, events, after=after, stream_type=stream_type, stream_id=stream_id
+    )
 
 
 def codec_for(

@@ -15,6 +15,7 @@ import orjson
 
 from eskit_tasks.domain.codec import dumps
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
+from eskit_tasks.domain.fold import Evolve, evolve_error, fold_events
 from eskit_tasks.domain.result import HeldBack
 from eskit_tasks.errors import (
     CompactionError,
@@ -114,7 +115,8 @@ def decode_events(
     Raises:
         EventDecodeError: a payload is not valid JSON (names stream and version).
     """
-    loads, event, overhead = orjson.loads, RecordedEvent, ROW_OVERHEAD_BYTES
+    loads, new, overhead = orjson.loads, tuple.__new__, ROW_OVERHEAD_BYTES
+    event = RecordedEvent
     last_raw: Any = None
     recorded_at: datetime = datetime.min
     for version, type_, data, meta, raw_ts, position in rows:
@@ -124,24 +126,104 @@ def decode_events(
             payload = loads(data)
             meta_obj = {} if meta == "{}" else loads(meta)
         except orjson.JSONDecodeError as exc:
-            raise EventDecodeError(
-                f"{label_of(stream_type, stream_id)} version {version}: stored payload is "
-                f"not valid JSON ({exc})",
+            raise _decode_error(stream_type, stream_id, version, exc) from None
+        # tuple.__new__: half the cost of the named tuple's own constructor (a Python
+        # function); every field is given.
+        yield new(
+            event,
+            (
+                version,
+                type_,
+                payload,
+                meta_obj,
+                recorded_at,
+                len(data) + len(meta) + overhead,
+                position,
+                stream_type,
+                stream_id,
+            ),
+        )
+
+
+def fold_pages(
+    stream_type: str,
+    stream_id: str,
+    pages: Iterable[Sequence[StoredRow]],
+    to_datetime: Callable[[Any], datetime],
+    evolve: Evolve,
+    state: Any,
+    after: int,
+) -> tuple[Any, int, int]:
+    """Decode and fold stored rows a page at a time: what :func:`decode_events` and
+    :func:`~eskit_tasks.domain.fold.fold_events` do together, with the same checks and
+    errors, at a fraction of the cost per event.
+
+    The rows of a page come in strictly increasing version order (the primary key), so
+    they are contiguous exactly when the first is the next version and the page spans
+    as many versions as it holds rows: checked once per page. A page that fails the
+    check is folded row by row, which reports the gap where it is.
+    """
+    loads, new, event, overhead = orjson.loads, tuple.__new__, RecordedEvent, ROW_OVERHEAD_BYTES
+    version, stored = after, 0
+    last_raw: Any = None
+    recorded_at: datetime = datetime.min
+    for rows in pages:
+        if not rows:
+            continue
+        first = rows[0][0]
+        if first != version + 1 or rows[-1][0] - first + 1 != len(rows):
+            state, version, more = fold_events(
+                evolve,
+                state,
+                decode_events(stream_type, stream_id, rows, to_datetime),
+                after=version,
                 stream_type=stream_type,
                 stream_id=stream_id,
-                version=version,
-            ) from None
-        yield event(
-            version,
-            type_,
-            payload,
-            meta_obj,
-            recorded_at,
-            len(data) + len(meta) + overhead,
-            position,
-            stream_type,
-            stream_id,
-        )
+            )
+            stored += more
+            continue
+        recorded: RecordedEvent | None = None
+        try:
+            for number, type_, data, meta, raw_ts, position in rows:
+                if raw_ts != last_raw:
+                    last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
+                size = len(data) + len(meta) + overhead
+                recorded = new(
+                    event,
+                    (
+                        number,
+                        type_,
+                        loads(data),
+                        {} if meta == "{}" else loads(meta),
+                        recorded_at,
+                        size,
+                        position,
+                        stream_type,
+                        stream_id,
+                    ),
+                )
+                state = evolve(state, recorded)
+                stored += size
+        except Exception as exc:
+            if recorded is not None and recorded[0] == number:  # decoded: evolve raised
+                raise evolve_error(stream_type, stream_id, recorded, exc) from exc
+            if isinstance(exc, orjson.JSONDecodeError):
+                raise _decode_error(stream_type, stream_id, number, exc) from None
+            raise
+        version = rows[-1][0]
+    return state, version, stored
+
+
+def _decode_error(
+    stream_type: str, stream_id: str, version: int, exc: Exception
+) -> EventDecodeError:
+    return EventDecodeError(
+        f"{label_of(stream_type, stream_id)} version {version}: stored payload is "
+        f"not valid JSON ({exc})",
+        stream_type=stream_type,
+        stream_id=stream_id,
+        version=version,
+    )
 
 
 # -- consumers -------------------------------------------------------------------------

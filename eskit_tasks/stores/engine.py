@@ -140,11 +140,16 @@ def _sqlite_engine(url: URL, **kwargs: Any) -> Engine:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Connection]:
     """Yield a connection inside a transaction that commits on success, rolls back on error.
 
     SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: bounded waits for row locks and for a stalled
     client, so a paused worker cannot hold a stream's row lock indefinitely.
+
+    ``durable=False`` (PostgreSQL): the commit returns before its WAL is flushed, which
+    saves a disk flush. Only for a write that something durable must confirm later: a
+    crash may undo it, and WAL is flushed in order, so the next durable commit makes it
+    durable too (an unverified snapshot, which only the delete transaction makes count).
     """
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
@@ -155,6 +160,7 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
                     f"SET LOCAL lock_timeout = '{PG_LOCK_TIMEOUT}'; "
                     f"SET LOCAL idle_in_transaction_session_timeout = "
                     f"'{PG_IDLE_IN_TRANSACTION_TIMEOUT}'"
+                    + ("" if durable else "; SET LOCAL synchronous_commit = off")
                 )
             yield conn
 
@@ -167,9 +173,9 @@ def reading(engine: Engine, action: str) -> Iterator[Connection]:
 
 
 @contextmanager
-def writing(engine: Engine, action: str) -> Iterator[Connection]:
+def writing(engine: Engine, action: str, *, durable: bool = True) -> Iterator[Connection]:
     """A :func:`write_transaction`; driver errors leave it as eskit errors naming ``action``."""
-    with translate_errors(engine, action), write_transaction(engine) as conn:
+    with translate_errors(engine, action), write_transaction(engine, durable=durable) as conn:
         yield conn
 
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Generator, Iterator
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from psycopg.types.numeric import Int8BinaryLoader
 from sqlalchemy.engine import Connection, Engine
 
 from eskit_tasks.domain.events import RecordedEvent, label_of
-from eskit_tasks.stores._rules import StoredRow, decode_events
+from eskit_tasks.domain.fold import Evolve
+from eskit_tasks.stores._rules import StoredRow, decode_events, fold_pages
 from eskit_tasks.stores.engine import reading
 
 _PK_SQL = "SELECT pk FROM eskit_streams WHERE stream_type = {p} AND stream_id = {p}"
@@ -59,16 +63,91 @@ def read_events(
     from_version: int,
     to_version: int | None,
     page_size: int,
-) -> Iterator[RecordedEvent]:
-    """Yield the live events ``from_version..to_version`` of one stream, oldest first.
+) -> StreamRead:
+    """The live events ``from_version..to_version`` of one stream, oldest first (see
+    :class:`StreamRead`)."""
+    return StreamRead(engine, stream_type, stream_id, from_version, to_version, page_size)
 
-    One SELECT, in one transaction, serves the whole iteration. PostgreSQL: a
-    server-side cursor. SQLite: ``fetchmany`` on a plain cursor (WAL keeps the
-    statement's snapshot).
+
+class StreamRead(Iterator[RecordedEvent]):
+    """One read of a stream: iterate it for events one by one, or let :meth:`fold` fold
+    them a page at a time (what every replay does: the fast path).
+
+    One SELECT, in one transaction, serves the whole read. PostgreSQL: a server-side
+    cursor in binary format, whose next page is fetched in a second thread while this
+    one is folded (psycopg waits for the server without the GIL; at most
+    ``PREFETCH_PAGES`` pages wait). SQLite: ``fetchmany`` on a plain cursor (WAL keeps
+    the statement's snapshot). A read is used once, either way.
 
     Raises:
         EventDecodeError: a payload is not valid JSON (names stream and version).
     """
+
+    def __init__(
+        self,
+        engine: Engine,
+        stream_type: str,
+        stream_id: str,
+        from_version: int,
+        to_version: int | None,
+        page_size: int,
+    ) -> None:
+        self._engine = engine
+        self._stream = (stream_type, stream_id)
+        self._range = (from_version, to_version)
+        self._page_size = page_size
+        self._events: Generator[RecordedEvent, None, None] | None = None
+        self._used = False
+
+    def __iter__(self) -> StreamRead:
+        return self
+
+    def __next__(self) -> RecordedEvent:
+        if self._events is None:
+            # The generator must not refer to this object: a cycle would keep an
+            # abandoned read's connection out of the pool until the next collection.
+            self._events = _decoded(*self._stream, self._pages())
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop an unfinished iteration: closes the cursor and ends the transaction."""
+        if self._events is not None:
+            self._events.close()
+
+    def fold(self, evolve: Evolve, state: Any, after: int) -> tuple[Any, int, int]:
+        """Fold the events into ``state``; see :class:`~eskit_tasks.domain.fold.FoldsItself`."""
+        with self._pages() as (pages, to_datetime):
+            return fold_pages(*self._stream, pages, to_datetime, evolve, state, after)
+
+    def _pages(self) -> contextlib.AbstractContextManager[_Pages]:
+        if self._used:
+            raise RuntimeError("a stream read is used once; call read() again")
+        self._used = True
+        return _open_pages(self._engine, *self._stream, *self._range, self._page_size)
+
+
+#: A read's pages of stored rows, and how their raw timestamps become datetimes.
+_Pages = tuple[Iterator[list[StoredRow]], Callable[[Any], datetime]]
+
+
+def _decoded(
+    stream_type: str, stream_id: str, opened: contextlib.AbstractContextManager[_Pages]
+) -> Generator[RecordedEvent, None, None]:
+    with opened as (pages, to_datetime):
+        yield from decode_events(
+            stream_type, stream_id, itertools.chain.from_iterable(pages), to_datetime
+        )
+
+
+@contextlib.contextmanager
+def _open_pages(
+    engine: Engine,
+    stream_type: str,
+    stream_id: str,
+    from_version: int,
+    to_version: int | None,
+    page_size: int,
+) -> Iterator[_Pages]:
     with (
         reading(engine, f"read {label_of(stream_type, stream_id)}") as conn,
         conn.begin(),
@@ -77,12 +156,61 @@ def read_events(
         pages = _pages(conn, pg, stream_type, stream_id, from_version, to_version, page_size)
         # closing(): an abandoned read closes its cursor before the connection goes.
         with contextlib.closing(pages):
-            yield from decode_events(
-                stream_type,
-                stream_id,
-                itertools.chain.from_iterable(pages),
-                _micros_to_datetime if pg else _text_to_datetime,
-            )
+            if not pg:
+                yield pages, _text_to_datetime
+                return
+            with prefetched(pages, PREFETCH_PAGES) as ahead:
+                yield ahead, _pg_micros_to_datetime
+
+
+#: Pages a PostgreSQL read fetches ahead of the fold (memory: this many pages more).
+PREFETCH_PAGES = 2
+
+_END: list[StoredRow] = []
+
+
+@contextlib.contextmanager
+def prefetched(pages: Iterator[list[StoredRow]], depth: int) -> Iterator[Iterator[list[StoredRow]]]:
+    """``pages``, fetched by a second thread up to ``depth`` pages ahead of the consumer.
+
+    The fetching thread alone touches ``pages`` until it has stopped: on leaving, the
+    consumer tells it to stop, drains what it queued and waits for it (at most the page
+    it is fetching), so the caller may close the cursor and the connection afterwards.
+    An error of the fetching thread is raised in the consumer, at the page it stopped.
+    """
+    ready: queue.Queue[list[StoredRow] | BaseException] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for page in pages:
+                ready.put(page)
+                if stop.is_set():
+                    return
+            ready.put(_END)
+        except BaseException as exc:  # handed to the consumer with its traceback
+            ready.put(exc)
+
+    def consume() -> Iterator[list[StoredRow]]:
+        while True:
+            page = ready.get()
+            if isinstance(page, BaseException):
+                raise page
+            if page is _END:
+                return
+            yield page
+
+    fetcher = threading.Thread(target=fetch, name="eskit-read-ahead", daemon=True)
+    fetcher.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        while fetcher.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    ready.get_nowait()
+            fetcher.join(0.01)
 
 
 def read_all_events(
@@ -122,6 +250,14 @@ def _micros_to_datetime(micros: int) -> datetime:
     return _EPOCH + timedelta(microseconds=micros)
 
 
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _pg_micros_to_datetime(micros: int) -> datetime:
+    """A PostgreSQL ``timestamptz`` as stored: microseconds since 2000-01-01 UTC."""
+    return _PG_EPOCH + timedelta(microseconds=micros)
+
+
 def _text_to_datetime(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
@@ -147,9 +283,12 @@ def _pages(
     if to_version is not None:
         params.append(to_version)
         upper = f" AND version <= {mark}"
-    sql = _READ_SQL.format(p=mark, upper=upper, ts=_PG_MICROS if pg else "recorded_at")
+    sql = _READ_SQL.format(p=mark, upper=upper, ts="recorded_at")
     if pg:
-        with driver.cursor(name=f"eskit_read_{id(params):x}") as cur:
+        # Binary rows: integers arrive as integers, and the timestamp as the integer it
+        # is stored as (microseconds since 2000), converted once per distinct value.
+        with driver.cursor(name=f"eskit_read_{id(params):x}", binary=True) as cur:
+            cur.adapters.register_loader("timestamptz", Int8BinaryLoader)
             cur.execute(sql, params)
             while rows := cur.fetchmany(page_size):
                 yield rows

@@ -60,11 +60,12 @@ class SqlSnapshotStore:
 
     @contextmanager
     def _locked(
-        self, action: str, stream_type: str, stream_id: str
+        self, action: str, stream_type: str, stream_id: str, *, durable: bool = True
     ) -> Iterator[tuple[Connection, int | None, StreamInfo | None]]:
         """A write transaction holding the stream's row lock: the connection, the
         stream's key and its bookkeeping (None, None: no such stream)."""
-        with writing(self.engine, f"{action} of {label_of(stream_type, stream_id)}") as conn:
+        label = label_of(stream_type, stream_id)
+        with writing(self.engine, f"{action} of {label}", durable=durable) as conn:
             pk, info = stream_row(conn, stream_type, stream_id, lock=True)
             yield conn, pk, info
 
@@ -72,7 +73,14 @@ class SqlSnapshotStore:
         self, stream_type: str, stream_id: str, snapshot: Snapshot, *, fence_token: int
     ) -> None:
         label = label_of(stream_type, stream_id)
-        with self._locked("save a snapshot", stream_type, stream_id) as (conn, pk, info):
+        # Not flushed to disk on commit (PostgreSQL): an unverified snapshot counts only
+        # once the delete transaction, whose durable commit flushes the WAL before it,
+        # has checked it; one a crash undid is found missing there, and nothing is deleted.
+        with self._locked("save a snapshot", stream_type, stream_id, durable=False) as (
+            conn,
+            pk,
+            info,
+        ):
             check_snapshot_save(label, info, snapshot.version, fence_token)
             # An unverified leftover at this version (a crashed or failed compaction) is
             # replaced; verified snapshots only exist at the compaction point, below us.
