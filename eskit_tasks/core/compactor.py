@@ -277,8 +277,15 @@ class Compactor(Generic[S]):
                 # A delete committed between our first look and the fence (the fence
                 # waited for it): it may be an earlier attempt of this very compaction.
                 self._check_committed(stream_type, stream_id, fields["compaction_id"])
+            moved = (fenced.head_version, fenced.compacted_through) != (
+                info.head_version,
+                info.compacted_through,
+            )
             info, token = fenced, fenced.fence_token
-        cut, held = self._cut(stream_type, stream_id, info)
+            if moved:  # an append or a delete came between: plan the cut again
+                cut, held = self._cut(stream_type, stream_id, info)
+        # Otherwise the first cut stands: the consumers' checkpoints it was lowered to
+        # are read again, and enforced, inside the delete transaction.
         fields.update(
             head_version=info.head_version,
             compacted_through_before=info.compacted_through,

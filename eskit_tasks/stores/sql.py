@@ -378,8 +378,10 @@ class SqlEventStore:
         label = label_of(stream_type, stream_id)
         with reading(self.engine, f"read the consumers of {label}") as conn:
             reader = lowest_reader(sql_consumers.readers(conn), stream_type)
+            if reader is None:  # no consumer reads this type: nothing holds the cut back
+                return through_version, None
             pk, info = stream_row(conn, stream_type, stream_id)
-            if reader is None or pk is None or info is None:
+            if pk is None or info is None:
                 return through_version, None
             newest = sql_consumers.newest_read(conn, pk, through_version, reader.position)
         return gated_cut(through_version, info.compacted_through, reader, newest)
