@@ -33,12 +33,14 @@ SIZES = {
         "memory": (2_000, 20_000),
         "snapshot_keys": 2_000,
         "eventsourcing": 1_000,
+        "writer_wait": 3_000,
     },
     "full": {
         "throughput": (50_000, 200_000),
         "memory": (100_000, 1_000_000),
         "snapshot_keys": 100_000,
         "eventsourcing": 50_000,
+        "writer_wait": 1_000_000,
     },
 }
 
@@ -124,6 +126,12 @@ def fanout(scale: str) -> dict[str, Any]:
     return module.run(scale)
 
 
+def writer_wait(scale: str) -> dict[str, Any]:
+    from bench import writer_wait as module
+
+    return module.run(scale)
+
+
 BENCHMARKS: dict[str, Callable[[str], dict[str, Any]]] = {
     "throughput-postgres": throughput_postgres,
     "throughput-sqlite": throughput_sqlite,
@@ -133,6 +141,7 @@ BENCHMARKS: dict[str, Callable[[str], dict[str, Any]]] = {
     "fanout": fanout,
     "eventsourcing-postgres": eventsourcing_postgres,
     "eventsourcing-sqlite": eventsourcing_sqlite,
+    "writer-wait": writer_wait,
 }
 
 
@@ -157,6 +166,15 @@ def headline(name: str, r: dict[str, Any]) -> tuple[str, str, str]:
         return (
             f"{r['large']['events']:,} vs {r['small']['events']:,} events",
             f"peak {r['large']['peak_mb']} MB vs {r['small']['peak_mb']} MB",
+            f"{r['ratio']:.2f}",
+        )
+    if name == "writer-wait":
+        during, alone = r["during_compaction"], r["without_compaction"]
+        return (
+            f"append every {r['interval_ms']:g} ms while {r['events']:,} events are compacted",
+            f"append max {during['max_ms']} ms (p50 {during['p50_ms']}, p99 {during['p99_ms']})"
+            f" vs max {alone['max_ms']} ms (p50 {alone['p50_ms']}, p99 {alone['p99_ms']})"
+            " without",
             f"{r['ratio']:.2f}",
         )
     return (r.get("what", name), r.get("summary", ""), f"{r.get('ratio', float('nan')):.2f}")

@@ -370,8 +370,10 @@ class EventStore(Protocol):
         """Return the audit row of ``compaction_id``, None if no such deletion committed.
 
         This settles a delete whose outcome is unknown (the COMMIT's reply was lost, or the
-        worker died after it). Ask after a write to the stream (``acquire_fence``), which
-        waits for a delete still in flight, so that "not found" is final.
+        worker died after it). Ask after a write to the stream (``acquire_fence``): a
+        delete still in flight then either has committed already (it held the stream's
+        row, and the fence waited for its COMMIT) or can no longer commit (it meets the
+        newer token at its own fence and rolls back), so that "not found" is final.
         """
         ...
 

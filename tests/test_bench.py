@@ -11,19 +11,7 @@ import pytest
 from bench import run
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "throughput-postgres",
-        "throughput-sqlite",
-        "memory",
-        "snapshot-load",
-        "fleet",
-        "fanout",
-        "eventsourcing-postgres",
-        "eventsourcing-sqlite",
-    ],
-)
+@pytest.mark.parametrize("name", list(run.BENCHMARKS))
 def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
     out = tmp_path / "bench.json"
     assert run.main(["--scale", "tiny", "--only", name, "--json", str(out)]) == 0
@@ -36,3 +24,7 @@ def test_benchmark_runs_at_tiny_size_and_reports_a_ratio(name, tmp_path: Path):
         assert size["events"] == run.SIZES["tiny"]["throughput"][0]
         assert all(rate > 0 for rate in size["events_per_s"].values()), size
         assert result["ratio_pipelined"] > 0
+    if name == "writer-wait":
+        assert result["events"] == run.SIZES["tiny"]["writer_wait"] <= result["events_deleted"]
+        assert result["without_compaction"]["appends"] > 0
+        assert result["during_compaction"]["appends"] > 0

@@ -274,8 +274,9 @@ class Compactor(Generic[S]):
             if fenced is None:
                 raise FencedError(f"{label_of(stream_type, stream_id)}: the stream disappeared")
             if settle and fenced.compacted_through != info.compacted_through:
-                # A delete committed between our first look and the fence (the fence
-                # waited for it): it may be an earlier attempt of this very compaction.
+                # A delete committed between our first look and the fence (or was
+                # committing, and the fence waited for it): it may be an earlier attempt
+                # of this very compaction.
                 self._check_committed(stream_type, stream_id, fields["compaction_id"])
             moved = (fenced.head_version, fenced.compacted_through) != (
                 info.head_version,

@@ -3,10 +3,13 @@
 A delete's COMMIT may succeed while its reply is lost (a dropped connection, a killed
 process). The audit row is written in the same transaction as the delete, so the audit
 log knows: a row with this compaction's id, stream, fencing token and cut means the
-delete happened; no such row, looked for after taking a new fencing token (which waits
-for a delete still in flight), means it did not. A compaction that cannot ask the
-database raises :class:`~eskit_tasks.errors.CommitOutcomeUnknownError`; running it again
-with the same compaction id settles it.
+delete happened; no such row, looked for after taking a new fencing token, means it did
+not: a delete still in flight has then either committed (the fence waited for the
+COMMIT of a delete that held the stream's row) or can no longer commit (its own fence,
+the last statement before its COMMIT, meets the newer token and rolls it back). A
+compaction that cannot ask the database raises
+:class:`~eskit_tasks.errors.CommitOutcomeUnknownError`; running it again with the same
+compaction id settles it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, Engine
 
 from eskit_tasks.domain.events import NewEvent, RecordedEvent, label_of
 from eskit_tasks.domain.result import HeldBack
-from eskit_tasks.errors import ConfigurationError
+from eskit_tasks.errors import ConfigurationError, DeletionMismatchError, FencedError
 from eskit_tasks.ports import (
     ArchivedEvent,
     Candidate,
@@ -438,6 +438,15 @@ class SqlEventStore:
     def commit_compaction(self, plan: DeletionPlan) -> int:
         """Delete events 1..C in one transaction, checking everything first.
 
+        Writers do not wait for the delete (on PostgreSQL). The stream's row is read
+        without a lock at the start, for an early refusal; the checks and the DELETE run
+        holding no lock an append needs; the fence is the final conditional UPDATE of
+        the stream's row (:meth:`_take_the_cut`), and the row lock it takes is held only
+        from there to COMMIT, for a few single-row statements. Why that is as safe as
+        locking the row first is written at :meth:`_take_the_cut` and in
+        docs/architecture.md. On SQLite the write transaction (``BEGIN IMMEDIATE``)
+        holds the database's one write lock throughout: there, writers do wait.
+
         Raises:
             FencedError: a newer compaction took the token, or moved the compaction point.
             DeletionMismatchError: snapshot missing/different, or the row count differs.
@@ -445,33 +454,48 @@ class SqlEventStore:
         label = label_of(plan.stream_type, plan.stream_id)
         c = plan.through_version
         with writing(self.engine, f"delete compacted events of {label}") as conn:
-            pk, found = stream_row(conn, plan.stream_type, plan.stream_id, lock=True)
+            # An early, cheap refusal, without a row lock (a plain SELECT locks nothing):
+            # what it finds is checked again, under the lock, by _take_the_cut.
+            pk, found = stream_row(conn, plan.stream_type, plan.stream_id)
             stream = check_commit(label, plan, found)
             assert pk is not None  # check_commit found the row
             at_cut = (snapshots.c.stream_pk == pk, snapshots.c.version == c)
-            stored_hash = conn.execute(
-                sa.select(snapshots.c.state_hash).where(*at_cut)
-            ).scalar_one_or_none()
+            hash_at_cut = sa.select(snapshots.c.state_hash).where(*at_cut)
+            stored_hash = conn.execute(hash_at_cut).scalar_one_or_none()
             check_snapshot(label, plan, stored_hash)
+            # The consumers lock (shared) is held from here to COMMIT: a registration in
+            # flight is waited for, and a later one waits for this transaction. Appends
+            # never take it.
             check_consumers(
                 label,
                 plan,
                 lowest_reader(sql_consumers.readers(conn, in_delete=True), plan.stream_type),
                 sql_consumers.position_of(conn, pk, c),
             )
-            deleted = int(
-                conn.execute(
-                    sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)
-                ).rowcount
-            )
-            check_deleted(label, plan, deleted)
             logged = conn.execute(
                 sa.select(compaction_log.c.compaction_id).where(
                     compaction_log.c.compaction_id == plan.compaction_id
                 )
             ).first()
+            # The long statement: row locks on the deleted events only. An append inserts
+            # versions above the head (> C) at new positions, so it never meets them.
+            deleted = int(
+                conn.execute(
+                    sa.delete(events).where(events.c.stream_pk == pk, events.c.version <= c)
+                ).rowcount
+            )
+            self._take_the_cut(conn, label, plan, pk)
+            # From here to COMMIT the stream's row is locked: short statements only.
+            check_deleted(label, plan, deleted)
             check_new_compaction_id(label, plan, logged is not None)
-            conn.execute(sa.update(snapshots).where(*at_cut).values(verified=True))
+            verified = conn.execute(
+                sa.update(snapshots)
+                .where(*at_cut, snapshots.c.state_hash == plan.state_hash)
+                .values(verified=True)
+            ).rowcount
+            if verified != 1:  # cannot happen under the fence; refuse rather than trust it
+                check_snapshot(label, plan, conn.execute(hash_at_cut).scalar_one_or_none())
+                raise DeletionMismatchError(f"{label}: the snapshot at {c} moved; nothing deleted")
             conn.execute(
                 sa.delete(snapshots).where(snapshots.c.stream_pk == pk, snapshots.c.version < c)
             )
@@ -482,5 +506,39 @@ class SqlEventStore:
                     **audit_fields(plan, stream, deleted),
                 )
             )
-            conn.execute(sa.update(streams).where(streams.c.pk == pk).values(compacted_through=c))
         return deleted
+
+    @staticmethod
+    def _take_the_cut(conn: sa.Connection, label: str, plan: DeletionPlan, pk: int) -> None:
+        """The fence: move the compaction point to the cut only if the token is still
+        ours and the point has not moved since the plan; else FencedError, and the whole
+        transaction (the DELETE included) rolls back.
+
+        Why this is enough, on PostgreSQL at READ COMMITTED: the UPDATE takes the row's
+        lock (FOR NO KEY UPDATE, as every writer of the row does: appends, fences,
+        snapshot writes, restores), waiting for a writer that holds it, and then
+        evaluates its WHERE against the newest committed version of the row. A fence
+        taken by a newer compaction, or a compaction point moved by another delete or a
+        restore, at any moment before this UPDATE (while our DELETE ran included), is
+        seen here; and none can happen after it, because the lock is held until COMMIT
+        and every one of them writes this row. The token only grows, so "still ours"
+        means no other compaction took it since ours; snapshots are written only under
+        the current token, so the snapshot checked above is the one the row lock now
+        protects. An append that committed meanwhile changed the head only: this UPDATE
+        writes the compaction point alone, so the head it finds is the one it keeps.
+        """
+        s = streams.c
+        taken = conn.execute(
+            sa.update(streams)
+            .where(
+                s.pk == pk,
+                s.fence_token == plan.fence_token,
+                s.compacted_through == plan.compacted_through_before,
+            )
+            .values(compacted_through=plan.through_version)
+            .returning(s.pk)
+        ).scalar_one_or_none()
+        if taken is None:
+            _, now = stream_row(conn, plan.stream_type, plan.stream_id)
+            check_commit(label, plan, now)  # names what moved
+            raise FencedError(f"{label}: the stream's row moved under this compaction")

@@ -381,8 +381,8 @@ class AdversarialContract:
     def test_a_retry_whose_earlier_attempt_commits_while_it_waits_for_the_fence(
         self, stores: Stores
     ) -> None:
-        # The earlier attempt's delete was still in flight: the retry's first look saw
-        # nothing, its fence waited for that delete, and the stream moved meanwhile.
+        # The earlier attempt's delete was committing: the retry's first look saw
+        # nothing, its fence waited for that COMMIT, and the stream moved meanwhile.
         seed(stores, [1, 2, 3])
         real_fence = stores.events.acquire_fence
         earlier: list[Any] = []
