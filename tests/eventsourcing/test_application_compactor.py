@@ -489,3 +489,117 @@ def test_a_system_whose_follower_lags_loses_nothing_to_compaction(backend: Backe
     assert compactor.compact(account_id).events_deleted == 10
     assert offline.repository.get(account_id).version == 32
     compactor.close()
+
+
+def _ten_days_old_then_now(
+    bank: Bank, monkeypatch: pytest.MonkeyPatch, old: int, new: int
+) -> uuid.UUID:
+    """One account: versions 1..1+old ten days old, then ``new`` deposits made now."""
+    import eventsourcing.domain
+
+    long_ago = datetime.now(UTC) - timedelta(days=10)
+    with monkeypatch.context() as patched:
+        patched.setattr(eventsourcing.domain, "datetime_now_with_tzinfo", lambda: long_ago)
+        [account_id] = _accounts(bank, 1, old)
+    if new:
+        bank.deposit(account_id, *range(new))
+    return account_id
+
+
+def test_each_event_is_decoded_once(backend: Backend, monkeypatch: pytest.MonkeyPatch):
+    """Issue 15: the plan decodes nothing but, with an age rule, the first live event;
+    the replay decodes each event once (the age rule is applied on the way); the plan
+    made before the fence stands after it."""
+    bank = backend.app(Bank)
+    account_id = _ten_days_old_then_now(bank, monkeypatch, 40, 0)  # versions 1..41
+    decoded: list[int] = []
+    decode = bank.mapper.to_domain_event
+
+    def counting(stored: Any) -> Any:
+        decoded.append(stored.originator_version)
+        return decode(stored)
+
+    monkeypatch.setattr(bank.mapper, "to_domain_event", counting)
+    compactor = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=10))
+    first = compactor.compact(account_id)
+    assert (first.outcome, first.snapshot_version) == (Outcome.COMPACTED, 31), first.error
+    assert sorted(decoded) == sorted([*range(1, 42), 31])  # each, and the snapshot at 31
+
+    bank.deposit(account_id, *range(20))  # versions 42..61, now
+    decoded.clear()
+    aged = compactor.with_policy(CompactionPolicy(retain_last=5, retain_younger_than="1d"))
+    second = aged.compact(account_id)
+    assert (second.outcome, second.snapshot_version) == (Outcome.COMPACTED, 41), second.error
+    # The plan: the first live event (32), to see it is old enough. The replay: the
+    # snapshot at 31, each event once, the snapshot taken at 41 (42 is too young).
+    assert sorted(decoded) == sorted([32, 31, *range(32, 62), 41])
+    assert _versions(backend, bank, account_id) == list(range(42, 62))
+    assert bank.repository.get(account_id).version == 61
+    compactor.close()
+
+
+def test_nothing_old_enough_writes_nothing(backend: Backend, monkeypatch: pytest.MonkeyPatch):
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 30)  # all of it now
+    tables = (
+        "SELECT count(*) FROM sqlite_master WHERE name LIKE 'eskit%'"
+        if backend.name == "sqlite"
+        else "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'eskit%'"
+    )
+    policy = CompactionPolicy(retain_last=1, retain_younger_than="1d")
+    compactor = ApplicationCompactor(bank, policy=policy)
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.events_retained) == (Outcome.NOTHING_TO_COMPACT, 31)
+    assert backend.execute(bank, tables) == [(0,)]
+    compactor.close()
+
+
+@pytest.mark.parametrize(("processed", "cut", "held"), [(25, 21, False), (15, 15, True)])
+def test_the_age_rule_and_a_follower_take_the_lower_cut(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, processed: int, cut: int, held: bool
+):
+    """Versions 1..21 are old, 22..31 new; notification n is version n. The cut is the
+    lower of the two, and ``held_back_by`` names the follower only when it set it."""
+    bank = backend.app(Bank)
+    audit = backend.app(Audit)
+    audit.follow(bank.name, bank.notification_log)
+    account_id = _ten_days_old_then_now(bank, monkeypatch, 20, 10)
+    audit.pull_and_process(bank.name, stop=processed)
+    policy = CompactionPolicy(retain_last=1, retain_younger_than="1d")
+    compactor = ApplicationCompactor(bank, policy=policy, followers=[audit])
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.snapshot_version) == (Outcome.COMPACTED, cut), result.error
+    assert (result.held_back_by is not None) == held
+    assert _versions(backend, bank, account_id) == list(range(cut + 1, 32))
+    compactor.close()
+
+
+def test_a_compaction_that_commits_between_the_plan_and_the_fence_is_planned_again(
+    backend: Backend,
+):
+    """The plan is made before the fence; if another compaction moved the compaction
+    point in between, it is made again from there (its snapshot, its events)."""
+    bank = backend.app(Bank)
+    [account_id] = _accounts(bank, 1, 40)  # versions 1..41
+    other = ApplicationCompactor(bank, policy=CompactionPolicy(retain_last=20))
+    calls: list[int] = []
+
+    def another_compaction_first() -> None:  # before the fence, then before the delete
+        calls.append(1)
+        if len(calls) == 1:
+            assert other.compact(account_id).snapshot_version == 21
+
+    compactor = ApplicationCompactor(
+        bank, policy=CompactionPolicy(retain_last=5), guard=another_compaction_first
+    )
+    result = compactor.compact(account_id)
+    assert (result.outcome, result.compacted_through_before, result.snapshot_version) == (
+        Outcome.COMPACTED,
+        21,
+        36,
+    ), result.error
+    assert result.events_deleted == 15
+    assert _versions(backend, bank, account_id) == list(range(37, 42))
+    assert bank.repository.get(account_id).balance == sum(range(1, 41))
+    other.close()
+    compactor.close()
