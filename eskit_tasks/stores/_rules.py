@@ -38,6 +38,12 @@ ROW_OVERHEAD_BYTES = 48
 #: A stored event as both stores hand it to :func:`decode_events`:
 #: (version, type, data JSON, metadata JSON, raw timestamp, position).
 StoredRow = tuple[int, str, str, str, Any, int]
+#: A stored row as a read hands it over: metadata may come as None for the empty object
+#: ``{}`` (the SQL read asks for it so: no string is made for it).
+ReadRow = tuple[int, str, str, str | None, Any, int]
+
+#: The stored size of empty metadata, ``{}``, when a read gives it as None.
+EMPTY_METADATA_BYTES = 2
 
 
 class StreamRow(Protocol):
@@ -103,7 +109,7 @@ def conflict(label: str, expected: int, actual: int) -> ConcurrencyError:
 def decode_events(
     stream_type: str,
     stream_id: str,
-    rows: Iterable[StoredRow],
+    rows: Iterable[ReadRow],
     to_datetime: Callable[[Any], datetime],
 ) -> Iterator[RecordedEvent]:
     """Decode stored rows into events, lazily; ``to_datetime`` turns a row's raw
@@ -124,7 +130,7 @@ def decode_events(
             last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
         try:
             payload = loads(data)
-            meta_obj = {} if meta == "{}" else loads(meta)
+            meta_obj = {} if meta is None or meta == "{}" else loads(meta)
         except orjson.JSONDecodeError as exc:
             raise _decode_error(stream_type, stream_id, version, exc) from None
         # tuple.__new__: half the cost of the named tuple's own constructor (a Python
@@ -137,7 +143,7 @@ def decode_events(
                 payload,
                 meta_obj,
                 recorded_at,
-                len(data) + len(meta) + overhead,
+                len(data) + (EMPTY_METADATA_BYTES if meta is None else len(meta)) + overhead,
                 position,
                 stream_type,
                 stream_id,
@@ -148,7 +154,7 @@ def decode_events(
 def fold_pages(
     stream_type: str,
     stream_id: str,
-    pages: Iterable[Sequence[StoredRow]],
+    pages: Iterable[Sequence[ReadRow]],
     to_datetime: Callable[[Any], datetime],
     evolve: Evolve,
     state: Any,
@@ -164,6 +170,7 @@ def fold_pages(
     check is folded row by row, which reports the gap where it is.
     """
     loads, new, event, overhead = orjson.loads, tuple.__new__, RecordedEvent, ROW_OVERHEAD_BYTES
+    empty = EMPTY_METADATA_BYTES
     version, stored = after, 0
     last_raw: Any = None
     recorded_at: datetime = datetime.min
@@ -187,14 +194,14 @@ def fold_pages(
             for number, type_, data, meta, raw_ts, position in rows:
                 if raw_ts != last_raw:
                     last_raw, recorded_at = raw_ts, to_datetime(raw_ts)
-                size = len(data) + len(meta) + overhead
+                size = len(data) + (empty if meta is None else len(meta)) + overhead
                 recorded = new(
                     event,
                     (
                         number,
                         type_,
                         loads(data),
-                        {} if meta == "{}" else loads(meta),
+                        {} if meta is None else loads(meta),
                         recorded_at,
                         size,
                         position,

@@ -25,12 +25,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from eskit_tasks.domain.events import RecordedEvent, label_of
 from eskit_tasks.domain.fold import Evolve
-from eskit_tasks.stores._rules import StoredRow, decode_events, fold_pages
+from eskit_tasks.stores._rules import ReadRow, decode_events, fold_pages
 from eskit_tasks.stores.engine import reading
 
 _PK_SQL = "SELECT pk FROM eskit_streams WHERE stream_type = {p} AND stream_id = {p}"
+# NULLIF: empty metadata (most events') arrives as NULL, which the driver does not turn
+# into a string per row.
 _READ_SQL = (
-    "SELECT version, type, data, metadata, {ts}, position FROM eskit_events "
+    "SELECT version, type, data, NULLIF(metadata, '{{}}'), {ts}, position FROM eskit_events "
     "WHERE stream_pk = {p} AND version >= {p}{upper} ORDER BY version"
 )
 # One page of the whole store in position order (a keyset page: each page is its own
@@ -127,7 +129,7 @@ class StreamRead(Iterator[RecordedEvent]):
 
 
 #: A read's pages of stored rows, and how their raw timestamps become datetimes.
-_Pages = tuple[Iterator[list[StoredRow]], Callable[[Any], datetime]]
+_Pages = tuple[Iterator[list[ReadRow]], Callable[[Any], datetime]]
 
 
 def _decoded(
@@ -166,11 +168,11 @@ def _open_pages(
 #: Pages a PostgreSQL read fetches ahead of the fold (memory: this many pages more).
 PREFETCH_PAGES = 2
 
-_END: list[StoredRow] = []
+_END: list[ReadRow] = []
 
 
 @contextlib.contextmanager
-def prefetched(pages: Iterator[list[StoredRow]], depth: int) -> Iterator[Iterator[list[StoredRow]]]:
+def prefetched(pages: Iterator[list[ReadRow]], depth: int) -> Iterator[Iterator[list[ReadRow]]]:
     """``pages``, fetched by a second thread up to ``depth`` pages ahead of the consumer.
 
     The fetching thread alone touches ``pages`` until it has stopped: on leaving, the
@@ -178,7 +180,7 @@ def prefetched(pages: Iterator[list[StoredRow]], depth: int) -> Iterator[Iterato
     it is fetching), so the caller may close the cursor and the connection afterwards.
     An error of the fetching thread is raised in the consumer, at the page it stopped.
     """
-    ready: queue.Queue[list[StoredRow] | BaseException] = queue.Queue(maxsize=depth)
+    ready: queue.Queue[list[ReadRow] | BaseException] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def fetch() -> None:
@@ -191,7 +193,7 @@ def prefetched(pages: Iterator[list[StoredRow]], depth: int) -> Iterator[Iterato
         except BaseException as exc:  # handed to the consumer with its traceback
             ready.put(exc)
 
-    def consume() -> Iterator[list[StoredRow]]:
+    def consume() -> Iterator[list[ReadRow]]:
         while True:
             page = ready.get()
             if isinstance(page, BaseException):
@@ -270,7 +272,7 @@ def _pages(
     from_version: int,
     to_version: int | None,
     page_size: int,
-) -> Generator[list[StoredRow], None, None]:
+) -> Generator[list[ReadRow], None, None]:
     """Pages of (version, type, data, metadata, raw timestamp) rows in version order."""
     driver = conn.connection.driver_connection
     assert driver is not None
