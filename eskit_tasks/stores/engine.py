@@ -146,14 +146,19 @@ def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Conne
     SQLite: ``BEGIN IMMEDIATE``. PostgreSQL: bounded waits for row locks and for a stalled
     client, so a paused worker cannot hold a stream's row lock indefinitely.
 
-    ``durable=False`` (PostgreSQL): the commit returns before its WAL is flushed, which
-    saves a disk flush. Only for a write that something durable must confirm later: a
+    ``durable=False``: the commit returns before its WAL is flushed to disk, which saves
+    a disk flush (PostgreSQL: ``synchronous_commit = off``; SQLite in WAL mode:
+    ``synchronous=NORMAL``). Only for a write that something durable must confirm later: a
     crash may undo it, and WAL is flushed in order, so the next durable commit makes it
     durable too (an unverified snapshot, which only the delete transaction makes count).
     """
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             conn.execution_options(**{_WRITE_OPTION: True})
+            if not durable:
+                with _sqlite_synchronous_normal(conn), conn.begin():
+                    yield conn
+                return
         with conn.begin():
             if engine.dialect.name == "postgresql":
                 conn.exec_driver_sql(
@@ -163,6 +168,21 @@ def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Conne
                     + ("" if durable else "; SET LOCAL synchronous_commit = off")
                 )
             yield conn
+
+
+@contextmanager
+def _sqlite_synchronous_normal(conn: Connection) -> Iterator[None]:
+    """SQLite's ``durable=False``: in WAL mode ``synchronous=NORMAL`` commits without a
+    sync, and the next commit under the connection's own setting syncs the WAL up to
+    and including this one. The setting is restored before the connection goes back."""
+    driver = conn.connection.driver_connection  # outside SQLAlchemy's transaction
+    assert driver is not None
+    (was,) = driver.execute("PRAGMA synchronous").fetchone()
+    driver.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        driver.execute(f"PRAGMA synchronous={int(was)}")
 
 
 @contextmanager
