@@ -38,6 +38,7 @@ from eskit_tasks.fleet.finish import fail_run, record_run_start
 from eskit_tasks.fleet.messages import check_run_args, policy_kwargs, run_id_for, short_repr
 from eskit_tasks.fleet.observability import report_to_run, send_finish
 from eskit_tasks.fleet.progress import Advanced, Page, check_run_id
+from eskit_tasks.fleet.publish import PageTemplate, template_applies
 from eskit_tasks.fleet.redelivery import backoff
 from eskit_tasks.fleet.resources import Resources, resources_of
 from eskit_tasks.stores.sql_plans import applicable_plan, plan_caps, plan_page
@@ -138,12 +139,10 @@ def fan_out_page(
         task.apply_async(kwargs={**args, "cursor": cursor}, countdown=settings.fanout_backoff)
         return {"run_id": run_id, "waiting": depth}
 
-    progress = res.progress.get(run_id)
-    budget = (
-        None
-        if args["max_streams"] is None
-        else args["max_streams"] - (0 if progress is None else progress.candidates)
-    )
+    budget = None
+    if args["max_streams"] is not None:  # what the run may still take
+        progress = res.progress.get(run_id)
+        budget = args["max_streams"] - (0 if progress is None else progress.candidates)
     limit = min(settings.fanout_page_size, settings.fanout_high_water - depth)
     if budget is not None:
         limit = min(limit, budget)
@@ -369,15 +368,21 @@ def enqueue(
 
     On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
     pipeline raises, and the page is sent again by the fan-out's retry (a stream
-    enqueued twice is compacted once). Celery's own per-message costs are cut where it
-    lets us: the queue is declared with the first message only, and the argument
-    reprs shown by monitoring tools are built here (Celery's generic ``saferepr`` was
-    a fifth of the fan-out's time).
+    enqueued twice is compacted once). Celery builds the page's first message and the
+    others are made from it (:mod:`eskit_tasks.fleet.publish`), unless the
+    configuration makes Celery build each message differently: then Celery sends each.
     """
-    kwargsrepr = short_repr(kwargs)
-    declare: list[Any] | None = None  # Celery's default: declare the routed queue
-    send: Any = app.tasks[COMPACT_STREAM_TASK].apply_async  # stubs predate these options
+    streams = tuple(streams)
+    if not streams:
+        return
+    task = app.tasks[COMPACT_STREAM_TASK]
     with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
+        if template_applies(app, task):
+            PageTemplate(app, producer, streams[0], kwargs).publish(producer, streams, kwargs, caps)
+            return
+        kwargsrepr = short_repr(kwargs)
+        declare: list[Any] | None = None  # Celery's default: declare the routed queue
+        send: Any = task.apply_async  # stubs predate these options
         for args in streams:
             cap = None if caps is None else caps.get((args[0], args[1]))
             these = kwargs if cap is None else {**kwargs, "through_version": cap}
@@ -393,7 +398,17 @@ def enqueue(
 
 
 def queue_depth(app: Celery, queue: str) -> int:
-    """Messages waiting in ``queue`` on the app's broker (0 if it does not exist yet)."""
+    """Messages waiting in ``queue`` on the app's broker (0 if it does not exist yet).
+
+    A queue of the app's ``task_queues`` is declared as Celery declares it before
+    publishing (the answer carries its depth), on a pooled connection; any other is
+    looked up passively on a connection of its own (a failed passive declare may close
+    the channel)."""
+    entity = app.amqp.queues.get(queue)
+    if entity is not None:
+        with app.producer_or_acquire() as producer:
+            answer: Any = entity.bind(producer.channel).queue_declare()  # stubs: a name
+            return int(answer.message_count)
     try:
         with app.connection_for_read() as conn:
             channel: Any = conn.default_channel

@@ -93,12 +93,16 @@ class SqlQuarantine:
         if not streams:
             return set()
         now = now or datetime.now(UTC)
-        pairs = [(c.stream_type, c.stream_id) for c in streams]
-        query = sa.select(quarantine.c.stream_type, quarantine.c.stream_id).where(
-            sa.tuple_(quarantine.c.stream_type, quarantine.c.stream_id).in_(pairs),
-            quarantine.c.retry_after > now,
-        )
+        held_now = quarantine.c.retry_after > now
         with reading(self.engine, "read the quarantine") as conn:
+            # Usually nothing is held: one small query instead of a page-sized IN list
+            # (rendering its bound pairs was a tenth of the fan-out's time).
+            if conn.execute(sa.select(sa.literal(1)).where(held_now).limit(1)).first() is None:
+                return set()
+            pairs = [(c.stream_type, c.stream_id) for c in streams]
+            query = sa.select(quarantine.c.stream_type, quarantine.c.stream_id).where(
+                sa.tuple_(quarantine.c.stream_type, quarantine.c.stream_id).in_(pairs), held_now
+            )
             return {(str(t), str(i)) for t, i in conn.execute(query)}
 
     def entry(self, stream_type: str, stream_id: str) -> QuarantineEntry | None:
