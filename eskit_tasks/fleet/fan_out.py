@@ -28,8 +28,10 @@ from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.domain.window import parse_window
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.batch import batches
 from eskit_tasks.fleet.compact_task import pause_poll
 from eskit_tasks.fleet.constants import (
+    COMPACT_BATCH_TASK,
     COMPACT_STREAM_TASK,
     FANOUT_PUBLISH_BATCH,
     WINDOW_POLL_MAX_S,
@@ -148,7 +150,7 @@ def fan_out_page(
     if budget is not None:
         limit = min(limit, budget)
     try:
-        page, new_cursor, exhausted, caps = _read_page(res, args, cursor, limit)
+        page, new_cursor, exhausted, caps, sizes = _read_page(res, args, cursor, limit)
     except FANOUT_RETRIED_ERRORS:
         raise
     except EskitError as exc:  # an application that cannot be paged: say so, stop
@@ -166,7 +168,14 @@ def fan_out_page(
     if args.get("plan_id") is not None:  # the caps of the streams stored, not just read
         caps = plan_caps(res.store.engine, args["plan_id"], stored.streams)  # type: ignore[attr-defined]
         stored = _only_planned(task, res, run_id, stored, caps)
-    enqueue(app, stored.streams, {"run_id": run_id, **policy}, caps)
+    enqueue(
+        app,
+        stored.streams,
+        {"run_id": run_id, **policy},
+        caps,
+        sizes=sizes,
+        batch_events=settings.batch_events,
+    )
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
     )
@@ -183,9 +192,12 @@ def fan_out_page(
 
 def _read_page(
     res: Resources, args: dict[str, Any], cursor: int, limit: int
-) -> tuple[list[tuple[str, str]], int, bool, dict[tuple[str, str], int]]:
+) -> tuple[
+    list[tuple[str, str]], int, bool, dict[tuple[str, str], int], dict[tuple[str, str], int]
+]:
     """The streams of the page after ``cursor``, the next cursor, whether the run has
-    examined everything, and each planned stream's cap (a plan's ``through_version``).
+    examined everything, each planned stream's cap (a plan's ``through_version``) and
+    each stream's live events as read (none for a plan: its streams go alone).
 
     A run pages the event store's streams, then those of the applications it started
     with; a plan's run pages the plan (its cursor: the position in the plan)."""
@@ -198,7 +210,7 @@ def _read_page(
         rows = plan_page(engine, plan_id, after=cursor, limit=limit)
         caps = {(p.stream_type, p.stream_id): p.through_version for _, p in rows}
         next_cursor = rows[-1][0] if rows else cursor
-        return list(caps), next_cursor, len(rows) < limit, caps
+        return list(caps), next_cursor, len(rows) < limit, caps, {}
     if args.get("sources") is None:
         args["sources"] = [name for name, _ in sources_for(args["stream_types"])]
     sources = [_source(name) for name in args["sources"]]
@@ -212,7 +224,8 @@ def _read_page(
         stream_types=args["stream_types"],
         skip=None if res.quarantine is None else res.quarantine.held,
     )
-    return [(c.stream_type, c.stream_id) for c in page], new_cursor, exhausted, {}
+    sizes = {(c.stream_type, c.stream_id): c.live_events for c in page}
+    return list(sizes), new_cursor, exhausted, {}, sizes
 
 
 def _only_planned(
@@ -363,9 +376,15 @@ def enqueue(
     streams: Iterable[tuple[str, str]],
     kwargs: dict[str, Any],
     caps: Mapping[tuple[str, str], int] | None = None,
+    *,
+    sizes: Mapping[tuple[str, str], int] | None = None,
+    batch_events: int = 0,
 ) -> None:
-    """Send one compact_stream message per candidate, as fast as the broker allows;
-    a stream in ``caps`` is compacted at most through that version (a plan's cut).
+    """Send the messages of a page of candidates, as fast as the broker allows: one
+    compact_stream per stream, or — for streams whose live events ``sizes`` knows, with
+    ``batch_events`` > 0 — one compact_batch per batch of small streams (see
+    :func:`eskit_tasks.fleet.batch.batches`). A stream in ``caps`` is compacted at most
+    through that version (a plan's cut).
 
     On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
     pipeline raises, and the page is sent again by the fan-out's retry (a stream
@@ -377,8 +396,23 @@ def enqueue(
     kwargsrepr = short_repr(kwargs)
     declare: list[Any] | None = None  # Celery's default: declare the routed queue
     send: Any = app.tasks[COMPACT_STREAM_TASK].apply_async  # stubs predate these options
+    send_batch: Any = app.tasks[COMPACT_BATCH_TASK].apply_async
+    messages = batches(streams, sizes or {}, caps, batch_events)
     with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
-        for args in streams:
+        for message in messages:
+            if isinstance(message, list):
+                body = [m.as_message() for m in message]
+                send_batch(
+                    args=(body,),
+                    kwargs=kwargs,
+                    producer=producer,
+                    declare=declare,
+                    argsrepr=short_repr((body,)),
+                    kwargsrepr=kwargsrepr,
+                )
+                declare = []
+                continue
+            args = message
             cap = None if caps is None else caps.get((args[0], args[1]))
             these = kwargs if cap is None else {**kwargs, "through_version": cap}
             send(
