@@ -21,7 +21,8 @@ metrics and report to the run. So:
   one whose first copy still holds the lock waits for it, and no stream is counted
   twice;
 * a paused run, or a throttle that keeps a stream waiting, re-sends the streams not yet
-  started as a new batch (same task ids) for later.
+  started as a new batch (same task ids) for later; so does a batch that has used half
+  of its soft time limit, or whose stream reached it.
 
 The batch's own result is ``{"results": {task id: CompactionResult}, "sent_again":
 [task ids]}``; it ends in FAILURE (``CompactionNeedsAttention``, carrying that) when a
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from eskit_tasks.errors import CompactionNeedsAttention
@@ -191,6 +192,12 @@ def compact_batch(
             )
         except CompactionNeedsAttention as exc:
             results[member.task_id] = exc.result
+            if exc.result.get("error_type") == SoftTimeLimitExceeded.__name__:
+                rest = members[n + 1 :]  # the hard limit is near: the rest go later
+                if rest:
+                    _send_rest(self, rest, run_id, policy, countdown=0)
+                    sent_again += [m.task_id for m in rest]
+                break
         except _WaitLater as wait:
             _send_rest(self, members[n:], run_id, policy, countdown=wait.countdown)
             sent_again += [m.task_id for m in members[n:]]
