@@ -275,3 +275,26 @@ def test_a_page_goes_out_in_batches_of_small_streams_and_big_ones_alone():
     [alone] = batches(page[:1], sizes, None, 1000)
     assert alone == ("t", "s-0")  # a batch of one is a stream alone
     assert Member("t", "s", "x").as_message() == ["t", "s", "x", None]
+
+
+def test_the_results_of_a_stored_batch_read_back_whatever_its_state():
+    from eskit_tasks.fleet.runs import batch_results_of, compaction_result_of
+
+    ok = {"stream_type": "t", "stream_id": "a", "outcome": "compacted"}
+    bad = {"stream_type": "t", "stream_id": "b", "outcome": "failed"}
+    answer = {"results": {"t-1": ok, "t-2": bad}, "sent_again": []}
+    raw_failure = {  # as a JSON result backend stores CompactionNeedsAttention
+        "status": "FAILURE",
+        "result": {
+            "exc_type": "CompactionNeedsAttention",
+            "exc_module": "eskit_tasks.errors",
+            "exc_message": ["1 of 2: failed t/b", answer],
+        },
+    }
+    assert batch_results_of({"status": "SUCCESS", "result": answer}) == [ok, bad]
+    assert batch_results_of(raw_failure) == [ok, bad]
+    exc = CompactionNeedsAttention("1 of 2", answer)
+    assert batch_results_of({"status": "FAILURE", "result": exc}) == [ok, bad]
+    assert batch_results_of({"status": "SUCCESS", "result": ok}) == []  # a stream's own
+    assert compaction_result_of({"status": "SUCCESS", "result": answer}) is None
+    assert batch_results_of({"status": "PENDING", "result": None}) == []

@@ -360,6 +360,28 @@ def compaction_result_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def batch_results_of(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``CompactionResult`` JSON of each stream one stored ``compact_batch`` state
+    holds (SUCCESS: its return value; FAILURE: carried by its
+    ``CompactionNeedsAttention``), as :func:`compaction_result_of` reads a
+    ``compact_stream``'s; empty for any other state or result."""
+    status, value = meta.get("status"), meta.get("result")
+    if status == states.FAILURE and isinstance(value, CompactionNeedsAttention):
+        value = value.result
+    elif (
+        status == states.FAILURE
+        and isinstance(value, Mapping)
+        and value.get("exc_type") == CompactionNeedsAttention.__qualname__
+        and isinstance(value.get("exc_message"), list | tuple)
+    ):
+        value = next((a for a in value["exc_message"] if isinstance(a, dict)), None)
+    elif status != states.SUCCESS:
+        return []
+    if not isinstance(value, Mapping) or not isinstance(value.get("results"), Mapping):
+        return []
+    return [r for r in value["results"].values() if _is_result(r)]
+
+
 def _is_result(value: Any) -> bool:
     return isinstance(value, dict) and "outcome" in value and "stream_id" in value
 
