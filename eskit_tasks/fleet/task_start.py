@@ -20,6 +20,11 @@ The answer to 3 is only "a cap is set": the throttle's own gates (token bucket, 
 waiting) run as before, and only then. With no cap anywhere — the default — a task
 holds no slot and charges no bucket, so the common case costs nothing more.
 
+The script names keys of several owners (the task's done key, the stream's lock, the
+run's hash, the global throttle config) in one call: fine on the one Redis the fleet
+uses (``ESKIT_REDIS_URL``); a Redis Cluster would refuse it unless they shared a hash
+tag, which they do not.
+
 The lock is taken exactly as :class:`~eskit_tasks.fleet.locks.StreamLock` takes it
 (``SET key token NX PX ttl``), so renewal, checks and release work on it unchanged.
 """
