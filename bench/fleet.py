@@ -55,7 +55,7 @@ SCALES = {
     "tiny": {"streams": 40, "events": 20, "rounds": 1},
     "full": {"streams": 2_000, "events": 200, "rounds": 3},
 }
-GOAL_RATIO = 1.3
+GOAL_RATIO = 1.6
 
 
 # -- shared helpers -------------------------------------------------------------------

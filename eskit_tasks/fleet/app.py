@@ -1,8 +1,8 @@
 """The Celery application: ``celery -A eskit_tasks worker`` / ``beat`` find it here.
 
 :func:`create_app` builds an app from the settings it is given — its Celery
-configuration, its tasks (``eskit_tasks.compact_stream``, ``eskit_tasks.fan_out``,
-``eskit_tasks.finish_run``)
+configuration, its tasks (``eskit_tasks.compact_stream``, ``eskit_tasks.compact_batch``,
+``eskit_tasks.fan_out``, ``eskit_tasks.finish_run``)
 and the resources its tasks use — so a test can build a whole fleet in-process::
 
     app = create_app(settings, config={"broker_url": "memory://"}, resources=resources)
@@ -31,8 +31,10 @@ from eskit_tasks.errors import (
 )
 from eskit_tasks.fleet import celeryconfig as packaged
 from eskit_tasks.fleet import failures, metrics, observability
+from eskit_tasks.fleet.batch import compact_batch
 from eskit_tasks.fleet.compact_task import compact_stream
 from eskit_tasks.fleet.constants import (
+    COMPACT_BATCH_TASK,
     COMPACT_STREAM_TASK,
     FAN_OUT_TASK,
     FANOUT_MAX_RETRIES,
@@ -107,6 +109,13 @@ def create_app(
         max_retries=None,
         throws=(CompactionNeedsAttention,),
     )(compact_stream)
+    app.task(
+        bind=True,
+        shared=False,
+        name=COMPACT_BATCH_TASK,
+        max_retries=0,  # it never retries itself: a stream that must is handed off
+        throws=(CompactionNeedsAttention,),
+    )(compact_batch)
     app.task(bind=True, shared=False, name=FAN_OUT_TASK, max_retries=FANOUT_MAX_RETRIES)(fan_out)
     app.task(
         bind=True,

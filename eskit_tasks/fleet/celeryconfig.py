@@ -14,7 +14,12 @@ from typing import Any
 from celery.schedules import crontab
 from kombu import Queue
 
-from eskit_tasks.fleet.constants import COMPACT_STREAM_TASK, FAN_OUT_TASK, FINISH_RUN_TASK
+from eskit_tasks.fleet.constants import (
+    COMPACT_BATCH_TASK,
+    COMPACT_STREAM_TASK,
+    FAN_OUT_TASK,
+    FINISH_RUN_TASK,
+)
 from eskit_tasks.fleet.settings import EskitSettings, get_settings
 
 
@@ -73,6 +78,7 @@ def celery_config(s: EskitSettings) -> dict[str, Any]:
         "task_default_queue": s.compaction_queue,
         "task_routes": {
             COMPACT_STREAM_TASK: {"queue": s.compaction_queue},
+            COMPACT_BATCH_TASK: {"queue": s.compaction_queue},
             FAN_OUT_TASK: {"queue": s.fanout_queue},
             # The end of a run (reclaiming space) must not wait behind a full queue.
             FINISH_RUN_TASK: {"queue": s.fanout_queue},

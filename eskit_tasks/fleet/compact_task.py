@@ -4,7 +4,8 @@ It wires the process's resources, a :class:`~eskit_tasks.fleet.locks.StreamLock`
 the registered decider into a :class:`~eskit_tasks.core.compactor.Compactor`. Each
 delivery is harmless (see :mod:`eskit_tasks.fleet.redelivery`):
 
-* a copy whose task's result is already stored ignores itself;
+* a copy whose task's result is already claimed ignores itself (it counts that result
+  in its run);
 * a copy that finds the stream locked by *another* task retries later (``locked`` when
   its retries run out); one that finds it locked by its *own* id (a redelivered copy of
   a task still running, or of one whose worker died) retries after the lock's TTL and
@@ -18,6 +19,12 @@ is claimed, counted in its run and logged, it raises
 :class:`~eskit_tasks.errors.CompactionNeedsAttention`, which carries the result
 (``eskit_tasks.fleet.runs.compaction_result`` reads it back). The other outcomes are
 the task's return value (SUCCESS).
+
+Redis is asked once before a compaction starts — done key, run state, throttle caps and
+the stream's lock in one script (:mod:`eskit_tasks.fleet.task_start`) — and the
+throttle's own gates run only when a cap is set. :func:`compact_copy` is the work for
+one stream; a batch of small streams (:mod:`eskit_tasks.fleet.batch`) runs it for each
+of its streams, each under the task id the fan-out gave that stream.
 """
 
 from __future__ import annotations
@@ -29,7 +36,13 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from redis.exceptions import RedisError
 
-from eskit_tasks.core.registry import get_registration, get_source, import_decider_modules
+from eskit_tasks.core.registry import (
+    Registration,
+    StreamSource,
+    get_registration,
+    get_source,
+    import_decider_modules,
+)
 from eskit_tasks.core.settlement import committed_fields
 from eskit_tasks.domain.policy import CompactionPolicy
 from eskit_tasks.domain.redact import mask_url
@@ -46,9 +59,10 @@ from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import record
 from eskit_tasks.fleet.progress import RUN_ID_PATTERN as _RUN_ID
 from eskit_tasks.fleet.quarantine import note_outcome
-from eskit_tasks.fleet.redelivery import TaskCopy, already_finished, is_transient
+from eskit_tasks.fleet.redelivery import TaskCopy, is_transient
 from eskit_tasks.fleet.resources import Resources, resources_of
 from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.fleet.task_start import Started
 from eskit_tasks.fleet.throttle import Throttle, global_scope, run_scope
 
 
@@ -78,15 +92,23 @@ def compact_stream(
             f"{type(stream_type).__name__} and {type(stream_id).__name__}"
         )
     res = resources_of(self.app)
-    if already_finished(self, res, run_id):
+    return compact_copy(TaskCopy(self, res, run_id), stream_type, stream_id, policy)
+
+
+def compact_copy(
+    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+) -> dict[str, Any]:
+    """The work of one copy of a stream's task: its result as JSON, once claimed.
+
+    Raises:
+        Ignore: another copy owns the result, or this copy was re-sent (a retry, a wait).
+        Retry: the copy is retried.
+        CompactionNeedsAttention: the outcome needs attention (carries the result).
+    """
+    if copy.follows_attempt and copy.already_finished():
         raise Ignore()
-    copy = TaskCopy(self, res, run_id)
     try:
-        held = _held_by_run(copy, stream_type, stream_id)
-        if held is not None:
-            return _claimed(copy, held)
-        import_decider_modules(res.settings.decider_module_list)
-        result = _compact_throttled(copy, stream_type, stream_id, policy)
+        result = _compact_started(copy, stream_type, stream_id, policy)
     except (Ignore, Retry):
         raise
     except Exception as exc:  # anything else still ends in a reported result
@@ -95,7 +117,7 @@ def compact_stream(
         result = CompactionResult.failed(
             stream_type, stream_id, exc, compaction_id=copy.compaction_id
         )
-        record(result, run_id, copy.task_id)
+        record(result, copy.run_id, copy.task_id)
     return _claimed(copy, result)
 
 
@@ -115,14 +137,99 @@ def attention_message(result: CompactionResult) -> str:
     return f"{result.outcome.value} {result.stream_type}/{result.stream_id}{said}"
 
 
+class _Prepared:
+    """What a compaction needs before it starts: the policy, and the stream's source
+    (a pyeventsourcing application) or registration (a decider)."""
+
+    def __init__(self, policy: dict[str, Any], stream_type: str) -> None:
+        self.policy = CompactionPolicy(**policy)
+        self.source: StreamSource | None = get_source(stream_type)
+        self.registration: Registration | None = (
+            None if self.source is not None else get_registration(stream_type)
+        )
+
+
+def _early(
+    copy: TaskCopy,
+    stream_type: str,
+    stream_id: str,
+    outcome: Outcome,
+    error: str,
+    error_type: str,
+) -> CompactionResult:
+    """A result reached before the compactor ran (recorded: metrics and log line)."""
+    result = CompactionResult.failed(
+        stream_type,
+        stream_id,
+        error,
+        outcome=outcome,
+        error_type=error_type,
+        compaction_id=copy.compaction_id,
+    )
+    record(result, copy.run_id, copy.task_id)
+    return result
+
+
+def _compact_started(
+    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+) -> CompactionResult:
+    """Ask Redis once whether and how this copy may start (see task_start.py), then
+    compact under the lock that answer took."""
+    settings, res = copy.settings, copy.res
+    import_decider_modules(settings.decider_module_list)
+    try:
+        prepared = _Prepared(policy, stream_type)
+    except ConfigurationError as exc:  # an invalid policy, an unknown stream type
+        held = _held_by_run(copy, stream_type, stream_id)  # a cancelled run says so first
+        return held or _early(
+            copy, stream_type, stream_id, Outcome.FAILED, str(exc), type(exc).__name__
+        )
+    res.store, res.snapshots  # noqa: B018 -- connect before taking the lock
+    lock = StreamLock(res.redis, stream_type, stream_id, ttl=settings.lock_ttl, owner=copy.task_id)
+    try:
+        started = copy.start(lock, gates=True)
+    except RedisError as exc:
+        return _redis_down(copy, stream_type, stream_id, exc)
+    if started.answer == "done":
+        copy.finished_elsewhere(started.value or "")
+        raise Ignore()  # a copy of this task finished: its result is counted
+    if started.answer == "paused":
+        copy.wait_later(pause_poll(settings))
+    if started.answer == "cancelled":
+        return _cancelled(copy, stream_type, stream_id)
+    if started.answer == "throttled":
+        return _compact_throttled(copy, stream_type, stream_id, prepared, lock)
+    return _compact_locked(copy, stream_type, stream_id, prepared, lock, started)
+
+
+def _redis_down(
+    copy: TaskCopy, stream_type: str, stream_id: str, exc: RedisError
+) -> CompactionResult:
+    copy.retry_later()
+    return _early(
+        copy,
+        stream_type,
+        stream_id,
+        Outcome.FAILED,
+        f"Redis for locks unreachable at {mask_url(copy.settings.redis_url)}: {exc}",
+        type(exc).__name__,
+    )
+
+
 def _held_by_run(copy: TaskCopy, stream_type: str, stream_id: str) -> CompactionResult | None:
-    """A paused run's task waits (re-sent later, reading nothing); a cancelled run's
-    ends ``cancelled`` (its result, to claim) without touching the database."""
+    """Read the run's state: a paused run's task waits (re-sent later, reading
+    nothing); a cancelled run's ends ``cancelled`` (its result, to claim) without
+    touching the database. (Asked in the start script; read on its own only after a
+    throttle's wait or before an early failure.)"""
     state = _run_state(copy.res, copy.run_id)
     if state == "paused":
         copy.wait_later(pause_poll(copy.settings))
     if state != "cancelled":
         return None
+    return _cancelled(copy, stream_type, stream_id)
+
+
+def _cancelled(copy: TaskCopy, stream_type: str, stream_id: str) -> CompactionResult:
     result = _committed_before(copy, stream_type, stream_id) or CompactionResult(
         stream_type=stream_type,
         stream_id=stream_id,
@@ -137,9 +244,7 @@ def _committed_before(copy: TaskCopy, stream_type: str, stream_id: str) -> Compa
     """For a copy that follows an earlier attempt of its task (a retry, a redelivery):
     the deletion that attempt committed, if it did — reported, not hidden behind
     ``cancelled``. One read of the audit log; a first delivery reads nothing."""
-    request = copy.task.request
-    redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    if not (request.retries or redelivered):
+    if not copy.follows_attempt:
         return None
     try:
         found = copy.res.store.find_compaction(copy.compaction_id)
@@ -167,9 +272,13 @@ def pause_poll(settings: EskitSettings) -> float:
 
 
 def _compact_throttled(
-    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+    copy: TaskCopy,
+    stream_type: str,
+    stream_id: str,
+    prepared: _Prepared,
+    lock: StreamLock,
 ) -> CompactionResult:
-    """Compact once the fleet-wide caps let this compaction start (see
+    """A cap is set: compact once the fleet-wide caps let this compaction start (see
     :mod:`eskit_tasks.fleet.throttle`); charge what it deleted. A task still waiting
     after ``WAIT_IN_TASK_S`` gives its worker back and is re-sent."""
     settings = copy.settings
@@ -186,8 +295,16 @@ def _compact_throttled(
         copy.wait_later(pause_poll(settings))
     try:
         # Paused or cancelled while this task waited for its turn (read again only then).
-        held = _held_by_run(copy, stream_type, stream_id) if waited else None
-        result = held or _compact_locked(copy, stream_type, stream_id, policy)
+        result = _held_by_run(copy, stream_type, stream_id) if waited else None
+        if result is None:
+            try:
+                started = copy.start(lock, gates=False)  # the done key and the lock
+            except RedisError as exc:
+                return _redis_down(copy, stream_type, stream_id, exc)
+            if started.answer == "done":
+                copy.finished_elsewhere(started.value or "")
+                raise Ignore()
+            result = _compact_locked(copy, stream_type, stream_id, prepared, lock, started)
     finally:
         with contextlib.suppress(RedisError):
             throttle.release()
@@ -198,65 +315,47 @@ def _compact_throttled(
 
 
 def _compact_locked(
-    copy: TaskCopy, stream_type: str, stream_id: str, policy: dict[str, Any]
+    copy: TaskCopy,
+    stream_type: str,
+    stream_id: str,
+    prepared: _Prepared,
+    lock: StreamLock,
+    started: Started,
 ) -> CompactionResult:
+    """Compact under the lock ``started`` took; or, if another task holds it, retry
+    later (``locked`` once the retries are used up)."""
     settings, res = copy.settings, copy.res
-
-    def early(outcome: Outcome, error: str, error_type: str) -> CompactionResult:
-        result = CompactionResult.failed(
-            stream_type,
-            stream_id,
-            error,
-            outcome=outcome,
-            error_type=error_type,
-            compaction_id=copy.compaction_id,
-        )
-        record(result, copy.run_id, copy.task_id)
-        return result
-
-    try:
-        parsed = CompactionPolicy(**policy)
-        source = get_source(stream_type)  # a pyeventsourcing application's aggregates
-        registration = None if source is not None else get_registration(stream_type)
-    except ConfigurationError as exc:  # an invalid policy, an unknown stream type
-        return early(Outcome.FAILED, str(exc), type(exc).__name__)
-    store, snapshots = res.store, res.snapshots  # connect before taking the lock
-
-    lock = StreamLock(res.redis, stream_type, stream_id, ttl=settings.lock_ttl, owner=copy.task_id)
-    try:
-        acquired = lock.acquire()
-        holder = None if acquired else lock.holder()
-    except RedisError as exc:
-        copy.retry_later()
-        return early(
-            Outcome.FAILED,
-            f"Redis for locks unreachable at {mask_url(settings.redis_url)}: {exc}",
-            type(exc).__name__,
-        )
-    if not acquired:
+    if started.answer != "locked":
+        holder = started.value
         metrics.record_lock_wait(stream_type)
         if holder == copy.task_id:
             # A redelivered copy of this very task: the first copy is still running, or
             # died and its lock has not expired yet. Look again once it has.
             copy.retry_later(settings.lock_ttl + 1, unlimited=True)
         copy.retry_later()
-        return early(
+        return _early(
+            copy,
+            stream_type,
+            stream_id,
             Outcome.LOCKED,
             f"{stream_type}/{stream_id} is locked by task {holder}; gave up after "
             f"{settings.locked_max_retries} retries",
             "LockedError",
         )
+    # The done key was read as the lock was taken: no copy of this task had finished.
     try:
-        if copy.finished_by_other():
-            raise Ignore()  # a copy of this task finished while we waited for the lock
-        if source is not None:
-            result = source.compactor(parsed, guard=copy.guard(lock)).compact(
+        if prepared.source is not None:
+            result = prepared.source.compactor(prepared.policy, guard=copy.guard(lock)).compact(
                 stream_id, compaction_id=copy.compaction_id, run_id=copy.run_id
             )
         else:
-            assert registration is not None
-            result = registration.compactor(
-                store, snapshots, parsed, guard=copy.guard(lock), archive=res.archive
+            assert prepared.registration is not None
+            result = prepared.registration.compactor(
+                res.store,
+                res.snapshots,
+                prepared.policy,
+                guard=copy.guard(lock),
+                archive=res.archive,
             ).compact(stream_type, stream_id, compaction_id=copy.compaction_id, run_id=copy.run_id)
         retry = is_transient(result)
         # Claim the result while still holding the lock, so a redelivered copy that

@@ -52,6 +52,12 @@ FANOUT_PAGE_SIZE = 500
 #: A page's task messages are sent to a Redis broker in pipelines of this many commands
 #: (kombu's Producer.batch); other brokers publish them one by one.
 FANOUT_PUBLISH_BATCH = 100
+#: A fan-out sends streams of few live events together, one message per batch of at
+#: most this many events (ESKIT_BATCH_EVENTS; a stream of more than half of it goes
+#: alone; 0: every stream alone). Per-task costs are then paid once per batch.
+BATCH_EVENTS = 5000
+#: The most streams in one batch.
+BATCH_MAX_STREAMS = 50
 #: Retries of a fan-out page whose database, Redis or broker is unreachable.
 FANOUT_MAX_RETRIES = 10
 #: The fan-out waits while the compaction queue holds this many messages or more.
@@ -99,6 +105,8 @@ COMPACTION_LOGGER = "eskit_tasks.compaction"
 #: The task names: part of the message format (beat schedules and other producers send
 #: them by name), never to change.
 COMPACT_STREAM_TASK = "eskit_tasks.compact_stream"
+#: Several small streams in one message (see eskit_tasks.fleet.batch).
+COMPACT_BATCH_TASK = "eskit_tasks.compact_batch"
 FAN_OUT_TASK = "eskit_tasks.fan_out"
 FINISH_RUN_TASK = "eskit_tasks.finish_run"
 #: Retries of a run's finishing step whose Redis or database is unreachable.

@@ -28,8 +28,10 @@ from eskit_tasks.domain.result import CompactionResult
 from eskit_tasks.domain.window import parse_window
 from eskit_tasks.errors import ConfigurationError, DatabaseUnavailableError, EskitError
 from eskit_tasks.fleet import metrics
+from eskit_tasks.fleet.batch import batches
 from eskit_tasks.fleet.compact_task import pause_poll
 from eskit_tasks.fleet.constants import (
+    COMPACT_BATCH_TASK,
     COMPACT_STREAM_TASK,
     FANOUT_PUBLISH_BATCH,
     WINDOW_POLL_MAX_S,
@@ -147,7 +149,7 @@ def fan_out_page(
     if budget is not None:
         limit = min(limit, budget)
     try:
-        page, new_cursor, exhausted, caps = _read_page(res, args, cursor, limit)
+        page, new_cursor, exhausted, caps, sizes = _read_page(res, args, cursor, limit)
     except FANOUT_RETRIED_ERRORS:
         raise
     except EskitError as exc:  # an application that cannot be paged: say so, stop
@@ -165,7 +167,14 @@ def fan_out_page(
     if args.get("plan_id") is not None:  # the caps of the streams stored, not just read
         caps = plan_caps(res.store.engine, args["plan_id"], stored.streams)  # type: ignore[attr-defined]
         stored = _only_planned(task, res, run_id, stored, caps)
-    enqueue(app, stored.streams, {"run_id": run_id, **policy}, caps)
+    enqueue(
+        app,
+        stored.streams,
+        {"run_id": run_id, **policy},
+        caps,
+        sizes=sizes,
+        batch_events=settings.batch_events,
+    )
     advanced = res.progress.advance(
         run_id, stored, depth=depth, task_id=task.request.id or "", sources=args["sources"]
     )
@@ -182,9 +191,12 @@ def fan_out_page(
 
 def _read_page(
     res: Resources, args: dict[str, Any], cursor: int, limit: int
-) -> tuple[list[tuple[str, str]], int, bool, dict[tuple[str, str], int]]:
+) -> tuple[
+    list[tuple[str, str]], int, bool, dict[tuple[str, str], int], dict[tuple[str, str], int]
+]:
     """The streams of the page after ``cursor``, the next cursor, whether the run has
-    examined everything, and each planned stream's cap (a plan's ``through_version``).
+    examined everything, each planned stream's cap (a plan's ``through_version``) and
+    each stream's live events as read (none for a plan: its streams go alone).
 
     A run pages the event store's streams, then those of the applications it started
     with; a plan's run pages the plan (its cursor: the position in the plan)."""
@@ -197,7 +209,7 @@ def _read_page(
         rows = plan_page(engine, plan_id, after=cursor, limit=limit)
         caps = {(p.stream_type, p.stream_id): p.through_version for _, p in rows}
         next_cursor = rows[-1][0] if rows else cursor
-        return list(caps), next_cursor, len(rows) < limit, caps
+        return list(caps), next_cursor, len(rows) < limit, caps, {}
     if args.get("sources") is None:
         args["sources"] = [name for name, _ in sources_for(args["stream_types"])]
     sources = [_source(name) for name in args["sources"]]
@@ -211,7 +223,8 @@ def _read_page(
         stream_types=args["stream_types"],
         skip=None if res.quarantine is None else res.quarantine.held,
     )
-    return [(c.stream_type, c.stream_id) for c in page], new_cursor, exhausted, {}
+    sizes = {(c.stream_type, c.stream_id): c.live_events for c in page}
+    return list(sizes), new_cursor, exhausted, {}, sizes
 
 
 def _only_planned(
@@ -362,9 +375,15 @@ def enqueue(
     streams: Iterable[tuple[str, str]],
     kwargs: dict[str, Any],
     caps: Mapping[tuple[str, str], int] | None = None,
+    *,
+    sizes: Mapping[tuple[str, str], int] | None = None,
+    batch_events: int = 0,
 ) -> None:
-    """Send one compact_stream message per candidate, as fast as the broker allows;
-    a stream in ``caps`` is compacted at most through that version (a plan's cut).
+    """Send the messages of a page of candidates, as fast as the broker allows: one
+    compact_stream per stream, or — for streams whose live events ``sizes`` knows, with
+    ``batch_events`` > 0 — one compact_batch per batch of small streams (see
+    :func:`eskit_tasks.fleet.batch.batches`). A stream in ``caps`` is compacted at most
+    through that version (a plan's cut).
 
     On Redis the messages go out in pipelines (kombu's ``Producer.batch``); a failed
     pipeline raises, and the page is sent again by the fan-out's retry (a stream
@@ -372,18 +391,34 @@ def enqueue(
     others are made from it (:mod:`eskit_tasks.fleet.publish`), unless the
     configuration makes Celery build each message differently: then Celery sends each.
     """
-    streams = tuple(streams)
-    if not streams:
-        return
+    messages = list(batches(streams, sizes or {}, caps, batch_events))
+    singles: list[tuple[str, str]] = [m for m in messages if not isinstance(m, list)]
+    groups = [m for m in messages if isinstance(m, list)]
     task = app.tasks[COMPACT_STREAM_TASK]
+    kwargsrepr = short_repr(kwargs)
+    declare: list[Any] | None = None  # Celery's default: declare the routed queue
+    send: Any = task.apply_async  # stubs predate these options
+    send_batch: Any = app.tasks[COMPACT_BATCH_TASK].apply_async
     with app.producer_or_acquire() as producer, producer.batch(FANOUT_PUBLISH_BATCH):
-        if template_applies(app, task):
-            PageTemplate(app, producer, streams[0], kwargs).publish(producer, streams, kwargs, caps)
+        # A batch message carries up to 50 streams: Celery may build each one itself.
+        for group in groups:
+            body = [m.as_message() for m in group]
+            send_batch(
+                args=(body,),
+                kwargs=kwargs,
+                producer=producer,
+                declare=declare,
+                argsrepr=short_repr((body,)),
+                kwargsrepr=kwargsrepr,
+            )
+            declare = []
+        if not singles:
             return
-        kwargsrepr = short_repr(kwargs)
-        declare: list[Any] | None = None  # Celery's default: declare the routed queue
-        send: Any = task.apply_async  # stubs predate these options
-        for args in streams:
+        if template_applies(app, task):
+            template = PageTemplate(app, producer, singles[0], kwargs)
+            template.publish(producer, singles, kwargs, caps)
+            return
+        for args in singles:
             cap = None if caps is None else caps.get((args[0], args[1]))
             these = kwargs if cap is None else {**kwargs, "through_version": cap}
             send(

@@ -77,6 +77,17 @@ class StreamLock:
         """
         if not self._lock.acquire(token=self.token):
             return False
+        self._start_renewing()
+        return True
+
+    def held(self) -> None:
+        """The lock was taken with this lock's token by a script (``SET key token NX PX
+        ttl``, as :meth:`acquire` does; see :mod:`eskit_tasks.fleet.task_start`): hold
+        it from now on, renewing it, checking it and releasing it as if acquired here."""
+        self._lock.local.token = self.token.encode()
+        self._start_renewing()
+
+    def _start_renewing(self) -> None:
         self._stop.clear()
         self._lost.clear()
         self.lost_reason = None
@@ -84,7 +95,6 @@ class StreamLock:
             target=self._renew, name=f"eskit-lock-renew-{self.key[-8:]}", daemon=True
         )
         self._thread.start()
-        return True
 
     def holder(self) -> str | None:
         """The owner recorded in the lock's value, None when nobody holds it."""

@@ -279,6 +279,32 @@ class RunProgress(BaseModel):
 
 
 @dataclass(frozen=True)
+class RunStatus:
+    """The few fields of a run that say whether it has ended (what ``run.wait()`` polls,
+    instead of the whole progress): see the properties of the same names in
+    :class:`RunProgress`."""
+
+    candidates: int
+    done: int
+    fanout_done: bool
+    finished_at: float | None
+    error: str | None
+    updated_at: float
+
+    @property
+    def complete(self) -> bool:
+        return self.fanout_done and self.done >= self.candidates
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (self.complete and self.finished_at is not None)
+
+    @property
+    def reclaiming(self) -> bool:
+        return self.error is None and self.complete and self.finished_at is None
+
+
+@dataclass(frozen=True)
 class Reported:
     """What counting a stream's result did: ``counted`` (False: the stream had reported
     already), ``complete`` (the run now needs its finishing step) and ``finished`` (this
@@ -609,6 +635,23 @@ class RunProgressStore:
             finished_at=float(data["finished_at"]) if "finished_at" in data else None,
             reclaim=json.loads(data["reclaim"]) if "reclaim" in data else None,
             state=data.get("state", "running"),
+        )
+
+    def status(self, run_id: str) -> RunStatus | None:
+        """Whether a run has ended, in one read of six fields (see :meth:`get` for all
+        of them); None if unknown or expired."""
+        fields = ("candidates", "done", "fanout_done", "finished_at", "error", "updated_at")
+        raw = self.client.hmget(self._keys(run_id)[0], list(fields))
+        if all(v is None for v in raw):
+            return None
+        got = dict(zip(fields, (None if v is None else _text(v) for v in raw), strict=True))
+        return RunStatus(
+            candidates=int(got["candidates"] or 0),
+            done=int(got["done"] or 0),
+            fanout_done=got["fanout_done"] == "1",
+            finished_at=None if got["finished_at"] is None else float(got["finished_at"]),
+            error=got["error"],
+            updated_at=float(got["updated_at"] or 0),
         )
 
     def results(

@@ -31,6 +31,7 @@ from eskit_tasks.fleet.locks import StreamLock
 from eskit_tasks.fleet.observability import report_to_run
 from eskit_tasks.fleet.resources import Resources
 from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.fleet.task_start import Started
 
 #: Failures worth another try: the database or Redis was unreachable, or the lock was
 #: lost (Redis blipped) — the stream itself is fine. A delete whose outcome is still
@@ -84,10 +85,26 @@ def backoff(settings: EskitSettings, retries: int) -> float:
     return float(min(base, cap) * jitter)
 
 
-def already_finished(task: Any, res: Resources, run_id: str | None) -> bool:
-    """True when a copy of this task id already finished (a redelivered message); the
-    result it claimed is counted in the run, in case it died before counting it."""
-    task_id = task.request.id
+def follows_an_attempt(request: Any) -> bool:
+    """True for a copy that follows an earlier attempt of its task id: a retry, or a
+    message the broker delivered again."""
+    redelivered = bool((getattr(request, "delivery_info", None) or {}).get("redelivered"))
+    return bool(getattr(request, "retries", 0) or redelivered)
+
+
+def already_finished(
+    task: Any, res: Resources, run_id: str | None, task_id: str | None = None
+) -> bool:
+    """True when a copy of this task id (default: the task's own) already finished; the
+    result it claimed is counted in the run, in case it died before counting it. Reads
+    the done key, then — only when there is none — the result backend (a claim expires
+    after twice the visibility timeout, a stored result after ``result_expires``).
+
+    Only a copy that :func:`follows_an_attempt` asks this first: every other copy
+    learns it from the done key in the script that starts it
+    (:mod:`eskit_tasks.fleet.task_start`), and its result cannot be in the backend
+    without a claim (no earlier copy of it has run)."""
+    task_id = task_id or task.request.id
     if not task_id:
         return False
     try:
@@ -105,21 +122,35 @@ def already_finished(task: Any, res: Resources, run_id: str | None) -> bool:
         return False
 
 
+def claimed_result(res: Resources, task_id: str) -> CompactionResult | None:
+    """The result a copy of ``task_id`` claimed (None: none claimed, or unreadable).
+
+    Raises:
+        redis.exceptions.RedisError: Redis is unreachable.
+    """
+    found = res.redis.get(done_key(task_id))
+    return None if found is None else _claim_of(found)[1]
+
+
 class TaskCopy:
     """One delivery of a compact_stream task, and how it coordinates with other copies
     of the same task id (redeliveries) through a "result claimed" key in Redis."""
 
-    def __init__(self, task: Any, res: Resources, run_id: str | None) -> None:
+    def __init__(
+        self, task: Any, res: Resources, run_id: str | None, task_id: str | None = None
+    ) -> None:
         self.task = task
         self.run_id = run_id
         self.res = res
         self.settings = res.settings
-        self.task_id: str = task.request.id or uuid.uuid4().hex
+        self.task_id: str = task_id or task.request.id or uuid.uuid4().hex
         self.compaction_id = compaction_id_for(self.task_id)
         self.token = uuid.uuid4().hex
         self.deadline = time.monotonic() + self.settings.task_soft_time_limit * 0.9
         #: Whether this copy has counted the task's result in the run.
         self.counted = False
+        #: Whether this copy owns the task's result, once it has claimed it.
+        self._owned: bool | None = None
 
     def retry_later(self, countdown: float | None = None, *, unlimited: bool = False) -> None:
         """Re-send this task after ``countdown`` (default: the backoff for its retries so
@@ -147,7 +178,11 @@ class TaskCopy:
     def claim_result(self, result: CompactionResult) -> bool:
         """Claim the task's result with ``result`` (the first copy to finish owns it), then
         count the owner's result in the run; True if this copy owns it and may store it.
-        Without Redis it cannot coordinate and stores (the database stays safe)."""
+        Without Redis it cannot coordinate and stores (the database stays safe).
+        Claiming again gives the first answer (the claim is this copy's, or not, for
+        good) without asking Redis."""
+        if self._owned is not None:
+            return self._owned
         key = done_key(self.task_id)
         ttl = int(self.settings.visibility_timeout * 2)
         claim = json.dumps({"owner": self.token, "result": result.model_dump(mode="json")})
@@ -161,7 +196,28 @@ class TaskCopy:
             owner, counted = self.token, result
         owned = owner == self.token
         self._count(result if owned else counted)
+        self._owned = owned
         return owned
+
+    @property
+    def follows_attempt(self) -> bool:
+        """This copy follows an earlier attempt of its task id (see follows_an_attempt)."""
+        return follows_an_attempt(self.task.request)
+
+    def already_finished(self) -> bool:
+        """See :func:`already_finished` (asked by a copy that follows an attempt)."""
+        return already_finished(self.task, self.res, self.run_id, self.task_id)
+
+    def start(self, lock: StreamLock, *, gates: bool) -> Started:
+        """The one Redis call that starts this copy's compaction (see task_start.py)."""
+        return self.res.task_start.ask(
+            lock, done_key(self.task_id), self.run_id, self.settings, gates=gates
+        )
+
+    def finished_elsewhere(self, claim: str) -> None:
+        """Another copy of this task finished and claimed ``claim``: count its result in
+        the run (in case it died before counting it)."""
+        self._count(_claim_of(claim)[1])
 
     def finished_by_other(self) -> bool:
         """True if another copy of this task finished and claimed the result; its result

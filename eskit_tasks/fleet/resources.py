@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from eskit_tasks.errors import ConfigurationError
 from eskit_tasks.fleet.progress import RunProgressStore
 from eskit_tasks.fleet.settings import EskitSettings
+from eskit_tasks.fleet.task_start import TaskStart
 from eskit_tasks.ports import Archive, EventStore, SnapshotStore
 from eskit_tasks.stores.sql import SqlEventStore, SqlSnapshotStore
 from eskit_tasks.stores.sql_quarantine import SqlQuarantine
@@ -56,6 +57,7 @@ class Resources:
         self._snapshots = snapshots
         self._redis = redis
         self._progress: RunProgressStore | None = None
+        self._task_start: TaskStart | None = None
         self._quarantine: SqlQuarantine | None = None
 
     @property
@@ -108,6 +110,13 @@ class Resources:
         if self._progress is None:
             self._progress = RunProgressStore(self.redis, ttl=self.settings.run_ttl)
         return self._progress
+
+    @property
+    def task_start(self) -> TaskStart:
+        """The one Redis call that starts a compaction (see fleet/task_start.py)."""
+        if self._task_start is None:
+            self._task_start = TaskStart(self.redis)
+        return self._task_start
 
 
 class PerProcess:

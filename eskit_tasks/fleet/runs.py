@@ -36,6 +36,7 @@ from eskit_tasks.fleet.progress import (
     FailedStream,
     RunProgress,
     RunState,
+    RunStatus,
     check_run_id,
     new_run_id,
 )
@@ -123,7 +124,9 @@ class CompactionRun:
 
         Args:
             timeout: Give up after this many seconds (default: wait for ever).
-            poll: Seconds between two reads of the run's progress.
+            poll: Seconds between two reads of the run's progress (without
+                ``on_progress``, of the six fields that say whether it has ended; the
+                whole progress is read once it has).
             on_progress: Called with each progress read (a progress bar, a log line).
 
         Raises:
@@ -132,11 +135,14 @@ class CompactionRun:
         deadline = None if timeout is None else time.monotonic() + timeout
         resent = time.time()
         while True:
-            current = self.progress()
-            if on_progress is not None:
+            current: RunProgress | RunStatus
+            if on_progress is None:
+                current = self._status()
+            else:
+                current = self.progress()
                 on_progress(current)
             if current.finished:
-                return current
+                return self.progress() if isinstance(current, RunStatus) else current
             resent = self._resend_finish(current, resent)
             if deadline is not None and time.monotonic() >= deadline:
                 raise RunTimeoutError(
@@ -147,7 +153,14 @@ class CompactionRun:
                 )
             time.sleep(poll)
 
-    def _resend_finish(self, current: RunProgress, last: float) -> float:
+    def _status(self) -> RunStatus | RunProgress:
+        """Whether the run has ended, in one light read (see RunProgressStore.status)."""
+        res = self._resources()
+        with reaching(STATE_REDIS, res.settings.redis_url):
+            found = res.progress.status(self.run_id)
+        return self.progress() if found is None else found  # raises RunNotFoundError
+
+    def _resend_finish(self, current: RunProgress | RunStatus, last: float) -> float:
         """Send the finishing step again when a complete run has waited for it longer
         than FINISH_RESEND_S (its message may have been lost); when it was last sent."""
         now = time.time()
@@ -345,6 +358,28 @@ def compaction_result_of(meta: Mapping[str, Any]) -> dict[str, Any] | None:
     ):
         return next((a for a in value["exc_message"] if _is_result(a)), None)
     return None
+
+
+def batch_results_of(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``CompactionResult`` JSON of each stream one stored ``compact_batch`` state
+    holds (SUCCESS: its return value; FAILURE: carried by its
+    ``CompactionNeedsAttention``), as :func:`compaction_result_of` reads a
+    ``compact_stream``'s; empty for any other state or result."""
+    status, value = meta.get("status"), meta.get("result")
+    if status == states.FAILURE and isinstance(value, CompactionNeedsAttention):
+        value = value.result
+    elif (
+        status == states.FAILURE
+        and isinstance(value, Mapping)
+        and value.get("exc_type") == CompactionNeedsAttention.__qualname__
+        and isinstance(value.get("exc_message"), list | tuple)
+    ):
+        value = next((a for a in value["exc_message"] if isinstance(a, dict)), None)
+    elif status != states.SUCCESS:
+        return []
+    if not isinstance(value, Mapping) or not isinstance(value.get("results"), Mapping):
+        return []
+    return [r for r in value["results"].values() if _is_result(r)]
 
 
 def _is_result(value: Any) -> bool:

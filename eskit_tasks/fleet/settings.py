@@ -67,6 +67,9 @@ class EskitSettings(BaseSettings):
     fanout_page_size: int = Field(c.FANOUT_PAGE_SIZE, gt=0)
     fanout_high_water: int = Field(c.FANOUT_HIGH_WATER, gt=0)
     fanout_backoff: float = Field(c.FANOUT_BACKOFF_S, ge=0)
+    #: ESKIT_BATCH_EVENTS: small streams go to the workers several to a message, at most
+    #: this many live events per message (0: one message per stream).
+    batch_events: int = Field(c.BATCH_EVENTS, ge=0)
     #: ESKIT_RECLAIM: ``auto`` (default): a run that deleted events ends by reclaiming
     #: their space (PostgreSQL ``VACUUM (ANALYZE)`` of the tables it deleted from; SQLite
     #: checkpoint and incremental vacuum) and reports the measured sizes; ``off``: never

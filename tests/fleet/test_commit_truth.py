@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from celery.result import AsyncResult
 
@@ -43,9 +44,28 @@ FAST_REDELIVERY = {
 }
 
 
-def _crashing_worker(fleet: Fleet, marker: Path) -> None:
-    env = {**FAST_REDELIVERY, MARKER_ENV: str(marker)}
+#: How a run sends its streams: each alone, or (small streams, the default) in batches.
+ALONE = {"ESKIT_BATCH_EVENTS": "0"}
+BATCHED = {"ESKIT_BATCH_EVENTS": "5000"}
+
+
+def _crashing_worker(fleet: Fleet, marker: Path, **extra: str) -> None:
+    env = {**FAST_REDELIVERY, MARKER_ENV: str(marker), **extra}
     fleet.worker("crashy", concurrency=1, options=QUIET_WORKER, **env)
+
+
+def _stream_results(fleet: Fleet) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each stream's stored result and task id: a compact_stream task's, or one of a
+    compact_batch's (keyed by the task id the fan-out gave the stream)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for task_id, meta in results_in_backend(fleet.broker).items():
+        value = meta.get("result")
+        if meta.get("name") == "eskit_tasks.compact_batch" and isinstance(value, dict):
+            for member_id, result in value.get("results", {}).items():
+                found[result["stream_id"]] = (member_id, result)
+        elif isinstance(value, dict) and "stream_id" in value:
+            found[value["stream_id"]] = (task_id, value)
+    return found
 
 
 def _crash(marker: Path) -> dict[str, Any]:
@@ -93,14 +113,17 @@ def test_kill_9_right_after_the_commit_the_redelivery_reports_the_deletion(
     fleet.assert_nothing_lost()
 
 
+@pytest.mark.parametrize("sent", ["alone", "batched"])
 def test_a_run_counts_a_deletion_whose_worker_died_after_commit_exactly_once(
-    fleet: Fleet, tmp_path: Path
+    fleet: Fleet, tmp_path: Path, sent: str
 ):
+    """Batched, the three streams share one message: the redelivered batch reports the
+    killed stream's deletion (recovered) and compacts the two it never reached."""
     sizes = {"run-a": 120, "run-b": 80, "run-c": 50}
     for stream_id, n in sizes.items():
         fleet.seed("ledger", stream_id, n)
     marker = tmp_path / "crashed.json"
-    _crashing_worker(fleet, marker)
+    _crashing_worker(fleet, marker, **(ALONE if sent == "alone" else BATCHED))
     final = compact_all(min_events=1).wait(timeout=90)
 
     crash = _crash(marker)
@@ -114,18 +137,17 @@ def test_a_run_counts_a_deletion_whose_worker_died_after_commit_exactly_once(
     assert final.events_deleted == sum(sizes.values())
 
     def stored_results() -> dict[str, tuple[str, dict[str, Any]]] | None:
-        found = {
-            r["result"]["stream_id"]: (task_id, r["result"])
-            for task_id, r in results_in_backend(fleet.broker).items()
-            if isinstance(r.get("result"), dict) and "stream_id" in r["result"]
-        }
+        found = _stream_results(fleet)
         return found if len(found) == len(sizes) else None
 
     # A task reports to the run just before it returns and its result is stored.
     results = wait_until(stored_results, 30, "the three tasks' results")
     assert set(results) == set(sizes)
+    names = {meta.get("name") for meta in results_in_backend(fleet.broker).values()}
+    assert ("eskit_tasks.compact_batch" in names) is (sent == "batched")
     for stream_id, (task_id, result) in results.items():
-        assert AsyncResult(task_id).get(timeout=10) == result
+        if sent == "alone":
+            assert AsyncResult(task_id).get(timeout=10) == result
         [row] = fleet.store.compaction_log("ledger", stream_id)
         assert result["compaction_id"] == row.compaction_id == compaction_id_for(task_id)
         assert (result["outcome"], result["events_deleted"]) == ("compacted", sizes[stream_id])
@@ -149,8 +171,10 @@ HARD_LIMITED = {
 }
 
 
-def _hanging_worker(fleet: Fleet, env: str, marker: Path) -> None:
-    fleet.worker("hangs", concurrency=1, options=QUIET_WORKER, **HARD_LIMITED, **{env: str(marker)})
+def _hanging_worker(fleet: Fleet, env: str, marker: Path, **extra: str) -> None:
+    fleet.worker(
+        "hangs", concurrency=1, options=QUIET_WORKER, **HARD_LIMITED, **{env: str(marker)}, **extra
+    )
 
 
 def _hang(marker: Path) -> dict[str, Any]:
@@ -210,7 +234,7 @@ def test_a_run_counts_a_deletion_its_hard_time_limit_killed_after_commit_exactly
     for stream_id, n in sizes.items():
         fleet.seed("ledger", stream_id, n)
     marker = tmp_path / "hung.json"
-    _hanging_worker(fleet, HANG_AFTER_ENV, marker)
+    _hanging_worker(fleet, HANG_AFTER_ENV, marker, **ALONE)
     final = compact_all(min_events=1, retain_last=10).wait(timeout=90)
 
     hang = _hang(marker)
@@ -246,6 +270,37 @@ def test_a_run_counts_a_deletion_its_hard_time_limit_killed_after_commit_exactly
         assert other.events_deleted == sizes[stream_id] - 10
         [line] = _compaction_lines(fleet, stream_id)
         assert (line["outcome"], line["recovered"]) == ("compacted", False), line
+    fleet.assert_nothing_lost()
+
+
+def test_a_batch_its_hard_time_limit_killed_after_a_commit_counts_each_stream_once(
+    fleet: Fleet, tmp_path: Path
+):
+    """The three streams in one batch; the first deletion hangs until the hard time
+    limit kills the batch: that stream counts as its deletion (from the audit log), and
+    the two the batch never reached are sent again and compacted."""
+    sizes = {"run-a": 120, "run-b": 80, "run-c": 50}
+    for stream_id, n in sizes.items():
+        fleet.seed("ledger", stream_id, n)
+    marker = tmp_path / "hung.json"
+    _hanging_worker(fleet, HANG_AFTER_ENV, marker, **BATCHED)
+    final = compact_all(min_events=1, retain_last=10).wait(timeout=90)
+
+    hang = _hang(marker)
+    doomed = hang["stream_id"]
+    assert hang["events_deleted"] == sizes[doomed] - 10
+    assert final.error is None and final.finished, final
+    assert (final.candidates, final.done) == (3, 3)
+    assert final.outcomes == {"compacted": 3}, (final, fleet.worker_logs())
+    assert final.events_deleted == sum(n - 10 for n in sizes.values())
+    line = _failure_report(fleet, doomed)
+    assert (line["outcome"], line["recovered"]) == ("compacted", True), line
+    assert line["compaction_id"] == hang["compaction_id"]
+    for stream_id, n in sizes.items():
+        [row] = fleet.store.compaction_log("ledger", stream_id)
+        assert row.events_deleted == n - 10
+        assert fleet.live_versions("ledger", stream_id) == list(range(n - 9, n + 1))
+    wait_until(lambda: _nothing_unacked(fleet), 10, "every message acknowledged")
     fleet.assert_nothing_lost()
 
 

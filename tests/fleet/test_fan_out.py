@@ -37,19 +37,27 @@ def test_fan_out_over_300_streams_on_two_workers_matches_the_database(fleet: Fle
     assert final.candidates == 320
     assert final.done == 320
     assert final.outcomes == {"compacted": 320}, fleet.worker_logs()
-    results = [
-        meta
-        for meta in results_in_backend(fleet.broker).values()
-        if meta.get("name") == "eskit_tasks.compact_stream"
-    ]
+    # Streams this small go in batches (ESKIT_BATCH_EVENTS): a batch's result holds the
+    # result of each of its streams, under the task id the fan-out gave that stream.
+    results: list[tuple[str, str, dict[str, Any]]] = []  # worker, status, result
+    batched = 0
+    for meta in results_in_backend(fleet.broker).values():
+        if meta.get("name") == "eskit_tasks.compact_stream":
+            results.append((meta["worker"], meta["status"], meta["result"]))
+        elif meta.get("name") == "eskit_tasks.compact_batch":
+            assert meta["result"]["sent_again"] == []
+            batched += len(meta["result"]["results"])
+            results += [
+                (meta["worker"], meta["status"], r) for r in meta["result"]["results"].values()
+            ]
     assert len(results) == 320
-    assert {meta["worker"].split("@")[0] for meta in results} == {"w1", "w2"}
+    assert batched > 0
+    assert {worker.split("@")[0] for worker, _, _ in results} == {"w1", "w2"}
     log = {row.compaction_id: row for row in fleet.store.compaction_log(limit=10_000)}
     assert len(log) == 320
     deleted_total = 0
-    for meta in results:
-        result = meta["result"]
-        assert meta["status"] == "SUCCESS"
+    for _, status, result in results:
+        assert status == "SUCCESS"
         assert result["outcome"] == Outcome.COMPACTED
         row = log[result["compaction_id"]]
         assert (row.stream_type, row.stream_id) == (result["stream_type"], result["stream_id"])
@@ -94,6 +102,19 @@ def res(fleet: Fleet) -> Iterator[Resources]:
 def _queued(fleet: Fleet) -> list[dict[str, Any]]:
     client = redis.Redis(port=fleet.broker.port, db=0)
     return [json.loads(raw) for raw in reversed(client.lrange(COMPACTION_QUEUE, 0, -1))]
+
+
+def _streams_sent(fleet: Fleet) -> list[list[str]]:
+    """The streams of the queued messages, in order: a compact_stream message's, or each
+    of a compact_batch message's (small streams go in batches)."""
+    found: list[list[str]] = []
+    for message in _queued(fleet):
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        if message["headers"]["task"] == "eskit_tasks.compact_batch":
+            found += [entry[:2] for entry in args[0]]
+        else:
+            found.append(args)
+    return found
 
 
 @pytest.mark.usefixtures("as_in_a_worker")
@@ -175,8 +196,7 @@ def test_a_copy_of_a_page_sends_the_page_the_first_copy_stored(fleet: Fleet, res
     got = fan_out_page(app.tasks[FAN_OUT_TASK], res, args, 0)
 
     assert (got["enqueued"], got["done"]) == (2, True)
-    sent = [json.loads(base64.b64decode(m["body"]))[0] for m in _queued(fleet)]
-    assert sent == [list(s) for s in streams]
+    assert _streams_sent(fleet) == [list(s) for s in streams]
     run = progress.get(run_id)
     assert run is not None and (run.candidates, run.fanout_done) == (2, True)
     # The first copy wakes up, sends its (same) page again and cannot advance.

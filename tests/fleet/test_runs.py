@@ -97,6 +97,7 @@ def test_fan_out_keeps_the_queue_under_its_high_water_mark(fleet: Fleet):
         ESKIT_TEST_SLOW_S="0.003",
         ESKIT_FANOUT_HIGH_WATER="12",
         ESKIT_FANOUT_PAGE_SIZE="5",
+        ESKIT_BATCH_EVENTS="0",  # the mark counts messages: here, one per stream
     )
     depths: list[int] = []
     stop = threading.Event()

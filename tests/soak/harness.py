@@ -716,17 +716,23 @@ class Soak:
             self.stats.add("final_loads")
 
     def task_results(self) -> list[dict[str, Any]]:
-        """Every compact_stream result stored in the result backend."""
-        from eskit_tasks.fleet.runs import compaction_result_of  # imported by now (see run)
+        """Every compact_stream result stored in the result backend, and each stream's
+        of every compact_batch (small streams go in batches)."""
+        from eskit_tasks.fleet.runs import (  # imported by now (see run)
+            batch_results_of,
+            compaction_result_of,
+        )
 
         client = redis.Redis(port=self.services.broker.port, db=1)
         found = []
         try:
             for key in client.scan_iter("celery-task-meta-*", count=1000):
                 # A result that needs attention is stored as FAILURE, carrying it.
-                result = compaction_result_of(json.loads(client.get(key) or b"{}"))
+                meta = json.loads(client.get(key) or b"{}")
+                result = compaction_result_of(meta)
                 if result is not None:
                     found.append(result)
+                found += batch_results_of(meta)
         finally:
             client.close()
         return found

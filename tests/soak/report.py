@@ -24,7 +24,8 @@ class Report:
     fault_log: list[str] = field(default_factory=list)
     #: Every compaction attempt, by outcome (the workers' JSON log lines).
     compactions: dict[str, int] = field(default_factory=dict)
-    #: The stored result of every compact_stream task, by outcome (result backend).
+    #: The stored result of every compact_stream task and of each stream of every
+    #: compact_batch, by outcome (result backend).
     task_results: dict[str, int] = field(default_factory=dict)
     #: Outcomes summed over the runs that finished (run progress).
     run_outcomes: dict[str, int] = field(default_factory=dict)
