@@ -48,7 +48,7 @@ LOCKED_RETRY_BASE_S = 5.0
 LOCKED_RETRY_MAX_S = 300.0
 
 #: Candidate streams read per fan-out page.
-FANOUT_PAGE_SIZE = 500
+FANOUT_PAGE_SIZE = 1000
 #: A page's task messages are sent to a Redis broker in pipelines of this many commands
 #: (kombu's Producer.batch); other brokers publish them one by one.
 FANOUT_PUBLISH_BATCH = 100
