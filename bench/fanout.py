@@ -9,6 +9,10 @@ what is measured.
 
 * Enqueue rate: candidates / seconds from ``compact_all()`` until the run's progress
   says the fan-out is done (measured in a child process configured like a client).
+  Batches are off (``ESKIT_BATCH_EVENTS=0``): one compact_stream message per
+  candidate, as for streams too large to share a message, so that both sides send the
+  same number of messages (with batches on, these one-event candidates would go 50 to
+  a compact_batch message).
 * Baseline ("raw batched", the one the goal is set against): the same number of
   messages published with ``kombu.Producer.publish`` from ``app.producer_or_acquire()``
   inside kombu's ``Producer.batch`` (pipelines of FANOUT_PUBLISH_BATCH, one batch per
@@ -292,7 +296,7 @@ def run(scale: str = "full") -> dict[str, Any]:
         bench_database("fanout") as url,
     ):
         tmp = Path(tmpdir)
-        env = fleet_env(redis, url)
+        env = fleet_env(redis, url, ESKIT_BATCH_EVENTS="0")
         started = time.perf_counter()
         copy_seed(url, "bench_fanout", 1, full, 1, lambda v: '{"amount":1}', chunk=50_000)
         vacuum_analyze(url)
@@ -327,6 +331,7 @@ def run(scale: str = "full") -> dict[str, Any]:
                 fleet_env(
                     redis,
                     url,
+                    ESKIT_BATCH_EVENTS="0",
                     ESKIT_FANOUT_BACKOFF=BACKPRESSURE_BACKOFF,
                     ESKIT_FANOUT_HIGH_WATER=str(pressure_hw),
                 ),

@@ -132,6 +132,23 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, poll: float 
         time.sleep(poll)
 
 
+def stream_results(broker: RedisServer) -> list[dict[str, Any]]:
+    """The CompactionResult of every stream in the result backend, whether it went alone
+    (a compact_stream's result) or in a batch (small streams go several to one
+    compact_batch message, whose result holds each of its streams')."""
+    from eskit_tasks.fleet.runs import batch_results_of, compaction_result_of
+
+    found: list[dict[str, Any]] = []
+    for meta in results_in_backend(broker).values():
+        if meta.get("name") == "eskit_tasks.compact_stream":
+            result = compaction_result_of(meta)
+            if result is not None:
+                found.append(result)
+        elif meta.get("name") == "eskit_tasks.compact_batch":
+            found.extend(batch_results_of(meta))
+    return found
+
+
 def results_in_backend(broker: RedisServer) -> dict[str, dict[str, Any]]:
     """Every task result stored in the result backend, by task id."""
     import json

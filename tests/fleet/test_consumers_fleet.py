@@ -5,17 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from eskit_tasks import LocalArchive, Outcome, compact_all
-from eskit_tasks.fleet.runs import compaction_result_of
-from tests.fleet.conftest import Fleet, results_in_backend
+from tests.fleet.conftest import Fleet, stream_results
 
 
 def _compacted_results(fleet: Fleet) -> list[dict]:
-    found = [
-        compaction_result_of(meta)
-        for meta in results_in_backend(fleet.broker).values()
-        if meta.get("name") == "eskit_tasks.compact_stream"
-    ]
-    return [r for r in found if r is not None]
+    return stream_results(fleet.broker)
 
 
 def test_a_lagging_consumer_holds_streams_back_and_workers_archive(fleet: Fleet, tmp_path: Path):

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from eskit_tasks import compact_all
 from eskit_tasks.cli import Exit, main
 from eskit_tasks.core.registry import get_source, unregister_source
-from eskit_tasks.fleet.runs import batch_results_of, compaction_result_of
 from eskit_tasks.testing.services import eventsourcing_postgres_env
 from tests.eventsourcing.fleet_apps import Ledgers
-from tests.fleet.conftest import Fleet, results_in_backend
+from tests.fleet.conftest import Fleet, stream_results
 
 MODULES = "tests.fleet_deciders,tests.eventsourcing.fleet_apps"
 
@@ -54,15 +53,8 @@ def _worker(fleet: Fleet, app: Any, name: str = "w1", **env: str) -> None:
 
 
 def _app_results(fleet: Fleet) -> list[dict[str, Any]]:
-    """The application's streams' results, whether a stream went alone or in a batch
-    (small aggregates go several to one compact_batch message)."""
-    found: list[dict[str, Any] | None] = []
-    for meta in results_in_backend(fleet.broker).values():
-        if meta.get("name") == "eskit_tasks.compact_stream":
-            found.append(compaction_result_of(meta))
-        elif meta.get("name") == "eskit_tasks.compact_batch":
-            found.extend(batch_results_of(meta))
-    return [r for r in found if r is not None and r["stream_type"] == "Ledgers"]
+    """The application's streams' results (alone or in a batch)."""
+    return [r for r in stream_results(fleet.broker) if r["stream_type"] == "Ledgers"]
 
 
 def test_compact_all_compacts_an_applications_aggregates(

@@ -181,7 +181,14 @@ def test_a_real_worker_runs_a_page_built_from_the_template(fleet: Fleet, res: Re
         "plan_id": None,
     }
     assert template_applies(app, app.tasks[COMPACT_STREAM_TASK])
-    sent = fan_out_page(app.tasks[FAN_OUT_TASK], res, args, 0)
+    # Streams this small would go in compact_batch messages: send each alone here, as
+    # streams above ESKIT_BATCH_EVENTS / 2 go.
+    alone = Resources(
+        app.eskit_settings.model_copy(update={"batch_events": 0}),
+        store=fleet.store,
+        redis=res.redis,
+    )
+    sent = fan_out_page(app.tasks[FAN_OUT_TASK], alone, args, 0)
     assert (sent["enqueued"], sent["done"]) == (40, True)
     client = redis.Redis(port=fleet.broker.port, db=0)
     queued = [json.loads(m) for m in client.lrange(COMPACTION_QUEUE, 0, -1)]
