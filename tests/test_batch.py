@@ -112,6 +112,7 @@ def test_a_batch_delivered_again_compacts_and_counts_each_stream_once(
     else:  # the first copy claimed none of its reports in the run (it died counting)...
         state, first = _batch(fleet, streams, None)
         res.redis.delete(done_key("t-1"))  # ...nor claimed t-1, whose delete committed
+        fleet.app.backend.forget("t-1")  # (and so never stored it either)
     assert state == "SUCCESS" and len(first["results"]) == 3
 
     state, again = _batch(fleet, streams, run_id, retries=1)
@@ -226,30 +227,38 @@ def test_a_batch_that_died_accounts_for_each_of_its_streams(
     assert row.compaction_id == compaction_id_for("t-3")
 
 
-def test_the_done_key_answers_without_the_result_backend(
+@pytest.mark.parametrize("sent", ["alone", "batched"])
+def test_a_copy_whose_claim_redis_lost_finds_its_result_and_compacts_nothing(
     fleet: InProcessFleet,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    sent: str,
 ):
-    """A first delivery reads no result backend (its task cannot have a result without
-    a claim); a copy that follows an attempt reads it only when no claim answers."""
-    fleet.seed("s-0", 6)
-    lookups: list[str] = []
-    real = type(fleet.app.backend).get_task_meta
+    """The soak of seed 20772122: a task ran (nothing to compact then); Redis restarted
+    without persistence, losing its claim; a second copy of that task id came, not
+    flagged as a redelivery (a page sent again), after the stream had grown. It must find
+    the first copy's result in the result backend and do nothing: compacting now, under
+    the same compaction id, made one compaction report both "nothing to compact" and a
+    deletion."""
+    fleet.seed("s-0", 1)
+    kwargs = {"retain_last": 1}  # (as _batch sends) the one event is kept: nothing to do
+    if sent == "alone":
+        task = fleet.app.tasks[COMPACT_STREAM_TASK]
+        first = task.apply(args=("ledger", "s-0"), kwargs=kwargs, task_id="t-0")
+        assert first.result["outcome"] == "nothing_to_compact"
+        fleet.app.backend.mark_as_done("t-0", first.result)  # what a worker stores
+    else:
+        _, first = _batch(fleet, _streams(("ledger", "s-0", "t-0")), None)
+        assert first["results"]["t-0"]["outcome"] == "nothing_to_compact"
+    fleet.redis.delete(done_key("t-0"))  # the restart
+    fleet.seed("s-0", 5)  # compactable now: 1..5 could go
 
-    def counted(self: Any, task_id: str, *args: Any, **kwargs: Any) -> Any:
-        lookups.append(task_id)
-        return real(self, task_id, *args, **kwargs)
-
-    monkeypatch.setattr(type(fleet.app.backend), "get_task_meta", counted)
-    task = fleet.app.tasks[COMPACT_STREAM_TASK]
-
-    first = task.apply(args=("ledger", "s-0"), kwargs={"retain_last": 1}, task_id="t-0")
-    assert first.result["outcome"] == "compacted" and lookups == []
-    again = task.apply(args=("ledger", "s-0"), kwargs={"retain_last": 1}, task_id="t-0", retries=1)
-    assert again.state == "IGNORED" and lookups == []  # the done key answered
-    fleet.redis.delete(done_key("t-0"))  # claim expired: only then the backend is asked
-    task.apply(args=("ledger", "s-0"), kwargs={"retain_last": 1}, task_id="t-0", retries=1)
-    assert lookups == ["t-0"]
+    if sent == "alone":
+        again = task.apply(args=("ledger", "s-0"), kwargs=kwargs, task_id="t-0")
+        assert again.state == "IGNORED"
+    else:
+        _, again = _batch(fleet, _streams(("ledger", "s-0", "t-0")), None)
+        assert again["results"] == {}
+    assert fleet.live("s-0") == list(range(1, 7))
+    assert fleet.store.find_compaction(compaction_id_for("t-0")) is None
 
 
 def test_a_page_goes_out_in_batches_of_small_streams_and_big_ones_alone():

@@ -95,6 +95,7 @@ def fleet(_running: InProcessFleet) -> InProcessFleet:
         for table in reversed(metadata.sorted_tables):
             conn.execute(table.delete())
     _running.redis.flushall()
+    _running.app.backend.client.cache.clear()  # results stored by earlier tests' task ids
     return _running
 
 

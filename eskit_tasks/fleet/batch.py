@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -113,6 +114,25 @@ class _WaitLater(Ignore):
         self.countdown = countdown
 
 
+log = logging.getLogger("eskit_tasks")
+
+
+def _store_member(batch: Task[Any, Any], task_id: str, result: dict[str, Any]) -> None:
+    """Store a stream's result in the result backend under the stream's own task id, as a
+    ``compact_stream`` of that id would have: a later copy of that task id whose claim is
+    gone (Redis restarted without persistence) finds it there and does not compact again
+    (:func:`~eskit_tasks.fleet.redelivery.already_finished`); ``compaction_result(task
+    id)`` reads it. A backend that cannot take it costs only that safety net."""
+    try:
+        if _needs_attention(result):
+            said = f"{result.get('outcome')} {result.get('stream_type')}/{result.get('stream_id')}"
+            batch.backend.mark_as_failure(task_id, CompactionNeedsAttention(said, result))
+        else:
+            batch.backend.mark_as_done(task_id, result)
+    except Exception as exc:
+        log.warning("the result of task %s was not stored in the result backend: %s", task_id, exc)
+
+
 class MemberCopy(TaskCopy):
     """One stream of a batch, run as a copy of its own task id."""
 
@@ -190,8 +210,10 @@ def compact_batch(
             results[member.task_id] = compact_copy(
                 copy, member.stream_type, member.stream_id, these
             )
+            _store_member(self, member.task_id, results[member.task_id])
         except CompactionNeedsAttention as exc:
             results[member.task_id] = exc.result
+            _store_member(self, member.task_id, exc.result)
             if exc.result.get("error_type") == SoftTimeLimitExceeded.__name__:
                 rest = members[n + 1 :]  # the hard limit is near: the rest go later
                 if rest:

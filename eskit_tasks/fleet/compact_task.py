@@ -105,7 +105,10 @@ def compact_copy(
         Retry: the copy is retried.
         CompactionNeedsAttention: the outcome needs attention (carries the result).
     """
-    if copy.follows_attempt and copy.already_finished():
+    # Every copy asks, not only one flagged as a retry or redelivery: a page sent again
+    # carries the same task ids unflagged, and a claim is gone when Redis restarted
+    # without persistence; the result backend still holds the first copy's result.
+    if copy.already_finished():
         raise Ignore()
     try:
         result = _compact_started(copy, stream_type, stream_id, policy)

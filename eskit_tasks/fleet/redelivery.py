@@ -100,10 +100,10 @@ def already_finished(
     the done key, then — only when there is none — the result backend (a claim expires
     after twice the visibility timeout, a stored result after ``result_expires``).
 
-    Only a copy that :func:`follows_an_attempt` asks this first: every other copy
-    learns it from the done key in the script that starts it
-    (:mod:`eskit_tasks.fleet.task_start`), and its result cannot be in the backend
-    without a claim (no earlier copy of it has run)."""
+    Every copy asks this first, flagged as a redelivery or not: a copy of a page sent
+    again is not flagged, and a claim does not outlive a restart of a Redis that keeps
+    nothing on disk, while the result backend still holds the result (a batched
+    stream's too: :mod:`eskit_tasks.fleet.batch` stores it under the stream's task id)."""
     task_id = task_id or task.request.id
     if not task_id:
         return False
@@ -205,7 +205,7 @@ class TaskCopy:
         return follows_an_attempt(self.task.request)
 
     def already_finished(self) -> bool:
-        """See :func:`already_finished` (asked by a copy that follows an attempt)."""
+        """See :func:`already_finished` (asked by every copy before it starts)."""
         return already_finished(self.task, self.res, self.run_id, self.task_id)
 
     def start(self, lock: StreamLock, *, gates: bool) -> Started:
