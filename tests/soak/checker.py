@@ -345,7 +345,8 @@ class ResultCheck:
     #: Results that say failed (database unreachable) for a deletion that committed.
     unacknowledged_commits: int = 0
     #: Attempts that did not delete, of a task whose other attempt (same compaction_id)
-    #: did: allowed, counted.
+    #: did: allowed, counted (fenced, failed or locked; or nothing to compact at an
+    #: earlier head, when the attempt that deleted reported it).
     superseded_attempts: int = 0
 
 
@@ -385,6 +386,17 @@ def check_results(
             if outcome in RETRIED_OUTCOMES and (
                 cid in committed or not _could_have_written(result, row)
             ):
+                check.superseded_attempts += 1
+            elif (
+                outcome == "nothing_to_compact"
+                and cid in committed
+                and result.get("head_version") != row.head_version
+            ):
+                # A copy found nothing to do at an earlier head and claimed that; Redis
+                # lost the claim (a restart without persistence) before the result
+                # reached the backend (the worker was killed), and a later copy of the
+                # task, the stream grown, deleted and reported it. Each attempt's line
+                # is true of what it did; the run counts the one that deleted.
                 check.superseded_attempts += 1
             elif result.get("error_type") == "DatabaseUnavailableError":
                 # The commit went through but the connection died before its answer

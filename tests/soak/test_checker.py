@@ -365,6 +365,45 @@ def test_attempts_of_a_retried_task_share_its_compaction_id():
     assert check.superseded_attempts == 3
     assert check.unreported_deletions == 1  # c2
 
+    # Nothing to compact at an earlier head, then a copy of the task deleted and said so
+    # (the soak of seed 706160551: the first copy's claim lost to a Redis restart).
+    check = check_results(
+        [
+            result("nothing_to_compact", "c3", snapshot_version=None, head_version=16),
+            result(
+                "compacted",
+                "c3",
+                snapshot_version=18,
+                events_deleted=3,
+                compacted_through_before=15,
+            ),
+        ],
+        {"c3": rows["c3"]},
+        model,
+        violations,
+        "test",
+    )
+    assert violations.count == 0, violations.messages
+    assert check.superseded_attempts == 1
+    # No attempt reported the deletion, or one at the very head of the deletion (23):
+    # "nothing to compact" is then not true of that compaction.
+    for lying in (
+        [result("nothing_to_compact", "c3", snapshot_version=None, head_version=16)],
+        [
+            result("nothing_to_compact", "c3", snapshot_version=None, head_version=23),
+            result(
+                "compacted",
+                "c3",
+                snapshot_version=18,
+                events_deleted=3,
+                compacted_through_before=15,
+            ),
+        ],
+    ):
+        found = Violations()
+        check_results(lying, {"c3": rows["c3"]}, model, found, "test")
+        assert found.count == 1, found.messages
+
     # Without such a retry, an attempt that planned exactly the deletion yet says fenced
     # (or a dry run of the id) is a violation.
     check_results(
