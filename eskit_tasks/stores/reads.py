@@ -58,19 +58,6 @@ _PG_MICROS = (
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def read_events(
-    engine: Engine,
-    stream_type: str,
-    stream_id: str,
-    from_version: int,
-    to_version: int | None,
-    page_size: int,
-) -> StreamRead:
-    """The live events ``from_version..to_version`` of one stream, oldest first (see
-    :class:`StreamRead`)."""
-    return StreamRead(engine, stream_type, stream_id, from_version, to_version, page_size)
-
-
 class StreamRead(Iterator[RecordedEvent]):
     """One read of a stream: iterate it for events one by one, or let :meth:`fold` fold
     them a page at a time (what every replay does: the fast path).

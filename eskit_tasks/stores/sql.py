@@ -54,7 +54,7 @@ from eskit_tasks.stores.engine import (
     write_transaction,
     writing,
 )
-from eskit_tasks.stores.reads import read_all_events, read_events
+from eskit_tasks.stores.reads import StreamRead, read_all_events
 from eskit_tasks.stores.schema import (
     checkpoints,
     compaction_log,
@@ -231,7 +231,7 @@ class SqlEventStore:
         Raises:
             EventDecodeError: a payload is not valid JSON (names stream and version).
         """
-        return read_events(
+        return StreamRead(
             self.engine, stream_type, stream_id, from_version, to_version, self.page_size
         )
 
